@@ -1,0 +1,112 @@
+"""What every backend provides, and the values that flow between the stages.
+
+    render(spec) -> Sources --Backend.compile--> Artifact --cache--> Backend.load -> Module
+
+A backend is stateless apart from caching its toolchain identity.  A `Module` is one loaded
+binary for one spec: it owns its workspaces (sized once per token-count bucket, reused) and runs
+the stages of the layer on arrays of its own device (NumPy for ``c``, CuPy for ``cuda``).
+`moegen.kernel.MoEKernel` validates user input and then drives a Module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from ..spec import MoESpec
+
+# The stages of the layer, in order (DESIGN §1).  A module may fuse neighbours; its
+# ``stages`` attribute then names the fused stage "route+group" and so on.
+STAGES = ("route", "group", "ffn1", "ffn2", "combine")
+
+
+@dataclass(frozen=True)
+class Sources:
+    """Rendered source files of one spec for one backend: pure text, no I/O."""
+    backend: str
+    files: dict[str, str]       # file name -> text; ``entry`` is the one handed to the compiler
+    entry: str
+
+    @property
+    def text(self) -> str:
+        return self.files[self.entry]
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A compiled binary and its JSON-able metadata; what the cache stores (bytes + JSON only).
+
+    ``meta`` holds at least: backend, spec (``MoESpec.to_dict()``), spec_name, key, target,
+    toolchain, options, build_seconds, created (unix time), moegen_version.
+    """
+    binary: bytes
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return self.meta.get("key", "")
+
+
+@runtime_checkable
+class Backend(Protocol):
+    name: str                                   # "c" or "cuda"
+    templates: tuple[str, ...]                  # template files rendered for a spec
+
+    def available(self) -> bool:
+        """True when this backend can compile *and* run here."""
+
+    def can_compile(self) -> bool:
+        """True when this backend can compile here (CUDA can, without a GPU)."""
+
+    def render_context(self, spec: MoESpec) -> dict:
+        """Template variables: validated ints, floats and table strings only."""
+
+    def target(self, spec: MoESpec) -> str:
+        """The resolved target: a CPU ISA tier ("x86-64-v3", "avx512") or a CUDA arch ("sm_90")."""
+
+    def toolchain(self) -> dict:
+        """Compiler identity for the cache key (path, version banner)."""
+
+    def options(self, spec: MoESpec, target: str) -> list[str]:
+        """The full compiler option list for the cache key and the compile."""
+
+    def compile(self, sources: Sources, spec: MoESpec, target: str, key: str) -> Artifact:
+        """Compile to a binary. Raises CompileError with log and source."""
+
+    def load(self, artifact: Artifact, spec: MoESpec) -> "Module":
+        """Load a binary. Raises any exception on a binary that cannot load (the cache treats
+        that as a miss and rebuilds)."""
+
+
+class Module(Protocol):
+    """A loaded kernel binary for one spec.
+
+    Attributes:
+        spec: the spec it was built for.
+        xp: the array module of its device (numpy or cupy).
+        layout: the `moegen.layout.PackedLayout` its GEMMs read.
+        stages: names of the launches one forward pass makes, in order.
+    """
+    spec: MoESpec
+    xp: Any
+    stages: tuple[str, ...]
+
+    def workspace(self, tokens: int) -> Any:
+        """The workspace for ``tokens`` tokens: allocated on the first call for its bucket,
+        then reused. Exposes at least ``topk_ids`` [T,k] int32, ``topk_weights`` [T,k]
+        float32 and ``counts`` [E] int32 views for the current T."""
+
+    def run_stage(self, stage: str, ws: Any, call: "Call") -> None:
+        """Run (CPU) or enqueue on the current stream (GPU) one stage."""
+
+
+@dataclass
+class Call:
+    """The validated arguments of one forward pass, already on the module's device."""
+    x: Any                       # [T, H] contiguous, spec dtype
+    packed: Any                  # moegen.layout.PackedWeights on the module's device
+    out: Any                     # [T, H] contiguous, spec dtype
+    tokens: int
+    router_bias: Any = None      # [E] float32 or None
+    topk_ids: Any = None         # [T, k] int32, given by the caller for experts-only calls
+    topk_weights: Any = None     # [T, k] float32, idem

@@ -1,0 +1,113 @@
+"""Render a spec's templates to source text: pure (reads template files, writes nothing).
+
+One strict Jinja environment (``StrictUndefined``: a misspelt variable is an error, not empty
+text).  Templates live in the top-level ``templates/`` folder, shipped as the package
+``moegen.templates`` and found through ``importlib.resources`` from a checkout or a wheel.
+Template inputs come from a backend's ``render_context``: validated ints, floats and strings
+from lookup tables, never text a user typed.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.resources
+from pathlib import Path
+
+import jinja2
+
+from .backends.base import Sources
+from .errors import TemplateError
+from .spec import MoESpec
+
+
+def template_root():
+    """The templates folder as an importlib Traversable (installed) or a Path (checkout)."""
+    try:
+        root = importlib.resources.files("moegen.templates")
+        if root.joinpath("c").is_dir():
+            return root
+    except ModuleNotFoundError:
+        pass
+    return Path(__file__).resolve().parent.parent / "templates"
+
+
+def _walk(node, prefix=""):
+    for child in sorted(node.iterdir(), key=lambda c: c.name):
+        rel = f"{prefix}{child.name}"
+        if child.is_dir():
+            if not child.name.startswith("__"):
+                yield from _walk(child, rel + "/")
+        elif child.name.endswith(".jinja"):
+            yield rel, child
+
+
+@functools.lru_cache(maxsize=1)
+def _template_files() -> dict[str, str]:
+    return {rel: node.read_text(encoding="utf-8") for rel, node in _walk(template_root())}
+
+
+def template_names() -> list[str]:
+    return sorted(_template_files())
+
+
+def template_digests() -> dict[str, str]:
+    """sha256 of every template file, for the cache key."""
+    return {rel: hashlib.sha256(text.encode()).hexdigest() for rel, text in _template_files().items()}
+
+
+def _finite(value):
+    """Jinja filter: a float literal safe to paste into C/CUDA (e.g. ``2.5f``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TemplateError(f"f32 filter needs a number, got {value!r}")
+    return f"{float(value)!r}f"
+
+
+@functools.lru_cache(maxsize=1)
+def environment() -> jinja2.Environment:
+    files = _template_files()
+    env = jinja2.Environment(
+        loader=jinja2.FunctionLoader(lambda name: files.get(name)),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+    env.filters["f32"] = _finite
+    return env
+
+
+def render_template(name: str, **context) -> str:
+    """Render one template; errors become TemplateError with the template's file and line."""
+    try:
+        return environment().get_template(name).render(**context)
+    except jinja2.TemplateSyntaxError as exc:
+        raise TemplateError(f"{exc.name or name}:{exc.lineno}: {exc.message}", exc.name or name,
+                            exc.lineno) from None
+    except jinja2.TemplateNotFound:
+        raise TemplateError(f"template {name!r} not found; known: {template_names()}", name) from None
+    except jinja2.UndefinedError as exc:
+        lineno = _template_lineno(exc, name)
+        raise TemplateError(f"{name}:{lineno}: {exc.message}", name, lineno) from None
+
+
+def _template_lineno(exc: BaseException, name: str) -> int | None:
+    tb = exc.__traceback__
+    lineno = None
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename in (name, f"<template>"):
+            lineno = tb.tb_lineno
+        tb = tb.tb_next
+    return lineno
+
+
+def render(spec: MoESpec, backend=None) -> Sources:
+    """All source files of ``spec`` for its backend (``spec.backend`` must be resolved, or
+    pass the backend object).  Returns `Sources`; raises TemplateError."""
+    from .backends import get_backend
+    be = backend or get_backend(spec.backend)
+    ctx = be.render_context(spec)
+    files = {name.rsplit("/", 1)[-1].removesuffix(".jinja"): render_template(name, **ctx)
+             for name in be.templates}
+    return Sources(backend=be.name, files=files, entry=next(iter(files)))

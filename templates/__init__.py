@@ -1,0 +1,1 @@
+"""Jinja templates of moegen (shipped as the package data ``moegen.templates``)."""
