@@ -84,20 +84,41 @@ class Module(Protocol):
     Attributes:
         spec: the spec it was built for.
         xp: the array module of its device (numpy or cupy).
+        device_kind: "cpu" or "cuda" (what `moegen.arrays.check` expects of user arrays).
         layout: the `moegen.layout.PackedLayout` its GEMMs read.
-        stages: names of the launches one forward pass makes, in order.
+        stages: names of the launches one forward pass makes, in order, from `STAGES`
+            (a fused pair is named "route+group").
     """
     spec: MoESpec
     xp: Any
+    device_kind: str
+    layout: Any
     stages: tuple[str, ...]
+
+    def to_device(self, host_array) -> Any:
+        """Copy a host NumPy array to this module's device (once, at pack time)."""
+
+    def native(self, info) -> Any:
+        """The object the stages consume for a validated `moegen.arrays.ArrayInfo`
+        (zero-copy: a NumPy array for c; a CuPy array or raw pointer for cuda)."""
+
+    def empty_like(self, info) -> Any:
+        """A new uninitialised array of the user's kind (NumPy/CuPy/torch) shaped like ``info``."""
+
+    def count_out_of_range(self, ids, num_experts: int) -> int:
+        """How many ids are outside [0, num_experts) (synchronises on GPU)."""
 
     def workspace(self, tokens: int) -> Any:
         """The workspace for ``tokens`` tokens: allocated on the first call for its bucket,
-        then reused. Exposes at least ``topk_ids`` [T,k] int32, ``topk_weights`` [T,k]
-        float32 and ``counts`` [E] int32 views for the current T."""
+        then reused (no allocation after that).  Exposes, for the current call:
+        ``tokens``; ``topk_ids`` [T,k] int32; ``topk_weights`` [T,k] float32; ``counts`` [E]
+        int32 (slots per expert); ``router_sums`` [E+1] float32 (Σ_t router prob of each
+        expert, then Σ_t logsumexp(logits_t)², filled when ``call.want_stats``); optionally
+        ``dropped`` (slots dropped by capacity)."""
 
     def run_stage(self, stage: str, ws: Any, call: "Call") -> None:
-        """Run (CPU) or enqueue on the current stream (GPU) one stage."""
+        """Run (CPU) or enqueue on the current stream (GPU) one stage.  When
+        ``call.topk_ids`` is given, the group stage reads it instead of ``ws.topk_ids``."""
 
 
 @dataclass
@@ -110,3 +131,4 @@ class Call:
     router_bias: Any = None      # [E] float32 or None
     topk_ids: Any = None         # [T, k] int32, given by the caller for experts-only calls
     topk_weights: Any = None     # [T, k] float32, idem
+    want_stats: bool = False     # route fills ws.router_sums

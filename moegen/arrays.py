@@ -1,0 +1,95 @@
+"""Array interop: describe NumPy, CuPy, torch and any ``__cuda_array_interface__`` /
+``__dlpack__`` object uniformly, so the kernel can validate before any launch.
+
+Nothing here copies data unless asked (``host``), and nothing allocates on a device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+_TYPESTR = {"<f4": "float32", "<f2": "float16", "<i4": "int32", "<i8": "int64", "<u2": "uint16",
+            "<i2": "int16", "|u1": "uint8", "|b1": "bool", "<f8": "float64", "<V2": "bfloat16"}
+
+
+@dataclass(frozen=True)
+class ArrayInfo:
+    obj: Any
+    kind: str            # "numpy" | "cupy" | "torch" | "cuda_array_interface"
+    shape: tuple
+    dtype: str           # canonical name: float32, float16, bfloat16, int32, ...
+    device: str          # "cpu" or "cuda:N"
+    contiguous: bool
+    ptr: int
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.startswith("cuda")
+
+
+def describe(a, name: str) -> ArrayInfo:
+    """Shape, dtype, device, contiguity and data pointer of an array; TypeError naming
+    ``name`` when it is not an array we understand."""
+    mod = type(a).__module__ or ""
+    if isinstance(a, np.ndarray):
+        return ArrayInfo(a, "numpy", tuple(a.shape), _np_name(a.dtype), "cpu",
+                         bool(a.flags.c_contiguous), a.ctypes.data if a.size else 0)
+    if mod.startswith("torch"):
+        dev = str(a.device)
+        if dev == "cuda":
+            dev = "cuda:0"
+        return ArrayInfo(a, "torch", tuple(a.shape), str(a.dtype).replace("torch.", ""),
+                         dev if dev.startswith("cuda") else "cpu", bool(a.is_contiguous()),
+                         int(a.data_ptr()))
+    if mod.startswith("cupy"):
+        return ArrayInfo(a, "cupy", tuple(a.shape), _np_name(a.dtype), f"cuda:{a.device.id}",
+                         bool(a.flags.c_contiguous), int(a.data.ptr))
+    cai = getattr(a, "__cuda_array_interface__", None)
+    if cai is not None:
+        shape = tuple(cai["shape"])
+        dtype = _TYPESTR.get(cai["typestr"], cai["typestr"])
+        strides = cai.get("strides")
+        itemsize = int(cai["typestr"][2:])
+        contiguous = strides is None or tuple(strides) == _c_strides(shape, itemsize)
+        return ArrayInfo(a, "cuda_array_interface", shape, dtype, "cuda:?", contiguous,
+                         int(cai["data"][0]))
+    raise TypeError(f"{name} must be a NumPy, CuPy or torch array (or expose "
+                    f"__cuda_array_interface__), got {type(a).__module__}.{type(a).__name__}")
+
+
+def _np_name(dt) -> str:
+    dt = np.dtype(dt)
+    return "bfloat16" if dt.name == "bfloat16" else dt.name
+
+
+def _c_strides(shape, itemsize) -> tuple:
+    out, acc = [], itemsize
+    for n in reversed(shape):
+        out.append(acc)
+        acc *= max(n, 1)
+    return tuple(reversed(out))
+
+
+def check(info: ArrayInfo, name: str, *, shape=None, dtype=None, device_kind=None) -> None:
+    """Raise TypeError/ValueError naming ``name``, the expected and the actual value."""
+    if dtype is not None and info.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {dtype}, got {info.dtype}")
+    if shape is not None and tuple(info.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(info.shape)}")
+    if device_kind == "cpu" and info.on_gpu:
+        raise ValueError(f"{name} must be a host (CPU) array for the c backend, got one on {info.device}")
+    if device_kind == "cuda" and not info.on_gpu:
+        raise ValueError(f"{name} must be a CUDA device array for the cuda backend, got a host array "
+                         f"({info.kind}); move it with cupy.asarray(...) or tensor.cuda()")
+    if not info.contiguous:
+        raise ValueError(f"{name} must be C-contiguous, got a strided view of shape {info.shape}; "
+                         f"call .copy()/.contiguous() first")
+
+
+def host(a) -> np.ndarray:
+    """Copy any supported array to a host NumPy array (bf16 as ml_dtypes.bfloat16)."""
+    from .layout import _as_numpy
+    return _as_numpy(a, "array")

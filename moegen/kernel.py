@@ -1,0 +1,188 @@
+"""`MoEKernel`: the callable a user gets from `moegen.compile`.
+
+It validates every argument before any launch (shape, dtype, device, contiguity, expert ids),
+so a rejected call writes nothing, then drives the loaded backend `Module` stage by stage on
+the module's workspaces.  Shapes: x [..., H] (a leading batch shape is flattened to T tokens),
+out like x; routing tensors [T, k].
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from . import arrays
+from .backends.base import Call
+from .layout import PackedWeights, logical_weights, pack_host
+from .spec import MoESpec
+from .stats import LayerStats
+
+
+class MoEKernel:
+    """A compiled MoE layer for one `MoESpec`.
+
+    Attributes: ``spec``, ``name``, ``key`` (the cache key), ``backend`` ("c" or "cuda"),
+    ``target`` (ISA tier or sm arch), ``layout`` (the packed weight layout), ``stages``.
+    """
+
+    def __init__(self, spec: MoESpec, module, meta: dict | None = None):
+        self.spec = spec
+        self._module = module
+        self.meta = dict(meta or {})
+        self.layout = module.layout
+        self.stages = tuple(module.stages)
+
+    # -- identity ----------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def key(self) -> str:
+        return self.meta.get("key", "")
+
+    @property
+    def backend(self) -> str:
+        return self.spec.backend
+
+    @property
+    def target(self) -> str:
+        return self.meta.get("target", "")
+
+    @property
+    def module(self):
+        return self._module
+
+    def __repr__(self) -> str:
+        return f"MoEKernel({self.name}, backend={self.backend}, target={self.target}, key={self.key[:16]})"
+
+    # -- weights -----------------------------------------------------------------------------
+    def pack(self, **weights) -> PackedWeights:
+        """Pack expert weights into this kernel's contiguous layout, on its device.
+
+        Keywords (see `moegen.layout.logical_weights`): ``router`` [E, H] or [H, E];
+        either ``w1``, ``w3`` [E, F, H] (or lists of per-expert [F, H], HF Mixtral) or
+        ``w13`` [E, 2F, H] (vLLM); ``w2`` [E, H, F]; biases when ``spec.bias``; shared
+        experts' ``shared_w1``... when ``spec.num_shared_experts``.  NumPy, CuPy or torch arrays;
+        values are cast to the spec dtype.  Raises ValueError/TypeError naming the argument.
+        """
+        logical = logical_weights(self.spec, **weights)
+        buf, router = pack_host(self.layout, logical)
+        return PackedWeights(self._module.to_device(buf), self._module.to_device(router), self.layout)
+
+    # -- validation --------------------------------------------------------------------------
+    def _check_x(self, x, name="x"):
+        info = arrays.describe(x, name)
+        H = self.spec.hidden_dim
+        if len(info.shape) < 1 or info.shape[-1] != H:
+            raise ValueError(f"{name} must have shape [..., {H}] (hidden_dim), got {tuple(info.shape)}")
+        arrays.check(info, name, dtype=self.spec.dtype, device_kind=self._module.device_kind)
+        tokens = math.prod(info.shape[:-1]) if len(info.shape) > 1 else 1
+        return info, tokens
+
+    def _check_weights(self, weights):
+        if not isinstance(weights, PackedWeights):
+            raise TypeError(f"weights must be the PackedWeights returned by kernel.pack(...), "
+                            f"got {type(weights).__name__}")
+        if weights.layout != self.layout:
+            raise ValueError(f"weights were packed for {weights.layout.spec.name} "
+                             f"({weights.layout.w13_order}/{weights.layout.w2_order}), "
+                             f"this kernel is {self.name} ({self.layout.w13_order}/{self.layout.w2_order}); "
+                             f"pack them with this kernel's pack()")
+
+    def _check_out(self, out, xinfo):
+        if out is None:
+            return None
+        info = arrays.describe(out, "out")
+        arrays.check(info, "out", shape=xinfo.shape, dtype=self.spec.dtype,
+                     device_kind=self._module.device_kind)
+        if info.ptr and info.ptr == xinfo.ptr:
+            raise ValueError("out must not alias x (the layer reads x after it starts writing out)")
+        return info
+
+    def _check_router_bias(self, router_bias):
+        if router_bias is None:
+            return None
+        info = arrays.describe(router_bias, "router_bias")
+        arrays.check(info, "router_bias", shape=(self.spec.num_experts,), dtype="float32",
+                     device_kind=self._module.device_kind)
+        return info
+
+    def _check_routing(self, topk_ids, topk_weights, tokens):
+        k, E = self.spec.top_k, self.spec.num_experts
+        ids = arrays.describe(topk_ids, "topk_ids")
+        arrays.check(ids, "topk_ids", shape=(tokens, k), dtype="int32",
+                     device_kind=self._module.device_kind)
+        wts = arrays.describe(topk_weights, "topk_weights")
+        arrays.check(wts, "topk_weights", shape=(tokens, k), dtype="float32",
+                     device_kind=self._module.device_kind)
+        bad = self._module.count_out_of_range(self._module.native(ids), E) if tokens else 0
+        if bad:
+            raise ValueError(f"topk_ids must hold expert ids in [0, {E}), got {bad} out of range")
+        return ids, wts
+
+    # -- running -----------------------------------------------------------------------------
+    def _run(self, stages, x, weights, out, router_bias, topk_ids=None, topk_weights=None,
+             want_stats=False):
+        xinfo, tokens = self._check_x(x)
+        self._check_weights(weights)
+        oinfo = self._check_out(out, xinfo)
+        binfo = self._check_router_bias(router_bias)
+        rinfo = self._check_routing(topk_ids, topk_weights, tokens) if topk_ids is not None else None
+        mod = self._module
+        if out is None:
+            out = mod.empty_like(xinfo)
+            oinfo = arrays.describe(out, "out")
+        ws = mod.workspace(tokens)
+        call = Call(x=mod.native(xinfo), packed=weights, out=mod.native(oinfo), tokens=tokens,
+                    router_bias=mod.native(binfo) if binfo else None,
+                    topk_ids=mod.native(rinfo[0]) if rinfo else None,
+                    topk_weights=mod.native(rinfo[1]) if rinfo else None,
+                    want_stats=want_stats)
+        for stage in stages:
+            mod.run_stage(stage, ws, call)
+        return out, ws
+
+    def __call__(self, x, weights: PackedWeights, *, router_bias=None, out=None,
+                 return_stats: bool = False):
+        """Run the whole layer: route, group, expert FFNs, combine.
+
+        Args:
+            x: [..., H] tokens, spec dtype, contiguous, on the backend's device (NumPy for c;
+               CuPy/torch CUDA for cuda).
+            weights: from ``self.pack(...)``.
+            router_bias: optional [E] float32 added to the router logits.
+            out: optional [..., H] destination (like x); written only if every check passes.
+            return_stats: also return a `LayerStats` (load-balancing statistics).
+        Returns ``out`` (a new array like x when not given), or ``(out, stats)``.
+        Raises TypeError/ValueError naming the argument before any launch.
+        """
+        out, ws = self._run(self.stages, x, weights, out, router_bias, want_stats=return_stats)
+        if return_stats:
+            return out, LayerStats.from_workspace(self.spec, self._module, ws)
+        return out
+
+    def route(self, x, weights: PackedWeights, *, router_bias=None):
+        """Routing alone: returns (topk_ids [T, k] int32, topk_weights [T, k] float32) as arrays
+        of the backend's device (copies, safe to keep)."""
+        route_stages = tuple(s for s in self.stages if s.startswith("route"))
+        _, ws = self._run(route_stages, x, weights, None, router_bias)
+        return ws.topk_ids.copy(), ws.topk_weights.copy()
+
+    def experts(self, x, weights: PackedWeights, topk_ids, topk_weights, *, out=None):
+        """The expert FFNs and the combine for a routing computed elsewhere.
+
+        ``topk_ids`` [T, k] int32 in [0, E) (checked; on GPU this check synchronises),
+        ``topk_weights`` [T, k] float32.  Returns ``out``.
+        """
+        stages = tuple(s for s in self.stages if not s.startswith("route"))
+        stages = ("group",) * ("group" not in stages and "route+group" in self.stages) + stages
+        out, _ = self._run(stages, x, weights, out, None, topk_ids, topk_weights)
+        return out
+
+    def profile(self, x, weights: PackedWeights, **kwargs) -> dict:
+        """Per-stage time breakdown (see `moegen.bench.profile.profile_kernel`)."""
+        from .bench.profile import profile_kernel
+        return profile_kernel(self, x, weights, **kwargs)
