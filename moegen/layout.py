@@ -169,7 +169,7 @@ def _stack(name: str, value, n: int, shape: tuple) -> np.ndarray | None:
     return arr
 
 
-def logical_weights(spec: MoESpec, *, router, w1=None, w3=None, w2=None, w13=None,
+def logical_weights(spec: MoESpec, *, router=None, w1=None, w3=None, w2=None, w13=None,
                     b1=None, b3=None, b2=None, b13=None, router_layout: str | None = None,
                     shared_w1=None, shared_w3=None, shared_w2=None,
                     shared_b1=None, shared_b3=None, shared_b2=None) -> dict[str, np.ndarray]:

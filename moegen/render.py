@@ -56,6 +56,22 @@ def template_digests() -> dict[str, str]:
     return {rel: hashlib.sha256(text.encode()).hexdigest() for rel, text in _template_files().items()}
 
 
+class _TextLoader(jinja2.BaseLoader):
+    """Templates from an in-memory dict; the template name doubles as its file name, so
+    tracebacks and error messages point at ``templates/<name>``."""
+
+    def __init__(self, files: dict[str, str]):
+        self.files = files
+
+    def get_source(self, environment, template):
+        if template not in self.files:
+            raise jinja2.TemplateNotFound(template)
+        return self.files[template], template, lambda: True
+
+    def list_templates(self):
+        return sorted(self.files)
+
+
 def _finite(value):
     """Jinja filter: a float literal safe to paste into C/CUDA (e.g. ``2.5f``)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -65,9 +81,14 @@ def _finite(value):
 
 @functools.lru_cache(maxsize=1)
 def environment() -> jinja2.Environment:
-    files = _template_files()
+    """The one environment over the shipped templates."""
+    return make_environment(_template_files())
+
+
+def make_environment(files: dict[str, str]) -> jinja2.Environment:
+    """A strict environment over ``files`` (name -> template text)."""
     env = jinja2.Environment(
-        loader=jinja2.FunctionLoader(lambda name: files.get(name)),
+        loader=_TextLoader(files),
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,
         lstrip_blocks=True,
@@ -78,15 +99,17 @@ def environment() -> jinja2.Environment:
     return env
 
 
-def render_template(name: str, **context) -> str:
+def render_template(name: str, env: jinja2.Environment | None = None, **context) -> str:
     """Render one template; errors become TemplateError with the template's file and line."""
+    env = env or environment()
     try:
-        return environment().get_template(name).render(**context)
+        return env.get_template(name).render(**context)
     except jinja2.TemplateSyntaxError as exc:
         raise TemplateError(f"{exc.name or name}:{exc.lineno}: {exc.message}", exc.name or name,
                             exc.lineno) from None
-    except jinja2.TemplateNotFound:
-        raise TemplateError(f"template {name!r} not found; known: {template_names()}", name) from None
+    except jinja2.TemplateNotFound as exc:
+        raise TemplateError(f"template {exc.name!r} not found (rendering {name!r}); known: "
+                            f"{sorted(env.list_templates()) if env.loader else []}", name) from None
     except jinja2.UndefinedError as exc:
         lineno = _template_lineno(exc, name)
         raise TemplateError(f"{name}:{lineno}: {exc.message}", name, lineno) from None
@@ -96,7 +119,7 @@ def _template_lineno(exc: BaseException, name: str) -> int | None:
     tb = exc.__traceback__
     lineno = None
     while tb is not None:
-        if tb.tb_frame.f_code.co_filename in (name, f"<template>"):
+        if tb.tb_frame.f_code.co_filename.endswith(".jinja") or tb.tb_frame.f_code.co_filename == name:
             lineno = tb.tb_lineno
         tb = tb.tb_next
     return lineno
