@@ -333,7 +333,6 @@ class KernelCache:
             art = self._validate(build(), name, key)
             log.info("built %s in %.2f s", entry_name(name, key), time.perf_counter() - start)
             self.put(name, key, art)
-            self._shadowed.discard(key)
             return art, True
 
     def _offline_message(self, name: str, key: str, hint: str) -> str:
@@ -502,6 +501,8 @@ class KernelCache:
                 value = read_value(store, skey)
                 if value is not None:
                     decode(value, name, key)
+            except PickledEntryRefused:
+                continue                      # reported with the planted rows above
             except (OSError, sqlite3.Error, diskcache.Timeout, CorruptEntry, PickledEntryRefused,
                     ValueError) as exc:
                 problems.append(Problem(WRITABLE, skey if len(skey) < 120 else skey[:120],
