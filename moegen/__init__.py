@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 from .errors import (CacheError, CompileError, MissingKernelError, MoegenError,  # noqa: E402
                      SpecError, TemplateError)
 from .spec import MoESpec  # noqa: E402
+from . import arrays  # noqa: E402,F401  (moegen.arrays.host/describe for users)
 
 
 def compile(spec):  # noqa: A001

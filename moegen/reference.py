@@ -110,6 +110,45 @@ def group(topk_ids, num_experts: int):
     return counts, offsets, order
 
 
+# -- capacity --------------------------------------------------------------------------------
+def capacity(spec: MoESpec, tokens: int) -> int | None:
+    """Slots an expert keeps: ceil(capacity_factor · T · k / E), or None when dropless."""
+    if spec.capacity_factor is None:
+        return None
+    return int(math.ceil(spec.capacity_factor * tokens * spec.top_k / spec.num_experts))
+
+
+def apply_capacity(spec: MoESpec, topk_ids, topk_weights):
+    """Drop the slots beyond each expert's capacity, deterministically.
+
+    ``capacity_drop="token"`` keeps an expert's slots in slot order (t·k + s ascending);
+    ``"weight"`` keeps its largest routing weights (ties: lower slot index).  A dropped slot
+    contributes nothing; with ``renormalize`` the token's kept weights are rescaled to the sum
+    its weights had before dropping.  Returns (weights [T, k], kept [T, k] bool, dropped).
+    """
+    ids = np.asarray(topk_ids)
+    w = f64(topk_weights).copy()
+    T, k = ids.shape
+    cap = capacity(spec, T)
+    kept = np.ones((T, k), dtype=bool)
+    if cap is None:
+        return w, kept, 0
+    flat_ids, flat_w = ids.reshape(-1), w.reshape(-1)
+    for e in range(spec.num_experts):
+        slots = np.nonzero(flat_ids == e)[0]                     # ascending slot index
+        if len(slots) <= cap:
+            continue
+        if spec.capacity_drop == "weight":
+            slots = slots[np.argsort(-flat_w[slots], kind="stable")]
+        kept.reshape(-1)[slots[cap:]] = False
+    before = w.sum(axis=1, keepdims=True)
+    w = np.where(kept, w, 0.0)
+    if spec.renormalize:
+        after = w.sum(axis=1, keepdims=True)
+        w = np.where(after > 0, w * (before / np.where(after > 0, after, 1.0)), 0.0)
+    return w, kept, int((~kept).sum())
+
+
 # -- experts ---------------------------------------------------------------------------------
 def expert_ffn(spec: MoESpec, rows, w, e: int) -> np.ndarray:
     """One expert's FFN on rows [n, H] -> [n, H] (unweighted)."""
@@ -197,18 +236,27 @@ def moe(spec: MoESpec, x, w, router_bias=None, topk_ids=None, topk_weights=None)
     """The whole layer in float64.  ``x`` [..., H]; ``w`` logical weights.
 
     Returns (y [..., H] float64, info) where info holds topk_ids, topk_weights, probs, logits,
-    counts.  Pass ``topk_ids``/``topk_weights`` to use a given routing instead of routing here.
+    counts (kept slots per expert), kept, dropped.  Pass ``topk_ids``/``topk_weights`` to use
+    a given routing instead of routing here.  ``router_bias`` is added to the logits for the
+    softmax routings and is the selection bias for ``sigmoid_topk`` (as in the kernels).
     """
     x = np.asarray(x)
     lead, H = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, H)
     probs = logits = None
     if topk_ids is None:
-        topk_ids, topk_weights, probs, logits = route(spec, x2, w["router"], router_bias)
-    counts, _, _ = group(topk_ids, spec.num_experts)
-    y = experts(spec, x2, w, topk_ids, topk_weights)
+        bias = selection = None
+        if spec.routing == "sigmoid_topk":
+            selection = router_bias
+        else:
+            bias = router_bias
+        topk_ids, topk_weights, probs, logits = route(spec, x2, w["router"], bias, selection)
+    weights, kept, dropped = apply_capacity(spec, topk_ids, topk_weights)
+    counts = np.bincount(np.asarray(topk_ids)[kept], minlength=spec.num_experts)
+    y = experts(spec, x2, w, topk_ids, weights)
     info = {"topk_ids": topk_ids, "topk_weights": topk_weights, "probs": probs,
-            "logits": logits, "counts": counts}
+            "logits": logits, "counts": counts, "kept": kept, "dropped": dropped,
+            "weights_after_capacity": weights}
     return y.reshape(*lead, H), info
 
 

@@ -82,3 +82,83 @@ class LayerStats:
         return (f"LayerStats(tokens={d['tokens']}, aux_loss={d['aux_loss']:.4f}, "
                 f"usage_cv={d['usage_cv']:.3f}, max/mean={d['max_over_mean_load']:.2f}, "
                 f"dropped={d['dropped']})")
+
+
+class BalanceTracker:
+    """Accumulates `LayerStats` over steps, for serving dashboards and training loops.
+
+        tracker = BalanceTracker(spec)             # or BalanceTracker(num_experts=E)
+        y, st = kernel(x, weights, return_stats=True); tracker.update(st)
+        tracker.summary()      # totals, usage, exponential moving averages, cold/hot experts
+
+    ``decay`` weights the moving average of usage (0.99: about the last 100 steps).
+    An expert is *cold* when its moving-average usage is below ``cold`` × the uniform share
+    1/E, *hot* above ``hot`` × 1/E.
+    """
+
+    def __init__(self, spec: MoESpec | None = None, *, num_experts: int | None = None,
+                 decay: float = 0.99, cold: float = 0.25, hot: float = 2.0,
+                 base_coeff: float = 0.01):
+        E = spec.num_experts if spec is not None else num_experts
+        if not isinstance(E, int) or E < 1:
+            raise ValueError(f"BalanceTracker needs a spec or num_experts >= 1, got {E!r}")
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay must be in [0, 1), got {decay}")
+        if not 0.0 <= cold < 1.0 < hot:
+            raise ValueError(f"need 0 <= cold < 1 < hot, got cold={cold}, hot={hot}")
+        self.num_experts, self.decay, self.cold, self.hot = E, decay, cold, hot
+        self.base_coeff = base_coeff
+        self.steps = 0
+        self.tokens = 0
+        self.dropped = 0
+        self.counts = np.zeros(E, dtype=np.int64)
+        self.ema_usage = np.full(E, 1.0 / E)
+        self.aux_losses: list[float] = []
+
+    def update(self, stats) -> None:
+        """Add one step's `LayerStats` (or a dict with tokens_per_expert/aux_loss/tokens)."""
+        d = stats.as_dict() if hasattr(stats, "as_dict") else dict(stats)
+        counts = np.asarray(d["tokens_per_expert"], dtype=np.int64)
+        if counts.shape != (self.num_experts,):
+            raise ValueError(f"stats.tokens_per_expert must have shape ({self.num_experts},), "
+                             f"got {counts.shape}")
+        self.steps += 1
+        self.tokens += int(d.get("tokens", 0))
+        self.dropped += int(d.get("dropped", 0))
+        self.counts += counts
+        total = counts.sum()
+        if total > 0:
+            usage = counts / total
+            self.ema_usage = self.decay * self.ema_usage + (1.0 - self.decay) * usage
+        if "aux_loss" in d:
+            self.aux_losses.append(float(d["aux_loss"]))
+
+    @property
+    def usage(self) -> np.ndarray:
+        total = self.counts.sum()
+        return self.counts / total if total else np.zeros(self.num_experts)
+
+    def cold_experts(self) -> list[int]:
+        return [int(e) for e in np.nonzero(self.ema_usage < self.cold / self.num_experts)[0]]
+
+    def hot_experts(self) -> list[int]:
+        return [int(e) for e in np.nonzero(self.ema_usage > self.hot / self.num_experts)[0]]
+
+    def summary(self) -> dict:
+        usage = self.usage
+        var = float(np.var(usage))
+        mean = float(np.mean(usage))
+        return {
+            "steps": self.steps,
+            "tokens": self.tokens,
+            "dropped": self.dropped,
+            "tokens_per_expert": self.counts.copy(),
+            "usage": usage,
+            "usage_variance": var,
+            "usage_cv": float(np.sqrt(var) / mean) if mean > 0 else 0.0,
+            "ema_usage": self.ema_usage.copy(),
+            "mean_aux_loss": float(np.mean(self.aux_losses)) if self.aux_losses else None,
+            "adaptive_coeff": self.base_coeff * (1.0 + float(np.var(self.ema_usage))),
+            "cold_experts": self.cold_experts(),
+            "hot_experts": self.hot_experts(),
+        }

@@ -116,3 +116,22 @@ def test_random_problem_is_never_zero_and_respects_dtype():
         x, w = R.random_problem(spec, 5)
         assert x.dtype == spec.dt.numpy and w["w1"].dtype == spec.dt.numpy
         assert np.count_nonzero(x.astype(np.float32)) == x.size
+
+
+def test_capacity_drops_in_token_order_and_renormalises():
+    spec = MoESpec(2, 1, 4, 4, capacity_factor=1.0)         # capacity ceil(1·4·1/2) = 2
+    ids = np.array([[0], [0], [0], [1]])
+    w = np.ones((4, 1))
+    w2, kept, dropped = R.apply_capacity(spec, ids, w)
+    assert kept[:, 0].tolist() == [True, True, False, True]
+    assert dropped == 1 and w2[:, 0].tolist() == [1.0, 1.0, 0.0, 1.0]
+
+
+def test_capacity_by_weight_keeps_the_largest():
+    spec = MoESpec(2, 2, 4, 4, capacity_factor=0.5, capacity_drop="weight", renormalize=False)
+    ids = np.array([[0, 1], [0, 1]])                          # capacity ceil(0.5·2·2/2) = 1
+    w = np.array([[0.3, 0.7], [0.6, 0.4]])
+    w2, kept, dropped = R.apply_capacity(spec, ids, w)
+    assert kept.tolist() == [[False, True], [True, False]]
+    assert dropped == 2
+    np.testing.assert_allclose(w2, [[0.0, 0.7], [0.6, 0.0]])
