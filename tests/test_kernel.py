@@ -1,0 +1,147 @@
+"""MoEKernel's contract on the C backend: input validation before any launch, nothing
+written on a rejected call, stage entry points, stats, memoisation."""
+
+import numpy as np
+import pytest
+
+import moegen
+from moegen import MoESpec
+from moegen import reference as R
+from moegen.jit import clear_memo
+
+SPEC = MoESpec(8, 2, 48, 40, dtype="float32", backend="c")
+
+
+@pytest.fixture(scope="module")
+def kernel(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MOEGEN_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+    clear_memo()
+    k = moegen.compile(SPEC)
+    yield k
+    mp.undo()
+    clear_memo()
+
+
+@pytest.fixture(scope="module")
+def problem(kernel):
+    x, w = R.random_problem(SPEC, 13, seed=5)
+    return x, w, kernel.pack(**R.weight_kwargs(SPEC, w))
+
+
+def test_whole_layer_and_stats(kernel, problem):
+    x, w, weights = problem
+    out = np.full_like(x, np.nan)
+    y, st = kernel(x, weights, out=out, return_stats=True)
+    assert y is out
+    ref, info = R.moe(SPEC, x, w)
+    assert R.rel_error(y, ref) <= 1e-5
+    np.testing.assert_array_equal(st.tokens_per_expert, info["counts"])
+    ref_stats = R.stats(SPEC, info["counts"], info["probs"], info["logits"])
+    assert st.aux_loss == pytest.approx(ref_stats["aux_loss"], rel=1e-5)
+    assert st.z_loss == pytest.approx(ref_stats["z_loss"], rel=1e-5)
+
+
+def test_batch_shape_is_flattened(kernel, problem):
+    x, w, weights = problem
+    x3 = np.ascontiguousarray(x[:12].reshape(3, 4, SPEC.hidden_dim))
+    y = kernel(x3, weights)
+    assert y.shape == x3.shape
+    ref, _ = R.moe(SPEC, x3, w)
+    assert R.rel_error(y, ref) <= 1e-5
+
+
+def test_route_and_experts_entry_points(kernel, problem):
+    x, w, weights = problem
+    ids, wts = kernel.route(x, weights)
+    rid, rw, probs, _ = R.route(SPEC, x, w["router"])
+    np.testing.assert_array_equal(ids, rid)
+    np.testing.assert_allclose(wts, rw, rtol=1e-5)
+    y = kernel.experts(x, weights, ids, wts)
+    assert R.rel_error(y, R.experts(SPEC, x, w, ids, wts)) <= 1e-5
+
+
+def _poisoned(x):
+    return np.full_like(x, np.nan)
+
+
+@pytest.mark.parametrize("make, exc, words", [
+    (lambda x, w: dict(x=x.astype(np.float64)), TypeError, ["x", "float32", "float64"]),
+    (lambda x, w: dict(x=x[:, :-1].copy()), ValueError, ["x", "48", "47"]),
+    (lambda x, w: dict(x=x[:, ::2]), ValueError, ["x"]),
+    (lambda x, w: dict(x=np.asfortranarray(np.ones((13, 48), np.float32))[:, :]), ValueError,
+     ["x", "contiguous"]),
+    (lambda x, w: dict(x=[[1.0] * 48]), TypeError, ["x"]),
+    (lambda x, w: dict(weights={"w1": 1}), TypeError, ["weights", "pack"]),
+    (lambda x, w: dict(router_bias=np.zeros(7, np.float32)), ValueError, ["router_bias", "(8,)", "(7,)"]),
+    (lambda x, w: dict(router_bias=np.zeros(8, np.float64)), TypeError, ["router_bias", "float32"]),
+    (lambda x, w: dict(out_shape=(12, 48)), ValueError, ["out", "(13, 48)", "(12, 48)"]),
+    (lambda x, w: dict(out_dtype=np.float16), TypeError, ["out", "float32", "float16"]),
+])
+def test_bad_inputs_are_rejected_before_any_write(kernel, problem, make, exc, words):
+    x, w, weights = problem
+    args = dict(x=x, weights=weights, router_bias=None)
+    over = make(x, w)
+    out = _poisoned(x)
+    if "out_shape" in over:
+        out = np.full(over.pop("out_shape"), np.nan, np.float32)
+    if "out_dtype" in over:
+        out = np.full(x.shape, np.nan, over.pop("out_dtype"))
+    args.update(over)
+    with pytest.raises(exc) as info:
+        kernel(args["x"], args["weights"], router_bias=args["router_bias"], out=out)
+    msg = str(info.value)
+    for word in words:
+        assert word in msg, (word, msg)
+    assert np.all(np.isnan(np.asarray(out, np.float32))), "a rejected call wrote into out"
+
+
+def test_out_aliasing_x_is_rejected(kernel, problem):
+    x, w, weights = problem
+    xc = x.copy()
+    with pytest.raises(ValueError, match="alias"):
+        kernel(xc, weights, out=xc)
+    np.testing.assert_array_equal(xc, x)
+
+
+def test_experts_checks_ids_and_writes_nothing(kernel, problem):
+    x, w, weights = problem
+    ids, wts = kernel.route(x, weights)
+    bad = ids.copy()
+    bad[3, 1] = 8
+    out = _poisoned(x)
+    with pytest.raises(ValueError, match=r"topk_ids.*\[0, 8\)"):
+        kernel.experts(x, weights, bad, wts, out=out)
+    bad[3, 1] = -1
+    with pytest.raises(ValueError, match="topk_ids"):
+        kernel.experts(x, weights, bad, wts, out=out)
+    with pytest.raises(TypeError, match="topk_ids.*int32"):
+        kernel.experts(x, weights, ids.astype(np.int64), wts, out=out)
+    with pytest.raises(ValueError, match=r"topk_weights.*\(13, 2\)"):
+        kernel.experts(x, weights, ids, wts[:, :1].copy(), out=out)
+    assert np.all(np.isnan(out))
+
+
+def test_weights_for_another_kernel_are_refused(kernel, tmp_path, monkeypatch):
+    other = MoESpec(8, 2, 48, 40, dtype="float32", activation="relu", backend="c")
+    monkeypatch.setenv("MOEGEN_CACHE_DIR", str(tmp_path))
+    k2 = moegen.compile(other)
+    x, w = R.random_problem(other, 2)
+    w_other = k2.pack(**R.weight_kwargs(other, w))
+    with pytest.raises(ValueError, match="packed for"):
+        kernel(x, w_other)
+
+
+def test_compile_is_memoised(kernel):
+    assert moegen.compile(SPEC) is kernel
+    assert kernel.name == SPEC.name and len(kernel.key) == 64
+    assert kernel.backend == "c" and kernel.target
+    assert "MoEKernel(" in repr(kernel)
+
+
+def test_zero_tokens(kernel, problem):
+    x, w, weights = problem
+    x0 = np.zeros((0, SPEC.hidden_dim), np.float32)
+    y, st = kernel(x0, weights, return_stats=True)
+    assert y.shape == (0, SPEC.hidden_dim)
+    assert st.tokens == 0 and int(np.sum(st.tokens_per_expert)) == 0
