@@ -1,0 +1,219 @@
+"""Read the MoE layer shape out of a Hugging Face ``config.json`` (re-exported by `moegen.deploy`).
+
+Supported families and the fields read:
+
+| model_type              | experts            | k                     | ffn_dim                | routing                    |
+|-------------------------|--------------------|-----------------------|------------------------|----------------------------|
+| mixtral                 | num_local_experts  | num_experts_per_tok   | intermediate_size      | softmax, renormalised      |
+| qwen2_moe, qwen3_moe    | num_experts        | num_experts_per_tok   | moe_intermediate_size  | softmax, norm_topk_prob    |
+| deepseek_v2, deepseek_v3| n_routed_experts   | num_experts_per_tok   | moe_intermediate_size  | scoring_func, topk_method, n_group, topk_group, routed_scaling_factor, norm_topk_prob; n_shared_experts |
+| olmoe                   | num_experts        | num_experts_per_tok   | intermediate_size      | softmax, norm_topk_prob    |
+| gpt_oss                 | num_local_experts  | experts_per_token     | intermediate_size      | top-k logits then softmax; biases |
+
+The hidden size is ``hidden_size``; the activation comes from ``hidden_act`` (all of these use
+gated MLPs: silu -> swiglu, gelu -> geglu); the dtype from ``torch_dtype``/``dtype``.
+Multimodal configs are searched through ``text_config``.  When ``model_type`` is missing or
+unknown, ``architectures`` (e.g. ``DeepseekV3ForCausalLM``) picks the family.
+
+What moegen cannot express is refused with ValueError (e.g. softmax scores with grouped
+selection) or, where the routed experts are still exact, warned about (Qwen2-MoE's gated shared
+expert is left to the caller; gpt-oss' clamped SwiGLU differs from moegen's).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+from .spec import MoESpec
+
+log = logging.getLogger("moegen.deploy")
+
+_DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
+           "half": "float16", "float32": "float32", "fp32": "float32", "float": "float32"}
+_GATED = {"silu": "swiglu", "swish": "swiglu", "gelu": "geglu", "gelu_new": "geglu",
+          "gelu_pytorch_tanh": "geglu", "gelu_fast": "geglu"}
+_ARCHITECTURES = {
+    "MixtralForCausalLM": "mixtral", "Qwen2MoeForCausalLM": "qwen2_moe",
+    "Qwen3MoeForCausalLM": "qwen3_moe", "DeepseekV2ForCausalLM": "deepseek_v2",
+    "DeepseekV3ForCausalLM": "deepseek_v3", "OlmoeForCausalLM": "olmoe",
+    "GptOssForCausalLM": "gpt_oss",
+}
+
+
+class ModelConfigWarning(UserWarning):
+    """Part of a model's MoE block is not covered by the generated kernel."""
+
+
+def _warn(message: str) -> None:
+    log.warning("%s", message)
+    warnings.warn(message, ModelConfigWarning, stacklevel=4)
+
+
+def parse_model_config(path_or_dict: str | Path | dict, *, dtype: str | None = None,
+                       backend: str = "auto") -> list[dict]:
+    """MoESpec keyword arguments for the MoE layers of a Hugging Face model config.
+
+    Args:
+        path_or_dict: a ``config.json`` path, a directory holding one, or the parsed dict.
+        dtype: storage dtype to use instead of the config's ``torch_dtype``.
+        backend: the ``backend`` field of the result ("auto", "c" or "cuda").
+
+    Returns one dict per distinct MoE layer shape (one for every supported family), each
+    accepted by ``MoESpec(**kwargs)``.
+
+    Raises ValueError naming the missing field, the unsupported combination, or the unknown
+    architecture (with the supported list); OSError when the file cannot be read.
+    """
+    config = _load(path_or_dict)
+    family, cfg = _family(config)
+    fields = _PARSERS[family](cfg)
+    dt = dtype or cfg.get("torch_dtype") or cfg.get("dtype") or config.get("torch_dtype") \
+        or "bfloat16"
+    if str(dt) not in _DTYPES:
+        raise ValueError(f"model config: torch_dtype {dt!r} is not a moegen dtype "
+                         f"(one of {sorted(set(_DTYPES.values()))})")
+    fields.update(dtype=_DTYPES[str(dt)], backend=backend)
+    try:
+        MoESpec(**fields)
+    except ValueError as exc:
+        raise ValueError(f"model config ({family}) gives a spec moegen rejects: {exc}") from None
+    return [fields]
+
+
+def _load(path_or_dict) -> dict:
+    if isinstance(path_or_dict, dict):
+        return path_or_dict
+    path = Path(path_or_dict)
+    if path.is_dir():
+        path = path / "config.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"model config {path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"model config {path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _family(config: dict) -> tuple[str, dict]:
+    for cfg in (config, config.get("text_config")):
+        if not isinstance(cfg, dict):
+            continue
+        mt = cfg.get("model_type")
+        if mt in _PARSERS:
+            return mt, cfg
+        for arch in cfg.get("architectures") or ():
+            if arch in _ARCHITECTURES:
+                return _ARCHITECTURES[arch], cfg
+    mt = config.get("model_type") or "?"
+    archs = config.get("architectures") or []
+    raise ValueError(f"model config: unsupported architecture (model_type={mt!r}, "
+                     f"architectures={archs}); moegen reads MoE configs of "
+                     f"{', '.join(sorted(_PARSERS))}. Describe the layer with spec options "
+                     f"instead (moegen build --experts E --topk K --hidden H --ffn F).")
+
+
+def _req(cfg: dict, *names: str) -> Any:
+    for n in names:
+        if cfg.get(n) is not None:
+            return cfg[n]
+    raise ValueError(f"model config ({cfg.get('model_type', '?')}): missing field "
+                     f"{' or '.join(map(repr, names))}")
+
+
+def _int(cfg: dict, *names: str) -> int:
+    v = _req(cfg, *names)
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError(f"model config: {names[0]} must be an integer, got {v!r}")
+    return v
+
+
+def _activation(cfg: dict) -> str:
+    act = cfg.get("hidden_act") or cfg.get("activation") or "silu"
+    if act not in _GATED:
+        raise ValueError(f"model config: hidden_act {act!r} has no moegen equivalent "
+                         f"(supported: {sorted(_GATED)})")
+    return _GATED[act]
+
+
+def _base(cfg: dict, experts: tuple, topk: tuple, ffn: tuple) -> dict:
+    return dict(num_experts=_int(cfg, *experts), top_k=_int(cfg, *topk),
+                hidden_dim=_int(cfg, "hidden_size"), ffn_dim=_int(cfg, *ffn),
+                activation=_activation(cfg))
+
+
+def _mixtral(cfg: dict) -> dict:
+    # Mixtral: softmax over all experts, top-k, then the k weights renormalised.
+    f = _base(cfg, ("num_local_experts",), ("num_experts_per_tok",), ("intermediate_size",))
+    return dict(f, routing="softmax_topk", renormalize=True)
+
+
+def _qwen_moe(cfg: dict) -> dict:
+    f = _base(cfg, ("num_experts",), ("num_experts_per_tok",), ("moe_intermediate_size",))
+    f.update(routing="softmax_topk", renormalize=bool(cfg.get("norm_topk_prob", False)))
+    shared = cfg.get("shared_expert_intermediate_size") or 0
+    if shared:
+        # Qwen2-MoE scales its shared expert by sigmoid(x · w_gate); moegen's shared experts
+        # are added with weight 1, so the shared expert stays with the caller.
+        how = (f"{shared} = {shared // f['ffn_dim']} x {f['ffn_dim']}" if shared % f["ffn_dim"] == 0
+               else f"{shared}, not the routed ffn_dim {f['ffn_dim']}")
+        _warn(f"model config ({cfg.get('model_type')}): the shared expert (intermediate size "
+              f"{how}) is gated by sigmoid(x·shared_expert_gate), which moegen's shared experts "
+              f"do not have; the spec covers the routed experts only, run the shared expert "
+              f"separately")
+    return f
+
+
+def _deepseek(cfg: dict) -> dict:
+    v3 = cfg.get("model_type") == "deepseek_v3" or "DeepseekV3ForCausalLM" in \
+        (cfg.get("architectures") or ())
+    f = _base(cfg, ("n_routed_experts",), ("num_experts_per_tok",), ("moe_intermediate_size",))
+    scoring = cfg.get("scoring_func") or ("sigmoid" if v3 else "softmax")
+    method = cfg.get("topk_method") or ("noaux_tc" if v3 else "greedy")
+    n_group = int(cfg.get("n_group") or 1)
+    topk_group = int(cfg.get("topk_group") or 1)
+    if scoring == "sigmoid":
+        f.update(routing="sigmoid_topk", n_group=n_group, topk_group=min(topk_group, n_group))
+        if method != "noaux_tc":
+            log.info("DeepSeek topk_method %r with sigmoid scores is built as grouped "
+                     "sigmoid_topk (noaux_tc)", method)
+    elif scoring == "softmax":
+        if method == "group_limited_greedy" and n_group > 1:
+            raise ValueError(f"model config (deepseek): softmax scores with grouped selection "
+                             f"(topk_method='group_limited_greedy', n_group={n_group}) are not "
+                             f"supported: moegen groups experts only with routing='sigmoid_topk'")
+        f.update(routing="softmax_topk")
+    else:
+        raise ValueError(f"model config (deepseek): scoring_func {scoring!r} is not supported "
+                         f"(softmax or sigmoid)")
+    f.update(renormalize=bool(cfg.get("norm_topk_prob", v3)),
+             routed_scaling_factor=float(cfg.get("routed_scaling_factor") or (2.5 if v3 else 1.0)),
+             # DeepSeek's shared MLP has intermediate size n_shared·F: exactly n_shared experts
+             # of width F added with weight 1.
+             num_shared_experts=int(cfg.get("n_shared_experts") or 0))
+    return f
+
+
+def _olmoe(cfg: dict) -> dict:
+    f = _base(cfg, ("num_experts",), ("num_experts_per_tok",), ("intermediate_size",))
+    return dict(f, routing="softmax_topk", renormalize=bool(cfg.get("norm_topk_prob", False)))
+
+
+def _gpt_oss(cfg: dict) -> dict:
+    f = _base(cfg, ("num_local_experts",), ("experts_per_token", "num_experts_per_tok"),
+              ("intermediate_size",))
+    # gpt-oss: top-k of the router logits (router has a bias), softmax over those k; experts
+    # carry biases.
+    f.update(activation="swiglu", routing="topk_softmax", renormalize=True, bias=True)
+    _warn("model config (gpt_oss): gpt-oss uses a clamped SwiGLU (alpha=1.702, limit=7, "
+          "(up+1)·glu); moegen builds standard SwiGLU, so outputs will differ from the model's")
+    return f
+
+
+_PARSERS = {"mixtral": _mixtral, "qwen2_moe": _qwen_moe, "qwen3_moe": _qwen_moe,
+            "deepseek_v2": _deepseek, "deepseek_v3": _deepseek, "olmoe": _olmoe,
+            "gpt_oss": _gpt_oss}
