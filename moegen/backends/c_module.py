@@ -1,0 +1,184 @@
+"""`CModule`: one loaded C binary (ctypes) for one spec, and its reusable workspaces.
+
+Implements the Module protocol of `moegen.backends.base`.  Arrays are NumPy (torch CPU tensors
+are viewed as NumPy without a copy).  Workspaces are allocated once per token-count bucket (the
+next power of two >= T) and reused: a call after the first one of its bucket allocates no
+buffers; the stage functions receive raw pointers into them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from .. import settings
+from ..layout import PackedLayout
+from ..spec import MoESpec
+
+log = logging.getLogger("moegen.backends.c")
+
+_P, _L, _I = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
+
+# Exported function -> argtypes, in the order of templates/c/moe.c.jinja.
+_SIGNATURES = {
+    # x, router, bias, T, ids, weights, partials, sums, nthreads
+    "moe_route": (_P, _P, _P, _L, _P, _P, _P, _P, _I),
+    # ids, T, counts, offsets, order
+    "moe_group": (_P, _L, _P, _P, _P),
+    # x, packed, offsets, order, T, xf, h, nthreads
+    "moe_ffn1": (_P, _P, _P, _P, _L, _P, _P, _I),
+    # h, packed, offsets, order, weights, T, y, nthreads
+    "moe_ffn2": (_P, _P, _P, _P, _P, _L, _P, _I),
+    # y, T, out, nthreads
+    "moe_combine": (_P, _L, _P, _I),
+}
+
+ROUTE_CHUNK = 64     # tokens per route work item: the rows of the stats partial sums
+
+
+def _ptr(a) -> int:
+    return a.__array_interface__["data"][0]
+
+
+def bucket_of(tokens: int) -> int:
+    """The workspace bucket of a token count: the next power of two >= tokens (>= 1)."""
+    return 1 << max(0, int(tokens) - 1).bit_length()
+
+
+class _Buffers:
+    """The arrays of one bucket, allocated once."""
+
+    def __init__(self, spec: MoESpec, bucket: int):
+        E, K, S, H, F = (spec.num_experts, spec.top_k, spec.num_shared_experts,
+                         spec.hidden_dim, spec.ffn_dim)
+        B = bucket
+        self.bucket = B
+        self.ids = np.zeros((B, K), np.int32)
+        self.weights = np.zeros((B, K), np.float32)
+        self.counts = np.zeros(E, np.int32)
+        self.offsets = np.zeros(E + 1, np.int32)
+        self.order = np.zeros(B * K, np.int32)
+        self.router_sums = np.zeros(E + 1, np.float32)
+        self.partials = np.zeros(((B + ROUTE_CHUNK - 1) // ROUTE_CHUNK, E + 1), np.float64)
+        self.xf = np.empty((B, H), np.float32)              # tokens in fp32
+        self.h = np.empty((B * (K + S), F), np.float32)     # one row per sorted slot
+        self.y = np.empty((B * (K + S), H), np.float32)     # one row per slot
+        self.ptr = {name: _ptr(getattr(self, name)) for name in
+                    ("ids", "weights", "counts", "offsets", "order", "router_sums", "partials",
+                     "xf", "h", "y")}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(getattr(self, n).nbytes for n in self.ptr)
+
+
+class CWorkspace:
+    """The workspace of one call: views of a bucket's buffers for ``tokens`` tokens.
+
+    Attributes: tokens, bucket, topk_ids [T, k] int32, topk_weights [T, k] float32,
+    counts [E] int32, offsets [E+1] int32, router_sums [E+1] float32.
+    """
+
+    def __init__(self, buffers: _Buffers, tokens: int):
+        self.buffers = buffers
+        self.tokens = tokens
+        self.bucket = buffers.bucket
+        self.ptr = buffers.ptr
+        self.topk_ids = buffers.ids[:tokens]
+        self.topk_weights = buffers.weights[:tokens]
+        self.counts = buffers.counts
+        self.offsets = buffers.offsets
+        self.router_sums = buffers.router_sums
+
+
+class CModule:
+    """A loaded c-backend binary for ``spec`` (see `moegen.backends.base.Module`).
+
+    Attributes: spec, xp (numpy), device_kind ("cpu"), layout, stages, path (the loaded .so).
+    """
+
+    xp = np
+    device_kind = "cpu"
+    stages = ("route", "group", "ffn1", "ffn2", "combine")
+
+    def __init__(self, spec: MoESpec, path: Path, layout: PackedLayout):
+        self.spec = spec
+        self.layout = layout
+        self.path = Path(path)
+        self._lib = ctypes.CDLL(str(self.path))
+        self._fn = {}
+        for name, argtypes in _SIGNATURES.items():
+            fn = getattr(self._lib, name)           # AttributeError: not our binary
+            fn.argtypes = argtypes
+            fn.restype = ctypes.c_int
+            self._fn[name] = fn
+        self._buffers: dict[int, _Buffers] = {}
+        self._last: dict[int, CWorkspace] = {}
+
+    # -- arrays ------------------------------------------------------------------------------
+    def to_device(self, host_array) -> np.ndarray:
+        return np.ascontiguousarray(host_array)
+
+    def native(self, info) -> np.ndarray:
+        """The NumPy array behind a validated ArrayInfo (a zero-copy view of a torch CPU tensor)."""
+        if info.kind == "numpy":
+            return info.obj
+        if info.kind == "torch":
+            from ..layout import _as_numpy
+            return _as_numpy(info.obj, "array")
+        raise TypeError(f"the c backend needs host arrays (NumPy or torch CPU), got {info.kind}")
+
+    def empty_like(self, info):
+        if info.kind == "torch":
+            import torch
+            return torch.empty(info.shape, dtype=info.obj.dtype)
+        return np.empty(info.shape, dtype=self.spec.dt.numpy)
+
+    def count_out_of_range(self, ids, num_experts: int) -> int:
+        ids = np.asarray(ids)
+        return int(np.count_nonzero((ids < 0) | (ids >= num_experts)))
+
+    # -- workspaces --------------------------------------------------------------------------
+    def workspace(self, tokens: int) -> CWorkspace:
+        """Views for ``tokens`` tokens of the buffers of its bucket (allocated on first use)."""
+        b = bucket_of(tokens)
+        last = self._last.get(b)
+        if last is not None and last.tokens == tokens:
+            return last
+        buffers = self._buffers.get(b)
+        if buffers is None:
+            buffers = self._buffers[b] = _Buffers(self.spec, b)
+            log.debug("%s: workspace for bucket %d (%d bytes)", self.spec.name, b, buffers.nbytes)
+        ws = self._last[b] = CWorkspace(buffers, tokens)
+        return ws
+
+    # -- stages ------------------------------------------------------------------------------
+    def run_stage(self, stage: str, ws: CWorkspace, call) -> None:
+        """Run one stage on the calling thread (OpenMP threads inside).  Raises ValueError for
+        an unknown stage, RuntimeError when the C function reports a failure."""
+        T, p, nth = call.tokens, ws.ptr, settings.num_threads()
+        if stage == "route":
+            rc = self._fn["moe_route"](
+                _ptr(call.x), _ptr(call.packed.router),
+                _ptr(call.router_bias) if call.router_bias is not None else None, T,
+                p["ids"], p["weights"], p["partials"],
+                p["router_sums"] if call.want_stats else None, nth)
+        elif stage == "group":
+            ids = _ptr(call.topk_ids) if call.topk_ids is not None else p["ids"]
+            rc = self._fn["moe_group"](ids, T, p["counts"], p["offsets"], p["order"])
+        elif stage == "ffn1":
+            rc = self._fn["moe_ffn1"](_ptr(call.x), _ptr(call.packed.buffer), p["offsets"],
+                                      p["order"], T, p["xf"], p["h"], nth)
+        elif stage == "ffn2":
+            wts = _ptr(call.topk_weights) if call.topk_weights is not None else p["weights"]
+            rc = self._fn["moe_ffn2"](p["h"], _ptr(call.packed.buffer), p["offsets"], p["order"],
+                                      wts, T, p["y"], nth)
+        elif stage == "combine":
+            rc = self._fn["moe_combine"](p["y"], T, _ptr(call.out), nth)
+        else:
+            raise ValueError(f"stage must be one of {self.stages}, got {stage!r}")
+        if rc != 0:
+            raise RuntimeError(f"{self.spec.name}: C stage {stage} returned {rc}")
