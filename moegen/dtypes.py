@@ -24,6 +24,8 @@ class DType:
     cuda_store: str    # CUDA device function: float -> storage
     tolerance: float   # allowed ||out - ref|| / ||ref|| of the whole layer
     aliases: tuple[str, ...] = ()
+    cuda_raw: str = "float"   # header-free CUDA storage type (bit-level conversions)
+    cuda_mma: str = ""        # PTX type of mma.sync operands ("" when tensor cores are not used)
 
     @property
     def numpy(self) -> np.dtype:
@@ -43,9 +45,11 @@ DTYPES: dict[str, DType] = {
         DType("float32", "fp32", 4, "float", "ld_f32", "st_f32",
               "float", "", "ld_f32", "st_f32", 1e-5, ("fp32", "f32", "float")),
         DType("float16", "fp16", 2, "uint16_t", "ld_f16", "st_f16",
-              "__half", "cuda_fp16.h", "ld_f16", "st_f16", 5e-3, ("fp16", "f16", "half")),
+              "__half", "cuda_fp16.h", "ld_f16", "st_f16", 5e-3, ("fp16", "f16", "half"),
+              cuda_raw="unsigned short", cuda_mma="f16"),
         DType("bfloat16", "bf16", 2, "uint16_t", "ld_bf16", "st_bf16",
-              "__nv_bfloat16", "cuda_bf16.h", "ld_bf16", "st_bf16", 1e-2, ("bf16",)),
+              "__nv_bfloat16", "cuda_bf16.h", "ld_bf16", "st_bf16", 1e-2, ("bf16",),
+              cuda_raw="unsigned short", cuda_mma="bf16"),
     )
 }
 

@@ -1,0 +1,78 @@
+"""Launch the CUDA expert FFN kernels (templates/cuda/ffn.cu.jinja) on the current stream.
+
+`CudaModule.run_stage` calls `launch_ffn1` / `launch_ffn2` for the "ffn1" / "ffn2" stages.
+Neither synchronises nor allocates: the grid is sized by an upper bound of M tiles computed on
+the host from T alone, and blocks past the group stage's ``num_tiles`` exit at once.
+
+What they read:
+    module.spec, module.function(name) -> cupy.RawKernel (cached)
+    ws.bucket (a `cuda_tiles.BucketConfig`), ws.tokens, ws.sorted_rows, ws.tile_expert,
+    ws.tile_row0, ws.num_tiles, ws.h, ws.y_slot, ws.topk_weights
+    call.x [T, H], call.packed.buffer (the packed weights), call.topk_weights (experts-only calls)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import cuda_tiles
+
+
+def _ptr(a):
+    """A kernel argument for a device array: CuPy arrays pass as they are, raw pointers
+    (ints, e.g. from torch tensors) as 64-bit values."""
+    if isinstance(a, (int, np.integer)):
+        return np.uint64(a)
+    return a
+
+
+def _grid_tiles(spec, cfg, tokens: int) -> int:
+    """Upper bound of M tiles for this call: every tile holds at least one real slot, so at
+    most T·K_TOTAL, and at most ceil(T·K_TOTAL/bm) + E + shared."""
+    slots = tokens * (spec.top_k + spec.num_shared_experts)
+    return min(slots, cuda_tiles.max_tiles(spec, cfg, tokens))
+
+
+def _kernel(module, name: str, smem: int):
+    fn = module.function(name)
+    if smem > 48 * 1024 and fn.max_dynamic_shared_size_bytes < smem:
+        # Above 48 KB a kernel must opt in to more dynamic shared memory (once per function).
+        fn.max_dynamic_shared_size_bytes = smem
+    return fn
+
+
+def launch_ffn1(module, ws, call) -> None:
+    """h[r, :] = act(x[token(r)]·W1ᵀ + b1) (· (x·W3ᵀ + b3)) for every padded row r of the grouped
+    layout, in the storage dtype.  Enqueued on the current stream; no sync, no allocation."""
+    spec, cfg, tokens = module.spec, ws.bucket, call.tokens
+    if tokens == 0:
+        return
+    tile = cfg.ffn1
+    n_cols = module.layout.gate_rows if tile.kind == "mma" else spec.ffn_dim
+    grid = (_grid_tiles(spec, cfg, tokens), -(-n_cols // tile.bn), 1)
+    smem = tile.smem_bytes(spec.dt.itemsize)
+    fn = _kernel(module, cfg.ffn1_kernel, smem)
+    fn(grid, (tile.threads, 1, 1),
+       (_ptr(call.x), _ptr(call.packed.buffer), ws.sorted_rows, ws.tile_expert, ws.tile_row0,
+        ws.num_tiles, ws.h),
+       shared_mem=smem)
+
+
+def launch_ffn2(module, ws, call) -> None:
+    """y_slot[z, slot, :] = weight(slot)·(h[r]·W2ᵀ (+ b2 when z == 0)) over the K split z of F,
+    for every real row r (slot = sorted_rows[r] >= 0).  y_slot is read as
+    [ffn2_splits, T·K_TOTAL, H] for this call's T (split stride T·K_TOTAL·H elements).
+    Enqueued on the current stream; no sync, no allocation."""
+    spec, cfg, tokens = module.spec, ws.bucket, call.tokens
+    if tokens == 0:
+        return
+    tile = cfg.ffn2
+    slot_count = tokens * (spec.top_k + spec.num_shared_experts)
+    weights = call.topk_weights if call.topk_weights is not None else ws.topk_weights
+    grid = (_grid_tiles(spec, cfg, tokens), -(-spec.hidden_dim // tile.bn), cfg.ffn2_splits)
+    smem = tile.smem_bytes(spec.dt.itemsize)
+    fn = _kernel(module, cfg.ffn2_kernel, smem)
+    fn(grid, (tile.threads, 1, 1),
+       (ws.h, _ptr(call.packed.buffer), ws.sorted_rows, ws.tile_expert, ws.tile_row0,
+        ws.num_tiles, _ptr(weights), np.int32(slot_count), ws.y_slot),
+       shared_mem=smem)

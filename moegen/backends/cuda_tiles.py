@@ -1,0 +1,238 @@
+"""Token-count buckets and GEMM tile configurations of the CUDA expert FFNs.
+
+The group stage pads every expert's segment of the sorted slot list to a multiple of the GEMM
+tile height ``bm`` (in index space only), so ``bm`` is fixed per token-count bucket and every
+GEMM of that bucket uses it.  Each bucket names one ffn1 and one ffn2 kernel; all of them are
+instantiated in the spec's one cubin, so one compile covers every T.
+
+Why these tiles (H100, 132 SMs):
+
+* ``bm16`` (decode: at most ~8 rows per expert on average).  The GEMMs are weight-bandwidth
+  bound: every touched expert's weights must stream once at copy bandwidth.  A 16-row tile wastes
+  no weight traffic, 64-column N tiles and (for ffn2, where N = H is small) split-K give several
+  CTAs per SM, and a 4-stage cp.async pipeline keeps ~24 KB of loads in flight per CTA.
+* ``bm64`` (mid: up to ~48 rows per expert).  Weights are still read about once per expert
+  (one or two M tiles), now with 64x128 tiles and 8 warps so the tensor cores keep up.
+* ``bm128`` (prefill): tensor-core bound; 128x128 tiles, 8 warps of 64x32, 4 stages.
+
+fp32 specs, and fp16/bf16 specs whose H or F is not a multiple of 8 (16-byte rows), use the
+SIMT kernel (FFMA, no TF32) with scalar loads: correct for every shape, not tuned.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ..layout import PackedLayout
+from ..spec import MoESpec
+
+# CUDA device-function names of the activations (defined in templates/cuda/ffn.cu.jinja).
+ACT_FUNCTIONS = {"silu": "act_silu", "gelu": "act_gelu", "relu": "act_relu"}
+
+# Gate/up interleave of the packed w13 for the tensor-core path: one mma n8 fragment of gate
+# columns followed by the n8 fragment of the matching up columns, so each thread holds a gate
+# value and its up value in registers and the SwiGLU epilogue needs no shuffle.
+MMA_INTERLEAVE = 8
+MMA_BK = 64          # one 128-byte swizzled smem row of 16-bit elements
+SIMT_BK = 16
+SIMT_THREADS = 256
+SMS = 132            # H100 SXM; only used to size split-K, a guess elsewhere is harmless
+
+
+@dataclass(frozen=True)
+class GemmTile:
+    """One GEMM kernel shape.  ``kind`` is "mma" (tensor cores) or "simt" (FFMA)."""
+    kind: str
+    bm: int
+    bn: int
+    bk: int
+    warps_m: int
+    warps_n: int
+    stages: int
+    min_blocks: int = 1      # __launch_bounds__ residency hint (also caps registers)
+
+    @property
+    def threads(self) -> int:
+        return 32 * self.warps_m * self.warps_n if self.kind == "mma" else SIMT_THREADS
+
+    def smem_bytes(self, itemsize: int) -> int:
+        """Dynamic shared memory of the kernel (mma: the pipeline stages; simt: static)."""
+        if self.kind == "mma":
+            return self.stages * (self.bm + self.bn) * self.bk * itemsize
+        return 0
+
+    @property
+    def tag(self) -> str:
+        return f"{self.kind}_bm{self.bm}_bn{self.bn}_bk{self.bk}_w{self.warps_m}x{self.warps_n}_s{self.stages}"
+
+
+@dataclass(frozen=True)
+class BucketConfig:
+    """The kernels and tiles used for token counts up to ``max_tokens`` (None: unbounded).
+
+    ``bm`` is the GEMM tile height and the group stage's segment padding.  ``ffn1``/``ffn2``
+    are the tile shapes; ``ffn1_kernel``/``ffn2_kernel`` the extern "C" names in the cubin.
+    ``ffn2_splits``: split-K count of ffn2 (the combine stage sums the splits in order).
+    """
+    name: str
+    max_tokens: int | None
+    bm: int
+    ffn1: GemmTile
+    ffn2: GemmTile
+    ffn2_splits: int
+    ffn1_kernel: str
+    ffn2_kernel: str
+
+    def accepts(self, tokens: int) -> bool:
+        return self.max_tokens is None or tokens <= self.max_tokens
+
+
+def use_mma(spec: MoESpec) -> bool:
+    """Tensor cores for fp16/bf16 when every row is a whole number of 16-byte chunks."""
+    return bool(spec.dt.cuda_mma) and spec.hidden_dim % 8 == 0 and spec.ffn_dim % 8 == 0
+
+
+def packed_layout(spec: MoESpec) -> PackedLayout:
+    """The packed weight layout the CUDA GEMMs read: w13 [G, H] and w2 [H, F] (K contiguous, the
+    B operand of mma.sync "row.col"), gate/up interleaved by 8 rows on the tensor-core path."""
+    inter = MMA_INTERLEAVE if (spec.gated and spec.ffn_dim % MMA_INTERLEAVE == 0) else 0
+    return PackedLayout(spec, w13_order="nk", w2_order="nk", gate_up_interleave=inter,
+                        router_order="eh", align_bytes=128)
+
+
+def _experts_touched(spec: MoESpec, tokens: int) -> float:
+    """Expected routed experts touched by ``tokens`` tokens under uniform routing, plus shared."""
+    E, k = spec.num_experts, spec.top_k
+    return E * (1.0 - (1.0 - k / E) ** tokens) + spec.num_shared_experts
+
+
+def _splits(spec: MoESpec, tile: GemmTile, tokens: int) -> int:
+    """Split-K of ffn2 so that ~2 CTAs per SM stream weights at ``tokens`` tokens (the smallest
+    count of the bucket), each split still covering at least 4 K tiles (fewer would be all
+    prologue)."""
+    n_tiles = math.ceil(spec.hidden_dim / tile.bn)
+    slots = tokens * (spec.top_k + spec.num_shared_experts)
+    m_tiles = max(1.0, _experts_touched(spec, tokens), slots / tile.bm)
+    ctas = n_tiles * m_tiles
+    want = math.ceil(2 * SMS / ctas)
+    most = max(1, spec.ffn_dim // (4 * tile.bk))
+    return int(max(1, min(want, most, 16)))
+
+
+def _bucket_limits(spec: MoESpec) -> list[tuple[str, int, float]]:
+    """(name, bm, max average rows per expert) of each bucket, smallest first."""
+    if use_mma(spec):
+        return [("bm16", 16, 8.0), ("bm64", 64, 48.0), ("bm128", 128, math.inf)]
+    return [("bm16", 16, 8.0), ("bm64", 64, math.inf)]
+
+
+def _tiles(spec: MoESpec, bm: int) -> tuple[GemmTile, GemmTile]:
+    if not use_mma(spec):
+        t = GemmTile("simt", bm, 64, SIMT_BK, 1, 1, 1)
+        return t, t
+    if bm == 16:
+        t = GemmTile("mma", 16, 64, MMA_BK, 1, 4, 4, min_blocks=4)
+        return t, t
+    if bm == 64:
+        t = GemmTile("mma", 64, 128, MMA_BK, 2, 4, 4, min_blocks=2)
+        return t, t
+    t = GemmTile("mma", 128, 128, MMA_BK, 2, 4, 4)
+    return t, t
+
+
+def bucket_configs(spec: MoESpec) -> list[BucketConfig]:
+    """The token-count buckets of ``spec``, sorted by ``max_tokens``; the last is unbounded.
+
+    A bucket's bound is the token count at which the average rows per expert
+    (T·(k + shared)/E) reaches its limit; buckets that would hold no token count are dropped.
+    """
+    slots = spec.top_k + spec.num_shared_experts
+    out: list[BucketConfig] = []
+    prev = 0
+    limits = _bucket_limits(spec)
+    for i, (name, bm, rows) in enumerate(limits):
+        last = i == len(limits) - 1
+        max_tokens = None if last else int(rows * spec.num_experts // slots)
+        if max_tokens is not None and max_tokens <= prev:
+            continue
+        f1, f2 = _tiles(spec, bm)
+        # The unbounded (prefill) bucket has M tiles enough to fill the GPU: no split-K, whose
+        # partial sums would cost splits x T·k·H extra bytes.
+        splits = 1 if last else _splits(spec, f2, prev + 1)
+        out.append(BucketConfig(
+            name=name, max_tokens=max_tokens, bm=bm, ffn1=f1, ffn2=f2, ffn2_splits=splits,
+            ffn1_kernel=f"moe_ffn1_{f1.tag}", ffn2_kernel=f"moe_ffn2_{f2.tag}_k{splits}"))
+        prev = max_tokens or prev
+    return out
+
+
+def bucket_for(configs: list[BucketConfig], tokens: int) -> BucketConfig:
+    """The first bucket that accepts ``tokens`` (the last one accepts every count)."""
+    for cfg in configs:
+        if cfg.accepts(tokens):
+            return cfg
+    return configs[-1]
+
+
+def max_tiles(spec: MoESpec, cfg: BucketConfig, tokens: int) -> int:
+    """Upper bound of M tiles for ``tokens`` tokens: ceil(T·K_TOTAL/bm) + E + shared."""
+    slots = tokens * (spec.top_k + spec.num_shared_experts)
+    return -(-slots // cfg.bm) + spec.num_experts + spec.num_shared_experts
+
+
+def workspace_sizes(spec: MoESpec, cfg: BucketConfig, max_tokens: int) -> dict:
+    """Element counts of the FFN workspaces for up to ``max_tokens`` tokens.
+
+    ``h``: [max_tiles·bm, F] in the storage dtype; ``y_slot``: [ffn2_splits, T·K_TOTAL, H] in
+    the storage dtype (fp32 for fp32 specs); also ``max_tiles``.
+    """
+    tiles = max_tiles(spec, cfg, max_tokens)
+    slots = max_tokens * (spec.top_k + spec.num_shared_experts)
+    return {"max_tiles": tiles,
+            "h": tiles * cfg.bm * spec.ffn_dim,
+            "y_slot": cfg.ffn2_splits * slots * spec.hidden_dim}
+
+
+def render_context(spec: MoESpec) -> dict:
+    """Template variables of templates/cuda/ffn.cu.jinja, under the one key ``ffn``.
+
+    Validated ints and table strings only.
+    """
+    layout = packed_layout(spec)
+    off = layout.offsets
+    dt = spec.dt
+    mma = use_mma(spec)
+    kernels, seen = [], set()
+    for cfg in bucket_configs(spec):
+        for stage, tile, name, splits in ((1, cfg.ffn1, cfg.ffn1_kernel, 1),
+                                          (2, cfg.ffn2, cfg.ffn2_kernel, cfg.ffn2_splits)):
+            if name in seen:
+                continue
+            seen.add(name)
+            kernels.append({"stage": stage, "name": name, "kind": tile.kind, "bm": tile.bm,
+                            "bn": tile.bn, "bk": tile.bk, "wm": tile.warps_m,
+                            "wn": tile.warps_n, "stages": tile.stages, "splits": splits,
+                            "threads": tile.threads, "min_blocks": tile.min_blocks})
+    return {"ffn": {
+        "elem": dt.cuda_raw,
+        "load": dt.cuda_load,
+        "store": dt.cuda_store,
+        "mma_type": dt.cuda_mma if mma else "",
+        "num_experts": spec.num_experts,
+        "top_k": spec.top_k,
+        "slots": spec.top_k + spec.num_shared_experts,
+        "hidden_dim": spec.hidden_dim,
+        "ffn_dim": spec.ffn_dim,
+        "gate_rows": layout.gate_rows,
+        "gated": spec.gated,
+        "bias": spec.bias,
+        "interleave": layout.gate_up_interleave,
+        "act": ACT_FUNCTIONS[spec.act.fn],
+        "expert_stride": layout.expert_stride,
+        "off_w13": off["w13"],
+        "off_b13": off.get("b13", 0),
+        "off_w2": off["w2"],
+        "off_b2": off.get("b2", 0),
+        "kernels": kernels,
+    }}

@@ -1,0 +1,270 @@
+"""The CUDA expert FFN kernels alone (templates/cuda/ffn.cu.jinja, backends/cuda_tiles.py,
+backends/cuda_ffn.py).
+
+* CPU: bucket/tile/layout/workspace rules.
+* nvrtc: every bucket's kernels compile to an sm_90 cubin without spills.
+* gpu: ffn1 + ffn2 on a grouped layout built on the host from `reference.group`'s order,
+  summed over splits and slots on the host, against the float64 reference, at token counts
+  on both sides of every bucket boundary; workspaces are NaN-poisoned first.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from moegen import reference
+from moegen.backends import cuda_tiles
+from moegen.backends.base import Call
+from moegen.layout import PackedWeights, logical_weights, pack_host
+from moegen.render import render_template
+from moegen.spec import MoESpec
+
+SPECS = {
+    "e8-k2-h256-f512-bf16-swiglu": MoESpec(8, 2, 256, 512, dtype="bfloat16"),
+    "e8-k2-h256-f512-fp16-swiglu": MoESpec(8, 2, 256, 512, dtype="float16"),
+    "e8-k2-h128-f192-fp32-swiglu": MoESpec(8, 2, 128, 192, dtype="float32"),
+    "e16-k4-h200-f136-bf16-geglu-bias": MoESpec(16, 4, 200, 136, dtype="bfloat16", activation="geglu", bias=True),
+    "e4-k1-h64-f256-fp16-relu-bias": MoESpec(4, 1, 64, 256, dtype="float16", activation="relu", bias=True),
+    "e8-k2-h100-f60-bf16-gelu-odd": MoESpec(8, 2, 100, 60, dtype="bfloat16", activation="gelu"),
+    "e5-k3-h33-f17-fp32-silu-bias-odd": MoESpec(5, 3, 33, 17, dtype="float32", activation="silu", bias=True),
+    "e64-k8-h512-f256-bf16-sh1": MoESpec(64, 8, 512, 256, dtype="bfloat16", num_shared_experts=1),
+}
+
+
+# -- CPU: configuration rules ----------------------------------------------------------------
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_buckets_sorted_last_unbounded(name):
+    spec = SPECS[name]
+    cfgs = cuda_tiles.bucket_configs(spec)
+    bounds = [c.max_tokens for c in cfgs]
+    assert bounds[-1] is None
+    assert all(b is not None for b in bounds[:-1])
+    assert bounds[:-1] == sorted(set(bounds[:-1]))
+    for c in cfgs:
+        assert c.ffn1.bm == c.ffn2.bm == c.bm
+        assert c.ffn2_splits >= 1
+        assert c.ffn1_kernel.startswith("moe_ffn1_") and c.ffn2_kernel.startswith("moe_ffn2_")
+    assert cfgs[-1].ffn2_splits == 1
+    # bucket_for picks the first bucket that holds T
+    for T in (0, 1, 1000, 10**6):
+        cfg = cuda_tiles.bucket_for(cfgs, T)
+        assert cfg.accepts(T)
+        assert all(not c.accepts(T) for c in cfgs[:cfgs.index(cfg)])
+
+
+def test_mma_only_for_aligned_half_specs():
+    assert cuda_tiles.use_mma(SPECS["e8-k2-h256-f512-bf16-swiglu"])
+    assert not cuda_tiles.use_mma(SPECS["e8-k2-h128-f192-fp32-swiglu"])
+    assert not cuda_tiles.use_mma(SPECS["e8-k2-h100-f60-bf16-gelu-odd"])
+
+
+def test_layout_interleaves_gate_up_by_8():
+    lay = cuda_tiles.packed_layout(SPECS["e8-k2-h256-f512-bf16-swiglu"])
+    assert (lay.w13_order, lay.w2_order, lay.gate_up_interleave) == ("nk", "nk", 8)
+    order = lay.gate_up_row_order()
+    assert list(order[:16]) == list(range(8)) + list(range(512, 520))
+    assert cuda_tiles.packed_layout(SPECS["e4-k1-h64-f256-fp16-relu-bias"]).gate_up_interleave == 0
+
+
+def test_workspace_sizes():
+    spec = SPECS["e64-k8-h512-f256-bf16-sh1"]
+    for cfg in cuda_tiles.bucket_configs(spec):
+        ws = cuda_tiles.workspace_sizes(spec, cfg, 100)
+        tiles = math.ceil(100 * 9 / cfg.bm) + 64 + 1
+        assert ws == {"max_tiles": tiles, "h": tiles * cfg.bm * 256,
+                      "y_slot": cfg.ffn2_splits * 900 * 512}
+
+
+# -- NVRTC: every bucket compiles ------------------------------------------------------------
+
+def _nvrtc():
+    try:
+        from cupy_backends.cuda.libs import nvrtc
+    except Exception:  # noqa: BLE001 - no CuPy: skip
+        pytest.skip("CuPy/NVRTC not installed")
+    return nvrtc
+
+
+def compile_ffn(spec: MoESpec, arch: str = "sm_90") -> tuple[bytes, str]:
+    """The ffn template alone, compiled by NVRTC: (cubin, ptxas log)."""
+    nvrtc = _nvrtc()
+    src = render_template("cuda/ffn.cu.jinja", **cuda_tiles.render_context(spec))
+    prog = nvrtc.createProgram(src, "ffn.cu", [], [])
+    try:
+        nvrtc.compileProgram(prog, [f"--gpu-architecture={arch}", "-std=c++17",
+                                    "--ptxas-options=-v"])
+    except nvrtc.NVRTCError:
+        pytest.fail(nvrtc.getProgramLog(prog))
+    return nvrtc.getCUBIN(prog), nvrtc.getProgramLog(prog)
+
+
+@pytest.mark.nvrtc
+@pytest.mark.parametrize("name", list(SPECS))
+def test_every_bucket_compiles_without_spills(name):
+    spec = SPECS[name]
+    cubin, log = compile_ffn(spec)
+    for cfg in cuda_tiles.bucket_configs(spec):
+        for kname in (cfg.ffn1_kernel, cfg.ffn2_kernel):
+            assert kname.encode() in cubin, f"{kname} missing from the cubin"
+    spills = re.findall(r"(\d+) bytes spill stores", log)
+    assert spills and all(s == "0" for s in spills), log
+
+
+@pytest.mark.nvrtc
+def test_matrix_shapes_compile():
+    for spec in (MoESpec(8, 2, 4096, 14336, dtype="bfloat16"), MoESpec(256, 8, 7168, 2048, dtype="bfloat16"),
+                 MoESpec(128, 8, 2048, 768, dtype="bfloat16")):
+        cubin, _ = compile_ffn(spec)
+        assert len(cubin) > 0
+
+
+# -- GPU: the kernels against the reference --------------------------------------------------
+
+def _cupy():
+    try:
+        import cupy as cp
+        if cp.cuda.runtime.getDeviceCount() < 1:
+            raise RuntimeError("no device")
+    except Exception:  # noqa: BLE001 - no GPU: skip
+        pytest.skip("no CUDA device")
+    return cp
+
+
+@dataclass
+class FfnModule:
+    """The ffn kernels of one spec, loaded from their own cubin (what CudaModule provides to
+    `cuda_ffn`: spec, layout, function(name))."""
+    spec: MoESpec
+    layout: object
+    raw: object
+
+    def function(self, name):
+        return self.raw.get_function(name)
+
+
+@dataclass
+class FfnWorkspace:
+    bucket: object
+    tokens: int
+    sorted_rows: object
+    tile_expert: object
+    tile_row0: object
+    num_tiles: object
+    h: object
+    y_slot: object
+    topk_weights: object
+
+
+def host_group(spec: MoESpec, ids: np.ndarray, bm: int, max_tiles: int):
+    """The padded grouped layout of the interface, from reference.group's stable order."""
+    T, S, E = ids.shape[0], spec.num_shared_experts, spec.num_experts
+    full = np.concatenate([ids, np.broadcast_to(E + np.arange(S, dtype=np.int32), (T, S))], axis=1)
+    counts, offsets, order = reference.group(full, E + S)
+    sorted_rows = np.full(max_tiles * bm, -1, np.int32)
+    # unused tiles hold garbage: the kernels must not look at them
+    tile_expert = np.full(max_tiles, 0x7fffffff, np.int32)
+    tile_row0 = np.full(max_tiles, 0x7fffffff, np.int32)
+    row = tile = 0
+    for e in range(E + S):
+        seg = order[offsets[e]:offsets[e + 1]]
+        sorted_rows[row:row + len(seg)] = seg
+        for i in range(-(-len(seg) // bm)):
+            tile_expert[tile], tile_row0[tile] = e, row + i * bm
+            tile += 1
+        row += -(-len(seg) // bm) * bm
+    assert tile <= max_tiles
+    return sorted_rows, tile_expert, tile_row0, np.array([tile], np.int32)
+
+
+def _poison(cp, a):
+    # all-ones bits are a NaN in fp32, fp16 and bf16 alike
+    a.view(cp.uint8).fill(0xFF)
+
+
+def run_ffn(spec: MoESpec, T: int, seed: int = 0):
+    """Run ffn1 + ffn2 for T random tokens; returns (out [T, H] float64, ref [T, H] float64)."""
+    cp = _cupy()
+    from moegen.backends import cuda_ffn
+    mod = _module(spec)
+    x, w = reference.random_problem(spec, T, seed=seed)
+    ids, wts, _, _ = reference.route(spec, x, w["router"])
+    wts = wts.astype(np.float32)
+    logical = logical_weights(spec, **reference.weight_kwargs(spec, w))
+    buf, router = pack_host(mod.layout, logical)
+    packed = PackedWeights(cp.asarray(buf), cp.asarray(router), mod.layout)
+    cfg = cuda_tiles.bucket_for(cuda_tiles.bucket_configs(spec), T)
+    sizes = cuda_tiles.workspace_sizes(spec, cfg, max(T, 1))
+    sr, te, tr, nt = host_group(spec, ids, cfg.bm, sizes["max_tiles"])
+    dt = spec.dt.numpy
+    ws = FfnWorkspace(cfg, T, cp.asarray(sr), cp.asarray(te), cp.asarray(tr), cp.asarray(nt),
+                      cp.empty(sizes["h"], dt), cp.empty(sizes["y_slot"], dt),
+                      cp.asarray(wts.reshape(T, spec.top_k)))
+    _poison(cp, ws.h)
+    _poison(cp, ws.y_slot)
+    call = Call(x=cp.asarray(x), packed=packed, out=None, tokens=T)
+    cuda_ffn.launch_ffn1(mod, ws, call)
+    cuda_ffn.launch_ffn2(mod, ws, call)
+    cp.cuda.get_current_stream().synchronize()
+    KT = spec.top_k + spec.num_shared_experts
+    y = ws.y_slot.get()[: cfg.ffn2_splits * T * KT * spec.hidden_dim]
+    y = y.astype(np.float64).reshape(cfg.ffn2_splits, T, KT, spec.hidden_dim)
+    out = np.zeros((T, spec.hidden_dim))
+    for s in range(KT):               # the combine stage's order: slots, then splits
+        for z in range(cfg.ffn2_splits):
+            out += y[z, :, s]
+    ref = reference.experts(spec, x, logical, ids, wts)
+    return out, ref
+
+
+_MODULES: dict = {}
+
+
+def _module(spec: MoESpec) -> FfnModule:
+    cp = _cupy()
+    if spec not in _MODULES:
+        import os
+        import tempfile
+        cubin, _ = compile_ffn(spec, arch=_arch(cp))
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "ffn.cubin")
+            with open(path, "wb") as f:
+                f.write(cubin)
+            raw = cp.RawModule(path=path)
+        _MODULES[spec] = FfnModule(spec, cuda_tiles.packed_layout(spec), raw)
+    return _MODULES[spec]
+
+
+def _arch(cp) -> str:
+    return f"sm_{cp.cuda.Device().compute_capability}"
+
+
+def _token_counts(spec):
+    counts = {1, 2, 7}
+    for cfg in cuda_tiles.bucket_configs(spec):
+        if cfg.max_tokens is not None:
+            counts |= {cfg.max_tokens, cfg.max_tokens + 1}
+        counts |= {cfg.bm - 1, cfg.bm, cfg.bm + 1}
+    counts.add(700)
+    return sorted(counts)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(SPECS))
+def test_ffn_matches_reference(name):
+    spec = SPECS[name]
+    for T in _token_counts(spec):
+        out, ref = run_ffn(spec, T, seed=T)
+        err = reference.rel_error(out, ref)
+        assert err <= spec.dt.tolerance, f"{name} T={T}: rel error {err:.3g} > {spec.dt.tolerance}"
+
+
+@pytest.mark.gpu
+def test_zero_tokens_launch_nothing():
+    out, ref = run_ffn(SPECS["e8-k2-h256-f512-bf16-swiglu"], 0)
+    assert out.shape == ref.shape == (0, 256)
