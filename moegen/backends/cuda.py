@@ -1,0 +1,355 @@
+"""The ``cuda`` backend: NVRTC-compiled cubins run through CuPy.
+
+    CudaBackend.render_context/options/compile  ->  one cubin per spec (every bucket's kernels)
+    CudaBackend.load                            ->  CudaModule: workspaces + stage launches
+
+Importing this module never needs CuPy: it is imported lazily inside the methods, so
+``moegen env`` and ``moegen build --backend cuda --arch sm_90`` work on a machine without it
+(``available()`` is False there) or without a GPU (NVRTC needs none).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+import time
+
+import numpy as np
+
+from .. import settings
+from ..errors import SpecError
+from ..spec import MoESpec
+from . import cuda_tiles
+from .base import STAGES, Artifact, Sources
+from .cuda_workspace import (GROUP_BLOCK_UNITS, GROUP_UNIT_SLOTS, ROUTE_WARPS, RT_THREADS_DEFAULT,
+                             Workspace, capacity_for, storage_dtype, vec_width)
+
+log = logging.getLogger("moegen.cuda")
+
+# Shared memory the one-block group kernel may use for its per-warp counts (of the 48 KB
+# static limit, leaving room for its three per-expert arrays).
+_GROUP_SMEM_INTS = 12288
+
+
+def _group_warps(experts_total: int) -> int:
+    """Warps of the one-block group kernel: a power of two <= 32 whose per-warp count rows fit
+    in static shared memory next to the three per-expert arrays."""
+    fit = _GROUP_SMEM_INTS // experts_total - 3
+    w = 32
+    while w > 1 and w > fit:
+        w //= 2
+    return w
+
+
+class CudaBackend:
+    """NVRTC -> cubin for an exact ``sm_XY``; loaded and launched through CuPy."""
+
+    name = "cuda"
+    templates = ("cuda/moe.cu.jinja",)
+
+    # -- availability ----------------------------------------------------------------------
+    def can_compile(self) -> bool:
+        """CuPy and its NVRTC load (no GPU needed)."""
+        try:
+            from .cuda_nvrtc import nvrtc_version
+            nvrtc_version()
+            import cupy  # noqa: F401
+        except Exception as exc:  # noqa: BLE001 - any failure means "cannot compile here"
+            log.debug("cuda backend cannot compile: %s: %s", type(exc).__name__, exc)
+            return False
+        return True
+
+    def available(self) -> bool:
+        """CuPy, NVRTC and at least one visible GPU."""
+        if not self.can_compile():
+            return False
+        try:
+            import cupy
+            return cupy.cuda.runtime.getDeviceCount() > 0
+        except Exception as exc:  # noqa: BLE001 - no driver / no device
+            log.debug("cuda backend has no device: %s: %s", type(exc).__name__, exc)
+            return False
+
+    # -- rendering -------------------------------------------------------------------------
+    def render_context(self, spec: MoESpec) -> dict:
+        """Template variables of templates/cuda/*.jinja (validated ints/floats, table strings)."""
+        if spec.capacity_factor is not None:
+            raise SpecError(f"MoESpec.capacity_factor={spec.capacity_factor}: the cuda backend is "
+                            "dropless only for now; use capacity_factor=None or backend='c'")
+        dt = spec.dt
+        et = spec.num_experts + spec.num_shared_experts
+        ctx = {
+            "spec_name": spec.name,
+            "E": spec.num_experts,
+            "K": spec.top_k,
+            "NUM_SHARED": spec.num_shared_experts,
+            "H": spec.hidden_dim,
+            "F": spec.ffn_dim,
+            "dtype": dt.name,
+            "t_store": dt.cuda_raw,
+            "ld_fn": dt.cuda_load,
+            "st_fn": dt.cuda_store,
+            "routing": spec.routing,
+            "renormalize": spec.renormalize,
+            "scaling": spec.routed_scaling_factor,
+            "n_group": spec.n_group,
+            "topk_group": spec.topk_group,
+            "VEC_H": vec_width(spec.hidden_dim, dt.itemsize),
+            "GROUP_WARPS": _group_warps(et),
+            "GROUP_UNIT_SLOTS": GROUP_UNIT_SLOTS,
+        }
+        ctx.update(cuda_tiles.render_context(spec))
+        return ctx
+
+    # -- target and toolchain --------------------------------------------------------------
+    def target(self, spec: MoESpec) -> str:
+        """spec.arch, else the current device's ``sm_XY``, else MOEGEN_CUDA_ARCH; SpecError
+        when none of them says."""
+        if spec.arch:
+            return spec.arch
+        try:
+            import cupy
+            if cupy.cuda.runtime.getDeviceCount() > 0:
+                return f"sm_{cupy.cuda.Device().compute_capability}"
+        except Exception:  # noqa: BLE001 - no CuPy, driver or device: fall through
+            pass
+        arch = settings.cuda_arch()
+        if arch:
+            return arch
+        raise SpecError("no CUDA arch: no GPU is visible and MOEGEN_CUDA_ARCH is unset; pass "
+                        "arch='sm_90' (MoESpec) or --arch sm_90 (CLI)")
+
+    def toolchain(self) -> dict:
+        """NVRTC version and CuPy version (both change the binary or how it loads)."""
+        import cupy
+        from .cuda_nvrtc import nvrtc_version
+        return {"nvrtc": ".".join(map(str, nvrtc_version())), "cupy": cupy.__version__}
+
+    def options(self, spec: MoESpec, target: str) -> list[str]:
+        """NVRTC options.  No --use_fast_math: it flushes denormals and breaks NaN handling."""
+        return [f"--gpu-architecture={target}", "--std=c++17"]
+
+    # -- compile and load ------------------------------------------------------------------
+    def compile(self, sources: Sources, spec: MoESpec, target: str, key: str) -> Artifact:
+        """Sources -> cubin bytes.  Raises CompileError with the NVRTC log and the source."""
+        from .cuda_nvrtc import compile_cubin, nvrtc_version
+        t0 = time.perf_counter()
+        cubin, text = compile_cubin(sources.text, self.options(spec, target),
+                                    spec_name=spec.name, key=key, filename=sources.entry)
+        meta = {"backend": self.name, "target": target, "nvrtc": list(nvrtc_version()),
+                "compile_seconds": round(time.perf_counter() - t0, 4), "compile_log": text[-4000:]}
+        return Artifact(cubin, meta)
+
+    def load(self, artifact: Artifact, spec: MoESpec) -> "CudaModule":
+        """Load a cubin on the current device.  Raises (cupy.cuda.driver.CUDADriverError, ...)
+        when it cannot be loaded or lacks a kernel; the cache then rebuilds it."""
+        return CudaModule(spec, artifact.binary)
+
+
+# ---------------------------------------------------------------------------------------------
+def _load_raw_module(cubin: bytes):
+    """A cupy.RawModule over the cubin bytes (through a private temp file, removed at once)."""
+    import cupy
+    fd, path = tempfile.mkstemp(prefix="moegen-", suffix=".cubin")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(cubin)
+        raw = cupy.RawModule(path=path)
+        raw.module                      # load now: a bad binary must fail here, not later
+    finally:
+        os.unlink(path)
+    return raw
+
+
+def _arg(a):
+    """A pointer kernel argument: CuPy arrays as they are, None as a null pointer."""
+    return np.uint64(0) if a is None else a
+
+
+class CudaModule:
+    """One loaded cubin for one spec (the Module contract of moegen.backends.base).
+
+    Launches go to the current CuPy stream, or torch's current stream when the call's x is a
+    torch tensor; nothing here synchronises or allocates inside a call once the call's bucket
+    has its workspace, so calls can be captured in a CUDA graph.
+    """
+
+    device_kind = "cuda"
+    stages = STAGES
+
+    def __init__(self, spec: MoESpec, cubin: bytes):
+        import cupy
+        self.spec = spec
+        self.xp = cupy
+        self.layout = cuda_tiles.packed_layout(spec)
+        self.buckets = cuda_tiles.bucket_configs(spec)
+        self.device = cupy.cuda.Device()
+        self.sms = int(self.device.attributes["MultiProcessorCount"])
+        self._raw = _load_raw_module(cubin)
+        self._functions: dict = {}
+        self._workspaces: dict = {}
+        for name in self.kernel_names():       # a cubin missing a kernel is a bad binary
+            self.function(name)
+
+    def kernel_names(self) -> list[str]:
+        names = ["moe_route_logits_gemv", "moe_route_logits_tiled", "moe_route_select",
+                 "moe_group_single", "moe_group_count", "moe_group_scan", "moe_group_scatter",
+                 "moe_count_bad_ids", "moe_combine"]
+        for cfg in self.buckets:
+            names += [cfg.ffn1_kernel, cfg.ffn2_kernel]
+        return list(dict.fromkeys(names))
+
+    def function(self, name: str):
+        """The cupy.RawKernel ``name`` of this cubin (cached)."""
+        fn = self._functions.get(name)
+        if fn is None:
+            fn = self._functions[name] = self._raw.get_function(name)
+        return fn
+
+    # -- arrays ------------------------------------------------------------------------------
+    def to_device(self, host_array):
+        """Host NumPy array -> CuPy array (bf16 as its uint16 bits)."""
+        a = np.ascontiguousarray(host_array)
+        if a.dtype.name == "bfloat16":
+            a = a.view(np.uint16)
+        return self.xp.asarray(a)
+
+    def native(self, info):
+        """CuPy arrays as they are; torch tensors and __cuda_array_interface__ objects as
+        zero-copy CuPy views of their memory (bf16 as uint16); the source object stays alive
+        as the memory's owner."""
+        if info.kind == "cupy":
+            return info.obj
+        if info.kind not in ("torch", "cuda_array_interface"):
+            raise TypeError(f"the cuda backend needs device arrays, got a {info.kind} array")
+        cp = self.xp
+        dtype = np.dtype(np.uint16) if info.dtype == "bfloat16" else np.dtype(info.dtype)
+        n = int(np.prod(info.shape)) if info.shape else 1
+        mem = cp.cuda.UnownedMemory(info.ptr, n * dtype.itemsize, info.obj, self.device.id)
+        return cp.ndarray(info.shape, dtype, cp.cuda.MemoryPointer(mem, 0))
+
+    def empty_like(self, info):
+        """An uninitialised array of the user's kind: torch in -> torch out, else CuPy."""
+        if info.kind == "torch":
+            import torch
+            return torch.empty(info.shape, dtype=info.obj.dtype, device=info.obj.device)
+        return self.xp.empty(info.shape, storage_dtype(self.spec))
+
+    def count_out_of_range(self, ids, num_experts: int) -> int:
+        """Ids outside [0, num_experts) (synchronises: the count is read back)."""
+        if num_experts != self.spec.num_experts:
+            raise ValueError(f"num_experts must be {self.spec.num_experts} (the spec's), got {num_experts}")
+        n = int(ids.size)
+        if n == 0:
+            return 0
+        bad = self._bad_counter()
+        with self._stream_of(ids):
+            stream = self.xp.cuda.get_current_stream()
+            self.xp.cuda.runtime.memsetAsync(bad.data.ptr, 0, 4, stream.ptr)
+            blocks = max(1, min(-(-n // 256), 4 * self.sms))
+            self.function("moe_count_bad_ids")((blocks,), (256,), (ids, np.int32(n), bad))
+            return int(bad.get(stream=stream)[0])
+
+    def _bad_counter(self):
+        c = getattr(self, "_bad", None)
+        if c is None:
+            c = self._bad = self.xp.zeros(1, self.xp.int32)
+        return c
+
+    # -- workspaces ----------------------------------------------------------------------------
+    def workspace(self, tokens: int):
+        """The `WorkspaceView` for ``tokens`` tokens (allocated on the first call of its bucket
+        and capacity, reused after)."""
+        cfg = cuda_tiles.bucket_for(self.buckets, tokens)
+        cap = capacity_for(cfg, tokens)
+        key = (cfg.name, cap)
+        ws = self._workspaces.get(key)
+        if ws is None:
+            ws = self._workspaces[key] = Workspace(self.spec, cfg, cap, self.sms)
+            log.debug("%s: workspace %s x %d tokens, %.1f MB", self.spec.name, cfg.name, cap,
+                      ws.nbytes / 1e6)
+        return ws.view(tokens)
+
+    # -- streams -------------------------------------------------------------------------------
+    def _stream_of(self, a):
+        """Context making the stream a's owner computes on current: torch's current stream for
+        torch-owned memory, else nothing (CuPy's current stream)."""
+        owner = getattr(getattr(getattr(a, "data", None), "mem", None), "_owner", None)
+        if owner is None or not type(owner).__module__.startswith("torch"):
+            return contextlib.nullcontext()
+        import torch
+        ts = torch.cuda.current_stream(owner.device)
+        if ts.cuda_stream == self.xp.cuda.get_current_stream().ptr:
+            return contextlib.nullcontext()
+        return self.xp.cuda.ExternalStream(ts.cuda_stream, owner.device.index or 0)
+
+    # -- stages --------------------------------------------------------------------------------
+    def run_stage(self, stage: str, ws, call) -> None:
+        """Enqueue one stage on the current stream (see the module docstring)."""
+        with self._stream_of(call.x):
+            if stage == "route":
+                self._route(ws, call)
+            elif stage == "group":
+                self._group(ws, call)
+            elif stage == "ffn1":
+                from .cuda_ffn import launch_ffn1
+                launch_ffn1(self, ws, call)
+            elif stage == "ffn2":
+                from .cuda_ffn import launch_ffn2
+                launch_ffn2(self, ws, call)
+            elif stage == "combine":
+                self._combine(ws, call)
+            else:
+                raise ValueError(f"stage must be one of {list(self.stages)}, got {stage!r}")
+
+    def _memset(self, arr) -> None:
+        rt = self.xp.cuda.runtime
+        rt.memsetAsync(arr.data.ptr, 0, arr.nbytes, self.xp.cuda.get_current_stream().ptr)
+
+    def _route(self, ws, call) -> None:
+        T, p = call.tokens, ws.plan
+        if call.want_stats:
+            self._memset(ws.router_sums)
+        if T == 0:
+            return
+        router = call.packed.router
+        if p.route_gemv:
+            self.function("moe_route_logits_gemv")(
+                p.route_grid, (ROUTE_WARPS * 32,), (call.x, router, ws.logits, np.int32(T)))
+        else:
+            self.function("moe_route_logits_tiled")(
+                p.route_grid, (RT_THREADS_DEFAULT,),
+                (call.x, router, ws.logits, np.int32(T), np.int32(p.route_k_chunk)))
+        self.function("moe_route_select")(
+            (p.select_blocks,), (ROUTE_WARPS * 32,),
+            (ws.logits, np.int32(p.route_splits), _arg(call.router_bias), ws.topk_ids,
+             ws.topk_weights, ws.router_sums, np.int32(T), np.int32(1 if call.want_stats else 0)))
+
+    def _group(self, ws, call) -> None:
+        T, p, bm = call.tokens, ws.plan, ws.bucket.bm
+        if T == 0:
+            for a in (ws.counts, ws.offsets, ws.num_tiles):
+                self._memset(a)
+            return
+        ids = call.topk_ids if call.topk_ids is not None else ws.topk_ids
+        outs = (ws.counts, ws.offsets, ws.sorted_rows, ws.tile_expert, ws.tile_row0, ws.num_tiles)
+        if p.group_single:
+            warps = _group_warps(self.spec.num_experts + self.spec.num_shared_experts)
+            self.function("moe_group_single")((1,), (warps * 32,), (ids, np.int32(T), np.int32(bm), *outs))
+            return
+        blocks = -(-p.group_units // GROUP_BLOCK_UNITS)
+        threads = GROUP_BLOCK_UNITS * 32
+        self.function("moe_group_count")((blocks,), (threads,), (ids, np.int32(T), ws.group_hist))
+        self.function("moe_group_scan")((1,), (1024,), (np.int32(T), np.int32(bm), ws.group_hist,
+                                                         ws.pad_off, *outs))
+        self.function("moe_group_scatter")((blocks,), (threads,), (ids, np.int32(T), ws.group_hist,
+                                                                    ws.pad_off, ws.sorted_rows))
+
+    def _combine(self, ws, call) -> None:
+        T = call.tokens
+        if T == 0:
+            return
+        self.function("moe_combine")((ws.plan.combine_blocks,), (256,),
+                                     (ws.y_slot, call.out, np.int32(T), np.int32(ws.bucket.ffn2_splits)))
