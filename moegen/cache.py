@@ -131,6 +131,10 @@ class KernelCache:
     def prebuilt(self) -> list[Path]:
         return [layer.root for layer in self._layers]
 
+    def layer_status(self) -> list[tuple[Path, str | None]]:
+        """Each prebuilt layer and why it is skipped (None when it is used)."""
+        return [(layer.root, layer.problem()) for layer in self._layers]
+
     def _open(self):
         if self._store is not None:
             return self._store
@@ -143,7 +147,8 @@ class KernelCache:
                         store = self._diskcache(self._requested)
                         self._dir = self._requested
                     except (OSError, sqlite3.Error) as exc:
-                        reason = f"cache directory {self._requested} cannot be opened: {exc}"
+                        reason = (f"its database cannot be opened ({exc}); move or delete "
+                                  f"{self._requested} to start afresh")
                 if store is None:
                     fallback = _private_tempdir()
                     _warn_once(f"untrusted:{self._requested}",
@@ -172,6 +177,16 @@ class KernelCache:
         reason = trust.check_path(directory, what="cache directory", kind="dir")
         if reason:
             return reason
+        db = directory / "cache.db"
+        if not os.path.lexists(db):
+            # Create the database file 0600 ourselves (SQLite would honour the umask, and gives
+            # its -wal/-shm files the database's mode).
+            try:
+                os.close(os.open(db, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            except FileExistsError:
+                pass
+            except OSError as exc:
+                return f"its database cannot be created: {exc.strerror or exc}"
         for fname in ("cache.db", "cache.db-wal", "cache.db-shm"):
             if os.path.lexists(directory / fname):
                 reason = trust.check_path(directory / fname, what="cache database", kind="file")

@@ -208,7 +208,12 @@ class SafeDisk(diskcache.Disk):
     def store(self, value, read, key=diskcache.core.UNKNOWN):
         if read or type(value) is not bytes:
             raise TypeError(f"moegen's cache stores bytes values only, got {type(value).__name__}")
-        return super().store(value, read, key=key)
+        size, mode, filename, db_value = super().store(value, read, key=key)
+        if filename is not None:
+            # Private regardless of the umask (a 002 umask would make it group-writable, which
+            # the trust check on read would then refuse).  Done before the row exists.
+            os.chmod(os.path.join(self._directory, filename), 0o600)
+        return size, mode, filename, db_value
 
     def fetch(self, mode, filename, value, read):
         if mode not in (diskcache.core.MODE_RAW, diskcache.core.MODE_BINARY):

@@ -95,9 +95,9 @@ def info_cmd(as_json):
         kc = _cache()
         entries = kc.entries()
         layers = []
-        for layer in kc._layers:
-            layers.append({"path": str(layer.root), "problem": layer.problem(),
-                           "entries": sum(e.layer == str(layer.root) for e in entries)})
+        for root, problem in kc.layer_status():
+            layers.append({"path": str(root), "problem": problem,
+                           "entries": sum(e.layer == str(root) for e in entries)})
         writable = [e for e in entries if e.writable]
         info = {"directory": str(kc.directory), "requested": str(kc.requested_directory),
                 "trusted": kc.trusted, "untrusted_reason": kc.untrusted_reason,

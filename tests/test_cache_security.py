@@ -257,3 +257,28 @@ def test_root_owned_prebuilt_layer_is_trusted(tmp_path, monkeypatch):
     monkeypatch.setattr(trust, "current_uid", lambda: 4242)       # we are "someone else"
     kc = KernelCache(tmp_path / "cache", prebuilt=[layer])
     assert kc.get(NAME, KEY).binary == b"pre"
+
+
+def test_permissive_umask_still_gives_a_trusted_private_cache(tmp_path):
+    old = os.umask(0o002)
+    try:
+        kc = KernelCache(tmp_path / "cache", prebuilt=[])
+        kc.put(NAME, KEY, Artifact(b"u" * 100_000, {}))              # file-backed
+        kc.close()
+    finally:
+        os.umask(old)
+    for p in [tmp_path / "cache" / "cache.db", *(tmp_path / "cache").rglob("*.val")]:
+        assert p.stat().st_mode & 0o022 == 0, p
+    again = KernelCache(tmp_path / "cache", prebuilt=[])
+    assert again.trusted and again.get(NAME, KEY).binary == b"u" * 100_000
+
+
+def test_corrupt_database_falls_back_without_crashing(tmp_path):
+    d = tmp_path / "cache"
+    d.mkdir(mode=0o700)
+    (d / "cache.db").write_bytes(b"this is not sqlite" * 100)
+    (d / "cache.db").chmod(0o600)
+    kc = KernelCache(d, prebuilt=[])
+    with pytest.warns(CacheWarning, match="cannot be opened"):
+        a, built = kc.get_or_build(NAME, KEY, lambda: Artifact(b"ok", {}))
+    assert built and not kc.trusted and kc.directory != d
