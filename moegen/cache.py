@@ -274,6 +274,8 @@ class KernelCache:
         """
         check_name_key(name, key)
         artifact = self._validate(artifact, name, key)
+        if "created" not in artifact.meta:          # prune goes by it
+            artifact = Artifact(artifact.binary, {**artifact.meta, "created": time.time()})
         frame = encode(name, key, artifact)
         store = self._open()
         try:
