@@ -223,10 +223,15 @@ def import_archive(path: str | Path, cache: KernelCache) -> list[str]:
     """Check an archive completely (`read_archive`), then store its entries in ``cache``'s
     writable layer.  Returns the entry names imported.
 
-    Raises CacheError when the archive is rejected (nothing imported) or when entries could
-    not be stored (disk full).
+    Raises CacheError when the archive is rejected (nothing imported), when the cache directory
+    is not trusted (see `moegen.trust`), or when entries could not be stored (disk full).
     """
     _, frames = read_archive(path)
+    if not cache.trusted:
+        raise CacheError(f"import of {path}: the cache {cache.requested_directory} is not used "
+                         f"({cache.untrusted_reason}); importing into this process's temporary "
+                         f"fallback would be lost at exit. Fix the directory or set "
+                         f"MOEGEN_CACHE_DIR.")
     done, failed = [], []
     for rel, frame in sorted(frames.items()):
         hdr = header_of(frame)

@@ -40,8 +40,8 @@ from .backends.base import Artifact
 from .cache_store import (WRITABLE, CorruptEntry, EntryInfo, PickledEntryRefused, PrebuiltLayer,
                           Problem, REFUSED_KEY, SafeDisk, canonical_json, check_name_key, decode,
                           delete_row, entry_info, entry_name, encode, header_of, read_header,
-                          read_value, refused_rows)
-from .errors import CacheError, MissingKernelError
+                          read_value, refused_rows, validate_artifact)
+from .errors import MissingKernelError
 
 log = logging.getLogger("moegen.cache")
 
@@ -273,7 +273,7 @@ class KernelCache:
         malformed name or key, CacheError for an artifact that is not bytes + JSON.
         """
         check_name_key(name, key)
-        artifact = self._validate(artifact, name, key)
+        artifact = validate_artifact(artifact, name, key)
         if "created" not in artifact.meta:          # prune goes by it
             artifact = Artifact(artifact.binary, {**artifact.meta, "created": time.time()})
         frame = encode(name, key, artifact)
@@ -290,33 +290,6 @@ class KernelCache:
                        f"{self._dir} ({what}); the kernel is kept in memory for this process "
                        f"and will be rebuilt next time. Free space or run `moegen cache prune`.")
             return False
-
-    @staticmethod
-    def _validate(artifact, name: str, key: str) -> Artifact:
-        if not isinstance(artifact, Artifact):
-            raise CacheError(f"the build of {name} returned {type(artifact).__name__}, "
-                             f"expected moegen.backends.base.Artifact")
-        if not isinstance(artifact.binary, (bytes, bytearray)) or not artifact.binary:
-            raise CacheError(f"the build of {name} returned an artifact whose binary is "
-                             f"{type(artifact.binary).__name__} of length "
-                             f"{len(artifact.binary) if hasattr(artifact.binary, '__len__') else '?'}"
-                             f"; expected non-empty bytes")
-        if not isinstance(artifact.meta, dict):
-            raise CacheError(f"the build of {name} returned meta of type "
-                             f"{type(artifact.meta).__name__}, expected a JSON-able dict")
-        try:
-            canonical_json(artifact.meta)
-        except (TypeError, ValueError) as exc:
-            raise CacheError(f"the build of {name} returned meta that is not JSON-able: {exc}") \
-                from None
-        if artifact.meta.get("key", key) != key:
-            raise CacheError(f"the build of {name} returned an artifact for key "
-                             f"{artifact.meta['key'][:16]}..., expected {key[:16]}...")
-        if artifact.meta.get("key") == key and artifact.meta.get("spec_name", name) == name \
-                and "spec_name" in artifact.meta:
-            return artifact
-        return Artifact(binary=bytes(artifact.binary),
-                        meta={"spec_name": name, **artifact.meta, "key": key})
 
     def get_or_build(self, name: str, key: str, build: Callable[[], Artifact], *,
                      hint: str = "") -> tuple[Artifact, bool]:
@@ -347,7 +320,7 @@ class KernelCache:
                 if art is not None:
                     return art, False
             start = time.perf_counter()
-            art = self._validate(build(), name, key)
+            art = validate_artifact(build(), name, key)
             log.info("built %s in %.2f s", entry_name(name, key), time.perf_counter() - start)
             self.put(name, key, art)
             return art, True
@@ -495,19 +468,7 @@ class KernelCache:
             if layer.problem():
                 problems.append(Problem(str(layer.root), "-", f"not used: {layer.problem()}"))
                 continue
-            for path in layer.files():
-                stem = path.name[:-len(".kernel")]
-                try:
-                    with open(path, "rb") as fh:
-                        hdr = read_header(fh)
-                    if entry_name(hdr.name, hdr.key) != stem:
-                        raise CorruptEntry(f"file name does not match its header "
-                                           f"({entry_name(hdr.name, hdr.key)})")
-                    check_name_key(hdr.name, hdr.key)
-                    if layer.get(hdr.name, hdr.key) is None:
-                        raise CorruptEntry("vanished while checking")
-                except (OSError, CorruptEntry, ValueError) as exc:
-                    problems.append(Problem(str(layer.root), path.name, str(exc)))
+            problems += [Problem(str(layer.root), f, msg) for f, msg in layer.verify()]
         for rowid, detail in refused_rows(self._dir):
             problems.append(Problem(WRITABLE, f"row {rowid}", detail))
             if repair:

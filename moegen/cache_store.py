@@ -272,6 +272,24 @@ class PrebuiltLayer:
         data = self.read(name, key)
         return None if data is None else decode(data, name, key)
 
+    def verify(self) -> list[tuple[str, str]]:
+        """(file name, problem) for every entry file that fails a complete check."""
+        out = []
+        for path in self.files():
+            stem = path.name[:-len(ENTRY_SUFFIX)]
+            try:
+                with open(path, "rb") as fh:
+                    hdr = read_header(fh)
+                if entry_name(hdr.name, hdr.key) != stem:
+                    raise CorruptEntry(f"file name does not match its header "
+                                       f"({entry_name(hdr.name, hdr.key)})")
+                check_name_key(hdr.name, hdr.key)
+                if self.get(hdr.name, hdr.key) is None:
+                    raise CorruptEntry("vanished while checking")
+            except (OSError, CorruptEntry, ValueError) as exc:
+                out.append((path.name, str(exc)))
+        return out
+
     def files(self) -> list[Path]:
         """Every entry file (for listings and verify; not on the lookup path)."""
         d = self.root / ENTRIES_DIR
@@ -364,3 +382,32 @@ def delete_row(directory: Path, rowid: int) -> None:
             con.execute("DELETE FROM Cache WHERE rowid = ?", (rowid,))
     finally:
         con.close()
+
+
+def validate_artifact(artifact, name: str, key: str) -> Artifact:
+    """What a build returned, checked to be bytes + JSON for ``key``; key and spec_name filled
+    into its meta.  Raises CacheError naming the problem."""
+    if not isinstance(artifact, Artifact):
+        raise CacheError(f"the build of {name} returned {type(artifact).__name__}, "
+                         f"expected moegen.backends.base.Artifact")
+    if not isinstance(artifact.binary, (bytes, bytearray)) or not artifact.binary:
+        raise CacheError(f"the build of {name} returned an artifact whose binary is "
+                         f"{type(artifact.binary).__name__} of length "
+                         f"{len(artifact.binary) if hasattr(artifact.binary, '__len__') else '?'}"
+                         f"; expected non-empty bytes")
+    if not isinstance(artifact.meta, dict):
+        raise CacheError(f"the build of {name} returned meta of type "
+                         f"{type(artifact.meta).__name__}, expected a JSON-able dict")
+    try:
+        canonical_json(artifact.meta)
+    except (TypeError, ValueError) as exc:
+        raise CacheError(f"the build of {name} returned meta that is not JSON-able: {exc}") \
+            from None
+    if artifact.meta.get("key", key) != key:
+        raise CacheError(f"the build of {name} returned an artifact for key "
+                         f"{artifact.meta['key'][:16]}..., expected {key[:16]}...")
+    if artifact.meta.get("key") == key and artifact.meta.get("spec_name", name) == name \
+            and "spec_name" in artifact.meta:
+        return artifact
+    return Artifact(binary=bytes(artifact.binary),
+                    meta={"spec_name": name, **artifact.meta, "key": key})

@@ -308,7 +308,7 @@ def build_many(specs, archs=None, jobs: int = 1, progress: bool = True, *, build
     """`moegen.deploy.build_many` for the CLI: prints the summary table (stderr) and raises
     ClickException (exit status 1) naming the failed variants; returns the results otherwise."""
     from .deploy import build_many as _build_many
-    results = _build_many(specs, archs, jobs, progress=True if progress else False, build=build)
+    results = _build_many(specs, archs, jobs, progress=progress, build=build)
     failed = [r for r in results if not r.ok]
     if not progress:
         from .deploy import format_summary

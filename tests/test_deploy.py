@@ -335,3 +335,13 @@ def test_extract_archive_makes_a_prebuilt_layer(tmp_path, monkeypatch):
         extract_archive(tmp_path / "k.tar.gz", layer)
     assert extract_archive(tmp_path / "k.tar.gz", layer, replace=True) == layer
     assert not list(tmp_path.glob(".layer.*"))
+
+
+def test_import_into_untrusted_cache_is_refused(tmp_path):
+    export_archive(filled_cache(tmp_path / "src"), tmp_path / "k.tar.gz")
+    d = tmp_path / "open"
+    d.mkdir()
+    d.chmod(0o777)
+    with pytest.warns(cache_mod.CacheWarning):
+        with pytest.raises(CacheError, match="not used"):
+            import_archive(tmp_path / "k.tar.gz", KernelCache(d, prebuilt=[]))
