@@ -114,7 +114,8 @@ def info_cmd(as_json):
         click.echo(f"requested:       {info['requested']} (refused: {info['untrusted_reason']})")
     click.echo(f"entries:         {info['entries']} ({_size(info['size'])})")
     for layer in layers:
-        state = f"refused: {layer['problem']}" if layer["problem"] else f"{layer['entries']} entries"
+        state = (f"refused: {layer['problem']}" if layer["problem"]
+                 else f"{layer['entries']} entries")
         click.echo(f"prebuilt layer:  {layer['path']} ({state})")
     if not layers:
         click.echo("prebuilt layers: none (MOEGEN_PREBUILT_DIR)")
@@ -191,7 +192,8 @@ def explain_cmd(spec_args, as_json):
                    "prebuilds it)")
     for e in others:
         diff = _meta_diff(e.meta, parts)
-        click.echo(f"  other entry {e.entry} [{e.layer}] differs in: {diff or 'key parts not recorded'}")
+        click.echo(f"  other entry {e.entry} [{e.layer}] differs in: "
+                   f"{diff or 'key parts not recorded'}")
 
 
 def _meta_diff(meta: dict, parts: dict) -> str:
@@ -221,8 +223,8 @@ def verify_cmd(repair):
     if repair and problems:
         click.echo(f"repaired {len(problems) - len(remaining)} of {len(problems)} problems")
     if remaining:
-        raise click.ClickException(f"{len(remaining)} problem(s) in the kernel cache"
-                                   f"{'' if repair else '; `moegen cache verify --repair` deletes bad writable entries'}")
+        hint = "" if repair else "; `moegen cache verify --repair` deletes bad writable entries"
+        raise click.ClickException(f"{len(remaining)} problem(s) in the kernel cache{hint}")
     click.echo(f"ok: {n} entries verified")
 
 
@@ -254,7 +256,8 @@ def parse_size(text: str) -> int:
 @cache.command("prune")
 @click.option("--older-than", type=click.FloatRange(min=0), metavar="DAYS",
               help="delete entries built more than DAYS days ago")
-@click.option("--max-size", metavar="SIZE", help="then delete the oldest until at most SIZE (e.g. 2G)")
+@click.option("--max-size", metavar="SIZE",
+              help="then delete the oldest until at most SIZE remain (e.g. 2G)")
 def prune_cmd(older_than, max_size):
     """Delete old entries of the writable cache."""
     if older_than is None and max_size is None:

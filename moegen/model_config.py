@@ -1,14 +1,16 @@
 """Read the MoE layer shape out of a Hugging Face ``config.json`` (re-exported by `moegen.deploy`).
 
-Supported families and the fields read:
+Supported families (``model_type``) and the fields read (experts, k, expert ffn size; routing):
 
-| model_type              | experts            | k                     | ffn_dim                | routing                    |
-|-------------------------|--------------------|-----------------------|------------------------|----------------------------|
-| mixtral                 | num_local_experts  | num_experts_per_tok   | intermediate_size      | softmax, renormalised      |
-| qwen2_moe, qwen3_moe    | num_experts        | num_experts_per_tok   | moe_intermediate_size  | softmax, norm_topk_prob    |
-| deepseek_v2, deepseek_v3| n_routed_experts   | num_experts_per_tok   | moe_intermediate_size  | scoring_func, topk_method, n_group, topk_group, routed_scaling_factor, norm_topk_prob; n_shared_experts |
-| olmoe                   | num_experts        | num_experts_per_tok   | intermediate_size      | softmax, norm_topk_prob    |
-| gpt_oss                 | num_local_experts  | experts_per_token     | intermediate_size      | top-k logits then softmax; biases |
+- mixtral: num_local_experts, num_experts_per_tok, intermediate_size; softmax, renormalised.
+- qwen2_moe, qwen3_moe: num_experts, num_experts_per_tok, moe_intermediate_size; softmax,
+  renormalised if norm_topk_prob.
+- deepseek_v2, deepseek_v3: n_routed_experts, num_experts_per_tok, moe_intermediate_size;
+  scoring_func, topk_method, n_group, topk_group, routed_scaling_factor, norm_topk_prob, and
+  n_shared_experts shared experts.
+- olmoe: num_experts, num_experts_per_tok, intermediate_size; softmax, norm_topk_prob.
+- gpt_oss: num_local_experts, experts_per_token, intermediate_size; top-k of the logits then
+  softmax over them; expert biases.
 
 The hidden size is ``hidden_size``; the activation comes from ``hidden_act`` (all of these use
 gated MLPs: silu -> swiglu, gelu -> geglu); the dtype from ``torch_dtype``/``dtype``.
