@@ -38,6 +38,19 @@ SPECS = {
 
 # -- CPU: configuration rules ----------------------------------------------------------------
 
+def test_grouped_layout_host_pads_segments():
+    spec = MoESpec(4, 2, 16, 16, num_shared_experts=1)
+    ids = np.array([[0, 2], [2, 0], [2, 3]], np.int32)
+    rows, te, tr, nt = cuda_tiles.grouped_layout_host(spec, ids, 2, 8)
+    # slots t*3+s; expert 0: slots 0, 4; expert 2: 1, 3, 6; expert 3: 7; shared (4): 2, 5, 8
+    assert list(rows) == [0, 4, 1, 3, 6, -1, 7, -1, 2, 5, 8, -1, -1, -1, -1, -1]
+    assert nt[0] == 6
+    assert list(te[:6]) == [0, 2, 2, 3, 4, 4] and list(tr[:6]) == [0, 2, 4, 6, 8, 10]
+    assert te[6] == 0x7fffffff
+    with pytest.raises(ValueError, match="tiles"):
+        cuda_tiles.grouped_layout_host(spec, ids, 2, 5)
+
+
 @pytest.mark.parametrize("name", list(SPECS))
 def test_buckets_sorted_last_unbounded(name):
     spec = SPECS[name]
@@ -161,25 +174,9 @@ class FfnWorkspace:
     topk_weights: object
 
 
-def host_group(spec: MoESpec, ids: np.ndarray, bm: int, max_tiles: int):
-    """The padded grouped layout of the interface, from reference.group's stable order."""
-    T, S, E = ids.shape[0], spec.num_shared_experts, spec.num_experts
-    full = np.concatenate([ids, np.broadcast_to(E + np.arange(S, dtype=np.int32), (T, S))], axis=1)
-    counts, offsets, order = reference.group(full, E + S)
-    sorted_rows = np.full(max_tiles * bm, -1, np.int32)
-    # unused tiles hold garbage: the kernels must not look at them
-    tile_expert = np.full(max_tiles, 0x7fffffff, np.int32)
-    tile_row0 = np.full(max_tiles, 0x7fffffff, np.int32)
-    row = tile = 0
-    for e in range(E + S):
-        seg = order[offsets[e]:offsets[e + 1]]
-        sorted_rows[row:row + len(seg)] = seg
-        for i in range(-(-len(seg) // bm)):
-            tile_expert[tile], tile_row0[tile] = e, row + i * bm
-            tile += 1
-        row += -(-len(seg) // bm) * bm
-    assert tile <= max_tiles
-    return sorted_rows, tile_expert, tile_row0, np.array([tile], np.int32)
+def _raw(spec: MoESpec):
+    """The NumPy/CuPy dtype holding the storage bits (CuPy has no bfloat16: uint16 for it)."""
+    return np.dtype(np.uint16) if spec.dtype == "bfloat16" else spec.dt.numpy
 
 
 def _poison(cp, a):
@@ -197,22 +194,22 @@ def run_ffn(spec: MoESpec, T: int, seed: int = 0):
     wts = wts.astype(np.float32)
     logical = logical_weights(spec, **reference.weight_kwargs(spec, w))
     buf, router = pack_host(mod.layout, logical)
-    packed = PackedWeights(cp.asarray(buf), cp.asarray(router), mod.layout)
+    raw = _raw(spec)
+    packed = PackedWeights(cp.asarray(buf.view(raw)), cp.asarray(router.view(raw)), mod.layout)
     cfg = cuda_tiles.bucket_for(cuda_tiles.bucket_configs(spec), T)
     sizes = cuda_tiles.workspace_sizes(spec, cfg, max(T, 1))
-    sr, te, tr, nt = host_group(spec, ids, cfg.bm, sizes["max_tiles"])
-    dt = spec.dt.numpy
+    sr, te, tr, nt = cuda_tiles.grouped_layout_host(spec, ids, cfg.bm, sizes["max_tiles"])
     ws = FfnWorkspace(cfg, T, cp.asarray(sr), cp.asarray(te), cp.asarray(tr), cp.asarray(nt),
-                      cp.empty(sizes["h"], dt), cp.empty(sizes["y_slot"], dt),
+                      cp.empty(sizes["h"], raw), cp.empty(sizes["y_slot"], raw),
                       cp.asarray(wts.reshape(T, spec.top_k)))
     _poison(cp, ws.h)
     _poison(cp, ws.y_slot)
-    call = Call(x=cp.asarray(x), packed=packed, out=None, tokens=T)
+    call = Call(x=cp.asarray(x.view(raw)), packed=packed, out=None, tokens=T)
     cuda_ffn.launch_ffn1(mod, ws, call)
     cuda_ffn.launch_ffn2(mod, ws, call)
     cp.cuda.get_current_stream().synchronize()
     KT = spec.top_k + spec.num_shared_experts
-    y = ws.y_slot.get()[: cfg.ffn2_splits * T * KT * spec.hidden_dim]
+    y = ws.y_slot.get().view(spec.dt.numpy)[: cfg.ffn2_splits * T * KT * spec.hidden_dim]
     y = y.astype(np.float64).reshape(cfg.ffn2_splits, T, KT, spec.hidden_dim)
     out = np.zeros((T, spec.hidden_dim))
     for s in range(KT):               # the combine stage's order: slots, then splits
@@ -231,11 +228,10 @@ def _module(spec: MoESpec) -> FfnModule:
         import os
         import tempfile
         cubin, _ = compile_ffn(spec, arch=_arch(cp))
-        with tempfile.TemporaryDirectory() as d:
-            path = os.path.join(d, "ffn.cubin")
-            with open(path, "wb") as f:
-                f.write(cubin)
-            raw = cp.RawModule(path=path)
+        path = os.path.join(tempfile.mkdtemp(prefix="moegen-ffn-test-"), "ffn.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        raw = cp.RawModule(path=path)       # loads lazily: the file must outlive this call
         _MODULES[spec] = FfnModule(spec, cuda_tiles.packed_layout(spec), raw)
     return _MODULES[spec]
 
@@ -268,3 +264,14 @@ def test_ffn_matches_reference(name):
 def test_zero_tokens_launch_nothing():
     out, ref = run_ffn(SPECS["e8-k2-h256-f512-bf16-swiglu"], 0)
     assert out.shape == ref.shape == (0, 256)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["e8-k2-h256-f512-bf16-swiglu", "e16-k4-h200-f136-bf16-geglu-bias",
+                                  "e5-k3-h33-f17-fp32-silu-bias-odd"])
+def test_small_grid(name):
+    """A few token counts per path: small enough to run under compute-sanitizer memcheck."""
+    spec = SPECS[name]
+    for T in (1, 17, 300):
+        out, ref = run_ffn(spec, T, seed=100 + T)
+        assert reference.rel_error(out, ref) <= spec.dt.tolerance

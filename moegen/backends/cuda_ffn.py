@@ -26,6 +26,12 @@ def _ptr(a):
     return a
 
 
+def _address(a) -> int:
+    if isinstance(a, (int, np.integer)):
+        return int(a)
+    return int(a.data.ptr)
+
+
 def _grid_tiles(spec, cfg, tokens: int) -> int:
     """Upper bound of M tiles for this call: every tile holds at least one real slot, so at
     most T·K_TOTAL, and at most ceil(T·K_TOTAL/bm) + E + shared."""
@@ -47,6 +53,11 @@ def launch_ffn1(module, ws, call) -> None:
     spec, cfg, tokens = module.spec, ws.bucket, call.tokens
     if tokens == 0:
         return
+    align = cuda_tiles.x_alignment(spec)
+    if _address(call.x) % align:
+        # The tensor-core path copies x rows with 16-byte cp.async; an offset view would fault.
+        raise ValueError(f"x must start at a {align}-byte aligned address for {spec.name}, "
+                         f"got address {_address(call.x):#x}; pass a fresh contiguous copy")
     tile = cfg.ffn1
     n_cols = module.layout.gate_rows if tile.kind == "mma" else spec.ffn_dim
     grid = (_grid_tiles(spec, cfg, tokens), -(-n_cols // tile.bn), 1)

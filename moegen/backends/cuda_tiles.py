@@ -24,6 +24,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 from ..layout import PackedLayout
 from ..spec import MoESpec
 
@@ -91,6 +93,11 @@ class BucketConfig:
 def use_mma(spec: MoESpec) -> bool:
     """Tensor cores for fp16/bf16 when every row is a whole number of 16-byte chunks."""
     return bool(spec.dt.cuda_mma) and spec.hidden_dim % 8 == 0 and spec.ffn_dim % 8 == 0
+
+
+def x_alignment(spec: MoESpec) -> int:
+    """Byte alignment the FFN kernels need of x's data pointer (cp.async copies 16 bytes)."""
+    return 16 if use_mma(spec) else spec.dt.itemsize
 
 
 def packed_layout(spec: MoESpec) -> PackedLayout:
@@ -236,3 +243,34 @@ def render_context(spec: MoESpec) -> dict:
         "off_b2": off.get("b2", 0),
         "kernels": kernels,
     }}
+
+
+def grouped_layout_host(spec: MoESpec, topk_ids: np.ndarray, bm: int, tiles: int):
+    """The padded grouped layout the GEMMs read, built on the host (the reference of the group
+    stage, for tests and benchmarks).
+
+    ``topk_ids`` [T, k] int; shared experts E..E+S-1 are appended as slots k..K_TOTAL-1.
+    Returns int32 arrays (sorted_rows [tiles·bm], tile_expert [tiles], tile_row0 [tiles],
+    num_tiles [1]); unused tiles hold 0x7fffffff (the kernels must never read them).
+    Raises ValueError when ``tiles`` is too small.
+    """
+    ids = np.asarray(topk_ids, dtype=np.int32)
+    T, E, S = ids.shape[0], spec.num_experts, spec.num_shared_experts
+    full = np.concatenate([ids, np.broadcast_to(E + np.arange(S, dtype=np.int32), (T, S))], axis=1)
+    flat = full.reshape(-1)
+    counts = np.bincount(flat, minlength=E + S)
+    order = np.argsort(flat, kind="stable").astype(np.int32)
+    sorted_rows = np.full(tiles * bm, -1, np.int32)
+    tile_expert = np.full(tiles, 0x7fffffff, np.int32)
+    tile_row0 = np.full(tiles, 0x7fffffff, np.int32)
+    row = tile = pos = 0
+    for e in range(E + S):
+        n = int(counts[e])
+        need = -(-n // bm)
+        if tile + need > tiles:
+            raise ValueError(f"tiles must be at least the tiles the routing needs, got {tiles}")
+        sorted_rows[row:row + n] = order[pos:pos + n]
+        tile_expert[tile:tile + need] = e
+        tile_row0[tile:tile + need] = row + bm * np.arange(need)
+        tile, row, pos = tile + need, row + need * bm, pos + n
+    return sorted_rows, tile_expert, tile_row0, np.array([tile], np.int32)
