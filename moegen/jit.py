@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from . import __version__, settings
 from .backends import get_backend, cuda_usable
 from .backends.base import Artifact
+from .cache import CACHE_FORMAT
 from .errors import CompileError
 from .kernel import MoEKernel
 from .render import render, template_digests
@@ -26,7 +27,6 @@ from .spec import MoESpec
 
 log = logging.getLogger("moegen.jit")
 
-CACHE_FORMAT = 1
 
 
 def resolve(spec: MoESpec) -> MoESpec:
