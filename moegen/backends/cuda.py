@@ -227,6 +227,8 @@ class CudaModule:
         cp = self.xp
         dtype = np.dtype(np.uint16) if info.dtype == "bfloat16" else np.dtype(info.dtype)
         n = int(np.prod(info.shape)) if info.shape else 1
+        if n == 0:
+            return cp.empty(info.shape, dtype)       # no memory to view (and no allocation)
         mem = cp.cuda.UnownedMemory(info.ptr, n * dtype.itemsize, info.obj, self.device.id)
         return cp.ndarray(info.shape, dtype, cp.cuda.MemoryPointer(mem, 0))
 
@@ -283,7 +285,10 @@ class CudaModule:
         ts = torch.cuda.current_stream(owner.device)
         if ts.cuda_stream == self.xp.cuda.get_current_stream().ptr:
             return contextlib.nullcontext()
-        return self.xp.cuda.ExternalStream(ts.cuda_stream, owner.device.index or 0)
+        try:
+            return self.xp.cuda.Stream.from_external(ts)      # CuPy >= 14: the stream protocol
+        except (AttributeError, TypeError):
+            return self.xp.cuda.ExternalStream(ts.cuda_stream, owner.device.index or 0)
 
     # -- stages --------------------------------------------------------------------------------
     def run_stage(self, stage: str, ws, call) -> None:

@@ -1,0 +1,125 @@
+"""The cuda backend without a GPU: render and NVRTC-compile whole cubins, targets, options,
+compile errors, and importing the backend without CuPy.
+
+Marked ``nvrtc`` (needs CuPy's NVRTC, no GPU).  A few specs cover every value of the grid:
+every dtype, activation and routing, E in {2, 8, 64, 128, 256}, k in {1, 2, 6, 8}, odd H/F
+(100, 1000, 1408), biases, shared experts; sm_90 and sm_80.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from moegen.backends.cuda import CudaBackend
+from moegen.errors import CompileError, SpecError
+from moegen.render import render
+from moegen.spec import MoESpec
+
+BE = CudaBackend()
+
+
+def _need_nvrtc():
+    if not BE.can_compile():
+        pytest.skip("CuPy/NVRTC not installed")
+
+
+GRID = {
+    "e8-k2-h512-f2048-bf16-swiglu-sm90": (MoESpec(8, 2, 512, 2048, dtype="bfloat16"), "sm_90"),
+    "e2-k1-h100-f1000-fp32-relu-sm80": (MoESpec(2, 1, 100, 1000, dtype="float32", activation="relu"), "sm_80"),
+    "e64-k6-h1000-f1408-fp16-geglu-topksm-bias-sm90": (
+        MoESpec(64, 6, 1000, 1408, dtype="float16", activation="geglu", routing="topk_softmax", bias=True), "sm_90"),
+    "e128-k8-h1408-f100-bf16-gelu-raw-sm80": (
+        MoESpec(128, 8, 1408, 100, dtype="bfloat16", activation="gelu", renormalize=False), "sm_80"),
+    "e256-k8-h7168-f2048-bf16-sigmoid-g8-tg4-sh1-sm90": (
+        MoESpec(256, 8, 7168, 2048, dtype="bfloat16", routing="sigmoid_topk", n_group=8, topk_group=4,
+                routed_scaling_factor=2.5, num_shared_experts=1), "sm_90"),
+    "e1024-k16-h100-f100-fp16-silu-sigmoid-g32-sm90": (
+        MoESpec(1024, 16, 100, 100, dtype="float16", activation="silu", routing="sigmoid_topk",
+                n_group=32, topk_group=4), "sm_90"),
+}
+
+
+@pytest.mark.nvrtc
+@pytest.mark.parametrize("name", list(GRID))
+def test_whole_cubin_compiles(name):
+    _need_nvrtc()
+    spec, arch = GRID[name]
+    spec = spec.replace(backend="cuda", arch=arch)
+    sources = render(spec, BE)
+    art = BE.compile(sources, spec, BE.target(spec), "test-key")
+    assert art.binary[:4] == b"\x7fELF"                 # a cubin (SASS), not PTX text
+    assert art.meta["target"] == arch
+    # every kernel the module will look up is in the cubin
+    from moegen.backends import cuda_tiles
+    names = ["moe_route_logits_gemv", "moe_route_logits_tiled", "moe_route_select",
+             "moe_group_single", "moe_group_count", "moe_group_scan", "moe_group_scatter",
+             "moe_count_bad_ids", "moe_combine"]
+    names += [c.ffn1_kernel for c in cuda_tiles.bucket_configs(spec)]
+    names += [c.ffn2_kernel for c in cuda_tiles.bucket_configs(spec)]
+    for n in names:
+        assert n.encode() in art.binary, n
+
+
+@pytest.mark.nvrtc
+def test_compile_error_carries_log_and_source():
+    _need_nvrtc()
+    spec = MoESpec(8, 2, 64, 64, backend="cuda", arch="sm_90")
+    from moegen.backends.base import Sources
+    bad = Sources("cuda", {"moe.cu": "extern \"C\" __global__ void k() { int x = ; }\n"}, "moe.cu")
+    with pytest.raises(CompileError) as info:
+        BE.compile(bad, spec, "sm_90", "k" * 64)
+    err = info.value
+    assert "error" in err.log.lower()
+    assert "--gpu-architecture=sm_90" in err.command
+    assert "1 | extern" in err.dump()
+
+
+def test_rendered_source_reads_constants_first():
+    spec = MoESpec(8, 2, 512, 2048, dtype="bfloat16", backend="cuda", arch="sm_90")
+    text = render(spec, BE).text
+    head = text[:text.index("__device__")]
+    for line in ("constexpr int E = 8;", "constexpr int K = 2;", "constexpr int H = 512;",
+                 "constexpr int F = 2048;", "typedef unsigned short T_STORE;", "VEC_H = 8;"):
+        assert line in head, line
+    assert "#include" not in text           # no CUDA headers: they cost seconds of NVRTC time
+
+
+def test_vector_width_divides_odd_rows():
+    for H, dtype, vec in ((100, "bfloat16", 4), (1000, "float16", 8), (1408, "float32", 4),
+                          (33, "float32", 1), (2, "bfloat16", 2)):
+        text = render(MoESpec(8, 2, H, 64, dtype=dtype, backend="cuda", arch="sm_90"), BE).text
+        assert f"constexpr int VEC_H = {vec};" in text, (H, dtype)
+
+
+def test_options_have_no_fast_math():
+    opts = BE.options(MoESpec(8, 2, 64, 64), "sm_90")
+    assert "--gpu-architecture=sm_90" in opts
+    assert not any("fast" in o or "ftz=true" in o for o in opts)
+
+
+def test_target_resolution(monkeypatch):
+    assert BE.target(MoESpec(8, 2, 64, arch="sm_90a")) == "sm_90a"
+    if BE.available():
+        pytest.skip("a GPU is visible: target() follows it")
+    monkeypatch.setenv("MOEGEN_CUDA_ARCH", "sm_89")
+    assert BE.target(MoESpec(8, 2, 64)) == "sm_89"
+    monkeypatch.delenv("MOEGEN_CUDA_ARCH")
+    with pytest.raises(SpecError, match="arch"):
+        BE.target(MoESpec(8, 2, 64))
+
+
+def test_capacity_factor_is_refused_clearly():
+    with pytest.raises(SpecError, match="capacity_factor"):
+        BE.render_context(MoESpec(8, 2, 64, capacity_factor=1.25))
+
+
+def test_import_without_cupy():
+    code = ("import sys; sys.modules['cupy'] = None; sys.modules['cupy_backends'] = None\n"
+            "from moegen.backends.cuda import CudaBackend\n"
+            "b = CudaBackend(); assert not b.available() and not b.can_compile()\n"
+            "print('ok')")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr

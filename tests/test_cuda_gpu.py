@@ -1,0 +1,442 @@
+"""The cuda backend on a GPU: every stage and the whole layer against the float64 reference.
+
+Marked ``gpu``; skipped without CuPy and a visible device.  The specs cover E in {2, 8, 64, 128,
+256}, k in {1, 2, 6, 8}, odd H/F (100, 1000, 1408), every dtype, activation and routing, shared
+experts and routed scaling; token counts sit on both sides of tile and bucket boundaries.
+Outputs are NaN-poisoned before every run, so an unwritten element fails the comparison.
+All specs are compiled once per session, in parallel processes (NVRTC is single-threaded).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import multiprocessing
+
+import numpy as np
+import pytest
+
+from moegen import reference
+from moegen.backends.base import Call
+from moegen.kernel import MoEKernel
+from moegen.spec import MoESpec
+
+pytestmark = pytest.mark.gpu
+
+
+def _cuda_ok() -> bool:
+    try:
+        import cupy
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:  # noqa: BLE001 - no CuPy / driver / device
+        return False
+
+
+if not _cuda_ok():
+    pytest.skip("needs CuPy and a CUDA device", allow_module_level=True)
+
+import cupy as cp  # noqa: E402
+
+try:
+    import torch  # noqa: E402
+    HAVE_TORCH = torch.cuda.is_available()
+except Exception:  # noqa: BLE001
+    HAVE_TORCH = False
+
+SPECS = {
+    "e8-k2-h512-f2048-bf16-swiglu": MoESpec(8, 2, 512, 2048, dtype="bfloat16"),
+    "e2-k1-h100-f1000-fp32-relu": MoESpec(2, 1, 100, 1000, dtype="float32", activation="relu"),
+    "e64-k6-h1000-f1408-fp16-geglu-topksm-bias": MoESpec(
+        64, 6, 1000, 1408, dtype="float16", activation="geglu", routing="topk_softmax", bias=True),
+    "e128-k8-h1408-f100-bf16-silu-raw-rs2.5": MoESpec(
+        128, 8, 1408, 100, dtype="bfloat16", activation="silu", renormalize=False,
+        routed_scaling_factor=2.5),
+    "e256-k8-h256-f128-bf16-sigmoid-g8-tg4-sh1": MoESpec(
+        256, 8, 256, 128, dtype="bfloat16", routing="sigmoid_topk", n_group=8, topk_group=4,
+        routed_scaling_factor=2.5, num_shared_experts=1),
+    "e8-k2-h100-f100-fp32-gelu-bias": MoESpec(8, 2, 100, 100, dtype="float32", activation="gelu", bias=True),
+    "e128-k8-h2048-f768-bf16-swiglu": MoESpec(128, 8, 2048, 768, dtype="bfloat16"),
+    "e16-k2-h64-f64-fp16-sigmoid-sh2": MoESpec(16, 2, 64, 64, dtype="float16", routing="sigmoid_topk",
+                                               num_shared_experts=2),
+}
+TOKENS = (1, 15, 16, 17, 127, 128, 129)
+# The float64 reference of the whole layer at T = 4096 is only cheap for small shapes.
+LARGE_LAYER = ("e8-k2-h512-f2048-bf16-swiglu", "e2-k1-h100-f1000-fp32-relu",
+               "e256-k8-h256-f128-bf16-sigmoid-g8-tg4-sh1", "e8-k2-h100-f100-fp32-gelu-bias",
+               "e128-k8-h1408-f100-bf16-silu-raw-rs2.5")
+
+
+# -- building -------------------------------------------------------------------------------
+def _resolved(spec: MoESpec) -> MoESpec:
+    from moegen.backends import get_backend
+    spec = spec.replace(backend="cuda")
+    return spec.replace(arch=get_backend("cuda").target(spec))
+
+
+def _compile(spec_dict: dict):
+    from moegen.backends import get_backend
+    from moegen.render import render
+    spec = MoESpec.from_dict(spec_dict)
+    be = get_backend("cuda")
+    art = be.compile(render(spec, be), spec, spec.arch, "test")
+    return art.binary, art.meta
+
+
+@functools.lru_cache(maxsize=1)
+def _artifacts() -> dict:
+    specs = [_resolved(s) for s in SPECS.values()]
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(min(len(specs), 8), mp_context=ctx) as pool:
+        built = list(pool.map(_compile, [s.to_dict() for s in specs]))
+    return dict(zip(specs, built))
+
+
+@functools.lru_cache(maxsize=None)
+def kernel_for(name: str) -> MoEKernel:
+    from moegen.backends import get_backend
+    from moegen.layout import PackedWeights  # noqa: F401
+    spec = _resolved(SPECS[name])
+    binary, meta = _artifacts()[spec]
+    from moegen.backends.base import Artifact
+    module = get_backend("cuda").load(Artifact(binary, meta), spec)
+    return MoEKernel(spec, module, meta)
+
+
+# -- arrays ---------------------------------------------------------------------------------
+def to_device(a: np.ndarray, use_torch: bool = False):
+    """Host array -> device array: torch for bf16 (CuPy has no bfloat16) or when asked."""
+    if a.dtype.name == "bfloat16" or use_torch:
+        if not HAVE_TORCH:
+            pytest.skip("bf16 inputs need torch")
+        if a.dtype.name == "bfloat16":
+            return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).cuda().view(torch.bfloat16)
+        return torch.from_numpy(np.ascontiguousarray(a)).cuda()
+    return cp.asarray(a)
+
+
+def to_host(a) -> np.ndarray:
+    if HAVE_TORCH and isinstance(a, torch.Tensor):
+        if a.dtype == torch.bfloat16:
+            import ml_dtypes
+            return a.view(torch.int16).cpu().numpy().view(ml_dtypes.bfloat16)
+        return a.cpu().numpy()
+    return cp.asnumpy(a)
+
+
+def poisoned_like(x):
+    """A NaN-filled array like x (same kind, dtype, shape)."""
+    if HAVE_TORCH and isinstance(x, torch.Tensor):
+        return torch.full_like(x, float("nan"))
+    return cp.full(x.shape, np.nan, dtype=x.dtype)
+
+
+def problem(name: str, T: int, seed: int = 0, use_torch: bool = False):
+    spec = SPECS[name]
+    x, w = reference.random_problem(spec, T, seed=seed)
+    k = kernel_for(name)
+    packed = k.pack(**reference.weight_kwargs(spec, w))
+    rng = np.random.default_rng(seed + 1)
+    bias = (rng.standard_normal(spec.num_experts) * 0.1).astype(np.float32)
+    return spec, k, x, w, packed, bias, to_device(x, use_torch)
+
+
+# -- route ----------------------------------------------------------------------------------
+def check_routing(spec, x, w, bias, ids, wts):
+    """Kernel routing vs the reference: ids equal except where the reference's selection scores
+    are tied within fp32 rounding (then the picked experts must be as good); weights close."""
+    sel_bias = bias if spec.routing == "sigmoid_topk" else None
+    logit_bias = None if spec.routing == "sigmoid_topk" else bias
+    r_ids, r_w, probs, logits = reference.route(spec, x, w["router"], logit_bias, sel_bias)
+    ids, wts = np.asarray(ids), np.asarray(wts)
+    assert ids.dtype == np.int32 and ids.shape == r_ids.shape
+    assert ((ids >= 0) & (ids < spec.num_experts)).all()
+    T = len(ids)
+    if spec.routing == "topk_softmax":
+        choice = logits
+    elif spec.routing == "sigmoid_topk":
+        choice = probs + bias
+    else:
+        choice = probs
+    differ = np.nonzero((ids != r_ids).any(axis=1))[0]
+    for t in differ:
+        got = np.sort(choice[t, ids[t]])
+        want = np.sort(choice[t, r_ids[t]])
+        assert np.allclose(got, want, rtol=1e-4, atol=1e-6), (t, ids[t], r_ids[t])
+    assert len(differ) <= max(2, T // 100), f"{len(differ)} of {T} tokens routed differently"
+    same = np.setdiff1d(np.arange(T), differ)
+    if len(same):
+        np.testing.assert_allclose(wts[same], r_w[same], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("T", TOKENS + (4096,))
+@pytest.mark.parametrize("name", list(SPECS))
+def test_route(name, T):
+    spec, k, x, w, packed, bias, xd = problem(name, T, seed=T)
+    ids, wts = k.route(xd, packed, router_bias=cp.asarray(bias))
+    check_routing(spec, x, w, bias, cp.asnumpy(ids), cp.asnumpy(wts))
+
+
+@pytest.mark.parametrize("name", ["e128-k8-h1408-f100-bf16-silu-raw-rs2.5",
+                                  "e256-k8-h256-f128-bf16-sigmoid-g8-tg4-sh1",
+                                  "e8-k2-h100-f100-fp32-gelu-bias"])
+def test_route_nan_and_inf_give_valid_distinct_ids(name):
+    spec, k, x, w, packed, bias, _ = problem(name, 40)
+    x = x.copy()
+    x[3, :] = np.nan
+    x[5, 0] = np.inf
+    x[7, :2] = [np.inf, -np.inf]
+    ids, wts = k.route(to_device(x), packed)
+    ids = cp.asnumpy(ids)
+    assert ((ids >= 0) & (ids < spec.num_experts)).all()
+    for row in ids:
+        assert len(set(row.tolist())) == spec.top_k
+    # the NaN token picks the lowest ids (NaN ranks like -inf, ties to the lower index)
+    assert ids[3].tolist() == list(range(spec.top_k))
+
+
+# -- group ----------------------------------------------------------------------------------
+def check_group(spec, ids: np.ndarray, ws):
+    T, K = ids.shape
+    S = spec.num_shared_experts
+    kt = K + S
+    full = np.concatenate([ids, np.tile(np.arange(spec.num_experts, spec.num_experts + S), (T, 1))],
+                          axis=1).astype(np.int64)
+    counts, offsets, order = reference.group(full, spec.num_experts + S)
+    np.testing.assert_array_equal(cp.asnumpy(ws.counts), counts[:spec.num_experts])
+    np.testing.assert_array_equal(cp.asnumpy(ws.offsets), offsets[:spec.num_experts + 1])
+    bm = ws.bucket.bm
+    padded = -(-counts // bm) * bm
+    pad_off = np.concatenate([[0], np.cumsum(padded)])
+    want_rows = np.full(int(pad_off[-1]), -1, np.int64)
+    for e in range(len(counts)):
+        want_rows[pad_off[e]:pad_off[e] + counts[e]] = order[offsets[e]:offsets[e + 1]]
+    n_tiles = int(cp.asnumpy(ws.num_tiles)[0])
+    assert n_tiles == int(padded.sum() // bm) <= ws.max_tiles
+    np.testing.assert_array_equal(cp.asnumpy(ws.sorted_rows)[:len(want_rows)], want_rows)
+    te = np.repeat(np.arange(len(counts)), padded // bm)
+    np.testing.assert_array_equal(cp.asnumpy(ws.tile_expert)[:n_tiles], te)
+    np.testing.assert_array_equal(cp.asnumpy(ws.tile_row0)[:n_tiles], np.arange(n_tiles) * bm)
+    assert kt * T == counts.sum()
+
+
+@pytest.mark.parametrize("skew", ["uniform", "one-expert", "two-experts"])
+@pytest.mark.parametrize("T", (1, 17, 1000, 4096, 20000))
+@pytest.mark.parametrize("name", ["e8-k2-h512-f2048-bf16-swiglu", "e128-k8-h2048-f768-bf16-swiglu",
+                                  "e256-k8-h256-f128-bf16-sigmoid-g8-tg4-sh1",
+                                  "e2-k1-h100-f1000-fp32-relu"])
+def test_group_stable_padded(name, T, skew):
+    spec = SPECS[name]
+    k = kernel_for(name)
+    rng = np.random.default_rng(T)
+    E, K = spec.num_experts, spec.top_k
+    if skew == "uniform":
+        ids = np.stack([rng.permutation(E)[:K] for _ in range(T)]).astype(np.int32)
+    else:
+        hot = [E - 1] if skew == "one-expert" else [0, E // 2]
+        base = np.stack([rng.permutation(E)[:K] for _ in range(T)])
+        base[:, 0] = rng.choice(hot, size=T)
+        ids = base.astype(np.int32)
+    mod = k.module
+    ws = mod.workspace(T)
+    for a in (ws.sorted_rows, ws.tile_expert, ws.tile_row0, ws.counts, ws.offsets):
+        a.fill(-7)
+    dev = cp.asarray(ids)
+    mod.run_stage("group", ws, Call(x=dev, packed=None, out=None, tokens=T, topk_ids=dev))
+    check_group(spec, ids, ws)
+
+
+# -- the whole layer ------------------------------------------------------------------------
+def run_layer(name, T, seed=0, use_torch=False):
+    spec, k, x, w, packed, bias, xd = problem(name, T, seed=seed, use_torch=use_torch)
+    out = poisoned_like(xd)
+    got = k(xd, packed, router_bias=cp.asarray(bias), out=out)
+    assert got is out
+    # route again (same kernel, same input: deterministic) to reference the experts on it,
+    # so a legitimate near-tie flip in fp32 routing cannot fail the layer comparison
+    ids, wts = k.route(xd, packed, router_bias=cp.asarray(bias))
+    check_routing(spec, x, w, bias, cp.asnumpy(ids), cp.asnumpy(wts))
+    ref, _ = reference.moe(spec, x, w, topk_ids=cp.asnumpy(ids), topk_weights=cp.asnumpy(wts))
+    return spec, to_host(out), ref
+
+
+@pytest.mark.parametrize("T", TOKENS)
+@pytest.mark.parametrize("name", list(SPECS))
+def test_layer(name, T):
+    spec, out, ref = run_layer(name, T, seed=100 + T)
+    err = reference.rel_error(out, ref)
+    assert err <= spec.dt.tolerance, f"rel error {err:.2e} > {spec.dt.tolerance:.0e}"
+
+
+@pytest.mark.parametrize("name", LARGE_LAYER)
+def test_layer_large(name):
+    spec, out, ref = run_layer(name, 4096, seed=7)
+    err = reference.rel_error(out, ref)
+    assert err <= spec.dt.tolerance, f"rel error {err:.2e} > {spec.dt.tolerance:.0e}"
+
+
+@pytest.mark.parametrize("name", ["e8-k2-h100-f100-fp32-gelu-bias", "e8-k2-h512-f2048-bf16-swiglu"])
+def test_zero_tokens(name):
+    spec, k, x, w, packed, bias, xd = problem(name, 0)
+    out, stats = k(xd, packed, return_stats=True)
+    assert tuple(out.shape) == (0, spec.hidden_dim)
+    assert stats.tokens_per_expert.sum() == 0
+
+
+@pytest.mark.parametrize("name", ["e64-k6-h1000-f1408-fp16-geglu-topksm-bias",
+                                  "e256-k8-h256-f128-bf16-sigmoid-g8-tg4-sh1"])
+def test_experts_with_caller_routing(name):
+    spec = SPECS[name]
+    T = 33
+    _, k, x, w, packed, bias, xd = problem(name, T, seed=3)
+    rng = np.random.default_rng(5)
+    ids = np.stack([rng.permutation(spec.num_experts)[:spec.top_k] for _ in range(T)]).astype(np.int32)
+    wts = rng.random((T, spec.top_k)).astype(np.float32)
+    out = poisoned_like(xd)
+    k.experts(xd, packed, cp.asarray(ids), cp.asarray(wts), out=out)
+    ref, _ = reference.moe(spec, x, w, topk_ids=ids, topk_weights=wts)
+    err = reference.rel_error(to_host(out), ref)
+    assert err <= spec.dt.tolerance
+
+
+@pytest.mark.parametrize("name", ["e8-k2-h512-f2048-bf16-swiglu", "e256-k8-h256-f128-bf16-sigmoid-g8-tg4-sh1",
+                                  "e64-k6-h1000-f1408-fp16-geglu-topksm-bias"])
+def test_stats(name):
+    T = 300
+    spec, k, x, w, packed, bias, xd = problem(name, T, seed=11)
+    out, stats = k(xd, packed, router_bias=cp.asarray(bias), return_stats=True)
+    ids, _ = k.route(xd, packed, router_bias=cp.asarray(bias))
+    ids = cp.asnumpy(ids)
+    sel = bias if spec.routing == "sigmoid_topk" else None
+    lb = None if spec.routing == "sigmoid_topk" else bias
+    _, _, probs, logits = reference.route(spec, x, w["router"], lb, sel)
+    want = reference.stats(spec, np.bincount(ids.reshape(-1), minlength=spec.num_experts), probs, logits)
+    np.testing.assert_array_equal(stats.tokens_per_expert, want["tokens_per_expert"])
+    np.testing.assert_allclose(stats.router_prob_mean, want["router_prob_mean"], rtol=1e-4, atol=1e-7)
+    assert stats.aux_loss == pytest.approx(want["aux_loss"], rel=1e-4)
+    assert stats.z_loss == pytest.approx(want["z_loss"], rel=1e-4)
+
+
+# -- launch properties ----------------------------------------------------------------------
+def test_cuda_graph_capture_cupy_stream():
+    """A call captured into a CUDA graph on a CuPy stream replays correctly on new inputs
+    copied into the same buffers (no sync, no allocation inside the call)."""
+    name = "e64-k6-h1000-f1408-fp16-geglu-topksm-bias"
+    T = 64
+    spec, k, x, w, packed, bias, xd = problem(name, T, seed=1)
+    out = poisoned_like(xd)
+    b = cp.asarray(bias)
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        k(xd, packed, out=out, router_bias=b)       # first call of the bucket allocates
+        stream.synchronize()
+        stream.begin_capture()
+        k(xd, packed, out=out, router_bias=b)
+        graph = stream.end_capture()
+        x2, _ = reference.random_problem(spec, T, seed=99)
+        xd[...] = cp.asarray(x2)
+        out.fill(np.nan)
+        graph.launch()
+        stream.synchronize()
+    ids, wts = k.route(xd, packed, router_bias=b)
+    ref, _ = reference.moe(spec, x2, w, topk_ids=cp.asnumpy(ids), topk_weights=cp.asnumpy(wts))
+    assert reference.rel_error(to_host(out), ref) <= spec.dt.tolerance
+
+
+@pytest.mark.skipif(not HAVE_TORCH, reason="needs torch")
+def test_cuda_graph_capture_torch():
+    """torch tensors in: launches follow torch's current stream, so torch.cuda.graph captures
+    the whole call."""
+    name = "e8-k2-h512-f2048-bf16-swiglu"
+    T = 16
+    spec, k, x, w, packed, bias, xd = problem(name, T, seed=2)
+    out = poisoned_like(xd)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        k(xd, packed, out=out)                      # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        k(xd, packed, out=out)
+    x2, _ = reference.random_problem(spec, T, seed=98)
+    xd.copy_(to_device(x2))
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    ids, wts = k.route(xd, packed)
+    ref, _ = reference.moe(spec, x2, w, topk_ids=cp.asnumpy(ids), topk_weights=cp.asnumpy(wts))
+    assert reference.rel_error(to_host(out), ref) <= spec.dt.tolerance
+
+
+class _CountAllocs(cp.cuda.MemoryHook):
+    name = "count_allocs"
+
+    def __init__(self):
+        self.count = 0
+
+    def malloc_preprocess(self, **kwargs):
+        self.count += 1
+
+
+@pytest.mark.parametrize("name", ["e8-k2-h512-f2048-bf16-swiglu", "e2-k1-h100-f1000-fp32-relu",
+                                  "e128-k8-h2048-f768-bf16-swiglu"])
+def test_no_allocation_after_first_call_of_a_bucket(name):
+    spec = SPECS[name]
+    k = kernel_for(name)
+    cases = []
+    for T in (1, 5, 100, 3000):
+        _, _, x, w, packed, bias, xd = problem(name, T, seed=T)
+        cases.append((xd, packed, poisoned_like(xd), cp.asarray(bias)))
+    for xd, packed, out, b in cases:
+        k(xd, packed, out=out, router_bias=b)      # first call per bucket may allocate
+    cp.cuda.Device().synchronize()
+    hook = _CountAllocs()
+    with hook:
+        for _ in range(3):
+            for xd, packed, out, b in cases:
+                k(xd, packed, out=out, router_bias=b)
+    cp.cuda.Device().synchronize()
+    assert hook.count == 0, f"{hook.count} device allocations in calls after the first"
+
+
+@pytest.mark.skipif(not HAVE_TORCH, reason="needs torch")
+def test_torch_in_torch_out_on_torch_stream():
+    name = "e64-k6-h1000-f1408-fp16-geglu-topksm-bias"
+    T = 129
+    spec, k, x, w, packed, bias, xd = problem(name, T, seed=21, use_torch=True)
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        xs = xd.clone()
+        y = k(xs, packed)
+    s.synchronize()
+    assert isinstance(y, torch.Tensor) and y.dtype == torch.float16 and y.device == xd.device
+    ids, wts = k.route(xd, packed)
+    ref, _ = reference.moe(spec, x, w, topk_ids=cp.asnumpy(ids), topk_weights=cp.asnumpy(wts))
+    assert reference.rel_error(to_host(y), ref) <= spec.dt.tolerance
+
+
+# -- bad input: rejected before any launch, nothing written ----------------------------------
+def test_bad_inputs_rejected_and_out_untouched():
+    name = "e8-k2-h100-f100-fp32-gelu-bias"
+    spec, k, x, w, packed, bias, xd = problem(name, 20)
+    out = poisoned_like(xd)
+    with pytest.raises(TypeError, match="x"):
+        k(xd.astype(cp.float16), packed, out=out)
+    with pytest.raises(ValueError, match="x"):
+        k(xd[:, :50].copy(), packed, out=out)
+    with pytest.raises(ValueError, match="out"):
+        k(xd, packed, out=cp.full((21, spec.hidden_dim), np.nan, cp.float32))
+    with pytest.raises(ValueError, match="router_bias"):
+        k(xd, packed, out=out, router_bias=cp.zeros(spec.num_experts + 1, cp.float32))
+    with pytest.raises(ValueError, match="host"):
+        k(x, packed, out=out)
+    bad = np.zeros((20, spec.top_k), np.int32)
+    bad[4, 1] = spec.num_experts
+    with pytest.raises(ValueError, match="topk_ids"):
+        k.experts(xd, packed, cp.asarray(bad), cp.ones((20, spec.top_k), cp.float32), out=out)
+    bad[4, 1] = -1
+    with pytest.raises(ValueError, match="topk_ids"):
+        k.experts(xd, packed, cp.asarray(bad), cp.ones((20, spec.top_k), cp.float32), out=out)
+    cp.cuda.Device().synchronize()
+    assert bool(cp.isnan(out).all()), "a rejected call wrote to out"
