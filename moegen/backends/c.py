@@ -38,11 +38,16 @@ _COMPILE_TIMEOUT = 600
 
 
 def layout_for(spec: MoESpec) -> PackedLayout:
-    """The packed layout the C GEMMs read: W13 as [H, G] and W2 as [F, H] ("kn"), so the inner
-    loops run over contiguous output columns; gate and up halves side by side (no interleave);
-    the router as [H, E] for the same reason."""
-    return PackedLayout(spec, w13_order="kn", w2_order="kn", gate_up_interleave=0,
+    """The packed layout the C GEMMs read: W13 as [G, H] and W2 as [H, F] ("nk"), so a register
+    tile streams whole weight rows front to back; gate rows then up rows (no interleave).  The
+    router is [H, E]: its per-token GEMM accumulates whole rows of E logits per k instead."""
+    return PackedLayout(spec, w13_order="nk", w2_order="nk", gate_up_interleave=0,
                         router_order="he", align_bytes=64)
+
+
+def _row_block(mr: int, k: int) -> int:
+    """Token rows of k floats that fit ~256 KB (half an L2), whole tiles, between mr and 96."""
+    return max(mr, min(96, (256 * 1024 // (4 * k)) // mr * mr))
 
 
 @functools.lru_cache(maxsize=8)
@@ -91,8 +96,9 @@ class CBackend:
         layout = layout_for(spec)
         off = layout.offsets
         dt = spec.dt
-        nr, nrg = tier.nv * tier.vec_floats, tier.nv_gated * tier.vec_floats
-        nc = 128 if tier.vec_floats <= 8 else 256          # a multiple of NR and NRG
+        cols1 = tier.ncol // 2 if spec.gated else tier.ncol
+        nc1 = -(-128 // cols1) * cols1                      # ~128 columns, whole tiles
+        nc2 = -(-128 // tier.ncol) * tier.ncol
         return {
             "spec_name": spec.name, "version": __version__, "tier": tier.name,
             "E": spec.num_experts, "K": spec.top_k, "S": spec.num_shared_experts,
@@ -105,8 +111,10 @@ class CBackend:
             "topk_max": max(spec.top_k, spec.topk_group),
             "off_w13": off["w13"], "off_b13": off.get("b13", 0), "off_w2": off["w2"],
             "off_b2": off.get("b2", 0), "stride": off["stride"],
-            "vec_floats": tier.vec_floats, "mr": tier.mr, "nv": tier.nv,
-            "nv_gated": tier.nv_gated, "nc1": max(nc, nr, nrg), "nc2": max(nc, nr),
+            "vec_floats": tier.vec_floats, "mr": tier.mr, "ncol": tier.ncol,
+            "nc1": nc1, "nc2": nc2,
+            "row_block1": _row_block(tier.mr, spec.hidden_dim),
+            "row_block2": _row_block(tier.mr, spec.ffn_dim),
             "route_chunk": _ROUTE_CHUNK, "par_min_work": _PAR_MIN_WORK,
             "dt_short": dt.short, "c_type": dt.c_type, "c_load": dt.c_load, "c_store": dt.c_store,
         }

@@ -4,9 +4,10 @@ A tier is an explicit, named ``-march`` level (never a bare ``-march=native``), 
 built on one machine runs on every machine of the same tier, and the tier is part of the cache
 key.  `detect()` reads the CPU flags once per process; ``MOEGEN_ISA`` overrides it.
 
-Each tier also fixes the register-tile shape of the generated GEMM micro-kernels: the SIMD
-width in floats, MR rows, and how many vectors of output columns each row keeps in registers
-(plain GEMMs, and gated ones that hold a gate and an up accumulator per column vector).
+Each tier also fixes the register-tile shape of the generated GEMM micro-kernel: the SIMD
+width in floats, MR token rows and NCOL weight rows (output columns; a gated tile spends half
+of them on gate rows, half on up rows), so that MR*NCOL accumulators + MR activation vectors
++ one weight vector fit the tier's SIMD registers.
 """
 
 from __future__ import annotations
@@ -29,10 +30,9 @@ class Tier:
     flags: tuple[str, ...]       # compiler flags selecting the tier
     needs: frozenset[str]        # /proc/cpuinfo flags a CPU must have to run it
     vec_floats: int              # fp32 lanes of one SIMD register
-    mr: int                      # rows of a register tile
-    nv: int                      # column vectors per row, plain GEMM (ffn2, ungated ffn1)
-    nv_gated: int                # column vectors per row and per half, gated ffn1
-    registers: int               # SIMD registers (the tile must fit: mr*nv + nv + 1)
+    mr: int                      # token rows of a register tile
+    ncol: int                    # weight rows (output columns) of a register tile, even
+    registers: int               # SIMD registers: mr*ncol + mr + 1 must fit
 
 
 _V2 = frozenset({"sse3", "ssse3", "sse4_1", "sse4_2", "popcnt", "cx16"})
@@ -40,13 +40,13 @@ _V3 = _V2 | {"avx", "avx2", "fma", "f16c", "bmi1", "bmi2", "movbe", "abm"}
 _V4 = _V3 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
 
 TIERS: dict[str, Tier] = {t.name: t for t in (
-    Tier("generic", "x86_64", ("-march=x86-64", "-mtune=generic"), frozenset(), 4, 6, 2, 1, 16),
-    Tier("x86-64-v2", "x86_64", ("-march=x86-64-v2", "-mtune=generic"), _V2, 4, 6, 2, 1, 16),
-    Tier("x86-64-v3", "x86_64", ("-march=x86-64-v3", "-mtune=generic"), _V3, 8, 6, 2, 1, 16),
-    Tier("avx512", "x86_64", ("-march=x86-64-v4", "-mtune=generic"), _V4, 16, 6, 4, 2, 32),
+    Tier("generic", "x86_64", ("-march=x86-64", "-mtune=generic"), frozenset(), 4, 3, 4, 16),
+    Tier("x86-64-v2", "x86_64", ("-march=x86-64-v2", "-mtune=generic"), _V2, 4, 3, 4, 16),
+    Tier("x86-64-v3", "x86_64", ("-march=x86-64-v3", "-mtune=generic"), _V3, 8, 3, 4, 16),
+    Tier("avx512", "x86_64", ("-march=x86-64-v4", "-mtune=generic"), _V4, 16, 4, 6, 32),
     Tier("avx512-bf16", "x86_64", ("-march=x86-64-v4", "-mavx512bf16", "-mtune=generic"),
-         _V4 | {"avx512_bf16"}, 16, 6, 4, 2, 32),
-    Tier("armv8-a", "aarch64", ("-march=armv8-a",), frozenset(), 4, 6, 2, 1, 32),
+         _V4 | {"avx512_bf16"}, 16, 4, 6, 32),
+    Tier("armv8-a", "aarch64", ("-march=armv8-a",), frozenset(), 4, 4, 6, 32),
 )}
 
 # Best first: the first tier whose needs the CPU meets is the one we build for.
