@@ -1,0 +1,268 @@
+"""Tables and the JSON report of ``moegen bench``.
+
+The JSON report (``--json``) is one object::
+
+    {"schema": "moegen-bench/1", "created": ISO-8601 UTC, "command": "moegen bench ...",
+     "machine": {...machine_info()...}, "ceilings": {"cpu"|"cuda": Ceilings.as_dict()},
+     "points": [point, ...], "notes": [str, ...], "startup": [row, ...] (optional)}
+
+and each point::
+
+    {"shape": "seed-small", "spec": "moe_e8_k2_...", "E", "k", "H", "F", "dtype", "backend",
+     "tokens", "floor_ms", "floor_bound", "moegen": profile dict (moegen.bench.profile) or None,
+     "moegen_err": rel. error vs the float64 reference (first rows) or None,
+     "baselines": {name: {"ms", "min_ms", "repeats", "err", "note"}}, "skipped": None or why}
+
+Times are milliseconds.  `validate` checks a report against this shape (tests and the lead's
+GPU run both use it).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+from typing import Any
+
+SCHEMA = "moegen-bench/1"
+
+PROFILE_KEYS = ("spec", "backend", "target", "dtype", "tokens", "stages", "stage_ms",
+                "stage_sum_ms", "total_ms", "total_min_ms", "total_p90_ms", "repeats",
+                "throughput_ms", "graph_ms", "tokens_per_s", "experts_touched", "bytes",
+                "flops", "gbps", "tflops", "floor_ms", "floor_bound", "frac_of_floor",
+                "ceilings", "memory")
+POINT_KEYS = ("shape", "spec", "E", "k", "H", "F", "dtype", "backend", "tokens", "floor_ms",
+              "floor_bound", "moegen", "moegen_err", "baselines", "skipped")
+BASELINE_KEYS = ("ms", "min_ms", "repeats", "err", "note")
+TOP_KEYS = ("schema", "created", "command", "machine", "ceilings", "points", "notes")
+
+
+# -- machine ----------------------------------------------------------------------------------
+def _version(mod: str) -> str | None:
+    try:
+        m = __import__(mod)
+    except Exception:  # noqa: BLE001 - absent or broken: no version
+        return None
+    return str(getattr(m, "__version__", "?"))
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_commit() -> str | None:
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        r = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"],
+                           capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return r.stdout.strip() or None
+
+
+def machine_info(device: str) -> dict:
+    """Machine, library and (for "cuda") card, driver and CUDA versions."""
+    from .. import __version__
+    info: dict[str, Any] = {
+        "platform": platform.platform(), "python": platform.python_version(),
+        "cpu": _cpu_model(), "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "moegen": __version__, "git": _git_commit(), "numpy": _version("numpy"),
+        "torch": _version("torch"), "cupy": _version("cupy"), "device": device,
+        "threads": {k: os.environ.get(k) for k in ("MOEGEN_NUM_THREADS", "OMP_NUM_THREADS",
+                                                   "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")},
+    }
+    try:
+        import torch
+        info["torch_threads"] = torch.get_num_threads()
+    except ImportError:
+        pass
+    if device == "cuda":
+        try:
+            import cupy
+            rt = cupy.cuda.runtime
+            props = rt.getDeviceProperties(cupy.cuda.Device().id)
+            name = props["name"]
+            info.update(card=name.decode() if isinstance(name, bytes) else str(name),
+                        card_memory_bytes=int(props["totalGlobalMem"]),
+                        sms=int(props["multiProcessorCount"]),
+                        compute_capability=f"{props['major']}{props['minor']}",
+                        driver=_fmt_cuda_version(rt.driverGetVersion()),
+                        cuda_runtime=_fmt_cuda_version(rt.runtimeGetVersion()))
+        except Exception as exc:  # noqa: BLE001 - keep the report, say what failed
+            info["card_error"] = f"{type(exc).__name__}: {exc}"
+        try:
+            from ..backends.cuda_nvrtc import nvrtc_version
+            info["nvrtc"] = ".".join(map(str, nvrtc_version()))
+        except Exception:  # noqa: BLE001
+            pass
+        try:
+            r = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                               capture_output=True, text=True, timeout=10)
+            if r.returncode == 0 and r.stdout.strip():
+                info["driver_release"] = r.stdout.strip().splitlines()[0]
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return info
+
+
+def _fmt_cuda_version(v: int) -> str:
+    return f"{v // 1000}.{(v % 1000) // 10}"
+
+
+# -- JSON -------------------------------------------------------------------------------------
+def make_report(command: str, machine: dict, ceilings: dict, points: list, notes: list,
+                startup: list | None = None) -> dict:
+    """The JSON report object (see the module docstring)."""
+    rep = {"schema": SCHEMA,
+           "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+           "command": command, "machine": machine, "ceilings": ceilings,
+           "points": points, "notes": list(notes)}
+    if startup is not None:
+        rep["startup"] = startup
+    return rep
+
+
+def _clean(v):
+    """JSON-safe: NaN/inf -> the strings "nan"/"inf" (an error of inf must stay visible),
+    NumPy scalars/arrays -> Python."""
+    if isinstance(v, dict):
+        return {str(k): _clean(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_clean(x) for x in v]
+    if hasattr(v, "tolist"):
+        return _clean(v.tolist())
+    if isinstance(v, float) and not math.isfinite(v):
+        return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
+    return v
+
+
+def dumps(report: dict) -> str:
+    """The report as JSON text (strict: no NaN; numbers as plain JSON)."""
+    return json.dumps(_clean(report), indent=1, allow_nan=False)
+
+
+def validate(report: dict) -> list[str]:
+    """Problems with a report's shape (empty list when it conforms)."""
+    bad = [f"missing top-level key {k!r}" for k in TOP_KEYS if k not in report]
+    if report.get("schema") != SCHEMA:
+        bad.append(f"schema must be {SCHEMA!r}, got {report.get('schema')!r}")
+    for i, p in enumerate(report.get("points", [])):
+        bad += [f"points[{i}] missing {k!r}" for k in POINT_KEYS if k not in p]
+        if not isinstance(p.get("tokens"), int) or p.get("tokens", -1) < 0:
+            bad.append(f"points[{i}].tokens must be an int >= 0, got {p.get('tokens')!r}")
+        m = p.get("moegen")
+        if m is not None:
+            bad += [f"points[{i}].moegen missing {k!r}" for k in PROFILE_KEYS if k not in m]
+            if not isinstance(m.get("total_ms"), (int, float)) or not m["total_ms"] > 0:
+                bad.append(f"points[{i}].moegen.total_ms must be a positive number")
+        elif not p.get("skipped"):
+            bad.append(f"points[{i}] has no moegen result and no 'skipped' reason")
+        for name, b in (p.get("baselines") or {}).items():
+            bad += [f"points[{i}].baselines.{name} missing {k!r}" for k in BASELINE_KEYS if k not in b]
+    return bad
+
+
+# -- tables -----------------------------------------------------------------------------------
+def fmt(v, spec: str = ".3f") -> str:
+    """A table cell: '-' for None/NaN, else ``format(v, spec)``."""
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "-"
+    if isinstance(v, str):
+        return v
+    return format(v, spec)
+
+
+def fmt_ms(v) -> str:
+    """ms with 3 significant decimals below 10 ms, fewer above."""
+    if v is None:
+        return "-"
+    return fmt(v, ".4f" if v < 0.1 else ".3f" if v < 100 else ".1f")
+
+
+def columns(baselines: list[str]) -> list[tuple[str, int]]:
+    """Matrix table columns (title, width) for the given baseline names."""
+    cols = [("shape", 14), ("T", 6), ("floor ms", 9), ("moegen ms", 10), ("frac", 5),
+            ("err", 8)]
+    for b in baselines:
+        cols += [(f"{b} ms", max(9, len(b) + 3)), ("x", 6)]
+    return cols
+
+
+def header(cols) -> str:
+    top = "  ".join(t.rjust(w) if i else t.ljust(w) for i, (t, w) in enumerate(cols))
+    return top + "\n" + "  ".join("-" * w for _, w in cols)
+
+
+def row(point: dict, baselines: list[str], cols) -> str:
+    """One table line for a point (``x`` = baseline time / moegen time: >1 means moegen is
+    faster)."""
+    m = point.get("moegen") or {}
+    ms = m.get("total_ms")
+    cells = [point["shape"], str(point["tokens"]), fmt_ms(point.get("floor_ms")), fmt_ms(ms),
+             fmt(m.get("frac_of_floor"), ".2f"), fmt(point.get("moegen_err"), ".1e")]
+    for b in baselines:
+        bm = (point.get("baselines") or {}).get(b, {}).get("ms")
+        cells += [fmt_ms(bm), fmt(bm / ms if bm and ms else None, ".2f")]
+    line = "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, (_, w)) in enumerate(zip(cells, cols)))
+    if point.get("skipped"):
+        line += f"  (skipped: {point['skipped']})"
+    return line
+
+
+def stage_table(points: list[dict]) -> str:
+    """Per-stage breakdown of the measured points: ms per stage and the whole call."""
+    measured = [p for p in points if p.get("moegen")]
+    if not measured:
+        return ""
+    stages = []
+    for p in measured:
+        for s in p["moegen"]["stages"]:
+            if s not in stages:
+                stages.append(s)
+    cols = [("shape", 14), ("T", 6)] + [(s, 9) for s in stages] + [
+        ("sum", 9), ("call", 9), ("b2b", 9), ("graph", 9), ("GB/s", 8), ("TFLOP/s", 8),
+        ("ws MiB", 7), ("alloc/call", 10)]
+    lines = [header(cols)]
+    for p in measured:
+        m = p["moegen"]
+        mem = m.get("memory") or {}
+        # GPU: device allocations per call (target 0); CPU: peak host bytes a call allocates
+        allocs = fmt(mem.get("allocs_per_call"), ".1f")
+        if "host_peak_bytes_per_call" in mem:
+            allocs = f"{mem['host_peak_bytes_per_call'] / 1024:.1f}KiB"
+        cells = [p["shape"], str(p["tokens"])] + [fmt_ms(m["stage_ms"].get(s)) for s in stages] + [
+            fmt_ms(m["stage_sum_ms"]), fmt_ms(m["total_ms"]), fmt_ms(m.get("throughput_ms")),
+            fmt_ms(m.get("graph_ms")), fmt(m.get("gbps"), ".1f"), fmt(m.get("tflops"), ".2f"),
+            fmt(mem["workspace_bytes"] / 2 ** 20 if "workspace_bytes" in mem else None, ".1f"),
+            allocs]
+        lines.append("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, (_, w)) in enumerate(zip(cells, cols))))
+    return "\n".join(lines)
+
+
+def startup_table(rows: list[dict]) -> str:
+    """Table of `moegen.bench.startup` rows."""
+    cols = [("backend", 8), ("spec", 34), ("import ms", 10), ("warm callable ms", 17),
+            ("cold compile s", 15), ("note", 0)]
+    lines = [header(cols[:-1])]
+    for r in rows:
+        cells = [r["backend"], r["spec"], fmt(r.get("import_ms"), ".1f"),
+                 fmt(r.get("warm_callable_ms"), ".1f"), fmt(r.get("cold_compile_s"), ".2f")]
+        line = "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, (_, w)) in enumerate(zip(cells, cols)))
+        lines.append(line + (f"  {r['note']}" if r.get("note") else ""))
+    return "\n".join(lines)
+
+
+def command_line() -> str:
+    """The command that produced this report."""
+    return " ".join(["moegen", *sys.argv[1:]]) if sys.argv and "moegen" in sys.argv[0] else " ".join(sys.argv)

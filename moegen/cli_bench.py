@@ -1,0 +1,283 @@
+"""``moegen bench``: time moegen against its floor and the baselines, in one run.
+
+    moegen bench                                  seed-small on this machine's backend
+    moegen bench --matrix targets --json out.json --plot out.png     the TARGETS.md matrix
+    moegen bench --matrix cpu                     seed-small, T in 1,16,128,1024, fp32 (C)
+    moegen bench --experts 8,64 --topk 2 --hidden 1024 --ffn 4096 --tokens 1,64 --dtype bf16
+    moegen bench --startup                        import / warm-start / cold-compile times
+
+Rows print as points finish (flushed), a progress bar goes to stderr, the JSON report has every
+number (`moegen.bench.report`).  Exits 1 when a point failed or moegen's error vs the float64
+reference exceeded its dtype's tolerance.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+import click
+
+from .spec import MoESpec
+
+log = logging.getLogger("moegen.bench")
+
+
+def _ints(value, name):
+    if value is None:
+        return None
+    try:
+        out = [int(v) for v in str(value).split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{name} must be comma-separated integers, got {value!r}") from None
+    if not out:
+        raise click.BadParameter(f"{name} must list at least one integer")
+    return out
+
+
+def _strs(value):
+    return None if value is None else [v.strip() for v in str(value).split(",") if v.strip()]
+
+
+class _Progress:
+    """tqdm on stderr when installed and stderr is a terminal, else one short stderr line per
+    point (a captured log stays small and readable)."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.bar = None
+        self.enabled = enabled
+        self.t0 = time.perf_counter()
+        if enabled and sys.stderr.isatty():
+            try:
+                from tqdm import tqdm
+                self.bar = tqdm(total=total, file=sys.stderr, unit="pt", dynamic_ncols=True)
+            except ImportError:
+                pass
+
+    def __call__(self, msg: str) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(msg.split(" ", 1)[-1])
+            self.bar.update(1)
+        elif self.enabled:
+            click.echo(f"[bench] {msg} ({time.perf_counter() - self.t0:.0f}s)", err=True)
+
+    def write(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stdout)
+        else:
+            click.echo(line)
+        sys.stdout.flush()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+@click.command("bench")
+@click.option("--matrix", type=click.Choice(["targets", "cpu"]), default=None,
+              help="targets: TARGETS.md shapes x T in 1,8,64,512,4096,16384 (bf16); "
+                   "cpu: seed-small x T in 1,16,128,1024 (fp32).")
+@click.option("--shapes", default=None, help="Named shapes (comma-separated): seed-small, "
+              "mixtral-8x7b, qwen3-30b-a3b, deepseek-v3.")
+@click.option("--experts", default=None, help="Custom grid: E values, e.g. 8,64.")
+@click.option("--topk", default=None, help="Custom grid: k values.")
+@click.option("--hidden", default=None, help="Custom grid: H values.")
+@click.option("--ffn", default=None, help="Custom grid: F values.")
+@click.option("--tokens", default=None, help="Token counts, e.g. 1,8,64.")
+@click.option("--dtype", default=None, help="Storage dtypes (comma-separated); default bf16 "
+              "on cuda, float32 on c.")
+@click.option("--activation", default="swiglu", show_default=True)
+@click.option("--backend", type=click.Choice(["auto", "c", "cuda"]), default="auto", show_default=True)
+@click.option("--baselines", default="naive,grouped_mm,numpy,triton", show_default=True,
+              help="Which baselines to run beside moegen.")
+@click.option("--no-baselines", is_flag=True, help="moegen only.")
+@click.option("--budget", type=float, default=3.0, show_default=True,
+              help="Seconds per point (moegen half, baselines the rest).")
+@click.option("--time-limit", type=float, default=None,
+              help="Seconds for the whole run (default 540 for --matrix targets); later points "
+                   "get smaller budgets, and are skipped when it runs out.")
+@click.option("--repeats", type=int, default=None, help="Fixed repeats (default: from --budget).")
+@click.option("--warmup", type=int, default=3, show_default=True)
+@click.option("--rotate", type=int, default=4, show_default=True,
+              help="Distinct input buffers cycled through.")
+@click.option("--check-rows", type=int, default=16, show_default=True,
+              help="Tokens checked against the float64 reference per point.")
+@click.option("--bandwidth", type=float, default=None,
+              help="Use this copy bandwidth (bytes/s) instead of measuring it.")
+@click.option("--peak", type=float, default=None,
+              help="Use this matrix peak (FLOP/s) instead of measuring it.")
+@click.option("--no-memory", is_flag=True, help="Skip the allocation counting.")
+@click.option("--no-graph", is_flag=True, help="Skip the CUDA-graph replay timing.")
+@click.option("--threads", type=int, default=None,
+              help="CPU threads for moegen's c backend (MOEGEN_NUM_THREADS) and torch; NumPy's "
+                   "BLAS follows OPENBLAS_NUM_THREADS/OMP_NUM_THREADS set before starting.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+              help="Write the full report here.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              help="Draw time vs tokens per shape (PNG, needs matplotlib).")
+@click.option("--startup", is_flag=True, help="Measure import, warm-start and cold-compile "
+              "times in fresh processes (alone unless shapes/grid/matrix are also given).")
+@click.option("--no-progress", is_flag=True, help="No progress bar or progress lines.")
+def bench(matrix, shapes, experts, topk, hidden, ffn, tokens, dtype, activation, backend,
+          baselines, no_baselines, budget, time_limit, repeats, warmup, rotate, check_rows,
+          bandwidth, peak, no_memory, no_graph, threads, seed, json_path, plot_path, startup,
+          no_progress):
+    """Benchmark moegen against its floor and baselines (see `moegen.bench`)."""
+    from .bench import matrix as mx
+    from .bench import report
+    from .errors import SpecError
+
+    grid_given = any(v is not None for v in (experts, topk, hidden, ffn))
+    only_startup = startup and not (matrix or shapes or grid_given or tokens)
+    try:
+        specs, token_list = _plan(matrix, shapes, experts, topk, hidden, ffn, tokens, dtype,
+                                  activation, backend, grid_given)
+    except (ValueError, SpecError) as exc:
+        raise click.UsageError(str(exc)) from None
+    if (bandwidth is None) != (peak is None):
+        raise click.UsageError("give both --bandwidth and --peak, or neither")
+    for name, v in (("--budget", budget), ("--rotate", rotate), ("--warmup", warmup + 1),
+                    ("--check-rows", check_rows + 1)):
+        if v <= 0:
+            raise click.UsageError(f"{name} must be positive")
+
+    if threads is not None:
+        if threads < 1:
+            raise click.UsageError(f"--threads must be >= 1, got {threads}")
+        _set_threads(threads)
+
+    startup_rows = None
+    if startup:
+        from .bench import startup as st
+        startup_rows = st.measure()
+        click.echo(report.startup_table(startup_rows))
+    if only_startup:
+        if json_path:
+            _write(json_path, report.make_report(report.command_line(), report.machine_info("cpu"),
+                                                 {}, [], [], startup_rows))
+        return
+
+    device = mx.device_of(specs[0][1])
+    ceil = None
+    if bandwidth is not None:
+        from .bench.ceilings import fixed
+        ceil = fixed(device, bandwidth, peak)
+    names = () if no_baselines else tuple(_strs(baselines) or ())
+    if time_limit is None and matrix == "targets":
+        time_limit = 540.0
+    cfg = mx.Config(shapes=specs, tokens=token_list, baselines=names, budget_s=budget,
+                    time_limit_s=time_limit, warmup=warmup, rotate=rotate, check_rows=check_rows,
+                    seed=seed, repeats=repeats, memory=not no_memory,
+                    graph=False if no_graph else None, ceilings=ceil)
+    shown = [b for b in ("naive", "grouped_mm", "numpy", "triton") if b in names and
+             (b != "numpy" or device == "cpu") and (b != "triton" or device == "cuda")]
+    cols = report.columns(shown)
+    progress = _Progress(len(specs) * len(token_list), enabled=not no_progress)
+    progress.write(f"moegen bench: {len(specs)} shape(s) x {len(token_list)} token count(s) on "
+                   f"{device}; 'x' = baseline ms / moegen ms (> 1: moegen faster)")
+    progress.write(report.header(cols))
+    t0 = time.perf_counter()
+    try:
+        points, ceils = mx.run(cfg, on_point=lambda p: progress.write(report.row(p, shown, cols)),
+                               progress=progress)
+    finally:
+        progress.close()
+    click.echo("")
+    click.echo(report.stage_table(points))
+    for d, c in ceils.items():
+        peaks = ", ".join(f"{k} {v / 1e12:.2f} TFLOP/s" for k, v in c["peak"].items())
+        click.echo(f"ceilings ({d}, {'measured' if c['measured'] else 'given'}): copy "
+                   f"{c['bandwidth'] / 1e9:.1f} GB/s; matrix {peaks}")
+    for n in cfg.notes:
+        click.echo(f"note: {n}")
+    click.echo(f"total {time.perf_counter() - t0:.1f}s")
+
+    if json_path:
+        rep = report.make_report(report.command_line(), report.machine_info(device), ceils,
+                                 points, cfg.notes, startup_rows)
+        _write(json_path, rep)
+        click.echo(f"wrote {json_path}")
+    if plot_path:
+        from .bench.plot import PlotUnavailable, plot
+        try:
+            plot(points, plot_path, title=f"moegen bench on {device}")
+            click.echo(f"wrote {plot_path}")
+        except (PlotUnavailable, ValueError) as exc:
+            click.echo(f"plot not drawn: {exc}", err=True)
+
+    bad = _failures(points)
+    if bad:
+        for line in bad:
+            click.echo(f"FAIL: {line}", err=True)
+        sys.exit(1)
+
+
+def _set_threads(n: int) -> None:
+    """Same threads for moegen (read per call) and torch; OpenMP/BLAS pools loaded later too."""
+    import os
+    os.environ["MOEGEN_NUM_THREADS"] = str(n)
+    os.environ.setdefault("OMP_NUM_THREADS", str(n))
+    try:
+        import torch
+        torch.set_num_threads(n)
+    except ImportError:
+        pass
+
+
+def _plan(matrix, shapes, experts, topk, hidden, ffn, tokens, dtype, activation, backend,
+          grid_given):
+    """(list of (label, spec), token counts) from the options."""
+    from .bench import matrix as mx
+    from .jit import resolve
+    probe = resolve(MoESpec(num_experts=8, top_k=2, hidden_dim=512, ffn_dim=2048, backend=backend))
+    on_gpu = probe.backend == "cuda"
+    dtypes = _strs(dtype) or (["bfloat16"] if on_gpu or matrix == "targets" else ["float32"])
+    if matrix == "cpu" and dtype is None:
+        dtypes = ["float32"]
+    token_list = _ints(tokens, "--tokens")
+    if token_list is None:
+        token_list = list(mx.TARGET_TOKENS if (matrix == "targets" or (on_gpu and matrix != "cpu"))
+                          else mx.CPU_TOKENS)
+    if any(t < 0 for t in token_list):
+        raise ValueError(f"--tokens must be >= 0, got {token_list}")
+    specs = []
+    names = _strs(shapes)
+    if names is None and not grid_given:
+        names = list(mx.SHAPES) if matrix == "targets" else ["seed-small"]
+    for dt in dtypes:
+        if names:
+            specs += [(lbl if len(dtypes) == 1 else f"{lbl}-{s.dt.short}", s)
+                      for lbl, s in mx.shape_specs(names, backend, dt)]
+    if grid_given:
+        E, k, H, F = mx.SHAPES["seed-small"]
+        specs += mx.grid_specs(_ints(experts, "--experts") or [E], _ints(topk, "--topk") or [k],
+                               _ints(hidden, "--hidden") or [H],
+                               _ints(ffn, "--ffn") or [None], dtypes, backend, activation)
+    if activation != "swiglu":
+        specs = [(lbl, s.replace(activation=activation)) for lbl, s in specs]
+    return specs, token_list
+
+
+def _failures(points) -> list[str]:
+    from .dtypes import DTYPES
+    out = []
+    for p in points:
+        where = f"{p['shape']} T={p['tokens']}"
+        skipped = p.get("skipped") or ""
+        if skipped.startswith(("failed", "compile failed")):
+            out.append(f"{where}: {skipped}")
+        err = p.get("moegen_err")
+        if p.get("moegen") and err is not None and not err <= DTYPES[p["dtype"]].tolerance:
+            out.append(f"{where}: moegen error {err:.3g} > tolerance {DTYPES[p['dtype']].tolerance:g}")
+    return out
+
+
+def _write(path, rep) -> None:
+    from .bench import report
+    problems = report.validate(rep)
+    if problems:
+        log.warning("report does not match its schema: %s", problems[:5])
+    with open(path, "w") as fh:
+        fh.write(report.dumps(rep))

@@ -1,0 +1,125 @@
+"""JSON schema and table formatting of moegen.bench.report (pure, no device)."""
+
+import json
+
+import pytest
+
+from moegen.bench import report
+from moegen.bench.plot import series
+
+
+def _profile(total=2.0):
+    return {"spec": "moe_e8_k2_h16_f32_fp32_swiglu", "backend": "c", "target": "x86-64-v3",
+            "dtype": "float32", "tokens": 4, "stages": ["route", "group", "ffn1", "ffn2", "combine"],
+            "stage_ms": {"route": 0.1, "group": 0.05, "ffn1": 1.0, "ffn2": 0.5, "combine": 0.1},
+            "stage_sum_ms": 1.75, "total_ms": total, "total_min_ms": 1.5, "total_p90_ms": 2.5,
+            "repeats": 10, "throughput_ms": 1.9, "graph_ms": None, "tokens_per_s": 2000.0,
+            "experts_touched": 5, "bytes": 1e6, "flops": 1e6, "gbps": 0.5, "tflops": 0.0005,
+            "floor_ms": 0.5, "floor_bound": "memory", "frac_of_floor": 0.25,
+            "ceilings": {"bandwidth": 2e9, "peak": 1e11, "measured": True},
+            "memory": {"workspace_bytes": 2 ** 20, "allocs_per_call": 0.0}}
+
+
+def _point(**over):
+    p = {"shape": "seed-small", "spec": "moe_e8_k2_h16_f32_fp32_swiglu", "E": 8, "k": 2, "H": 16,
+         "F": 32, "dtype": "float32", "backend": "c", "tokens": 4, "floor_ms": 0.5,
+         "floor_bound": "memory", "moegen": _profile(), "moegen_err": 1e-7,
+         "baselines": {"naive": {"ms": 8.0, "min_ms": 7.0, "repeats": 3, "err": 2e-7, "note": ""}},
+         "skipped": None}
+    p.update(over)
+    return p
+
+
+def _report(points):
+    return report.make_report("moegen bench --test", {"device": "cpu"}, {"cpu": {"bandwidth": 1.0}},
+                              points, ["a note"])
+
+
+def test_valid_report_has_no_problems_and_round_trips():
+    rep = _report([_point(), _point(tokens=0, moegen=None, skipped="time limit reached")])
+    assert report.validate(rep) == []
+    back = json.loads(report.dumps(rep))
+    assert back["schema"] == report.SCHEMA
+    assert back["points"][0]["baselines"]["naive"]["ms"] == 8.0
+    assert report.validate(back) == []
+
+
+@pytest.mark.parametrize("breaker,expect", [
+    (lambda r: r.pop("machine"), "missing top-level key 'machine'"),
+    (lambda r: r.update(schema="other/9"), "schema must be"),
+    (lambda r: r["points"][0].pop("floor_ms"), "points[0] missing 'floor_ms'"),
+    (lambda r: r["points"][0]["moegen"].pop("stage_ms"), "points[0].moegen missing 'stage_ms'"),
+    (lambda r: r["points"][0].update(moegen=None), "no moegen result and no 'skipped'"),
+    (lambda r: r["points"][0].update(tokens=-1), "tokens must be an int"),
+    (lambda r: r["points"][0]["baselines"]["naive"].pop("err"), "baselines.naive missing 'err'"),
+    (lambda r: r["points"][0]["moegen"].update(total_ms=0), "total_ms must be a positive"),
+])
+def test_validate_names_each_problem(breaker, expect):
+    rep = _report([_point()])
+    breaker(rep)
+    problems = report.validate(rep)
+    assert any(expect in p for p in problems), problems
+
+
+def test_dumps_keeps_non_finite_errors_visible():
+    rep = _report([_point(moegen_err=float("inf"))])
+    text = report.dumps(rep)
+    assert json.loads(text)["points"][0]["moegen_err"] == "inf"
+    assert "NaN" not in text and "Infinity" not in text
+
+
+def test_table_rows_line_up_with_the_header():
+    cols = report.columns(["naive", "grouped_mm"])
+    head = report.header(cols).splitlines()
+    line = report.row(_point(), ["naive", "grouped_mm"], cols)
+    assert len(head[0]) == len(head[1]) == len(line)
+    cells = line.split()
+    assert cells[:2] == ["seed-small", "4"]
+    assert "4.00" in cells          # naive 8 ms / moegen 2 ms
+    assert cells[-2:] == ["-", "-"]  # grouped_mm not measured
+
+
+def test_row_of_a_skipped_point_says_why():
+    cols = report.columns([])
+    line = report.row(_point(moegen=None, skipped="weights need 99 GB"), [], cols)
+    assert "(skipped: weights need 99 GB)" in line
+    assert line.split()[3] == "-"
+
+
+@pytest.mark.parametrize("v,want", [(None, "-"), (float("nan"), "-"), (0.01234, "0.0123"),
+                                    (1.23456, "1.235"), (1234.5, "1234.5")])
+def test_fmt_ms(v, want):
+    assert report.fmt_ms(v) == want
+
+
+def test_stage_table_lists_every_stage_and_memory():
+    text = report.stage_table([_point(), _point(moegen=None, skipped="x")])
+    lines = text.splitlines()
+    assert len(lines) == 3                       # header, rule, one measured point
+    for s in ("route", "group", "ffn1", "ffn2", "combine", "alloc/call"):
+        assert s in lines[0]
+    assert "1.0" in lines[2].split()             # workspace 1 MiB
+    assert report.stage_table([]) == ""
+
+
+def test_startup_table():
+    rows = [{"backend": "c", "spec": "moe_x", "import_ms": 120.0, "warm_callable_ms": 3.5,
+             "cold_compile_s": 1.25, "note": ""},
+            {"backend": "cuda", "spec": "moe_y", "import_ms": 130.0, "warm_callable_ms": None,
+             "cold_compile_s": 4.0, "note": "cannot run here"}]
+    text = report.startup_table(rows)
+    assert "1.25" in text and "3.5" in text and "cannot run here" in text
+
+
+def test_plot_series_skips_missing_and_zero_tokens():
+    pts = [_point(), _point(tokens=0), _point(tokens=8, moegen=None, skipped="x")]
+    s = series(pts)
+    assert set(s["seed-small"]) == {"floor", "moegen", "naive"}
+    assert s["seed-small"]["moegen"] == [(4, 2.0)]
+    assert (8, 0.5) in s["seed-small"]["floor"]
+
+
+def test_machine_info_cpu():
+    info = report.machine_info("cpu")
+    for key in ("platform", "python", "cpu", "cpus", "moegen", "numpy", "threads"):
+        assert key in info
