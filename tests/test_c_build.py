@@ -1,0 +1,158 @@
+"""The c backend's build side: ISA tiers and flags, compile errors, content-addressed
+libraries, reusable workspaces, and what the compiler made of the micro-kernels."""
+
+import hashlib
+import shutil
+import subprocess
+import tracemalloc
+
+import numpy as np
+import pytest
+
+from moegen import MoESpec
+from moegen import reference as R
+from moegen.backends import isa
+from moegen.backends.base import Sources
+from moegen.backends.c import CBackend, library_name
+from moegen.errors import CompileError, SpecError
+from moegen.kernel import MoEKernel
+from moegen.render import render
+
+BE = CBackend()
+SPEC = MoESpec(8, 2, 100, 257, backend="c")
+
+
+def build(spec, tier=None):
+    """The artifact of ``spec`` rendered and compiled for ``tier`` (default: this CPU's)."""
+    with pytest.MonkeyPatch.context() as mp:
+        if tier:
+            mp.setenv("MOEGEN_ISA", tier)
+        return BE.compile(render(spec, BE), spec, BE.target(spec), "test")
+
+
+@pytest.fixture(scope="module")
+def seed_artifact():
+    return build(SPEC)
+
+
+def test_options_name_a_tier_and_keep_nan_checks():
+    for name in isa.TIERS:
+        opts = BE.options(SPEC, name)
+        assert "-O3" in opts and "-fPIC" in opts and "-shared" in opts and "-fopenmp" in opts
+        assert "-ffast-math" not in opts and "-march=native" not in opts
+        assert any(o.startswith("-march=") for o in opts)
+    with pytest.raises(SpecError, match="target"):
+        BE.options(SPEC, "pentium4")
+
+
+def test_isa_override_and_validation(monkeypatch):
+    monkeypatch.setenv("MOEGEN_ISA", "x86-64-v2")
+    assert BE.target(SPEC) == "x86-64-v2"
+    assert "-march=x86-64-v2" in BE.options(SPEC, BE.target(SPEC))
+    monkeypatch.setenv("MOEGEN_ISA", "sse9")
+    with pytest.raises(SpecError, match="MOEGEN_ISA"):
+        BE.target(SPEC)
+    monkeypatch.delenv("MOEGEN_ISA")
+    assert BE.target(SPEC) == isa.detect()
+    assert isa.runnable(isa.TIERS[isa.detect()])
+
+
+def test_toolchain_is_resolved_and_cached():
+    tc = BE.toolchain()
+    assert tc["cc"].startswith("/") and tc["version"]
+    assert BE.toolchain() == tc
+
+
+def test_capacity_factor_is_refused():
+    with pytest.raises(SpecError, match="capacity_factor is not supported by the c backend"):
+        BE.render_context(MoESpec(8, 2, 64, capacity_factor=1.25, backend="c"))
+
+
+def test_render_context_is_plain_values():
+    ctx = BE.render_context(SPEC)
+    for k, v in ctx.items():
+        assert isinstance(v, (int, float, str)), (k, v)
+
+
+def test_compile_error_carries_argv_log_and_source():
+    bad = Sources("c", {"moe.c": "int broken( {"}, "moe.c")
+    with pytest.raises(CompileError) as info:
+        BE.compile(bad, SPEC, BE.target(SPEC), "deadbeef" * 8)
+    err = info.value
+    assert err.backend == "c" and err.spec_name == SPEC.name and err.key.startswith("deadbeef")
+    assert any(a.startswith("-march=") for a in err.command)
+    assert "error" in err.log and err.source == "int broken( {"
+    assert "1 | int broken( {" in err.dump()
+
+
+def test_library_name_is_content_addressed(seed_artifact):
+    module = BE.load(seed_artifact, SPEC)
+    digest = hashlib.sha256(seed_artifact.binary).hexdigest()[:20]
+    assert module.path.name == f"moegen_{digest}.so" == library_name(seed_artifact.binary)
+    assert module.path.stat().st_mode & 0o077 == 0                # owner-only
+    assert module.path.parent.stat().st_mode & 0o077 == 0
+    other = build(SPEC.replace(bias=True))
+    assert BE.load(other, SPEC.replace(bias=True)).path != module.path
+
+
+def test_workspace_is_allocated_once_per_bucket(seed_artifact):
+    module = BE.load(seed_artifact, SPEC)
+    kernel = MoEKernel(SPEC, module, seed_artifact.meta)
+    x, w = R.random_problem(SPEC, 100, seed=1)
+    weights = kernel.pack(**R.weight_kwargs(SPEC, w))
+    out = np.empty_like(x)
+    kernel(x, weights, out=out)                          # first call of bucket 128
+    ws = module.workspace(100)
+    assert ws.bucket == 128 and module.workspace(100) is ws
+    assert module.workspace(70).buffers is ws.buffers     # same bucket, same buffers
+    assert module.workspace(129).bucket == 256
+    smallest = min(ws.buffers.xf.nbytes, ws.buffers.h.nbytes, ws.buffers.y.nbytes)
+    kernel(x, weights, out=out)
+    tracemalloc.start()
+    try:
+        base, _ = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        for _ in range(3):
+            kernel(x, weights, out=out)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # Only small Python objects come and go; not one workspace-sized buffer.
+    assert peak - base < min(4096, smallest), peak - base
+    ref, _ = R.moe(SPEC, x, w)
+    assert R.rel_error(out, ref) <= 1e-5
+
+
+objdump = shutil.which("objdump")
+
+
+def disassemble(binary: bytes, tmp_path) -> str:
+    so = tmp_path / "lib.so"
+    so.write_bytes(binary)
+    return subprocess.run([objdump, "-d", "--no-show-raw-insn", str(so)], capture_output=True,
+                          text=True, check=True).stdout
+
+
+@pytest.mark.skipif(objdump is None, reason="objdump not installed")
+def test_micro_kernels_use_ymm_fmas(tmp_path):
+    art = build(MoESpec(8, 2, 512, 2048, backend="c"), "x86-64-v3")
+    asm = disassemble(art.binary, tmp_path)
+    tile = asm[asm.index("<tile_ffn1_3>:"):]
+    tile = tile[:tile.index("\n\n")]
+    assert tile.count("vfmadd231ps") >= 12 and "ymm" in tile
+    assert "(%rsp)" not in tile.split("vfmadd231ps", 1)[1].rsplit("vfmadd231ps", 1)[0]   # no spills
+
+
+@pytest.mark.skipif(objdump is None, reason="objdump not installed")
+def test_avx512_bf16_tier_uses_vdpbf16ps(tmp_path):
+    spec = MoESpec(8, 2, 512, 256, dtype="bfloat16", backend="c")
+    art = build(spec, "avx512-bf16")
+    asm = disassemble(art.binary, tmp_path)
+    assert "vdpbf16ps" in asm and "vcvtne2ps2bf16" in asm
+    assert "vdpbf16ps" not in disassemble(build(spec, "avx512").binary, tmp_path)
+
+
+@pytest.mark.skipif(objdump is None, reason="objdump not installed")
+def test_fp16_weights_convert_with_f16c(tmp_path):
+    art = build(MoESpec(8, 2, 128, 96, dtype="float16", backend="c"), "x86-64-v3")
+    assert "vcvtph2ps" in disassemble(art.binary, tmp_path)
