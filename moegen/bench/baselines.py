@@ -120,6 +120,10 @@ def grouped_mm_torch(spec: MoESpec, w: dict):
     else:
         w13 = torch.cat([w["w1"][:E], w["w3"][:E]], dim=1) if spec.gated else w["w1"][:E]
     w13t, w2t = w13.transpose(-2, -1), w["w2"][:E].transpose(-2, -1)
+    b13 = b2 = None
+    if spec.bias:
+        b13 = torch.cat([w["b1"][:E], w["b3"][:E]], dim=1) if spec.gated else w["b1"][:E]
+        b2 = w["b2"][:E]
     expert = _torch_expert(spec, w)
 
     def run(x, ids, wts):
@@ -128,8 +132,13 @@ def grouped_mm_torch(spec: MoESpec, w: dict):
         tok = order // k
         offs = torch.cumsum(torch.bincount(flat, minlength=E), 0).to(torch.int32)
         h = gmm(x[tok], w13t, offs=offs)
+        if b13 is not None:
+            h = h + b13[flat[order]]
         h = act(h[:, :F]) * h[:, F:] if spec.gated else act(h)
-        y = gmm(h.to(x.dtype), w2t, offs=offs).float() * wts.reshape(-1)[order, None]
+        y = gmm(h.to(x.dtype), w2t, offs=offs)
+        if b2 is not None:
+            y = y + b2[flat[order]]
+        y = y.float() * wts.reshape(-1)[order, None]
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, tok, y)
         for j in range(spec.num_shared_experts):
             out += expert(E + j, x).float()

@@ -22,7 +22,7 @@ import numpy as np
 from ..spec import MoESpec
 from . import baselines as baselines_mod
 from . import floors
-from .problems import make_inputs, make_weights, subset_error
+from .problems import make_inputs, make_weights, subset_reference, subset_rel_error
 from .profile import profile_kernel
 from .timing import clock_for, time_calls
 
@@ -152,7 +152,7 @@ def _point(label: str, spec: MoESpec, T: int, fl: floors.Floor | None) -> dict:
             "moegen": None, "moegen_err": None, "baselines": {}, "skipped": None}
 
 
-def check_rows_for(spec: MoESpec, rows: int, host_bytes: float = 1.5e9) -> int:
+def check_rows_for(spec: MoESpec, rows: int, host_bytes: float = 0.8e9) -> int:
     """Rows whose reference check fetches at most ``host_bytes`` of expert weights (>= 1)."""
     per_row = (spec.top_k + spec.num_shared_experts) * floors.expert_weight_bytes(spec)
     return max(1, min(rows, int(host_bytes // per_row)))
@@ -265,9 +265,10 @@ def _measure_point(p, kernel, weights, bases, T, cfg: Config, ceil, budget, rows
     poison(out)
     kernel(xs[0], packed, out=out)
     routes = [kernel.route(x, packed) for x in xs]
-    have_ref = weights.logical.get("w1") is not None
-    if have_ref:
-        p["moegen_err"] = subset_error(spec, out, xs[0], weights.logical, *routes[0], rows)
+    ref = None
+    if weights.logical.get("w1") is not None:
+        ref = subset_reference(spec, xs[0], weights.logical, *routes[0], rows)
+        p["moegen_err"] = subset_rel_error(spec, out, ref)
     del out
     share = budget / 2 if bases else budget
     p["moegen"] = profile_kernel(kernel, xs, packed, repeats=cfg.repeats, warmup=cfg.warmup,
@@ -284,9 +285,9 @@ def _measure_point(p, kernel, weights, bases, T, cfg: Config, ceil, budget, rows
                          warmup=1, repeats=cfg.repeats, budget_s=(budget - share) / len(bases),
                          min_repeats=2 if T else 3, max_repeats=100)
         err = None
-        if have_ref:
+        if ref is not None:
             y = b.run(src[0], *rts[0])
-            err = subset_error(spec, y, xs[0], weights.logical, *routes[0], rows)
+            err = subset_rel_error(spec, y, ref)
             del y
         p["baselines"][b.name] = {"ms": res["median"], "min_ms": res["min"], "repeats": res["n"],
                                   "err": err if err is None or math.isfinite(err) else float("inf"),

@@ -238,14 +238,13 @@ def _values(a, spec: MoESpec) -> np.ndarray:
     return h
 
 
-def subset_error(spec: MoESpec, out, x, logical: dict, topk_ids, topk_weights, rows: int) -> float:
-    """‖out − ref‖/‖ref‖ over the first ``rows`` tokens, the reference being
-    `moegen.reference.experts` in float64 with the given routing (the kernel's), fed only the
-    experts those tokens use.  Any array kinds; inf when ``out`` has NaN/inf there."""
-    T = int(x.shape[0])
-    n = min(rows, T)
+def subset_reference(spec: MoESpec, x, logical: dict, topk_ids, topk_weights, rows: int) -> np.ndarray:
+    """The float64 reference output of the first ``rows`` tokens ([n, H], n = min(rows, T)):
+    `moegen.reference.experts` with the given routing (the kernel's), fed only the experts
+    those tokens use, so a huge layer costs a few experts' weights, not all of them."""
+    n = min(rows, int(x.shape[0]))
     if n == 0:
-        return 0.0
+        return np.zeros((0, spec.hidden_dim))
     ids = np.asarray(host(topk_ids[:n])).astype(np.int64)
     wts = np.asarray(host(topk_weights[:n]), dtype=np.float64)
     used = np.unique(ids)
@@ -259,8 +258,23 @@ def subset_error(spec: MoESpec, out, x, logical: dict, topk_ids, topk_weights, r
         a = logical.get(key)
         sub[key] = None if a is None else np.stack([_values(a[int(e)], spec) for e in pick])
     remap = np.searchsorted(used, ids).astype(np.int32)
-    sub_spec = MoESpec(num_experts=len(used) + len(pad), top_k=spec.top_k, hidden_dim=spec.hidden_dim,
-                       ffn_dim=spec.ffn_dim, dtype=spec.dtype, activation=spec.activation,
-                       bias=spec.bias, num_shared_experts=S, backend="c")
-    ref = reference.experts(sub_spec, _values(x[:n], spec), sub, remap, wts)
+    sub_spec = MoESpec(num_experts=len(used) + len(pad), top_k=spec.top_k,
+                       hidden_dim=spec.hidden_dim, ffn_dim=spec.ffn_dim, dtype=spec.dtype,
+                       activation=spec.activation, bias=spec.bias, num_shared_experts=S,
+                       backend="c")
+    return reference.experts(sub_spec, _values(x[:n], spec), sub, remap, wts)
+
+
+def subset_rel_error(spec: MoESpec, out, ref: np.ndarray) -> float:
+    """‖out[:n] − ref‖/‖ref‖ for ``ref`` from `subset_reference`; inf on NaN/inf in out."""
+    n = ref.shape[0]
+    if n == 0:
+        return 0.0
     return reference.rel_error(_values(out[:n], spec), ref)
+
+
+def subset_error(spec: MoESpec, out, x, logical: dict, topk_ids, topk_weights, rows: int) -> float:
+    """`subset_rel_error` of ``out`` against `subset_reference` of the first ``rows`` tokens.
+    Any array kinds (NumPy, CuPy, torch)."""
+    ref = subset_reference(spec, x, logical, topk_ids, topk_weights, rows)
+    return subset_rel_error(spec, out, ref)

@@ -1,0 +1,86 @@
+"""``moegen bench`` through click's CliRunner on tiny CPU specs."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from moegen.bench import report
+from moegen.cli_bench import bench
+from moegen.jit import clear_memo
+
+TINY = ["--backend", "c", "--experts", "4", "--topk", "2", "--hidden", "32", "--ffn", "24",
+        "--budget", "0.05", "--repeats", "2", "--warmup", "1", "--rotate", "2",
+        "--bandwidth", "1e10", "--peak", "1e11", "--no-progress"]
+
+
+@pytest.fixture
+def run(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOEGEN_CACHE_DIR", str(tmp_path / "cache"))
+    clear_memo()
+
+    def invoke(*args):
+        return CliRunner().invoke(bench, list(args), catch_exceptions=False)
+    yield invoke
+    clear_memo()
+
+
+def test_grid_prints_table_and_writes_valid_json(run, tmp_path):
+    out = tmp_path / "r.json"
+    res = run(*TINY, "--tokens", "0,1,5", "--no-baselines", "--json", str(out))
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    head = next(i for i, ln in enumerate(lines) if ln.startswith("shape "))
+    rows = lines[head + 2:head + 5]
+    assert [r.split()[:2] for r in rows] == [["e4k2h32f24-fp32", str(t)] for t in (0, 1, 5)]
+    assert "ffn1" in res.output and "ceilings (cpu, given)" in res.output
+    rep = json.loads(out.read_text())
+    assert report.validate(rep) == []
+    assert [p["tokens"] for p in rep["points"]] == [0, 1, 5]
+    assert rep["points"][2]["moegen_err"] <= 1e-5
+    assert rep["ceilings"]["cpu"]["bandwidth"] == 1e10
+
+
+def test_baseline_columns_on_cpu(run):
+    pytest.importorskip("torch")
+    res = run(*TINY, "--tokens", "3", "--baselines", "naive,numpy", "--threads", "1")
+    assert res.exit_code == 0, res.output
+    assert "naive ms" in res.output and "numpy ms" in res.output
+    assert "grouped_mm ms" not in res.output and "triton" not in res.output
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--tokens", "1,x"], "comma-separated integers"),
+    (["--tokens", "-1"], "--tokens must be >= 0"),
+    (["--shapes", "gpt-5"], "shape must be one of"),
+    (["--bandwidth", "1e9"], "give both --bandwidth and --peak"),
+    (["--budget", "0"], "--budget must be positive"),
+    (["--experts", "4", "--topk", "9"], "top_k"),
+])
+def test_bad_options_exit_nonzero_with_a_message(run, args, msg):
+    res = run("--backend", "c", *args)
+    assert res.exit_code == 2
+    assert msg in res.output
+
+
+def test_plot_without_matplotlib_says_so(run, tmp_path):
+    try:
+        import matplotlib  # noqa: F401
+        pytest.skip("matplotlib installed: the plot is drawn")
+    except ImportError:
+        pass
+    res = run(*TINY, "--tokens", "2", "--no-baselines", "--plot", str(tmp_path / "p.png"))
+    assert res.exit_code == 0
+    assert "plot not drawn: matplotlib is not installed" in res.output
+    assert not (tmp_path / "p.png").exists()
+
+
+def test_startup_alone(run, tmp_path):
+    out = tmp_path / "s.json"
+    res = run("--startup", "--json", str(out))
+    assert res.exit_code == 0, res.output
+    assert "cold compile s" in res.output
+    rep = json.loads(out.read_text())
+    rows = {r["backend"]: r for r in rep["startup"]}
+    assert rows["c"]["import_ms"] > 0 and rows["c"]["cold_compile_s"] > 0
+    assert rows["c"]["warm_callable_ms"] > 0
