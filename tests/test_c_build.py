@@ -137,7 +137,7 @@ def disassemble(binary: bytes, tmp_path) -> str:
 def test_micro_kernels_use_ymm_fmas(tmp_path):
     art = build(MoESpec(8, 2, 512, 2048, backend="c"), "x86-64-v3")
     asm = disassemble(art.binary, tmp_path)
-    tile = asm[asm.index("<tile_ffn1_3>:"):]
+    tile = asm[asm.index("<tile_ffn2_3>:"):]
     tile = tile[:tile.index("\n\n")]
     assert tile.count("vfmadd231ps") >= 12 and "ymm" in tile
     assert "(%rsp)" not in tile.split("vfmadd231ps", 1)[1].rsplit("vfmadd231ps", 1)[0]   # no spills

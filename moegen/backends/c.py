@@ -33,6 +33,9 @@ _ROUTING_CODE = {"softmax_topk": 0, "topk_softmax": 1, "sigmoid_topk": 2}
 # Multiply-adds below which a stage stays on the calling thread (see PAR_MIN_WORK).
 _PAR_MIN_WORK = 1 << 18
 _ROUTE_CHUNK = 64
+# k per GEMM chunk (a multiple of 32, the pair-dot step): 3 x 512 activations + 4 x 512
+# weights = 14 KB of fp32, well inside a 32 KB L1.
+_KC = 512
 # Seconds a compile may take before we give up on the compiler.
 _COMPILE_TIMEOUT = 600
 
@@ -113,8 +116,7 @@ class CBackend:
             "off_b2": off.get("b2", 0), "stride": off["stride"],
             "vec_floats": tier.vec_floats, "mr": tier.mr, "ncol": tier.ncol,
             "nc1": nc1, "nc2": nc2,
-            "row_block1": _row_block(tier.mr, spec.hidden_dim),
-            "row_block2": _row_block(tier.mr, spec.ffn_dim),
+            "kc": _KC, "row_block": _row_block(tier.mr, _KC),
             "route_chunk": _ROUTE_CHUNK, "par_min_work": _PAR_MIN_WORK,
             "dt_short": dt.short, "c_type": dt.c_type, "c_load": dt.c_load, "c_store": dt.c_store,
         }
