@@ -16,8 +16,11 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # run from a checkout
 
 SHAPES = {
     "seed-small": dict(num_experts=8, top_k=2, hidden_dim=512, ffn_dim=2048),
