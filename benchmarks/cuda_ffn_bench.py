@@ -42,6 +42,7 @@ SHAPES = {"seed-small": (8, 2, 512, 2048), "mixtral-8x7b": (8, 2, 4096, 14336),
 TOKENS = (1, 8, 64, 512, 4096, 16384)
 COPY_BW = 3.02e12        # H100, TARGETS.md
 MMA_PEAK = 694e12
+BASELINES = True
 
 import cupy as cp  # noqa: E402
 
@@ -54,7 +55,7 @@ class Module:
         self.spec, self.layout = spec, cuda_tiles.packed_layout(spec)
         src = render_template("cuda/ffn.cu.jinja", **cuda_tiles.render_context(spec))
         prog = nvrtc.createProgram(src, "ffn.cu", [], [])
-        arch = f"sm_{cp.cuda.Device().compute_capability}"
+        arch = spec.arch
         t = time.perf_counter()
         try:
             nvrtc.compileProgram(prog, [f"--gpu-architecture={arch}", "-std=c++17"])
@@ -234,7 +235,8 @@ def run_point(shape, spec, mod, buf, T, rng):
            "moegen_ms": ms, "floor_ms": floor, "fraction_of_floor": floor / ms,
            "check_rel_err": err, "experts_touched": touched,
            "GBps": wbytes / ms / 1e6, "TFLOPs": 2 * T * k * 3 * H * F / ms / 1e9}
-    row.update(torch_baselines(spec, mod.layout, buf, x, ids_np, wts_np, T))
+    if BASELINES:
+        row.update(torch_baselines(spec, mod.layout, buf, x, ids_np, wts_np, T))
     return row
 
 
@@ -243,17 +245,30 @@ def main(argv=None):
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--tokens", default=",".join(map(str, TOKENS)))
     ap.add_argument("--json", default=None)
+    ap.add_argument("--tile", action="append", default=[],
+                    help="tile candidate KIND:BM:BN:WM:WN:STAGES[:MINBLOCKS] (KIND mma or wgmma) for bucket BM")
+    ap.add_argument("--no-baselines", action="store_true", help="time moegen only")
+    ap.add_argument("--arch", default=None, help="target (default: sm_90a on sm_90 devices, else the device's)")
     args = ap.parse_args(argv)
+    for spec_ in args.tile:
+        kind, bm, bn, wm, wn, st, *mb = spec_.split(":")
+        table = cuda_tiles.WGMMA_TILES if kind == "wgmma" else cuda_tiles.MMA_TILES
+        table[int(bm)] = cuda_tiles.GemmTile(kind, int(bm), int(bn), cuda_tiles.MMA_BK, int(wm), int(wn),
+                                             int(st), min_blocks=int(mb[0]) if mb else 1)
+    global BASELINES
+    BASELINES = not args.no_baselines
     rng = np.random.default_rng(0)
     rows = []
     dev = cp.cuda.runtime.getDeviceProperties(0)["name"].decode()
-    print(f"device: {dev}")
+    print(f"device: {dev}, arch {args.arch or 'auto'}")
+    cc = cp.cuda.Device().compute_capability
+    arch = args.arch or (f"sm_{cc}a" if cc == "90" else f"sm_{cc}")
     for shape in args.shapes.split(","):
         E, k, H, F = SHAPES[shape]
-        spec = MoESpec(E, k, H, F, dtype="bfloat16")
+        spec = MoESpec(E, k, H, F, dtype="bfloat16", arch=arch)
         mod = Module(spec)
         buf = random_packed(mod.layout)
-        print(f"{shape}: compiled in {mod.compile_s:.2f} s; buckets "
+        print(f"{shape}: compiled in {mod.compile_s:.2f} s; prefill tile {cuda_tiles.bucket_configs(spec)[-1].ffn1.tag}; buckets "
               + ", ".join(f"{c.name}<= {c.max_tokens} (splits {c.ffn2_splits})" for c in cuda_tiles.bucket_configs(spec)))
         for T in map(int, args.tokens.split(",")):
             row = run_point(shape, spec, mod, buf, T, rng)

@@ -130,6 +130,19 @@ def test_every_bucket_compiles_without_spills(name):
 
 
 @pytest.mark.nvrtc
+@pytest.mark.parametrize("name", [n for n, s in SPECS.items() if cuda_tiles.use_mma(s)])
+def test_sm90a_uses_wgmma_for_prefill(name):
+    spec = SPECS[name].replace(arch="sm_90a")
+    assert cuda_tiles.use_wgmma(spec) and not cuda_tiles.use_wgmma(SPECS[name])
+    last = cuda_tiles.bucket_configs(spec)[-1]
+    assert last.ffn1.kind == last.ffn2.kind == "wgmma"
+    cubin, log = compile_ffn(spec, arch="sm_90a")
+    assert last.ffn1_kernel.encode() in cubin and last.ffn2_kernel.encode() in cubin
+    spills = re.findall(r"(\d+) bytes spill stores", log)
+    assert spills and all(s == "0" for s in spills), log
+
+
+@pytest.mark.nvrtc
 def test_matrix_shapes_compile():
     for spec in (MoESpec(8, 2, 4096, 14336, dtype="bfloat16"), MoESpec(256, 8, 7168, 2048, dtype="bfloat16"),
                  MoESpec(128, 8, 2048, 768, dtype="bfloat16")):
@@ -227,7 +240,7 @@ def _module(spec: MoESpec) -> FfnModule:
     if spec not in _MODULES:
         import os
         import tempfile
-        cubin, _ = compile_ffn(spec, arch=_arch(cp))
+        cubin, _ = compile_ffn(spec, arch=spec.arch or _arch(cp))
         path = os.path.join(tempfile.mkdtemp(prefix="moegen-ffn-test-"), "ffn.cubin")
         with open(path, "wb") as f:
             f.write(cubin)
@@ -275,3 +288,17 @@ def test_small_grid(name):
     for T in (1, 17, 300):
         out, ref = run_ffn(spec, T, seed=100 + T)
         assert reference.rel_error(out, ref) <= spec.dt.tolerance
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", [n for n, s in SPECS.items() if cuda_tiles.use_mma(s)])
+def test_wgmma_prefill_matches_reference(name):
+    cp = _cupy()
+    if cp.cuda.Device().compute_capability != "90":
+        pytest.skip("wgmma needs an sm_90 device")
+    spec = SPECS[name].replace(arch="sm_90a")
+    start = cuda_tiles.bucket_configs(spec)[-2].max_tokens + 1
+    for T in (start, start + 129, 2000):
+        out, ref = run_ffn(spec, T, seed=7 + T)
+        err = reference.rel_error(out, ref)
+        assert err <= spec.dt.tolerance, f"{name} sm_90a T={T}: rel error {err:.3g}"

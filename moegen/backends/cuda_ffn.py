@@ -39,6 +39,14 @@ def _grid_tiles(spec, cfg, tokens: int) -> int:
     return min(slots, cuda_tiles.max_tiles(spec, cfg, tokens))
 
 
+def _grid(tile, m_tiles: int, n_tiles: int, splits: int) -> tuple[int, int, int]:
+    """Tensor-core (mma, wgmma) kernels take a 1-D grid of M x N tiles (they rasterise it in groups for L2 reuse);
+    SIMT kernels take M tiles on x and N tiles on y.  Splits of K are on z."""
+    if tile.kind in ("mma", "wgmma"):
+        return (m_tiles * n_tiles, 1, splits)
+    return (m_tiles, n_tiles, splits)
+
+
 def _kernel(module, name: str, smem: int):
     fn = module.function(name)
     if smem > 48 * 1024 and fn.max_dynamic_shared_size_bytes < smem:
@@ -59,8 +67,8 @@ def launch_ffn1(module, ws, call) -> None:
         raise ValueError(f"x must start at a {align}-byte aligned address for {spec.name}, "
                          f"got address {_address(call.x):#x}; pass a fresh contiguous copy")
     tile = cfg.ffn1
-    n_cols = module.layout.gate_rows if tile.kind == "mma" else spec.ffn_dim
-    grid = (_grid_tiles(spec, cfg, tokens), -(-n_cols // tile.bn), 1)
+    n_cols = spec.ffn_dim if tile.kind == "simt" else module.layout.gate_rows
+    grid = _grid(tile, _grid_tiles(spec, cfg, tokens), -(-n_cols // tile.bn), 1)
     smem = tile.smem_bytes(spec.dt.itemsize)
     fn = _kernel(module, cfg.ffn1_kernel, smem)
     fn(grid, (tile.threads, 1, 1),
@@ -80,7 +88,7 @@ def launch_ffn2(module, ws, call) -> None:
     tile = cfg.ffn2
     slot_count = tokens * (spec.top_k + spec.num_shared_experts)
     weights = call.topk_weights if call.topk_weights is not None else ws.topk_weights
-    grid = (_grid_tiles(spec, cfg, tokens), -(-spec.hidden_dim // tile.bn), cfg.ffn2_splits)
+    grid = _grid(tile, _grid_tiles(spec, cfg, tokens), -(-spec.hidden_dim // tile.bn), cfg.ffn2_splits)
     smem = tile.smem_bytes(spec.dt.itemsize)
     fn = _kernel(module, cfg.ffn2_kernel, smem)
     fn(grid, (tile.threads, 1, 1),
