@@ -115,6 +115,8 @@ class _Progress:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="Write the full report here.")
+@click.option("--markdown", "md_path", type=click.Path(dir_okay=False), default=None,
+              help="Write the tables as Markdown (for docs/PERF.md).")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="Draw time vs tokens per shape (PNG, needs matplotlib).")
 @click.option("--startup", is_flag=True, help="Measure import, warm-start and cold-compile "
@@ -122,7 +124,7 @@ class _Progress:
 @click.option("--no-progress", is_flag=True, help="No progress bar or progress lines.")
 def bench(matrix, shapes, experts, topk, hidden, ffn, tokens, dtype, activation, backend,
           baselines, no_baselines, budget, time_limit, repeats, warmup, rotate, check_rows,
-          bandwidth, peak, no_memory, no_graph, threads, seed, json_path, plot_path, startup,
+          bandwidth, peak, no_memory, no_graph, threads, seed, json_path, md_path, plot_path, startup,
           no_progress):
     """Benchmark moegen against its floor and baselines (see `moegen.bench`)."""
     from .bench import matrix as mx
@@ -199,6 +201,10 @@ def bench(matrix, shapes, experts, topk, hidden, ffn, tokens, dtype, activation,
                                  points, cfg.notes, startup_rows)
         _write(json_path, rep)
         click.echo(f"wrote {json_path}")
+    if md_path:
+        with open(md_path, "w") as fh:
+            fh.write(report.markdown(points, shown) + "\n")
+        click.echo(f"wrote {md_path}")
     if plot_path:
         from .bench.plot import PlotUnavailable, plot
         try:

@@ -60,7 +60,7 @@ def fixed(device: str, bandwidth: float, peak: float, dtypes=("float32", "float1
 
 
 # -- CPU ----------------------------------------------------------------------------------------
-def _cpu_copy(nbytes: int = 256 << 20, repeats: int = 5) -> float:
+def _cpu_copy(nbytes: int = 256 << 20, repeats: int = 10) -> float:
     src = np.random.default_rng(0).random(nbytes // 8)
     dst = np.empty_like(src)
     best = float("inf")
@@ -89,7 +89,7 @@ def _cpu_matmul(dtype: str, n: int = 1024, repeats: int = 5) -> tuple[float, str
 def measure_cpu() -> Ceilings:
     """CPU ceilings: NumPy copy of 256 MiB and float32 matmul (threads as BLAS chooses)."""
     bw = _cpu_copy()
-    return Ceilings("cpu", bw, {}, {"bandwidth": "numpy copyto 256 MiB, best of 5 (read+write)"},
+    return Ceilings("cpu", bw, {}, {"bandwidth": "numpy copyto 256 MiB, best of 10 (read+write)"},
                     _matmul=_cpu_matmul)
 
 

@@ -250,6 +250,38 @@ def stage_table(points: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def markdown(points: list[dict], baselines: list[str]) -> str:
+    """The matrix and stage tables as Markdown (for docs/PERF.md)."""
+    head = ["shape", "T", "floor ms", "moegen ms", "frac", "err"]
+    for b in baselines:
+        head += [f"{b} ms", f"{b} / moegen"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for p in points:
+        m = p.get("moegen") or {}
+        ms = m.get("total_ms")
+        cells = [p["shape"], str(p["tokens"]), fmt_ms(p.get("floor_ms")), fmt_ms(ms),
+                 fmt(m.get("frac_of_floor"), ".2f"), fmt(p.get("moegen_err"), ".1e")]
+        for b in baselines:
+            bm = (p.get("baselines") or {}).get(b, {}).get("ms")
+            cells += [fmt_ms(bm), fmt(bm / ms if bm and ms else None, ".2f")]
+        if p.get("skipped"):
+            cells[3] = f"skipped: {p['skipped']}"
+        lines.append("| " + " | ".join(cells) + " |")
+    measured = [p for p in points if p.get("moegen")]
+    if measured:
+        stages = list(dict.fromkeys(s for p in measured for s in p["moegen"]["stages"]))
+        head = ["shape", "T"] + [f"{s} ms" for s in stages] + ["call ms", "GB/s", "TFLOP/s", "ws MiB"]
+        lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for p in measured:
+            m = p["moegen"]
+            ws = (m.get("memory") or {}).get("workspace_bytes")
+            cells = [p["shape"], str(p["tokens"])] + [fmt_ms(m["stage_ms"].get(s)) for s in stages] + [
+                fmt_ms(m["total_ms"]), fmt(m.get("gbps"), ".1f"), fmt(m.get("tflops"), ".3f"),
+                fmt(ws / 2 ** 20 if ws is not None else None, ".1f")]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def startup_table(rows: list[dict]) -> str:
     """Table of `moegen.bench.startup` rows."""
     cols = [("backend", 8), ("spec", 34), ("import ms", 10), ("warm callable ms", 17),
