@@ -246,15 +246,21 @@ def main(argv=None):
     ap.add_argument("--tokens", default=",".join(map(str, TOKENS)))
     ap.add_argument("--json", default=None)
     ap.add_argument("--tile", action="append", default=[],
-                    help="tile candidate KIND:BM:BN:WM:WN:STAGES[:MINBLOCKS] (KIND mma or wgmma) for bucket BM")
+                    help="tile candidate KIND:BM:BN:WM:WN:STAGES[:MINBLOCKS] for bucket BM; KIND mma or "
+                         "wgmma, or mma-ffn1, wgmma-ffn2... for one GEMM only")
     ap.add_argument("--no-baselines", action="store_true", help="time moegen only")
     ap.add_argument("--arch", default=None, help="target (default: sm_90a on sm_90 devices, else the device's)")
     args = ap.parse_args(argv)
     for spec_ in args.tile:
         kind, bm, bn, wm, wn, st, *mb = spec_.split(":")
+        stage = "both"
+        if kind.endswith("-ffn1") or kind.endswith("-ffn2"):
+            kind, stage = kind.rsplit("-", 1)
         table = cuda_tiles.WGMMA_TILES if kind == "wgmma" else cuda_tiles.MMA_TILES
-        table[int(bm)] = cuda_tiles.GemmTile(kind, int(bm), int(bn), cuda_tiles.MMA_BK, int(wm), int(wn),
-                                             int(st), min_blocks=int(mb[0]) if mb else 1)
+        tile = cuda_tiles.GemmTile(kind, int(bm), int(bn), cuda_tiles.MMA_BK, int(wm), int(wn), int(st),
+                                   min_blocks=int(mb[0]) if mb else 1)
+        f1, f2 = table[int(bm)]
+        table[int(bm)] = (tile if stage != "ffn2" else f1, tile if stage != "ffn1" else f2)
     global BASELINES
     BASELINES = not args.no_baselines
     rng = np.random.default_rng(0)
@@ -268,7 +274,7 @@ def main(argv=None):
         spec = MoESpec(E, k, H, F, dtype="bfloat16", arch=arch)
         mod = Module(spec)
         buf = random_packed(mod.layout)
-        print(f"{shape}: compiled in {mod.compile_s:.2f} s; prefill tile {cuda_tiles.bucket_configs(spec)[-1].ffn1.tag}; buckets "
+        print(f"{shape}: compiled in {mod.compile_s:.2f} s; tiles {cuda_tiles.bucket_configs(spec)[0].ffn1.tag} / {cuda_tiles.bucket_configs(spec)[-1].ffn1.tag} + {cuda_tiles.bucket_configs(spec)[-1].ffn2.tag}; buckets "
               + ", ".join(f"{c.name}<= {c.max_tokens} (splits {c.ffn2_splits})" for c in cuda_tiles.bucket_configs(spec)))
         for T in map(int, args.tokens.split(",")):
             row = run_point(shape, spec, mod, buf, T, rng)

@@ -71,6 +71,11 @@ def test_buckets_sorted_last_unbounded(name):
         assert all(not c.accepts(T) for c in cfgs[:cfgs.index(cfg)])
 
 
+def test_preferred_arch_is_arch_specific_on_hopper():
+    assert cuda_tiles.preferred_arch("90") == "sm_90a"
+    assert cuda_tiles.preferred_arch("89") == "sm_89"
+
+
 def test_mma_only_for_aligned_half_specs():
     assert cuda_tiles.use_mma(SPECS["e8-k2-h256-f512-bf16-swiglu"])
     assert not cuda_tiles.use_mma(SPECS["e8-k2-h128-f192-fp32-swiglu"])

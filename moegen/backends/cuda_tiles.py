@@ -108,6 +108,12 @@ def use_wgmma(spec: MoESpec) -> bool:
     return use_mma(spec) and spec.arch == "sm_90a"
 
 
+def preferred_arch(compute_capability: str) -> str:
+    """The target to build for a device of ``compute_capability`` ("90" -> "sm_90a": the
+    arch-specific Hopper target, so the prefill GEMMs can use wgmma; others "sm_XY")."""
+    return f"sm_{compute_capability}a" if compute_capability == "90" else f"sm_{compute_capability}"
+
+
 def x_alignment(spec: MoESpec) -> int:
     """Byte alignment the FFN kernels need of x's data pointer (cp.async copies 16 bytes)."""
     return 16 if use_mma(spec) else spec.dt.itemsize
@@ -147,18 +153,21 @@ def _bucket_limits(spec: MoESpec) -> list[tuple[str, int, float]]:
     return [("bm16", 16, 8.0), ("bm64", 64, math.inf)]
 
 
-# Tensor-core tile of each bucket height (ffn1 and ffn2 alike).  Tuning candidates are swapped
-# in here by benchmarks/cuda_ffn_bench.py --tile.
-MMA_TILES: dict[int, GemmTile] = {
-    16: GemmTile("mma", 16, 64, MMA_BK, 1, 4, 4, min_blocks=4),
-    64: GemmTile("mma", 64, 128, MMA_BK, 2, 4, 4, min_blocks=2),
-    128: GemmTile("mma", 128, 256, MMA_BK, 2, 4, 4),      # 0.56 of floor vs 0.48 for 128x128 (H100)
+# Tensor-core tiles (ffn1, ffn2) of each bucket height.  Tuning candidates are swapped in here
+# by benchmarks/cuda_ffn_bench.py --tile.
+_DECODE = GemmTile("mma", 16, 64, MMA_BK, 1, 4, 4, min_blocks=4)
+_MID = GemmTile("mma", 64, 128, MMA_BK, 2, 4, 4, min_blocks=2)
+_PREFILL_MMA = GemmTile("mma", 128, 256, MMA_BK, 2, 4, 4)   # 0.56 of floor vs 0.48 for 128x128 (H100)
+MMA_TILES: dict[int, tuple[GemmTile, GemmTile]] = {
+    16: (_DECODE, _DECODE),
+    64: (_MID, _MID),
+    128: (_PREFILL_MMA, _PREFILL_MMA),
 }
 
-
-# Prefill tile on sm_90a: two warpgroups of 64 x 256 (wgmma m64n256k16), 4 stages of 48 KB.
-WGMMA_TILES: dict[int, GemmTile] = {
-    128: GemmTile("wgmma", 128, 256, MMA_BK, 2, 4, 4),
+# Prefill tiles on sm_90a: two warpgroups of 64 x 256 (wgmma m64n256k16), 4 stages of 48 KB.
+_PREFILL_WGMMA = GemmTile("wgmma", 128, 256, MMA_BK, 2, 4, 4)
+WGMMA_TILES: dict[int, tuple[GemmTile, GemmTile]] = {
+    128: (_PREFILL_WGMMA, _PREFILL_WGMMA),
 }
 
 
@@ -167,8 +176,8 @@ def _tiles(spec: MoESpec, bm: int) -> tuple[GemmTile, GemmTile]:
         t = GemmTile("simt", bm, 64, SIMT_BK, 1, 1, 1)
         return t, t
     if use_wgmma(spec) and bm in WGMMA_TILES:
-        return WGMMA_TILES[bm], WGMMA_TILES[bm]
-    return MMA_TILES[bm], MMA_TILES[bm]
+        return WGMMA_TILES[bm]
+    return MMA_TILES[bm]
 
 
 def bucket_configs(spec: MoESpec) -> list[BucketConfig]:
