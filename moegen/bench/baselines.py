@@ -150,7 +150,7 @@ def grouped_mm_torch(spec: MoESpec, w: dict):
 def vllm_triton(spec: MoESpec, w: dict):
     """vLLM's ``fused_experts`` (Triton).  Raises ImportError when vllm is not importable."""
     import torch
-    from vllm.model_executor.layers.fused_moe import fused_experts  # noqa: F401 - probe
+    from vllm.model_executor.layers.fused_moe import fused_experts
     E = spec.num_experts
     w13 = w["w13"][:E] if w.get("w13") is not None else torch.cat([w["w1"][:E], w["w3"][:E]], dim=1)
     w13, w2 = w13.contiguous(), w["w2"][:E].contiguous()

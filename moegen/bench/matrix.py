@@ -277,18 +277,25 @@ def _measure_point(p, kernel, weights, bases, T, cfg: Config, ceil, budget, rows
         return
     tx = [baselines_mod.to_torch(x, device) for x in xs] if any(b.torch for b in bases) else xs
     for b in bases:
-        src = tx if b.torch else xs
-        rts = [(baselines_mod.to_torch(i, device), baselines_mod.to_torch(w, device)) if b.torch else (i, w)
-               for i, w in routes]
-        R = len(src)
-        res = time_calls(lambda i: b.timed(src[i % R], *rts[i % R]), clock_for(device, prefer_torch=b.torch),
-                         warmup=1, repeats=cfg.repeats, budget_s=(budget - share) / len(bases),
-                         min_repeats=2 if T else 3, max_repeats=100)
-        err = None
-        if ref is not None:
-            y = b.run(src[0], *rts[0])
-            err = subset_rel_error(spec, y, ref)
-            del y
-        p["baselines"][b.name] = {"ms": res["median"], "min_ms": res["min"], "repeats": res["n"],
-                                  "err": err if err is None or math.isfinite(err) else float("inf"),
-                                  "note": b.note}
+        try:
+            p["baselines"][b.name] = _measure_baseline(b, tx if b.torch else xs, routes, spec, ref,
+                                                       cfg, device, (budget - share) / len(bases), T)
+        except Exception as exc:  # noqa: BLE001 - a broken (or out-of-memory) baseline must not hide moegen's numbers
+            _free_device(device)
+            log.warning("%s T=%d: baseline %s failed: %s", p["shape"], T, b.name, exc)
+            p["baselines"][b.name] = {"ms": None, "min_ms": None, "repeats": 0, "err": None,
+                                      "note": f"failed: {type(exc).__name__}: {str(exc)[:160]}"}
+
+
+def _measure_baseline(b, src, routes, spec, ref, cfg: Config, device, budget, T) -> dict:
+    rts = [(baselines_mod.to_torch(i, device), baselines_mod.to_torch(w, device)) if b.torch else (i, w)
+           for i, w in routes]
+    R = len(src)
+    res = time_calls(lambda i: b.timed(src[i % R], *rts[i % R]), clock_for(device, prefer_torch=b.torch),
+                     warmup=1, repeats=cfg.repeats, budget_s=budget,
+                     min_repeats=2 if T else 3, max_repeats=100)
+    err = None
+    if ref is not None:
+        err = subset_rel_error(spec, b.run(src[0], *rts[0]), ref)
+    return {"ms": res["median"], "min_ms": res["min"], "repeats": res["n"],
+            "err": err if err is None or math.isfinite(err) else float("inf"), "note": b.note}

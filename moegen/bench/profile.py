@@ -240,7 +240,7 @@ def _memory(kernel, whole, T, device, calls: int = 5) -> dict:
             torch.cuda.reset_peak_memory_stats()
     except ImportError:
         pass
-    before = torch_stats()["allocation.all.allocated"] if torch_stats else 0
+    before = torch_stats().get("allocation.all.allocated", 0) if torch_stats else 0
     hook = _Count()
     with hook:
         for i in range(calls):
@@ -251,6 +251,6 @@ def _memory(kernel, whole, T, device, calls: int = 5) -> dict:
                device_pool_used_bytes=cupy.get_default_memory_pool().used_bytes())
     if torch_stats:
         stats = torch_stats()
-        out["torch_allocs_per_call"] = (stats["allocation.all.allocated"] - before) / calls
+        out["torch_allocs_per_call"] = (stats.get("allocation.all.allocated", 0) - before) / calls
         out["torch_peak_bytes"] = torch.cuda.max_memory_allocated()
     return out
