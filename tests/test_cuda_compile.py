@@ -57,6 +57,8 @@ def test_whole_cubin_compiles(name):
     names = ["moe_route_logits_gemv", "moe_route_logits_tiled", "moe_route_select",
              "moe_group_single", "moe_group_count", "moe_group_scan", "moe_group_scatter",
              "moe_count_bad_ids", "moe_combine"]
+    if cuda_tiles.use_mma(spec):
+        names.append("moe_route_logits_mma")
     names += [c.ffn1_kernel for c in cuda_tiles.bucket_configs(spec)]
     names += [c.ffn2_kernel for c in cuda_tiles.bucket_configs(spec)]
     for n in names:

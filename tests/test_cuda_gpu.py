@@ -16,7 +16,7 @@ import multiprocessing
 import numpy as np
 import pytest
 
-from moegen import reference
+from moegen import arrays, reference
 from moegen.backends.base import Call
 from moegen.kernel import MoEKernel
 from moegen.spec import MoESpec
@@ -190,6 +190,40 @@ def test_route(name, T):
     spec, k, x, w, packed, bias, xd = problem(name, T, seed=T)
     ids, wts = k.route(xd, packed, router_bias=cp.asarray(bias))
     check_routing(spec, x, w, bias, cp.asnumpy(ids), cp.asnumpy(wts))
+
+
+@pytest.mark.parametrize("T", (1, 17, 300))
+@pytest.mark.parametrize("name", ["e8-k2-h512-f2048-bf16-swiglu", "e128-k8-h2048-f256-bf16-swiglu",
+                                  "e64-k6-h1000-f1408-fp16-geglu-topksm-bias",
+                                  "e2-k1-h100-f1000-fp32-relu"])
+def test_router_logit_kernels(name, T):
+    """Every router GEMM kernel of the cubin (GEMV, SIMT tiles, tensor cores) gives x · Wrᵀ
+    within fp32 accumulation error, one split over all of H."""
+    spec, k, x, w, packed, bias, xd = problem(name, T, seed=T + 5)
+    mod = k.module
+    ws = mod.workspace(T)
+    want = reference.router_logits(x, w["router"])
+    xn = mod.native(arrays.describe(xd, "x"))
+    names = ["moe_route_logits_gemv", "moe_route_logits_tiled"]
+    if "moe_route_logits_mma" in mod.kernel_names():
+        names.append("moe_route_logits_mma")
+    from moegen.backends import cuda_workspace as cw
+    E, H = spec.num_experts, spec.hidden_dim
+    for kname in names:
+        ws.logits.fill(np.nan)
+        fn = mod.function(kname)
+        if kname.endswith("gemv"):
+            fn((-(-E // cw.ROUTE_WARPS), -(-T // cw.GEMV_TOKENS)), (cw.ROUTE_WARPS * 32,),
+               (xn, packed.router, ws.logits, np.int32(T)))
+        elif kname.endswith("mma"):
+            fn((-(-T // cw.RT_TM), -(-E // cw.RT_TN), 1), (cw.ROUTE_MMA_THREADS,),
+               (xn, packed.router, ws.logits, np.int32(T), np.int32(H)), shared_mem=cw.ROUTE_MMA_SMEM)
+        else:
+            fn((-(-T // cw.RT_TM), -(-E // cw.RT_TN), 1), (cw.RT_THREADS_DEFAULT,),
+               (xn, packed.router, ws.logits, np.int32(T), np.int32(H)))
+        got = cp.asnumpy(ws.logits[:T * E]).reshape(T, E)
+        err = reference.rel_error(got, want)
+        assert err < 1e-5, f"{kname}: rel error {err:.2e}"
 
 
 @pytest.mark.parametrize("name", ["e128-k8-h1408-f100-bf16-silu-raw-rs2.5",
@@ -447,6 +481,10 @@ def test_bad_inputs_rejected_and_out_untouched():
         k(xd, packed, out=out, router_bias=cp.zeros(spec.num_experts + 1, cp.float32))
     with pytest.raises(ValueError, match="host"):
         k(x, packed, out=out)
+    shifted = cp.empty(20 * spec.hidden_dim + 1, cp.float32)[1:].reshape(20, spec.hidden_dim)
+    shifted[...] = xd
+    with pytest.raises(ValueError, match="aligned"):
+        k(shifted, packed, out=out)
     bad = np.zeros((20, spec.top_k), np.int32)
     bad[4, 1] = spec.num_experts
     with pytest.raises(ValueError, match="topk_ids"):

@@ -23,8 +23,9 @@ from ..errors import SpecError
 from ..spec import MoESpec
 from . import cuda_tiles
 from .base import STAGES, Artifact, Sources
-from .cuda_workspace import (GROUP_BLOCK_UNITS, GROUP_UNIT_SLOTS, ROUTE_WARPS, RT_THREADS_DEFAULT,
-                             Workspace, capacity_for, storage_dtype, vec_width)
+from .cuda_workspace import (GROUP_BLOCK_UNITS, GROUP_UNIT_SLOTS, ROUTE_MMA_SMEM,
+                             ROUTE_MMA_THREADS, ROUTE_WARPS, RT_THREADS_DEFAULT, Workspace,
+                             capacity_for, storage_dtype, vec_width)
 
 log = logging.getLogger("moegen.cuda")
 
@@ -105,14 +106,15 @@ class CudaBackend:
 
     # -- target and toolchain --------------------------------------------------------------
     def target(self, spec: MoESpec) -> str:
-        """spec.arch, else the current device's ``sm_XY``, else MOEGEN_CUDA_ARCH; SpecError
-        when none of them says."""
+        """spec.arch, else the current device's target (``sm_90a`` on Hopper, so the prefill
+        GEMMs may use wgmma; ``sm_XY`` elsewhere), else MOEGEN_CUDA_ARCH; SpecError when none
+        of them says."""
         if spec.arch:
             return spec.arch
         try:
             import cupy
             if cupy.cuda.runtime.getDeviceCount() > 0:
-                return f"sm_{cupy.cuda.Device().compute_capability}"
+                return cuda_tiles.preferred_arch(cupy.cuda.Device().compute_capability)
         except Exception:  # noqa: BLE001 - no CuPy, driver or device: fall through
             pass
         arch = settings.cuda_arch()
@@ -197,6 +199,8 @@ class CudaModule:
         names = ["moe_route_logits_gemv", "moe_route_logits_tiled", "moe_route_select",
                  "moe_group_single", "moe_group_count", "moe_group_scan", "moe_group_scatter",
                  "moe_count_bad_ids", "moe_combine"]
+        if cuda_tiles.use_mma(self.spec):
+            names.append("moe_route_logits_mma")
         for cfg in self.buckets:
             names += [cfg.ffn1_kernel, cfg.ffn2_kernel]
         return list(dict.fromkeys(names))
@@ -220,6 +224,11 @@ class CudaModule:
         """CuPy arrays as they are; torch tensors and __cuda_array_interface__ objects as
         zero-copy CuPy views of their memory (bf16 as uint16); the source object stays alive
         as the memory's owner."""
+        align = self._alignment(info)
+        if info.ptr % align:
+            raise ValueError(f"a {info.dtype} device array of shape {tuple(info.shape)} starts at "
+                             f"{info.ptr:#x}, not {align}-byte aligned (a sliced view?): the cuda "
+                             f"kernels use {align}-byte loads; pass a fresh contiguous array")
         if info.kind == "cupy":
             return info.obj
         if info.kind not in ("torch", "cuda_array_interface"):
@@ -231,6 +240,15 @@ class CudaModule:
             return cp.empty(info.shape, dtype)       # no memory to view (and no allocation)
         mem = cp.cuda.UnownedMemory(info.ptr, n * dtype.itemsize, info.obj, self.device.id)
         return cp.ndarray(info.shape, dtype, cp.cuda.MemoryPointer(mem, 0))
+
+    def _alignment(self, info) -> int:
+        """Byte alignment the kernels need of an array's data: activations are read in vectors
+        (and by cp.async in the tensor-core GEMMs), everything else element by element."""
+        if info.dtype != self.spec.dtype:
+            return 4
+        dt = self.spec.dt
+        return max(vec_width(self.spec.hidden_dim, dt.itemsize) * dt.itemsize,
+                   cuda_tiles.x_alignment(self.spec))
 
     def empty_like(self, info):
         """An uninitialised array of the user's kind: torch in -> torch out, else CuPy."""
@@ -320,13 +338,16 @@ class CudaModule:
         if T == 0:
             return
         router = call.packed.router
-        if p.route_gemv:
-            self.function("moe_route_logits_gemv")(
-                p.route_grid, (ROUTE_WARPS * 32,), (call.x, router, ws.logits, np.int32(T)))
+        fn = self.function(p.route_kernel)
+        if p.route_kernel == "moe_route_logits_gemv":
+            fn(p.route_grid, (ROUTE_WARPS * 32,), (call.x, router, ws.logits, np.int32(T)))
+        elif p.route_kernel == "moe_route_logits_mma":
+            fn(p.route_grid, (ROUTE_MMA_THREADS,),
+               (call.x, router, ws.logits, np.int32(T), np.int32(p.route_k_chunk)),
+               shared_mem=ROUTE_MMA_SMEM)
         else:
-            self.function("moe_route_logits_tiled")(
-                p.route_grid, (RT_THREADS_DEFAULT,),
-                (call.x, router, ws.logits, np.int32(T), np.int32(p.route_k_chunk)))
+            fn(p.route_grid, (RT_THREADS_DEFAULT,),
+               (call.x, router, ws.logits, np.int32(T), np.int32(p.route_k_chunk)))
         self.function("moe_route_select")(
             (p.select_blocks,), (ROUTE_WARPS * 32,),
             (ws.logits, np.int32(p.route_splits), _arg(call.router_bias), ws.topk_ids,

@@ -20,6 +20,9 @@ ROUTE_WARPS = 8            # = ROUTE_WARPS
 RT_TM = RT_TN = 64         # = RT_TM, RT_TN
 RT_TK = 32                 # = RT_TK
 RT_THREADS_DEFAULT = 256   # = RT_THREADS
+ROUTE_MMA_THREADS = 128    # = RouteTile::kThreads (route_mma.cu.jinja)
+ROUTE_MMA_SMEM = 3 * (RT_TM + RT_TN) * 128    # = RouteTile::kSmem: 3 stages of 64-wide k tiles
+ROUTE_MMA_BK = 64          # = RouteTile::kBK
 ROUTE_MAX_SPLITS = 8       # split-K of the router GEMM (partials summed by the select kernel)
 # Group: one block up to this many slots, the three-launch path above.
 GROUP_SINGLE_MAX_SLOTS = 8192
@@ -55,7 +58,7 @@ def vec_width(n: int, itemsize: int) -> int:
 class Plan:
     """Launch shapes of one token count (host-side integers only)."""
     tokens: int
-    route_gemv: bool
+    route_kernel: str          # moe_route_logits_{gemv,tiled,mma}
     route_grid: tuple
     route_splits: int
     route_k_chunk: int
@@ -66,19 +69,25 @@ class Plan:
 
 
 def make_plan(spec: MoESpec, tokens: int, sms: int) -> Plan:
+    """Launch shapes for ``tokens`` tokens on a GPU of ``sms`` multiprocessors."""
     E, H = spec.num_experts, spec.hidden_dim
     kt = spec.top_k + spec.num_shared_experts
     vec = vec_width(H, spec.dt.itemsize)
     if tokens <= GEMV_MAX_TOKENS:
-        gemv, grid, splits, chunk = True, (_cdiv(E, ROUTE_WARPS), max(1, _cdiv(tokens, GEMV_TOKENS)), 1), 1, H
+        kernel, grid, splits, chunk = "moe_route_logits_gemv", (_cdiv(E, ROUTE_WARPS), max(1, _cdiv(tokens, GEMV_TOKENS)), 1), 1, H
     else:
+        # tensor cores when the expert GEMMs have their main loop in the cubin (fp16/bf16,
+        # 16-byte rows); split-K over H when the token x expert tiles cannot fill the GPU
+        mma = cuda_tiles.use_mma(spec)
+        step = ROUTE_MMA_BK if mma else RT_TK
         tiles = _cdiv(tokens, RT_TM) * _cdiv(E, RT_TN)
         want = min(ROUTE_MAX_SPLITS, max(1, _cdiv(2 * sms, tiles)), max(1, H // 256))
-        chunk = _cdiv(_cdiv(H, want), RT_TK) * RT_TK
+        chunk = _cdiv(_cdiv(H, want), step) * step
         splits = _cdiv(H, chunk)
-        gemv, grid = False, (_cdiv(tokens, RT_TM), _cdiv(E, RT_TN), splits)
+        kernel = "moe_route_logits_mma" if mma else "moe_route_logits_tiled"
+        grid = (_cdiv(tokens, RT_TM), _cdiv(E, RT_TN), splits)
     slots = tokens * kt
-    return Plan(tokens=tokens, route_gemv=gemv, route_grid=grid, route_splits=splits,
+    return Plan(tokens=tokens, route_kernel=kernel, route_grid=grid, route_splits=splits,
                 route_k_chunk=chunk,
                 select_blocks=max(1, min(_cdiv(tokens, ROUTE_WARPS), 4 * sms)),
                 group_single=slots <= GROUP_SINGLE_MAX_SLOTS,
