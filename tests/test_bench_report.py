@@ -123,3 +123,13 @@ def test_machine_info_cpu():
     info = report.machine_info("cpu")
     for key in ("platform", "python", "cpu", "cpus", "moegen", "numpy", "threads"):
         assert key in info
+
+
+def test_plot_draws_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    from moegen.bench.plot import plot
+    path = plot([_point(), _point(tokens=64), _point(shape="other", tokens=8)], str(tmp_path / "p.png"))
+    data = (tmp_path / "p.png").read_bytes()
+    assert path.endswith("p.png") and data[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="no measured points"):
+        plot([_point(tokens=0)], str(tmp_path / "q.png"))

@@ -52,12 +52,14 @@ def plot(points: list[dict], path: str, title: str = "") -> str:
     cols = min(2, n)
     rows = math.ceil(n / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 4.2 * rows), squeeze=False)
-    style = {"floor": dict(color="black", linestyle="--"), "moegen": dict(color="C3", linewidth=2.2)}
+    style = {"floor": dict(color="black", linestyle="--"), "moegen": dict(color="C3", linewidth=2.2),
+             "naive": dict(color="C2"), "grouped_mm": dict(color="C0"), "numpy": dict(color="C4"),
+             "triton": dict(color="C1")}
     for ax, (shape, lines) in zip(axes.flat, data.items()):
         for i, (name, pts) in enumerate(sorted(lines.items(), key=lambda kv: kv[0] != "moegen")):
             pts.sort()
             ax.plot([t for t, _ in pts], [v for _, v in pts], marker="o", markersize=3,
-                    label=name, **style.get(name, dict(color=f"C{i}")))
+                    label=name, **style.get(name, dict(color=f"C{5 + i % 5}")))
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_title(shape)
