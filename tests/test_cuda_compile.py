@@ -125,3 +125,35 @@ def test_import_without_cupy():
             "print('ok')")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr
+
+
+# -- launch plans (host integers only) --------------------------------------------------------
+@pytest.mark.parametrize("spec", [MoESpec(8, 2, 512, 2048, dtype="bfloat16"),
+                                  MoESpec(256, 8, 7168, 2048, dtype="bfloat16"),
+                                  MoESpec(2, 1, 100, 1000, dtype="float32"),
+                                  MoESpec(64, 6, 1000, 1408, dtype="float16", num_shared_experts=2)],
+                         ids=lambda s: s.name)
+@pytest.mark.parametrize("T", [0, 1, 16, 17, 63, 64, 65, 4096, 16384])
+def test_plan_covers_every_token_expert_and_h(spec, T):
+    from moegen.backends import cuda_tiles
+    from moegen.backends.cuda_workspace import (GEMV_MAX_TOKENS, GEMV_TOKENS, GROUP_SINGLE_MAX_SLOTS,
+                                                GROUP_UNIT_SLOTS, ROUTE_MAX_SPLITS, ROUTE_WARPS,
+                                                RT_TM, RT_TN, make_plan, vec_width)
+    p = make_plan(spec, T, sms=132)
+    E, H = spec.num_experts, spec.hidden_dim
+    gx, gy, gz = (tuple(p.route_grid) + (1,))[:3]
+    if T <= GEMV_MAX_TOKENS:
+        assert p.route_kernel == "moe_route_logits_gemv" and p.route_splits == 1
+        assert gx * ROUTE_WARPS >= E and gy * GEMV_TOKENS >= T
+    else:
+        mma = cuda_tiles.use_mma(spec)
+        assert p.route_kernel == ("moe_route_logits_mma" if mma else "moe_route_logits_tiled")
+        assert gx * RT_TM >= T and gy * RT_TN >= E and gz == p.route_splits <= ROUTE_MAX_SPLITS
+        # the splits cover H exactly once, each a whole number of k tiles
+        assert p.route_k_chunk % (64 if mma else 32) == 0
+        assert (p.route_splits - 1) * p.route_k_chunk < H <= p.route_splits * p.route_k_chunk
+    slots = T * (spec.top_k + spec.num_shared_experts)
+    assert p.group_single == (slots <= GROUP_SINGLE_MAX_SLOTS)
+    assert p.group_units * GROUP_UNIT_SLOTS >= slots
+    vec = vec_width(H, spec.dt.itemsize)
+    assert p.combine_blocks * 256 * vec >= T * H

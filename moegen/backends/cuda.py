@@ -305,7 +305,7 @@ class CudaModule:
             return contextlib.nullcontext()
         try:
             return self.xp.cuda.Stream.from_external(ts)      # CuPy >= 14: the stream protocol
-        except (AttributeError, TypeError):
+        except Exception:  # noqa: BLE001 - older CuPy or torch without __cuda_stream__
             return self.xp.cuda.ExternalStream(ts.cuda_stream, owner.device.index or 0)
 
     # -- stages --------------------------------------------------------------------------------
