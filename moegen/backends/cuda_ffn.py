@@ -47,11 +47,18 @@ def _grid(tile, m_tiles: int, n_tiles: int, splits: int) -> tuple[int, int, int]
     return (m_tiles, n_tiles, splits)
 
 
+# Functions whose dynamic shared-memory limit is already raised (held, so ids stay unique).
+_RAISED: dict[int, object] = {}
+
+
 def _kernel(module, name: str, smem: int):
     fn = module.function(name)
-    if smem > 48 * 1024 and fn.max_dynamic_shared_size_bytes < smem:
-        # Above 48 KB a kernel must opt in to more dynamic shared memory (once per function).
-        fn.max_dynamic_shared_size_bytes = smem
+    if smem > 48 * 1024 and id(fn) not in _RAISED:
+        # Above 48 KB a kernel must opt in to more dynamic shared memory, once per function
+        # (one driver call; not repeated per launch).
+        if fn.max_dynamic_shared_size_bytes < smem:
+            fn.max_dynamic_shared_size_bytes = smem
+        _RAISED[id(fn)] = fn
     return fn
 
 
