@@ -97,3 +97,36 @@ def test_cpu_baselines_match_reference(spec):
 def test_baselines_skipped_without_logical_weights():
     bases, notes = B.build(MoESpec(4, 2, 8), {"w1": None}, "numpy", "cpu")
     assert bases == [] and notes
+
+
+@pytest.mark.parametrize("spec", [MoESpec(4, 2, 16, 24, dtype="bfloat16"),
+                                  MoESpec(3, 2, 16, 8, dtype="float16", bias=True, num_shared_experts=1),
+                                  MoESpec(3, 1, 8, 16, dtype="bfloat16", activation="relu")],
+                         ids=lambda s: s.name)
+def test_torch_weight_path_packs_and_runs_like_the_gpu_one(spec):
+    """The GPU path (torch weights with W1/W3 as views of w13, device_pack with torch ops, the
+    torch baselines) run on CPU tensors: bytes equal pack_host's, baselines within tolerance."""
+    torch = pytest.importorskip("torch")
+    from moegen.arrays import host
+    from moegen.bench.problems import torch_logical
+    logical = torch_logical(spec, 7, torch, device="cpu")
+    if spec.gated:
+        assert logical["w1"].data_ptr() == logical["w13"].data_ptr()     # views, no copy
+    lay = PackedLayout(spec, "nk", "nk", 8 if spec.gated and spec.ffn_dim % 8 == 0 else 0, "eh")
+    tdt = {"bfloat16": torch.bfloat16, "float16": torch.float16}[spec.dtype]
+    buf, r = device_pack(lay, logical, lambda shape: torch.zeros(shape, dtype=tdt))
+    np_logical = {k: (None if v is None else host(v)) for k, v in logical.items() if k != "w13"}
+    want_buf, want_router = pack_host(lay, np_logical)
+    np.testing.assert_array_equal(host(buf).view(np.uint16), want_buf.view(np.uint16))
+    np.testing.assert_array_equal(host(r).view(np.uint16), want_router.view(np.uint16))
+
+    T = 11
+    x = (torch.randn(T, spec.hidden_dim, generator=torch.Generator().manual_seed(1))).to(tdt)
+    ids, wts, _, _ = R.route(spec, host(x), np_logical["router"])
+    wts = wts.astype(np.float32)
+    bases, _ = B.build(spec, logical, "torch", "cpu", ("naive", "grouped_mm"))
+    assert [b.name for b in bases] == ["naive", "grouped_mm"]
+    for b in bases:
+        y = b.run(x, B.to_torch(ids, "cpu"), B.to_torch(wts, "cpu"))
+        assert y.dtype == tdt and tuple(y.shape) == (T, spec.hidden_dim)
+        assert subset_error(spec, y, x, logical, ids, wts, rows=T) <= spec.dt.tolerance, b.name

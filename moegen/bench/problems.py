@@ -124,7 +124,7 @@ def make_weights(kernel, seed: int = 0, keep_logical: bool = True) -> Weights:
     probe = module.to_device(np.ones(1, dtype=spec.dt.numpy))
     torch = _torch_cuda()
     if torch is not None:
-        logical = _torch_logical(spec, seed, torch)
+        logical = torch_logical(spec, seed, torch)
         tdt = _torch_dtype(torch, spec.dtype)
         buf, router = device_pack(kernel.layout, logical,
                                   lambda shape: torch.zeros(shape, dtype=tdt, device="cuda"))
@@ -160,10 +160,10 @@ def _shapes(spec: MoESpec) -> dict:
     return s
 
 
-def _torch_logical(spec: MoESpec, seed: int, torch) -> dict:
-    """Logical weights as torch CUDA tensors.  Gated W1/W3 are views of one stacked ``w13``
-    [n, 2F, H] (vLLM's layout), so the grouped_mm and Triton baselines need no extra copy."""
-    gen = torch.Generator(device="cuda").manual_seed(seed)
+def torch_logical(spec: MoESpec, seed: int, torch, device: str = "cuda") -> dict:
+    """Logical weights as torch tensors on ``device``.  Gated W1/W3 are views of one stacked
+    ``w13`` [n, 2F, H] (vLLM's layout), so the grouped_mm and Triton baselines need no copy."""
+    gen = torch.Generator(device=device).manual_seed(seed)
     tdt = _torch_dtype(torch, spec.dtype)
     out = dict.fromkeys(LOGICAL_KEYS)
     scales = _scales(spec)
@@ -174,10 +174,10 @@ def _torch_logical(spec: MoESpec, seed: int, torch) -> dict:
         shapes.pop("w3")
         shapes["w13"] = (n, 2 * F, H)
     for name, shape in shapes.items():
-        t = torch.empty(shape, dtype=tdt, device="cuda")
+        t = torch.empty(shape, dtype=tdt, device=device)
         scale = scales.get(name, scales["w1"])
         for e in range(shape[0]):          # one expert at a time: no fp32 copy of everything
-            t[e] = (torch.randn(shape[1:], generator=gen, device="cuda") * scale).to(tdt)
+            t[e] = (torch.randn(shape[1:], generator=gen, device=device) * scale).to(tdt)
         out[name] = t
     if spec.gated:
         out["w1"], out["w3"] = out["w13"][:, :F], out["w13"][:, F:]

@@ -197,7 +197,15 @@ def workspace_bytes(ws) -> int:
 
 
 def _memory(kernel, whole, T, device, calls: int = 5) -> dict:
-    """Allocations made by ``calls`` calls after the first, and memory in use."""
+    """Allocations made by ``calls`` calls after the first, and memory in use.
+
+    GPU: ``allocs_per_call``/``alloc_bytes_per_call`` (CuPy pool mallocs, target 0),
+    ``device_pool_used_bytes`` (CuPy pool in use: workspaces, outputs), with torch also
+    ``torch_allocs_per_call``, ``torch_peak_bytes`` (peak of torch's allocator during the calls,
+    weights and inputs included) and ``torch_call_extra_bytes`` (that peak above what was
+    allocated before the calls).  CPU: ``host_peak_bytes_per_call`` (tracemalloc peak above the
+    start, all Python/NumPy heap) and ``numpy_blocks_kept`` (NumPy blocks still alive after).
+    """
     ws = kernel.module.workspace(T)
     out = {"workspace_bytes": workspace_bytes(ws), "calls": calls}
     if device == "cpu":
@@ -232,12 +240,13 @@ def _memory(kernel, whole, T, device, calls: int = 5) -> dict:
             self.mallocs += 1
             self.nbytes += int(kw.get("size", 0))
 
-    torch_stats = None
+    torch_stats, torch_before = None, 0
     try:
         import torch
         if torch.cuda.is_available():
             torch_stats = torch.cuda.memory_stats
             torch.cuda.reset_peak_memory_stats()
+            torch_before = torch.cuda.memory_allocated()
     except ImportError:
         pass
     before = torch_stats().get("allocation.all.allocated", 0) if torch_stats else 0
@@ -252,5 +261,6 @@ def _memory(kernel, whole, T, device, calls: int = 5) -> dict:
     if torch_stats:
         stats = torch_stats()
         out["torch_allocs_per_call"] = (stats.get("allocation.all.allocated", 0) - before) / calls
-        out["torch_peak_bytes"] = torch.cuda.max_memory_allocated()
+        out["torch_peak_bytes"] = torch.cuda.max_memory_allocated()      # weights and inputs too
+        out["torch_call_extra_bytes"] = out["torch_peak_bytes"] - torch_before
     return out
