@@ -244,7 +244,7 @@ class CudaModule:
     def _alignment(self, info) -> int:
         """Byte alignment the kernels need of an array's data: activations are read in vectors
         (and by cp.async in the tensor-core GEMMs), everything else element by element."""
-        if info.dtype != self.spec.dtype:
+        if info.dtype != self.spec.dtype or not info.shape or info.shape[-1] != self.spec.hidden_dim:
             return 4
         dt = self.spec.dt
         return max(vec_width(self.spec.hidden_dim, dt.itemsize) * dt.itemsize,
