@@ -192,6 +192,10 @@ def bench(matrix, shapes, experts, topk, hidden, ffn, tokens, dtype, activation,
         peaks = ", ".join(f"{k} {v / 1e12:.2f} TFLOP/s" for k, v in c["peak"].items())
         click.echo(f"ceilings ({d}, {'measured' if c['measured'] else 'given'}): copy "
                    f"{c['bandwidth'] / 1e9:.1f} GB/s; matrix {peaks}")
+    if matrix == "targets" or any(lbl in mx.SHAPES for lbl, _ in specs):
+        summary = report.targets_summary(points)
+        if summary:
+            click.echo(summary)
     for n in cfg.notes:
         click.echo(f"note: {n}")
     click.echo(f"total {time.perf_counter() - t0:.1f}s")

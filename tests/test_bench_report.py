@@ -133,3 +133,22 @@ def test_plot_draws_a_png(tmp_path):
     assert path.endswith("p.png") and data[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="no measured points"):
         plot([_point(tokens=0)], str(tmp_path / "q.png"))
+
+
+def test_targets_summary_counts_and_lists_misses():
+    fast = _point(shape="mixtral-8x7b", tokens=8,
+                  moegen=dict(_profile(total=1.0), frac_of_floor=0.97, memory={"allocs_per_call": 0}),
+                  baselines={"grouped_mm": {"ms": 1.5, "min_ms": 1.4, "repeats": 3, "err": 0.0, "note": ""}})
+    slow = _point(shape="mixtral-8x7b", tokens=16384,
+                  moegen=dict(_profile(total=20.0), frac_of_floor=0.8, memory={"allocs_per_call": 2}),
+                  baselines={"grouped_mm": {"ms": 19.0, "min_ms": 18.0, "repeats": 3, "err": 0.0, "note": ""}})
+    tiny = _point(shape="seed-small", tokens=1, moegen=dict(_profile(total=0.015), graph_ms=None),
+                  baselines={})
+    text = report.targets_summary([fast, slow, tiny, _point(moegen=None, skipped="x")])
+    lines = dict(line.split(": ", 1) for line in text.splitlines())
+    assert lines["target 1 faster than grouped_mm"].startswith("1/2 met; misses: mixtral-8x7b T=16384")
+    assert lines["target 2 weight-bound >= 0.95 of floor"] == "1/1 met"
+    assert lines["target 3 compute-bound >= 0.85 of floor"].startswith("0/1 met")
+    assert lines["target 4 seed-small call < 20 us"] == "1/1 met"
+    assert lines["target 4 seed-small graph replay < 10 us"].startswith("0/1 met")
+    assert lines["target 6 no allocation per call"] == "2/3 met; misses: mixtral-8x7b T=16384 (2)"

@@ -282,6 +282,55 @@ def markdown(points: list[dict], baselines: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _target_checks(p: dict) -> list[tuple[str, bool, str]]:
+    """(target, met, detail) for one measured TARGETS.md point (TARGETS.md "Targets")."""
+    m, shape, T = p["moegen"], p["shape"], p["tokens"]
+    ms, frac = m["total_ms"], m.get("frac_of_floor") or 0.0
+    out = []
+    for name in ("grouped_mm", "triton"):
+        b = (p.get("baselines") or {}).get(name, {}).get("ms")
+        if b:
+            out.append((f"1 faster than {name}", ms < b, f"{ms:.4g} vs {b:.4g} ms"))
+    weight_bound = (shape in ("mixtral-8x7b", "deepseek-v3") and T <= 64) or (
+        shape == "qwen3-30b-a3b" and T <= 512)
+    compute_bound = (shape == "mixtral-8x7b" and T >= 4096) or T == 16384
+    if weight_bound:
+        out.append(("2 weight-bound >= 0.95 of floor", frac >= 0.95, f"{frac:.2f}"))
+    if compute_bound:
+        out.append(("3 compute-bound >= 0.85 of floor", frac >= 0.85, f"{frac:.2f}"))
+    if shape == "seed-small" and T <= 64:
+        out.append(("4 seed-small call < 20 us", ms < 0.020, f"{ms * 1e3:.1f} us"))
+        g = m.get("graph_ms")
+        out.append(("4 seed-small graph replay < 10 us", g is not None and g < 0.010,
+                    "no graph" if g is None else f"{g * 1e3:.1f} us"))
+    allocs = (m.get("memory") or {}).get("allocs_per_call")
+    if allocs is not None:
+        out.append(("6 no allocation per call", allocs == 0, f"{allocs:g}"))
+    return out
+
+
+def targets_summary(points: list[dict]) -> str:
+    """How many TARGETS.md targets each measured point meets, with the misses listed."""
+    tally: dict[str, list] = {}
+    for p in points:
+        if not p.get("moegen"):
+            continue
+        for target, met, detail in _target_checks(p):
+            t = tally.setdefault(target, [0, 0, []])
+            t[0] += met
+            t[1] += 1
+            if not met:
+                t[2].append(f"{p['shape']} T={p['tokens']} ({detail})")
+    lines = []
+    for target in sorted(tally):
+        met, n, misses = tally[target]
+        line = f"target {target}: {met}/{n} met"
+        if misses:
+            line += "; misses: " + ", ".join(misses)
+        lines.append(line)
+    return "\n".join(lines)
+
+
 def startup_table(rows: list[dict]) -> str:
     """Table of `moegen.bench.startup` rows."""
     cols = [("backend", 8), ("spec", 34), ("import ms", 10), ("warm callable ms", 17),
