@@ -63,16 +63,24 @@ def test_bad_options_exit_nonzero_with_a_message(run, args, msg):
     assert msg in res.output
 
 
-def test_plot_without_matplotlib_says_so(run, tmp_path):
-    try:
-        import matplotlib  # noqa: F401
-        pytest.skip("matplotlib installed: the plot is drawn")
-    except ImportError:
-        pass
+def test_plot_without_matplotlib_says_so(run, tmp_path, monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "matplotlib", None)      # import matplotlib -> ImportError
     res = run(*TINY, "--tokens", "2", "--no-baselines", "--plot", str(tmp_path / "p.png"))
     assert res.exit_code == 0
     assert "plot not drawn: matplotlib is not installed" in res.output
     assert not (tmp_path / "p.png").exists()
+
+
+def test_plot_and_markdown_written(run, tmp_path):
+    pytest.importorskip("matplotlib")
+    res = run(*TINY, "--tokens", "1,3", "--no-baselines", "--plot", str(tmp_path / "p.png"),
+              "--markdown", str(tmp_path / "t.md"))
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+    md = (tmp_path / "t.md").read_text().splitlines()
+    assert md[0].startswith("| shape | T | floor ms | moegen ms |")
+    assert md[2].startswith("| e4k2h32f24-fp32 | 1 |")
 
 
 def test_startup_alone(run, tmp_path):
