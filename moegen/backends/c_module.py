@@ -43,6 +43,25 @@ def _ptr(a) -> int:
     return a.__array_interface__["data"][0]
 
 
+ALIGN = 64           # bytes: a cache line, so no SIMD load of a row start is split in two
+
+
+def aligned_empty(shape, dtype) -> np.ndarray:
+    """An uninitialised C-contiguous array whose data starts on a cache line (NumPy's own
+    allocations start 16 bytes into one, so every other 32-byte load would straddle two)."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(nbytes + ALIGN, np.uint8)
+    start = (-raw.ctypes.data) % ALIGN
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
+def aligned_zeros(shape, dtype) -> np.ndarray:
+    a = aligned_empty(shape, dtype)
+    a.fill(0)
+    return a
+
+
 def bucket_of(tokens: int) -> int:
     """The workspace bucket of a token count: the next power of two >= tokens (>= 1)."""
     return 1 << max(0, int(tokens) - 1).bit_length()
@@ -56,16 +75,16 @@ class _Buffers:
                          spec.hidden_dim, spec.ffn_dim)
         B = bucket
         self.bucket = B
-        self.ids = np.zeros((B, K), np.int32)
-        self.weights = np.zeros((B, K), np.float32)
-        self.counts = np.zeros(E, np.int32)
-        self.offsets = np.zeros(E + 1, np.int32)
-        self.order = np.zeros(B * K, np.int32)
-        self.router_sums = np.zeros(E + 1, np.float32)
-        self.partials = np.zeros(((B + ROUTE_CHUNK - 1) // ROUTE_CHUNK, E + 1), np.float64)
-        self.xf = np.empty((B, H), np.float32)              # tokens in fp32
-        self.h = np.empty((B * (K + S), F), np.float32)     # one row per sorted slot
-        self.y = np.empty((B * (K + S), H), np.float32)     # one row per slot
+        self.ids = aligned_zeros((B, K), np.int32)
+        self.weights = aligned_zeros((B, K), np.float32)
+        self.counts = aligned_zeros(E, np.int32)
+        self.offsets = aligned_zeros(E + 1, np.int32)
+        self.order = aligned_zeros(B * K, np.int32)
+        self.router_sums = aligned_zeros(E + 1, np.float32)
+        self.partials = aligned_zeros(((B + ROUTE_CHUNK - 1) // ROUTE_CHUNK, E + 1), np.float64)
+        self.xf = aligned_empty((B, H), np.float32)              # tokens in fp32
+        self.h = aligned_empty((B * (K + S), F), np.float32)     # one row per sorted slot
+        self.y = aligned_empty((B * (K + S), H), np.float32)     # one row per slot
         self.ptr = {name: _ptr(getattr(self, name)) for name in
                     ("ids", "weights", "counts", "offsets", "order", "router_sums", "partials",
                      "xf", "h", "y")}
@@ -120,7 +139,12 @@ class CModule:
 
     # -- arrays ------------------------------------------------------------------------------
     def to_device(self, host_array) -> np.ndarray:
-        return np.ascontiguousarray(host_array)
+        """A cache-line-aligned C-contiguous copy (packed segments are 64-byte aligned
+        relative to the buffer start, so this aligns every weight row that can be)."""
+        host = np.asarray(host_array)
+        out = aligned_empty(host.shape, host.dtype)
+        out[...] = host
+        return out
 
     def native(self, info) -> np.ndarray:
         """The NumPy array behind a validated ArrayInfo (a zero-copy view of a torch CPU tensor)."""
