@@ -55,7 +55,7 @@ def test_whole_cubin_compiles(name):
     # every kernel the module will look up is in the cubin
     from moegen.backends import cuda_tiles
     names = ["moe_route_logits_gemv", "moe_route_logits_tiled", "moe_route_select",
-             "moe_group_single", "moe_group_count", "moe_group_scan", "moe_group_scatter",
+             "moe_route_select_group", "moe_group_single", "moe_group_count", "moe_group_scan", "moe_group_scatter",
              "moe_count_bad_ids", "moe_combine"]
     if cuda_tiles.use_mma(spec):
         names.append("moe_route_logits_mma")
@@ -153,6 +153,7 @@ def test_plan_covers_every_token_expert_and_h(spec, T):
         assert p.route_k_chunk % (64 if mma else 32) == 0
         assert (p.route_splits - 1) * p.route_k_chunk < H <= p.route_splits * p.route_k_chunk
     slots = T * (spec.top_k + spec.num_shared_experts)
+    assert p.fused_route_group == (0 < T <= 16)
     assert p.group_single == (slots <= GROUP_SINGLE_MAX_SLOTS)
     assert p.group_units * GROUP_UNIT_SLOTS >= slots
     vec = vec_width(H, spec.dt.itemsize)

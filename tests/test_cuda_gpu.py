@@ -295,6 +295,22 @@ def test_group_stable_padded(name, T, skew):
     check_group(spec, ids, ws)
 
 
+@pytest.mark.parametrize("T", (1, 5, 16))
+@pytest.mark.parametrize("name", ["e8-k2-h512-f2048-bf16-swiglu", "e256-k8-h256-f128-bf16-sigmoid-g8-tg4-sh1",
+                                  "e16-k2-h64-f64-fp16-sigmoid-sh2", "e64-k6-h1000-f1408-fp16-geglu-topksm-bias"])
+def test_fused_route_group_at_decode_sizes(name, T):
+    """Few tokens: one launch selects the experts and builds the grouped layout; both outputs
+    match the reference (the routing) and the stable padded sort of that routing."""
+    spec, k, x, w, packed, bias, xd = problem(name, T, seed=40 + T)
+    ws = k.module.workspace(T)
+    assert ws.plan.fused_route_group
+    for a in (ws.sorted_rows, ws.tile_expert, ws.tile_row0, ws.counts, ws.offsets):
+        a.fill(-7)
+    ids, wts = k.route(xd, packed, router_bias=cp.asarray(bias))
+    check_routing(spec, x, w, bias, cp.asnumpy(ids), cp.asnumpy(wts))
+    check_group(spec, cp.asnumpy(ids), ws)
+
+
 # -- the whole layer ------------------------------------------------------------------------
 def run_layer(name, T, seed=0, use_torch=False):
     spec, k, x, w, packed, bias, xd = problem(name, T, seed=seed, use_torch=use_torch)

@@ -29,15 +29,15 @@ from .cuda_workspace import (GROUP_BLOCK_UNITS, GROUP_UNIT_SLOTS, ROUTE_MMA_SMEM
 
 log = logging.getLogger("moegen.cuda")
 
-# Shared memory the one-block group kernel may use for its per-warp counts (of the 48 KB
-# static limit, leaving room for its three per-expert arrays).
-_GROUP_SMEM_INTS = 12288
+# 48 KB of static shared memory, in 4-byte words: the one-block group kernels keep per-warp
+# count rows [warps][E_TOTAL], three [E_TOTAL] arrays and (fused with route) E + 1 sums.
+_SMEM_WORDS = 12288
 
 
-def _group_warps(experts_total: int) -> int:
-    """Warps of the one-block group kernel: a power of two <= 32 whose per-warp count rows fit
-    in static shared memory next to the three per-expert arrays."""
-    fit = _GROUP_SMEM_INTS // experts_total - 3
+def _group_warps(num_experts: int, experts_total: int) -> int:
+    """Warps of the one-block group kernels: a power of two <= 32 whose per-warp count rows fit
+    in static shared memory beside the per-expert arrays."""
+    fit = (_SMEM_WORDS - 3 * experts_total - (num_experts + 1)) // experts_total
     w = 32
     while w > 1 and w > fit:
         w //= 2
@@ -98,7 +98,7 @@ class CudaBackend:
             "n_group": spec.n_group,
             "topk_group": spec.topk_group,
             "VEC_H": vec_width(spec.hidden_dim, dt.itemsize),
-            "GROUP_WARPS": _group_warps(et),
+            "GROUP_WARPS": _group_warps(spec.num_experts, et),
             "GROUP_UNIT_SLOTS": GROUP_UNIT_SLOTS,
         }
         ctx.update(cuda_tiles.render_context(spec))
@@ -189,6 +189,9 @@ class CudaModule:
         self.buckets = cuda_tiles.bucket_configs(spec)
         self.device = cupy.cuda.Device()
         self.sms = int(self.device.attributes["MultiProcessorCount"])
+        warps = _group_warps(spec.num_experts, spec.num_experts + spec.num_shared_experts)
+        self._group_threads = 32 * warps
+        self._fused_threads = 32 * min(16, warps)      # = FUSED_WARPS in group.cu.jinja
         self._raw = _load_raw_module(cubin)
         self._functions: dict = {}
         self._workspaces: dict = {}
@@ -197,7 +200,7 @@ class CudaModule:
 
     def kernel_names(self) -> list[str]:
         names = ["moe_route_logits_gemv", "moe_route_logits_tiled", "moe_route_select",
-                 "moe_group_single", "moe_group_count", "moe_group_scan", "moe_group_scatter",
+                 "moe_group_single", "moe_route_select_group", "moe_group_count", "moe_group_scan", "moe_group_scatter",
                  "moe_count_bad_ids", "moe_combine"]
         if cuda_tiles.use_mma(self.spec):
             names.append("moe_route_logits_mma")
@@ -348,10 +351,16 @@ class CudaModule:
         else:
             fn(p.route_grid, (RT_THREADS_DEFAULT,),
                (call.x, router, ws.logits, np.int32(T), np.int32(p.route_k_chunk)))
-        self.function("moe_route_select")(
-            (p.select_blocks,), (ROUTE_WARPS * 32,),
-            (ws.logits, np.int32(p.route_splits), _arg(call.router_bias), ws.topk_ids,
-             ws.topk_weights, ws.router_sums, np.int32(T), np.int32(1 if call.want_stats else 0)))
+        select = (ws.logits, np.int32(p.route_splits), _arg(call.router_bias), ws.topk_ids,
+                  ws.topk_weights, ws.router_sums, np.int32(T), np.int32(1 if call.want_stats else 0))
+        if p.fused_route_group:
+            # few tokens: select + the whole group stage in one block (see run_stage("group"))
+            self.function("moe_route_select_group")(
+                (1,), (self._fused_threads,),
+                select + (np.int32(ws.bucket.bm), ws.counts, ws.offsets, ws.sorted_rows,
+                          ws.tile_expert, ws.tile_row0, ws.num_tiles))
+            return
+        self.function("moe_route_select")((p.select_blocks,), (ROUTE_WARPS * 32,), select)
 
     def _group(self, ws, call) -> None:
         T, p, bm = call.tokens, ws.plan, ws.bucket.bm
@@ -359,11 +368,13 @@ class CudaModule:
             for a in (ws.counts, ws.offsets, ws.num_tiles):
                 self._memset(a)
             return
+        if p.fused_route_group and call.topk_ids is None:
+            return                            # the route stage's fused kernel did it
         ids = call.topk_ids if call.topk_ids is not None else ws.topk_ids
         outs = (ws.counts, ws.offsets, ws.sorted_rows, ws.tile_expert, ws.tile_row0, ws.num_tiles)
         if p.group_single:
-            warps = _group_warps(self.spec.num_experts + self.spec.num_shared_experts)
-            self.function("moe_group_single")((1,), (warps * 32,), (ids, np.int32(T), np.int32(bm), *outs))
+            self.function("moe_group_single")((1,), (self._group_threads,),
+                                              (ids, np.int32(T), np.int32(bm), *outs))
             return
         blocks = -(-p.group_units // GROUP_BLOCK_UNITS)
         threads = GROUP_BLOCK_UNITS * 32

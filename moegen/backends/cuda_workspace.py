@@ -24,6 +24,8 @@ ROUTE_MMA_THREADS = 128    # = RouteTile::kThreads (route_mma.cu.jinja)
 ROUTE_MMA_SMEM = 3 * (RT_TM + RT_TN) * 128    # = RouteTile::kSmem: 3 stages of 64-wide k tiles
 ROUTE_MMA_BK = 64          # = RouteTile::kBK
 ROUTE_MAX_SPLITS = 8       # split-K of the router GEMM (partials summed by the select kernel)
+# Route + group in one single-block launch up to this many tokens (0 disables the fusion).
+FUSED_MAX_TOKENS = 16       # ~1 token per warp of the fused block
 # Group: one block up to this many slots, the three-launch path above.
 GROUP_SINGLE_MAX_SLOTS = 8192
 GROUP_UNIT_SLOTS = 512     # = GROUP_UNIT_SLOTS
@@ -63,6 +65,7 @@ class Plan:
     route_splits: int
     route_k_chunk: int
     select_blocks: int
+    fused_route_group: bool    # select + group in one launch (moe_route_select_group)
     group_single: bool
     group_units: int
     combine_blocks: int
@@ -90,6 +93,7 @@ def make_plan(spec: MoESpec, tokens: int, sms: int) -> Plan:
     return Plan(tokens=tokens, route_kernel=kernel, route_grid=grid, route_splits=splits,
                 route_k_chunk=chunk,
                 select_blocks=max(1, min(_cdiv(tokens, ROUTE_WARPS), 4 * sms)),
+                fused_route_group=0 < tokens <= FUSED_MAX_TOKENS and slots <= GROUP_SINGLE_MAX_SLOTS,
                 group_single=slots <= GROUP_SINGLE_MAX_SLOTS,
                 group_units=_cdiv(slots, GROUP_UNIT_SLOTS),
                 combine_blocks=max(1, _cdiv(tokens * (H // vec), COMBINE_THREADS)))
