@@ -24,6 +24,7 @@ ROUTE_MMA_THREADS = 128    # = RouteTile::kThreads (route_mma.cu.jinja)
 ROUTE_MMA_SMEM = 3 * (RT_TM + RT_TN) * 128    # = RouteTile::kSmem: 3 stages of 64-wide k tiles
 ROUTE_MMA_BK = 64          # = RouteTile::kBK
 ROUTE_MAX_SPLITS = 8       # split-K of the router GEMM (partials summed by the select kernel)
+ROUTER_TENSOR_CORES = True # router GEMM on mma.sync when the cubin has the main loop (fp16/bf16)
 # Route + group in one single-block launch up to this many tokens (0 disables the fusion).
 FUSED_MAX_TOKENS = 16       # ~1 token per warp of the fused block
 # Group: one block up to this many slots, the three-launch path above.
@@ -81,7 +82,7 @@ def make_plan(spec: MoESpec, tokens: int, sms: int) -> Plan:
     else:
         # tensor cores when the expert GEMMs have their main loop in the cubin (fp16/bf16,
         # 16-byte rows); split-K over H when the token x expert tiles cannot fill the GPU
-        mma = cuda_tiles.use_mma(spec)
+        mma = ROUTER_TENSOR_CORES and cuda_tiles.use_mma(spec)
         step = ROUTE_MMA_BK if mma else RT_TK
         tiles = _cdiv(tokens, RT_TM) * _cdiv(E, RT_TN)
         want = min(ROUTE_MAX_SPLITS, max(1, _cdiv(2 * sms, tiles)), max(1, H // 256))
