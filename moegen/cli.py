@@ -241,19 +241,13 @@ def env(as_json):
             click.echo(f"  {k:<22} {v}")
 
 
-def _register_optional():
-    """Subcommands that live in their own modules (cache, bench)."""
-    for modname, attr in (("cli_cache", "cache"), ("cli_bench", "bench"), ("cli_tune", "tune")):
-        try:
-            mod = __import__(f"moegen.{modname}", fromlist=[attr])
-        except ModuleNotFoundError as exc:
-            if exc.name != f"moegen.{modname}":
-                raise
-            continue
-        main.add_command(getattr(mod, attr))
+# Subcommands that live in their own modules; imported last because they reuse the spec
+# options defined above.
+from .cli_bench import bench  # noqa: E402
+from .cli_cache import cache  # noqa: E402
 
-
-_register_optional()
+main.add_command(cache)
+main.add_command(bench)
 
 
 if __name__ == "__main__":  # pragma: no cover
