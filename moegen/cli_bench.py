@@ -121,11 +121,13 @@ class _Progress:
               help="Draw time vs tokens per shape (PNG, needs matplotlib).")
 @click.option("--startup", is_flag=True, help="Measure import, warm-start and cold-compile "
               "times in fresh processes (alone unless shapes/grid/matrix are also given).")
+@click.option("--instructions", is_flag=True, help="CPU: also count instructions per call of "
+              "moegen and the CPU baselines under valgrind's callgrind (one thread; slow).")
 @click.option("--no-progress", is_flag=True, help="No progress bar or progress lines.")
 def bench(matrix, shapes, experts, topk, hidden, ffn, tokens, dtype, activation, backend,
           baselines, no_baselines, budget, time_limit, repeats, warmup, rotate, check_rows,
           bandwidth, peak, no_memory, no_graph, threads, seed, json_path, md_path, plot_path, startup,
-          no_progress):
+          instructions, no_progress):
     """Benchmark moegen against its floor and baselines (see `moegen.bench`)."""
     from .bench import matrix as mx
     from .bench import report
@@ -200,9 +202,9 @@ def bench(matrix, shapes, experts, topk, hidden, ffn, tokens, dtype, activation,
         click.echo(f"note: {n}")
     click.echo(f"total {time.perf_counter() - t0:.1f}s")
 
+    rep = report.make_report(report.command_line(), report.machine_info(device), ceils,
+                             points, cfg.notes, startup_rows)
     if json_path:
-        rep = report.make_report(report.command_line(), report.machine_info(device), ceils,
-                                 points, cfg.notes, startup_rows)
         _write(json_path, rep)
         click.echo(f"wrote {json_path}")
     if md_path:
@@ -217,11 +219,41 @@ def bench(matrix, shapes, experts, topk, hidden, ffn, tokens, dtype, activation,
         except (PlotUnavailable, ValueError) as exc:
             click.echo(f"plot not drawn: {exc}", err=True)
 
+    instr_rows = None
+    if instructions:
+        instr_rows = _instructions(specs, token_list, names)
+    if json_path and instr_rows is not None:
+        rep["instructions"] = instr_rows
+        _write(json_path, rep)
+
     bad = _failures(points)
     if bad:
         for line in bad:
             click.echo(f"FAIL: {line}", err=True)
         sys.exit(1)
+
+
+def _instructions(specs, tokens, names) -> list[dict]:
+    """Callgrind instruction counts per c-backend spec (rows gain a ``shape``); a note when
+    callgrind cannot run here."""
+    from .bench import instructions as ins
+    from .jit import resolve
+    contenders = ("moegen",) + tuple(n for n in ("naive", "grouped_mm", "numpy") if n in names)
+    rows = []
+    for label, spec in specs:
+        spec = resolve(spec)
+        if spec.backend != "c":
+            click.echo(f"instructions: {label} skipped (backend {spec.backend}, not c)")
+            continue
+        try:
+            got = ins.measure(spec, tokens, contenders)
+        except (RuntimeError, OSError) as exc:
+            click.echo(f"instructions not counted: {exc}", err=True)
+            return rows
+        click.echo(f"instructions per call, {label} (callgrind, one thread):")
+        click.echo(ins.table(got))
+        rows += [dict(r, shape=label) for r in got]
+    return rows
 
 
 def _set_threads(n: int) -> None:

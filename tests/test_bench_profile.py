@@ -115,3 +115,26 @@ def test_shape_and_grid_specs():
         matrix.shape_specs(["gpt-5"])
     grid = matrix.grid_specs([8, 16], [2], [64], [None], ["float32"], backend="c")
     assert [lbl for lbl, _ in grid] == ["e8k2h64f256-fp32", "e16k2h64f256-fp32"]
+
+
+def test_callgrind_counts_instructions_of_moegen_and_numpy(kernel):
+    from moegen.bench import instructions
+    why = instructions.available()
+    if why:
+        pytest.skip(why)
+    rows = instructions.measure(SPEC, [1, 6], ("moegen", "numpy"))
+    assert [(r["tokens"], r["contender"]) for r in rows] == [(1, "moegen"), (1, "numpy"),
+                                                            (6, "moegen"), (6, "numpy")]
+    by = {(r["tokens"], r["contender"]): r["instructions"] for r in rows}
+    assert all(v and v > 1000 for v in by.values())
+    assert by[(6, "moegen")] > by[(1, "moegen")]          # more tokens, more work
+    text = instructions.table(rows)
+    assert "numpy/moegen" in text.splitlines()[0]
+
+
+def test_parse_dumps_reads_labelled_totals(tmp_path):
+    from moegen.bench.instructions import parse_dumps
+    (tmp_path / "callgrind.out.1.1").write_text(
+        "desc: Trigger: Client Request: moegen@4\nevents: Ir\nsummary: 0\nfn=(1) f\n3 10\ntotals: 12345\n")
+    (tmp_path / "callgrind.out.1").write_text("desc: Trigger: Program termination\ntotals: 0\n")
+    assert parse_dumps(tmp_path) == {"moegen@4": 12345}

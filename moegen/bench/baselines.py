@@ -262,15 +262,16 @@ def build(spec: MoESpec, logical: dict, kind: str, device: str,
     if logical is None or logical.get("w1") is None:
         return out, ["baselines skipped: no logical weights kept"]
     tw = None
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        notes.append("torch not installed: naive and grouped_mm baselines skipped")
-    else:
-        if kind == "cupy":
-            notes.append("torch has no CUDA here: naive and grouped_mm baselines skipped")
+    if any(n in names for n in ("naive", "grouped_mm", "triton")):
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            notes.append("torch not installed: naive and grouped_mm baselines skipped")
         else:
-            tw = torch_weights(logical, kind)
+            if kind == "cupy":
+                notes.append("torch has no CUDA here: naive and grouped_mm baselines skipped")
+            else:
+                tw = torch_weights(logical, kind)
     if tw is not None:
         route = torch_route(spec, tw["router"])
         if "naive" in names:
@@ -281,11 +282,11 @@ def build(spec: MoESpec, logical: dict, kind: str, device: str,
             except (AttributeError, RuntimeError) as exc:
                 notes.append(f"grouped_mm unavailable: {type(exc).__name__}: {exc}")
         if "triton" in names and device == "cuda":
-                try:
-                    out.append(Baseline("triton", device, vllm_triton(spec, tw), None, True,
-                                        "vLLM fused_experts incl. its block-alignment sort"))
-                except Exception as exc:  # noqa: BLE001 - any import failure: say why
-                    notes.append(f"vllm not importable ({type(exc).__name__}: {exc}): triton column empty")
+            try:
+                out.append(Baseline("triton", device, vllm_triton(spec, tw), None, True,
+                                    "vLLM fused_experts incl. its block-alignment sort"))
+            except Exception as exc:  # noqa: BLE001 - any import failure: say why
+                notes.append(f"vllm not importable ({type(exc).__name__}: {exc}): triton column empty")
     if "numpy" in names and device == "cpu" and kind == "numpy":
         out.append(Baseline("numpy", "cpu", numpy_loop(spec, logical),
                             numpy_route(spec, logical["router"]), False))

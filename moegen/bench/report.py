@@ -4,7 +4,8 @@ The JSON report (``--json``) is one object::
 
     {"schema": "moegen-bench/1", "created": ISO-8601 UTC, "command": "moegen bench ...",
      "machine": {...machine_info()...}, "ceilings": {"cpu"|"cuda": Ceilings.as_dict()},
-     "points": [point, ...], "notes": [str, ...], "startup": [row, ...] (optional)}
+     "points": [point, ...], "notes": [str, ...], "startup": [row, ...] (optional),
+     "instructions": [{"shape", "tokens", "contender", "instructions"}, ...] (optional, CPU)}
 
 and each point::
 
