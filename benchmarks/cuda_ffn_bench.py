@@ -246,19 +246,20 @@ def main(argv=None):
     ap.add_argument("--tokens", default=",".join(map(str, TOKENS)))
     ap.add_argument("--json", default=None)
     ap.add_argument("--tile", action="append", default=[],
-                    help="tile candidate KIND:BM:BN:WM:WN:STAGES[:MINBLOCKS] for bucket BM; KIND mma or "
+                    help="tile candidate KIND:BM:BN:WM:WN:STAGES[:MINBLOCKS[:PERSISTENT]] for bucket BM; KIND mma or "
                          "wgmma, or mma-ffn1, wgmma-ffn2... for one GEMM only")
     ap.add_argument("--no-baselines", action="store_true", help="time moegen only")
     ap.add_argument("--arch", default=None, help="target (default: sm_90a on sm_90 devices, else the device's)")
     args = ap.parse_args(argv)
     for spec_ in args.tile:
-        kind, bm, bn, wm, wn, st, *mb = spec_.split(":")
+        kind, bm, bn, wm, wn, st, *extra = spec_.split(":")
         stage = "both"
         if kind.endswith("-ffn1") or kind.endswith("-ffn2"):
             kind, stage = kind.rsplit("-", 1)
         table = cuda_tiles.WGMMA_TILES if kind == "wgmma" else cuda_tiles.MMA_TILES
         tile = cuda_tiles.GemmTile(kind, int(bm), int(bn), cuda_tiles.MMA_BK, int(wm), int(wn), int(st),
-                                   min_blocks=int(mb[0]) if mb else 1)
+                                   min_blocks=int(extra[0]) if extra else 1,
+                                   persistent=bool(int(extra[1])) if len(extra) > 1 else False)
         f1, f2 = table[int(bm)]
         table[int(bm)] = (tile if stage != "ffn2" else f1, tile if stage != "ffn1" else f2)
     global BASELINES

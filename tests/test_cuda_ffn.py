@@ -10,6 +10,7 @@ backends/cuda_ffn.py).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass
@@ -297,10 +298,16 @@ def test_small_grid(name):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", [n for n, s in SPECS.items() if cuda_tiles.use_mma(s)])
-def test_wgmma_prefill_matches_reference(name):
+@pytest.mark.parametrize("persistent", [True, False], ids=["persistent", "one-cta-per-tile"])
+def test_wgmma_prefill_matches_reference(name, persistent, monkeypatch):
+    """The wgmma kernels walk tiles persistently (at T = 2000 the e64 spec has more tiles than
+    SMs in both GEMMs, so CTAs loop); launched one CTA per tile they must agree too."""
     cp = _cupy()
     if cp.cuda.Device().compute_capability != "90":
         pytest.skip("wgmma needs an sm_90 device")
+    tiles = {bm: tuple(dataclasses.replace(t, persistent=persistent) for t in pair)
+             for bm, pair in cuda_tiles.WGMMA_TILES.items()}
+    monkeypatch.setattr(cuda_tiles, "WGMMA_TILES", tiles)
     spec = SPECS[name].replace(arch="sm_90a")
     start = cuda_tiles.bucket_configs(spec)[-2].max_tokens + 1
     for T in (start, start + 129, 2000):

@@ -58,6 +58,7 @@ class GemmTile:
     warps_n: int
     stages: int
     min_blocks: int = 1      # __launch_bounds__ residency hint (also caps registers)
+    persistent: bool = False  # wgmma: launch one CTA per SM that walks the tiles (else one per tile)
 
     @property
     def threads(self) -> int:
@@ -165,8 +166,10 @@ MMA_TILES: dict[int, tuple[GemmTile, GemmTile]] = {
     128: (_PREFILL_MMA, _PREFILL_MMA),
 }
 
-# Prefill tiles on sm_90a: two warpgroups of 64 x 256 (wgmma m64n256k16), 4 stages of 48 KB.
-_PREFILL_WGMMA = GemmTile("wgmma", 128, 256, MMA_BK, 2, 4, 4)
+# Prefill tiles on sm_90a: two warpgroups of 64 x 256 (wgmma m64n256k16), 4 stages of 48 KB,
+# one CTA per tile: the persistent launch (one CTA per SM walking the tiles, next tile's loads
+# in flight during the epilogue) measured 3-13% slower on H100 (Mixtral T=16384: 23.4 vs 21.7 ms).
+_PREFILL_WGMMA = GemmTile("wgmma", 128, 256, MMA_BK, 2, 4, 4, persistent=False)
 WGMMA_TILES: dict[int, tuple[GemmTile, GemmTile]] = {
     128: (_PREFILL_WGMMA, _PREFILL_WGMMA),
 }
