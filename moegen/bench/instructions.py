@@ -120,7 +120,9 @@ def measure(spec: MoESpec, tokens, contenders=("moegen", "naive", "numpy"), call
                json.dumps(cfg)]
         r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
         if r.returncode != 0:
-            tail = (r.stderr or r.stdout).strip().splitlines()[-3:]
+            # valgrind's own lines start with ==pid==; the worker's traceback is what says why
+            tail = [ln for ln in (r.stderr or r.stdout).strip().splitlines()
+                    if not ln.startswith("==")][-2:]
             raise RuntimeError(f"callgrind worker failed ({r.returncode}): {' | '.join(tail)}")
         counts = parse_dumps(tmp)
     rows = []
