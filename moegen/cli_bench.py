@@ -159,8 +159,10 @@ def bench(matrix, shapes, experts, topk, hidden, ffn, tokens, dtype, activation,
         click.echo(report.startup_table(startup_rows))
     if only_startup:
         if json_path:
-            _write(json_path, report.make_report(report.command_line(), report.machine_info("cpu"),
-                                                 {}, [], [], startup_rows))
+            from .backends import cuda_usable
+            machine = report.machine_info("cuda" if cuda_usable() else "cpu")
+            _write(json_path, report.make_report(report.command_line(), machine, {}, [], [],
+                                                 startup_rows))
         return
 
     device = mx.device_of(specs[0][1])
