@@ -92,3 +92,19 @@ def test_startup_alone(run, tmp_path):
     rows = {r["backend"]: r for r in rep["startup"]}
     assert rows["c"]["import_ms"] > 0 and rows["c"]["cold_compile_s"] > 0
     assert rows["c"]["warm_callable_ms"] > 0
+
+
+def test_plan_of_the_targets_matrix_and_the_cpu_matrix():
+    from moegen.cli_bench import _plan
+    specs, tokens = _plan("targets", None, None, None, None, None, None, None, "swiglu", "c", False)
+    assert [lbl for lbl, _ in specs] == ["seed-small", "mixtral-8x7b", "qwen3-30b-a3b", "deepseek-v3"]
+    assert tokens == [1, 8, 64, 512, 4096, 16384]
+    assert {s.dtype for _, s in specs} == {"bfloat16"}
+    assert (specs[3][1].num_experts, specs[3][1].top_k, specs[3][1].hidden_dim, specs[3][1].ffn_dim) == (
+        256, 8, 7168, 2048)
+    specs, tokens = _plan("cpu", None, None, None, None, None, None, None, "swiglu", "c", False)
+    assert [(lbl, s.dtype) for lbl, s in specs] == [("seed-small", "float32")] and tokens == [1, 16, 128, 1024]
+    specs, _ = _plan(None, "seed-small", "4,8", None, None, None, "5", "fp32,bf16", "geglu", "c", True)
+    assert [lbl for lbl, _ in specs] == ["seed-small-fp32", "seed-small-bf16", "e4k2h512f2048-fp32",
+                                         "e4k2h512f2048-bf16", "e8k2h512f2048-fp32", "e8k2h512f2048-bf16"]
+    assert {s.activation for _, s in specs} == {"geglu"}
