@@ -69,9 +69,23 @@ def test_capacity_factor_is_refused():
 
 
 def test_render_context_is_plain_values():
-    ctx = BE.render_context(SPEC)
-    for k, v in ctx.items():
-        assert isinstance(v, (int, float, str)), (k, v)
+    def plain(v):
+        if isinstance(v, (list, tuple)):
+            return all(map(plain, v))
+        if isinstance(v, dict):
+            return all(isinstance(k, str) and plain(x) for k, x in v.items())
+        return isinstance(v, (int, float, str))
+    for k, v in BE.render_context(SPEC).items():
+        assert plain(v), (k, v)
+
+
+def test_source_is_the_same_for_every_tier(monkeypatch):
+    """The tier enters through -march (options, key), not the text: renders are portable."""
+    texts = set()
+    for tier in isa.TIERS:
+        monkeypatch.setenv("MOEGEN_ISA", tier)
+        texts.add(render(SPEC, BE).text)
+    assert len(texts) == 1
 
 
 def test_compile_error_carries_argv_log_and_source():

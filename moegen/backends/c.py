@@ -48,11 +48,6 @@ def layout_for(spec: MoESpec) -> PackedLayout:
                         router_order="he", align_bytes=64)
 
 
-def _row_block(mr: int, k: int) -> int:
-    """Token rows of k floats that fit ~256 KB (half an L2), whole tiles, between mr and 96."""
-    return max(mr, min(96, (256 * 1024 // (4 * k)) // mr * mr))
-
-
 @functools.lru_cache(maxsize=8)
 def _toolchain(cc: str) -> tuple[str, str]:
     path = shutil.which(cc)
@@ -95,15 +90,11 @@ class CBackend:
         """
         if spec.capacity_factor is not None:
             raise SpecError("capacity_factor is not supported by the c backend yet")
-        tier = isa.resolve()
         layout = layout_for(spec)
         off = layout.offsets
         dt = spec.dt
-        cols1 = tier.ncol // 2 if spec.gated else tier.ncol
-        nc1 = -(-128 // cols1) * cols1                      # ~128 columns, whole tiles
-        nc2 = -(-128 // tier.ncol) * tier.ncol
         return {
-            "spec_name": spec.name, "version": __version__, "tier": tier.name,
+            "spec_name": spec.name, "version": __version__,
             "E": spec.num_experts, "K": spec.top_k, "S": spec.num_shared_experts,
             "H": spec.hidden_dim, "F": spec.ffn_dim, "G": layout.gate_rows,
             "gated": int(spec.gated), "activation": spec.act.name, "act_fn": spec.act.fn,
@@ -114,9 +105,13 @@ class CBackend:
             "topk_max": max(spec.top_k, spec.topk_group),
             "off_w13": off["w13"], "off_b13": off.get("b13", 0), "off_w2": off["w2"],
             "off_b2": off.get("b2", 0), "stride": off["stride"],
-            "vec_floats": tier.vec_floats, "mr": tier.mr, "ncol": tier.ncol,
-            "nc1": nc1, "nc2": nc2,
-            "kc": _KC, "row_block": _row_block(tier.mr, _KC),
+            # The source is the same for every ISA tier: it picks its tile shape with the
+            # compiler's own macros, so only -march (in the options and key) differs.
+            "tiers": [{"name": t.name, "guard": t.guard, "vec_floats": t.vec_floats,
+                       "mr": t.mr, "ncol": t.ncol} for t in map(isa.TIERS.get, isa.GUARD_ORDER)],
+            "max_mr": max(t.mr for t in isa.TIERS.values()),
+            "widths": sorted({t.vec_floats for t in isa.TIERS.values()}),
+            "kc": _KC,
             "route_chunk": _ROUTE_CHUNK, "par_min_work": _PAR_MIN_WORK,
             "dt_short": dt.short, "c_type": dt.c_type, "c_load": dt.c_load, "c_store": dt.c_store,
         }
