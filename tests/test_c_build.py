@@ -170,3 +170,25 @@ def test_avx512_bf16_tier_uses_vdpbf16ps(tmp_path):
 def test_fp16_weights_convert_with_f16c(tmp_path):
     art = build(MoESpec(8, 2, 128, 96, dtype="float16", backend="c"), "x86-64-v3")
     assert "vcvtph2ps" in disassemble(art.binary, tmp_path)
+
+
+def test_threads_calling_one_kernel_get_their_own_workspaces(seed_artifact):
+    import threading
+    module = BE.load(seed_artifact, SPEC)
+    kernel = MoEKernel(SPEC, module, seed_artifact.meta)
+    problems = [R.random_problem(SPEC, 40, seed=s) for s in range(4)]
+    weights = kernel.pack(**R.weight_kwargs(SPEC, problems[0][1]))
+    outs = [np.full((40, SPEC.hidden_dim), np.nan, np.float32) for _ in problems]
+
+    def work(i):
+        for _ in range(5):
+            kernel(problems[i][0], weights, out=outs[i])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for (x, _), out in zip(problems, outs):
+        ref, _ = R.moe(SPEC, x, problems[0][1])
+        assert R.rel_error(out, ref) <= 1e-5

@@ -2,14 +2,15 @@
 
 Implements the Module protocol of `moegen.backends.base`.  Arrays are NumPy (torch CPU tensors
 are viewed as NumPy without a copy).  Workspaces are allocated once per token-count bucket (the
-next power of two >= T) and reused: a call after the first one of its bucket allocates no
-buffers; the stage functions receive raw pointers into them.
+next power of two >= T) and calling thread, and reused: a call after the first one of its
+bucket allocates no buffers; the stage functions receive raw pointers into them.
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -134,8 +135,8 @@ class CModule:
             fn.argtypes = argtypes
             fn.restype = ctypes.c_int
             self._fn[name] = fn
-        self._buffers: dict[int, _Buffers] = {}
-        self._last: dict[int, CWorkspace] = {}
+        self._buffers: dict[tuple[int, int], _Buffers] = {}
+        self._last: dict[tuple[int, int], CWorkspace] = {}
 
     # -- arrays ------------------------------------------------------------------------------
     def to_device(self, host_array) -> np.ndarray:
@@ -167,16 +168,20 @@ class CModule:
 
     # -- workspaces --------------------------------------------------------------------------
     def workspace(self, tokens: int) -> CWorkspace:
-        """Views for ``tokens`` tokens of the buffers of its bucket (allocated on first use)."""
-        b = bucket_of(tokens)
-        last = self._last.get(b)
+        """Views for ``tokens`` tokens of the buffers of its bucket (allocated on first use).
+
+        Buffers belong to the calling thread as well as the bucket: the stages release the GIL,
+        so two Python threads calling one kernel at once must not share them."""
+        key = (threading.get_ident(), bucket_of(tokens))
+        last = self._last.get(key)
         if last is not None and last.tokens == tokens:
             return last
-        buffers = self._buffers.get(b)
+        buffers = self._buffers.get(key)
         if buffers is None:
-            buffers = self._buffers[b] = _Buffers(self.spec, b)
-            log.debug("%s: workspace for bucket %d (%d bytes)", self.spec.name, b, buffers.nbytes)
-        ws = self._last[b] = CWorkspace(buffers, tokens)
+            buffers = self._buffers[key] = _Buffers(self.spec, key[1])
+            log.debug("%s: workspace for bucket %d (%d bytes)", self.spec.name, key[1],
+                      buffers.nbytes)
+        ws = self._last[key] = CWorkspace(buffers, tokens)
         return ws
 
     # -- stages ------------------------------------------------------------------------------
