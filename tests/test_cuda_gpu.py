@@ -174,7 +174,10 @@ def check_routing(spec, x, w, bias, ids, wts):
     else:
         choice = probs
     differ = np.nonzero((ids != r_ids).any(axis=1))[0]
+    group_tie = _group_ties(spec, choice)
     for t in differ:
+        if group_tie[t]:
+            continue        # the kept groups differ by fp32 rounding: the picks may differ too
         got = np.sort(choice[t, ids[t]])
         want = np.sort(choice[t, r_ids[t]])
         assert np.allclose(got, want, rtol=1e-4, atol=1e-6), (t, ids[t], r_ids[t])
@@ -182,6 +185,19 @@ def check_routing(spec, x, w, bias, ids, wts):
     same = np.setdiff1d(np.arange(T), differ)
     if len(same):
         np.testing.assert_allclose(wts[same], r_w[same], rtol=1e-4, atol=1e-6)
+
+
+def _group_ties(spec, choice, rtol=1e-5):
+    """Tokens whose topk_group-th and next best group scores (sum of a group's top two) are
+    within float32 rounding: there the kernel may keep another group than the reference."""
+    T = len(choice)
+    if spec.n_group <= 1 or spec.topk_group >= spec.n_group:
+        return np.zeros(T, dtype=bool)
+    g = choice.reshape(T, spec.n_group, -1)
+    top2 = -np.sort(-g, axis=2)[:, :, :2].sum(axis=2)
+    s = -np.sort(-top2, axis=1)
+    a, b = s[:, spec.topk_group - 1], s[:, spec.topk_group]
+    return np.abs(a - b) <= rtol * np.abs(a)
 
 
 @pytest.mark.parametrize("T", TOKENS + (4096,))
