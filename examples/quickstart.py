@@ -38,7 +38,7 @@ def main():
 
     y, stats = kernel(xd, weights, return_stats=True)
     y_ref, _ = reference.moe(spec, x, w)
-    err = reference.rel_error(moegen.arrays.host(y), y_ref)
+    err = reference.rel_error(kernel.to_host(y), y_ref)
     ok = err <= spec.dt.tolerance
     print(f"relative error vs float64 reference: {err:.2e} (tolerance {spec.dt.tolerance:.0e}) "
           f"{'ok' if ok else 'FAIL'}")

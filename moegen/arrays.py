@@ -73,10 +73,25 @@ def _c_strides(shape, itemsize) -> tuple:
     return tuple(reversed(out))
 
 
+_ALIAS_NOTE = {"uint16": ": the bits of bfloat16 values, since CuPy has no bfloat16"}
+
+
+def storage_dtypes(dtype: str, device_kind: str) -> tuple[str, ...]:
+    """The array dtypes that hold a spec dtype on a device: CuPy has no bfloat16, so on the GPU
+    a uint16 array of bf16 bits is accepted too (torch bf16 tensors are bfloat16)."""
+    if dtype == "bfloat16" and device_kind == "cuda":
+        return ("bfloat16", "uint16")
+    return (dtype,)
+
+
 def check(info: ArrayInfo, name: str, *, shape=None, dtype=None, device_kind=None) -> None:
-    """Raise TypeError/ValueError naming ``name``, the expected and the actual value."""
-    if dtype is not None and info.dtype != dtype:
-        raise TypeError(f"{name} must have dtype {dtype}, got {info.dtype}")
+    """Raise TypeError/ValueError naming ``name``, the expected and the actual value.
+    ``dtype`` is one name or a tuple of accepted names (the first is the one to name)."""
+    if dtype is not None:
+        allowed = (dtype,) if isinstance(dtype, str) else tuple(dtype)
+        if info.dtype not in allowed:
+            also = "".join(f" (or {a}{_ALIAS_NOTE.get(a, '')})" for a in allowed[1:])
+            raise TypeError(f"{name} must have dtype {allowed[0]}{also}, got {info.dtype}")
     if shape is not None and tuple(info.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(info.shape)}")
     if device_kind == "cpu" and info.on_gpu:

@@ -33,6 +33,7 @@ class MoEKernel:
         self.meta = dict(meta or {})
         self.layout = module.layout
         self.stages = tuple(module.stages)
+        self._storage = arrays.storage_dtypes(spec.dtype, module.device_kind)
 
     # -- identity ----------------------------------------------------------------------------
     @property
@@ -72,13 +73,21 @@ class MoEKernel:
         buf, router = pack_host(self.layout, logical)
         return PackedWeights(self._module.to_device(buf), self._module.to_device(router), self.layout)
 
+    def to_host(self, a) -> np.ndarray:
+        """Copy an array of this kernel's device to a host NumPy array; a CuPy uint16 array
+        holding bf16 bits (CuPy has no bfloat16) comes back as ``ml_dtypes.bfloat16``."""
+        h = arrays.host(a)
+        if self.spec.dtype == "bfloat16" and h.dtype == np.uint16:
+            h = h.view(self.spec.dt.numpy)
+        return h
+
     # -- validation --------------------------------------------------------------------------
     def _check_x(self, x, name="x"):
         info = arrays.describe(x, name)
         H = self.spec.hidden_dim
         if len(info.shape) < 1 or info.shape[-1] != H:
             raise ValueError(f"{name} must have shape [..., {H}] (hidden_dim), got {tuple(info.shape)}")
-        arrays.check(info, name, dtype=self.spec.dtype, device_kind=self._module.device_kind)
+        arrays.check(info, name, dtype=self._storage, device_kind=self._module.device_kind)
         tokens = math.prod(info.shape[:-1]) if len(info.shape) > 1 else 1
         return info, tokens
 
@@ -96,7 +105,7 @@ class MoEKernel:
         if out is None:
             return None
         info = arrays.describe(out, "out")
-        arrays.check(info, "out", shape=xinfo.shape, dtype=self.spec.dtype,
+        arrays.check(info, "out", shape=xinfo.shape, dtype=self._storage,
                      device_kind=self._module.device_kind)
         if info.ptr and info.ptr == xinfo.ptr:
             raise ValueError("out must not alias x (the layer reads x after it starts writing out)")
