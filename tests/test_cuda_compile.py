@@ -113,9 +113,43 @@ def test_target_resolution(monkeypatch):
         BE.target(MoESpec(8, 2, 64))
 
 
-def test_capacity_factor_is_refused_clearly():
-    with pytest.raises(SpecError, match="capacity_factor"):
-        BE.render_context(MoESpec(8, 2, 64, capacity_factor=1.25))
+CAPACITY = {
+    "e8-k2-bf16-cap1-token-renorm": MoESpec(8, 2, 512, 2048, dtype="bfloat16", capacity_factor=1.0),
+    "e16-k2-fp16-cap0.5-weight-raw-sh2": MoESpec(
+        16, 2, 64, 64, dtype="float16", routing="sigmoid_topk", num_shared_experts=2,
+        capacity_factor=0.5, capacity_drop="weight", renormalize=False),
+    "e64-k6-fp32-cap1.25-weight-renorm": MoESpec(
+        64, 6, 100, 1000, dtype="float32", activation="relu", capacity_factor=1.25,
+        capacity_drop="weight"),
+}
+
+
+@pytest.mark.nvrtc
+@pytest.mark.parametrize("name", list(CAPACITY))
+def test_capacity_cubin_compiles(name):
+    _need_nvrtc()
+    spec = CAPACITY[name].replace(backend="cuda", arch="sm_90")
+    art = BE.compile(render(spec, BE), spec, "sm_90", "test-key")
+    assert art.binary[:4] == b"\x7fELF"
+    names = ["moe_capacity_select", "moe_group_single_masked", "moe_group_count_masked",
+             "moe_group_scatter_masked", "moe_group_single", "moe_group_scan", "moe_combine"]
+    if spec.renormalize:
+        names.append("moe_capacity_renorm")
+    for n in names:
+        assert n.encode() in art.binary, n
+
+
+def test_capacity_code_only_in_capacity_specs():
+    plain = render(MoESpec(8, 2, 512, 2048, dtype="bfloat16", backend="cuda", arch="sm_90"), BE).text
+    for word in ("moe_capacity_select", "moe_group_single_masked", "MOE_CAPACITY_BY_WEIGHT"):
+        assert word not in plain, word
+    combine = plain[plain.index("moe_combine("):]
+    assert "kept" not in combine[:combine.index("{")]       # the dropless combine is unchanged
+    token = render(CAPACITY["e8-k2-bf16-cap1-token-renorm"].replace(backend="cuda", arch="sm_90"), BE).text
+    assert "moe_capacity_renorm(" in token and "#define MOE_CAPACITY_BY_WEIGHT" not in token
+    weight = render(CAPACITY["e16-k2-fp16-cap0.5-weight-raw-sh2"].replace(backend="cuda", arch="sm_90"),
+                    BE).text
+    assert "#define MOE_CAPACITY_BY_WEIGHT 1" in weight and "moe_capacity_renorm(" not in weight
 
 
 def test_import_without_cupy():

@@ -11,6 +11,7 @@ Importing this module never needs CuPy: it is imported lazily inside the methods
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import tempfile
@@ -20,10 +21,11 @@ import numpy as np
 
 from .. import settings
 from ..errors import SpecError
+from ..reference import capacity as expert_capacity
 from ..spec import MoESpec
 from . import cuda_tiles
 from .base import STAGES, Artifact, Sources
-from .cuda_workspace import (GROUP_BLOCK_UNITS, GROUP_UNIT_SLOTS, ROUTE_MMA_SMEM,
+from .cuda_workspace import (CAP_THREADS, GROUP_BLOCK_UNITS, GROUP_UNIT_SLOTS, ROUTE_MMA_SMEM,
                              ROUTE_MMA_THREADS, ROUTE_WARPS, RT_THREADS_DEFAULT, Workspace,
                              capacity_for, storage_dtype, vec_width)
 
@@ -76,9 +78,6 @@ class CudaBackend:
     # -- rendering -------------------------------------------------------------------------
     def render_context(self, spec: MoESpec) -> dict:
         """Template variables of templates/cuda/*.jinja (validated ints/floats, table strings)."""
-        if spec.capacity_factor is not None:
-            raise SpecError(f"MoESpec.capacity_factor={spec.capacity_factor}: the cuda backend is "
-                            "dropless only for now; use capacity_factor=None or backend='c'")
         dt = spec.dt
         et = spec.num_experts + spec.num_shared_experts
         ctx = {
@@ -100,6 +99,8 @@ class CudaBackend:
             "VEC_H": vec_width(spec.hidden_dim, dt.itemsize),
             "GROUP_WARPS": _group_warps(spec.num_experts, et),
             "GROUP_UNIT_SLOTS": GROUP_UNIT_SLOTS,
+            "capacity": spec.capacity_factor is not None,
+            "capacity_drop": spec.capacity_drop,
         }
         ctx.update(cuda_tiles.render_context(spec))
         return ctx
@@ -204,6 +205,11 @@ class CudaModule:
                  "moe_count_bad_ids", "moe_combine"]
         if cuda_tiles.use_mma(self.spec):
             names.append("moe_route_logits_mma")
+        if self.spec.capacity_factor is not None:
+            names += ["moe_capacity_select", "moe_group_single_masked", "moe_group_count_masked",
+                      "moe_group_scatter_masked"]
+            if self.spec.renormalize:
+                names.append("moe_capacity_renorm")
         for cfg in self.buckets:
             names += [cfg.ffn1_kernel, cfg.ffn2_kernel]
         return list(dict.fromkeys(names))
@@ -324,6 +330,9 @@ class CudaModule:
                 launch_ffn1(self, ws, call)
             elif stage == "ffn2":
                 from .cuda_ffn import launch_ffn2
+                if ws.cap_weights is not None:
+                    # capacity + renormalize: ffn2 weighs the kept slots by the rescaled weights
+                    call = dataclasses.replace(call, topk_weights=ws.cap_weights)
                 launch_ffn2(self, ws, call)
             elif stage == "combine":
                 self._combine(ws, call)
@@ -363,30 +372,60 @@ class CudaModule:
         self.function("moe_route_select")((p.select_blocks,), (ROUTE_WARPS * 32,), select)
 
     def _group(self, ws, call) -> None:
-        T, p, bm = call.tokens, ws.plan, ws.bucket.bm
+        T, p = call.tokens, ws.plan
         if T == 0:
             for a in (ws.counts, ws.offsets, ws.num_tiles):
                 self._memset(a)
+            if ws.dropped is not None:
+                self._memset(ws.dropped)
             return
-        if p.fused_route_group and call.topk_ids is None:
-            return                            # the route stage's fused kernel did it
         ids = call.topk_ids if call.topk_ids is not None else ws.topk_ids
+        if not (p.fused_route_group and call.topk_ids is None):   # else the route stage's
+            self._group_pass(ws, ids, T, None)                    # fused kernel did it
+        if ws.kept is not None:
+            self._capacity(ws, call, ids)
+
+    def _group_pass(self, ws, ids, T: int, kept) -> None:
+        """One group pass over every slot, or (``kept`` given) over the kept slots only."""
+        p, bm = ws.plan, ws.bucket.bm
         outs = (ws.counts, ws.offsets, ws.sorted_rows, ws.tile_expert, ws.tile_row0, ws.num_tiles)
+        masked = () if kept is None else (kept,)
+        suffix = "" if kept is None else "_masked"
         if p.group_single:
-            self.function("moe_group_single")((1,), (self._group_threads,),
-                                              (ids, np.int32(T), np.int32(bm), *outs))
+            self.function("moe_group_single" + suffix)((1,), (self._group_threads,),
+                                                       (ids, *masked, np.int32(T), np.int32(bm), *outs))
             return
         blocks = -(-p.group_units // GROUP_BLOCK_UNITS)
         threads = GROUP_BLOCK_UNITS * 32
-        self.function("moe_group_count")((blocks,), (threads,), (ids, np.int32(T), ws.group_hist))
+        self.function("moe_group_count" + suffix)((blocks,), (threads,),
+                                                  (ids, *masked, np.int32(T), ws.group_hist))
         self.function("moe_group_scan")((1,), (1024,), (np.int32(T), np.int32(bm), ws.group_hist,
                                                          ws.pad_off, *outs))
-        self.function("moe_group_scatter")((blocks,), (threads,), (ids, np.int32(T), ws.group_hist,
-                                                                    ws.pad_off, ws.sorted_rows))
+        self.function("moe_group_scatter" + suffix)((blocks,), (threads,),
+                                                    (ids, *masked, np.int32(T), ws.group_hist,
+                                                     ws.pad_off, ws.sorted_rows))
+
+    def _capacity(self, ws, call, ids) -> None:
+        """Capacity (templates/cuda/capacity.cu.jinja): after the first group pass, mark the
+        kept slots and count the dropped ones, rescale the kept weights (renormalize), then
+        group again over the kept slots only.  Capacity is an argument: no host sync."""
+        spec, T = self.spec, call.tokens
+        cap = min(expert_capacity(spec, T), T * spec.top_k)     # beyond T·k nothing drops
+        weights = call.topk_weights if call.topk_weights is not None else ws.topk_weights
+        self.function("moe_capacity_select")(
+            (spec.num_experts,), (CAP_THREADS,),
+            (ws.counts, ws.sorted_rows, weights, np.int32(ws.bucket.bm), np.int32(cap),
+             ws.kept, ws.dropped))
+        if ws.cap_weights is not None:
+            self.function("moe_capacity_renorm")((-(-T // CAP_THREADS),), (CAP_THREADS,),
+                                                 (weights, ws.kept, np.int32(T), ws.cap_weights))
+        self._group_pass(ws, ids, T, ws.kept)
 
     def _combine(self, ws, call) -> None:
         T = call.tokens
         if T == 0:
             return
-        self.function("moe_combine")((ws.plan.combine_blocks,), (256,),
-                                     (ws.y_slot, call.out, np.int32(T), np.int32(ws.bucket.ffn2_splits)))
+        args = (ws.y_slot, call.out, np.int32(T), np.int32(ws.bucket.ffn2_splits))
+        if ws.kept is not None:
+            args += (ws.kept,)                # capacity: dropped slots are skipped
+        self.function("moe_combine")((ws.plan.combine_blocks,), (256,), args)

@@ -32,6 +32,7 @@ GROUP_SINGLE_MAX_SLOTS = 8192
 GROUP_UNIT_SLOTS = 512     # = GROUP_UNIT_SLOTS
 GROUP_BLOCK_UNITS = 8      # = GROUP_BLOCK_UNITS
 COMBINE_THREADS = 256      # = COMBINE_THREADS
+CAP_THREADS = 256          # = CAP_THREADS (capacity.cu.jinja)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -109,6 +110,9 @@ class WorkspaceView:
     y_slot [ffn2_splits, T·K_TOTAL, H] storage (split stride T·K_TOTAL·H), logits (route scratch),
     group_hist / pad_off (group scratch).  Also ``bucket`` (`cuda_tiles.BucketConfig`),
     ``max_tiles`` and ``plan``.
+    Capacity specs only (else None): kept [T·K] uint8 (1 = the slot survived capacity),
+    dropped [E] int32 (slots each expert dropped; `LayerStats` sums it), and with renormalize
+    cap_weights [T, K] float32 (the kept weights rescaled, read by ffn2).
     """
 
     def __init__(self, ws: "Workspace", tokens: int, plan: Plan):
@@ -135,6 +139,10 @@ class WorkspaceView:
         self.group_hist = ws.group_hist
         self.pad_off = ws.pad_off
         self.bad_ids = ws.bad_ids
+        self.kept = ws.kept[:tokens * K] if ws.kept is not None else None
+        self.dropped = ws.dropped
+        self.cap_weights = (ws.cap_weights[:tokens * K].reshape(tokens, K)
+                            if ws.cap_weights is not None else None)
 
 
 class Workspace:
@@ -164,6 +172,10 @@ class Workspace:
         self.group_hist = cupy.empty(max(1, _cdiv(capacity * kt, GROUP_UNIT_SLOTS)) * et, i32)
         self.pad_off = cupy.empty(et, i32)
         self.bad_ids = cupy.zeros(1, i32)
+        cap = spec.capacity_factor is not None
+        self.kept = cupy.empty(capacity * K, cupy.uint8) if cap else None
+        self.dropped = cupy.zeros(E, i32) if cap else None
+        self.cap_weights = cupy.empty(capacity * K, f32) if cap and spec.renormalize else None
         self._views: dict[int, WorkspaceView] = {}
 
     @property
@@ -171,7 +183,8 @@ class Workspace:
         return sum(int(getattr(self, n).nbytes) for n in (
             "topk_ids", "topk_weights", "counts", "offsets", "router_sums", "num_tiles",
             "sorted_rows", "tile_expert", "tile_row0", "h", "y_slot", "logits", "group_hist",
-            "pad_off", "bad_ids"))
+            "pad_off", "bad_ids", "kept", "dropped", "cap_weights")
+            if getattr(self, n) is not None)
 
     def view(self, tokens: int) -> WorkspaceView:
         """The per-call view for ``tokens`` (<= capacity) tokens, cached per token count."""
