@@ -59,6 +59,20 @@ SPECS = {
     "e16-k2-h64-f64-fp16-sigmoid-sh2": MoESpec(16, 2, 64, 64, dtype="float16", routing="sigmoid_topk",
                                                num_shared_experts=2),
 }
+# Expert capacity (spec.capacity_factor): both drop modes, with and without renormalize.
+CAP_SPECS = {
+    "cap-e8-k2-h128-f256-fp32-token": MoESpec(8, 2, 128, 256, dtype="float32", capacity_factor=1.0),
+    "cap-e8-k2-h128-f256-fp32-weight-raw": MoESpec(
+        8, 2, 128, 256, dtype="float32", capacity_factor=1.0, capacity_drop="weight",
+        renormalize=False),
+    "cap-e16-k2-h256-f128-bf16-weight-sh1": MoESpec(
+        16, 2, 256, 128, dtype="bfloat16", capacity_factor=1.25, capacity_drop="weight",
+        num_shared_experts=1),
+    "cap-e16-k4-h256-f128-bf16-token-raw": MoESpec(
+        16, 4, 256, 128, dtype="bfloat16", activation="gelu", capacity_factor=0.75,
+        renormalize=False),
+}
+ALL_SPECS = {**SPECS, **CAP_SPECS}
 TOKENS = (1, 15, 16, 17, 127, 128, 129)
 # The float64 reference of the whole layer at T = 4096 is only cheap for small shapes.
 LARGE_LAYER = ("e8-k2-h512-f2048-bf16-swiglu", "e2-k1-h100-f1000-fp32-relu",
@@ -84,7 +98,7 @@ def _compile(spec_dict: dict):
 
 @functools.lru_cache(maxsize=1)
 def _artifacts() -> dict:
-    specs = [_resolved(s) for s in SPECS.values()]
+    specs = [_resolved(s) for s in ALL_SPECS.values()]
     ctx = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(min(len(specs), 8), mp_context=ctx) as pool:
         built = list(pool.map(_compile, [s.to_dict() for s in specs]))
@@ -95,7 +109,7 @@ def _artifacts() -> dict:
 def kernel_for(name: str) -> MoEKernel:
     from moegen.backends import get_backend
     from moegen.layout import PackedWeights  # noqa: F401
-    spec = _resolved(SPECS[name])
+    spec = _resolved(ALL_SPECS[name])
     binary, meta = _artifacts()[spec]
     from moegen.backends.base import Artifact
     module = get_backend("cuda").load(Artifact(binary, meta), spec)
@@ -134,7 +148,7 @@ def poisoned_like(x):
 def weights_for(name: str):
     """(logical weights, packed weights) of a spec, made once per session (big specs take
     seconds of host RNG and packing)."""
-    spec = SPECS[name]
+    spec = ALL_SPECS[name]
     _, w = reference.random_problem(spec, 0, seed=0)
     packed = kernel_for(name).pack(**reference.weight_kwargs(spec, w), router_layout="eh")
     return w, packed
@@ -147,7 +161,7 @@ def random_x(spec: MoESpec, T: int, seed: int) -> np.ndarray:
 
 
 def problem(name: str, T: int, seed: int = 0, use_torch: bool = False):
-    spec = SPECS[name]
+    spec = ALL_SPECS[name]
     k = kernel_for(name)
     w, packed = weights_for(name)
     x = random_x(spec, T, seed)
@@ -396,6 +410,136 @@ def test_stats(name):
     np.testing.assert_allclose(stats.router_prob_mean, want["router_prob_mean"], rtol=1e-4, atol=1e-7)
     assert stats.aux_loss == pytest.approx(want["aux_loss"], rel=1e-4)
     assert stats.z_loss == pytest.approx(want["z_loss"], rel=1e-4)
+
+
+# -- expert capacity ------------------------------------------------------------------------
+def skew_bias(spec: MoESpec) -> np.ndarray:
+    """A router bias sending most tokens to expert 0 (and many to 1): experts overflow."""
+    bias = np.zeros(spec.num_experts, np.float32)
+    bias[0], bias[1] = 4.0, 2.0
+    return bias
+
+
+@pytest.mark.parametrize("T", TOKENS + (1000, 5000))
+@pytest.mark.parametrize("name", list(CAP_SPECS))
+def test_capacity_layer(name, T):
+    """Skewed routing overflows expert 0: the layer, kept counts and dropped slots match the
+    reference (5000 tokens take the multi-block group path)."""
+    spec, k, x, w, packed, _, xd = problem(name, T, seed=200 + T)
+    bias = skew_bias(spec)
+    out = poisoned_like(xd)
+    got, stats = k(xd, packed, router_bias=cp.asarray(bias), out=out, return_stats=True)
+    assert got is out
+    ids, wts = k.route(xd, packed, router_bias=cp.asarray(bias))
+    ids, wts = cp.asnumpy(ids), cp.asnumpy(wts)
+    check_routing(spec, x, w, bias, ids, wts)
+    ref, info = reference.moe(spec, x, w, topk_ids=ids, topk_weights=wts)
+    err = reference.rel_error(to_host(out), ref)
+    assert err <= spec.dt.tolerance, f"rel error {err:.2e} > {spec.dt.tolerance:.0e}"
+    if T >= 16:
+        assert info["dropped"] > 0, "the skewed routing should overflow expert 0"
+    assert stats.dropped == info["dropped"]
+    np.testing.assert_array_equal(stats.tokens_per_expert, info["counts"])
+
+
+def hot_routing(spec: MoESpec, T: int, rng, ties: bool = False):
+    """Distinct expert ids per token, 80% of tokens with expert 0 in slot 0, and weights in
+    [0, 1) (multiples of 1/4 when ``ties``)."""
+    E, K = spec.num_experts, spec.top_k
+    ids = np.stack([rng.permutation(E)[:K] for _ in range(T)]).astype(np.int32)
+    for t in np.nonzero(rng.random(T) < 0.8)[0]:
+        j = np.nonzero(ids[t] == 0)[0]
+        if len(j):
+            ids[t, j[0]], ids[t, 0] = ids[t, 0], ids[t, j[0]]
+        else:
+            ids[t, 0] = 0
+    wts = rng.random((T, K)).astype(np.float32)
+    if ties:
+        wts = (np.floor(wts * 4) / 4).astype(np.float32)
+    return ids, wts
+
+
+def check_capacity_group(spec, ids: np.ndarray, kept: np.ndarray, ws):
+    """The second group pass: the stable padded sort of the kept slots only."""
+    T, K = ids.shape
+    S = spec.num_shared_experts
+    kt = K + S
+    full = np.concatenate([ids, np.tile(np.arange(spec.num_experts, spec.num_experts + S), (T, 1))],
+                          axis=1).astype(np.int64)
+    keep = np.concatenate([kept, np.ones((T, S), bool)], axis=1).reshape(-1)
+    flat = full.reshape(-1)
+    bm = ws.bucket.bm
+    rows = []
+    counts = []
+    for e in range(spec.num_experts + S):
+        seg = np.nonzero((flat == e) & keep)[0]
+        counts.append(len(seg))
+        pad = -(-len(seg) // bm) * bm
+        rows.append(np.concatenate([seg, -np.ones(pad - len(seg), np.int64)]))
+    want = np.concatenate(rows)
+    np.testing.assert_array_equal(cp.asnumpy(ws.counts), counts[:spec.num_experts])
+    n_tiles = int(cp.asnumpy(ws.num_tiles)[0])
+    assert n_tiles * bm == len(want)
+    np.testing.assert_array_equal(cp.asnumpy(ws.sorted_rows)[:len(want)], want)
+    te = np.repeat(np.arange(len(counts)), -(-np.array(counts) // bm))
+    np.testing.assert_array_equal(cp.asnumpy(ws.tile_expert)[:n_tiles], te)
+    np.testing.assert_array_equal(cp.asnumpy(ws.tile_row0)[:n_tiles], np.arange(n_tiles) * bm)
+    assert kt * T >= sum(counts)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("T", (1, 17, 1000, 5000))
+@pytest.mark.parametrize("name", list(CAP_SPECS))
+def test_capacity_group_and_weights(name, T, ties):
+    """The group stage alone on a caller routing with one hot expert (coarse weights when
+    ``ties``, so the weight mode's tie-break to the lower slot matters): kept mask, dropped,
+    renormalised weights and the regrouped layout vs the reference; the caller's weights are
+    not modified."""
+    spec = CAP_SPECS[name]
+    k = kernel_for(name)
+    K = spec.top_k
+    ids, wts = hot_routing(spec, T, np.random.default_rng(T + 13 * ties), ties)
+    mod = k.module
+    ws = mod.workspace(T)
+    for a in (ws.sorted_rows, ws.tile_expert, ws.tile_row0, ws.counts, ws.dropped):
+        a.fill(-7)
+    ws.kept.fill(7)
+    dev, wdev = cp.asarray(ids), cp.asarray(wts)
+    mod.run_stage("group", ws, Call(x=dev, packed=None, out=None, tokens=T, topk_ids=dev,
+                                    topk_weights=wdev))
+    ref_w, ref_kept, ref_dropped = reference.apply_capacity(spec, ids, wts)
+    kept = cp.asnumpy(ws.kept).reshape(T, K)
+    assert set(np.unique(kept).tolist()) <= {0, 1}
+    np.testing.assert_array_equal(kept.astype(bool), ref_kept)
+    assert int(cp.asnumpy(ws.dropped).sum()) == ref_dropped
+    if T >= 17:
+        assert ref_dropped > 0
+    if spec.renormalize:
+        np.testing.assert_allclose(cp.asnumpy(ws.cap_weights), ref_w, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(cp.asnumpy(wdev), wts)
+    check_capacity_group(spec, ids, ref_kept, ws)
+
+
+@pytest.mark.parametrize("name", list(CAP_SPECS))
+def test_capacity_experts_with_caller_routing(name):
+    spec = CAP_SPECS[name]
+    T = 129
+    _, k, x, w, packed, _, xd = problem(name, T, seed=4)
+    ids, wts = hot_routing(spec, T, np.random.default_rng(6))
+    out = poisoned_like(xd)
+    k.experts(xd, packed, cp.asarray(ids), cp.asarray(wts), out=out)
+    ref, info = reference.moe(spec, x, w, topk_ids=ids, topk_weights=wts)
+    assert info["dropped"] > 0
+    err = reference.rel_error(to_host(out), ref)
+    assert err <= spec.dt.tolerance
+
+
+def test_capacity_zero_tokens():
+    name = "cap-e8-k2-h128-f256-fp32-token"
+    spec, k, x, w, packed, bias, xd = problem(name, 0)
+    out, stats = k(xd, packed, return_stats=True)
+    assert tuple(out.shape) == (0, spec.hidden_dim)
+    assert stats.tokens_per_expert.sum() == 0 and stats.dropped == 0
 
 
 # -- launch properties ----------------------------------------------------------------------
