@@ -108,3 +108,16 @@ def test_plan_of_the_targets_matrix_and_the_cpu_matrix():
     assert [lbl for lbl, _ in specs] == ["seed-small-fp32", "seed-small-bf16", "e4k2h512f2048-fp32",
                                          "e4k2h512f2048-bf16", "e8k2h512f2048-fp32", "e8k2h512f2048-bf16"]
     assert {s.activation for _, s in specs} == {"geglu"}
+
+
+def test_instructions_counted_and_written(run, tmp_path):
+    from moegen.bench import instructions
+    if instructions.available():
+        pytest.skip(instructions.available())
+    out = tmp_path / "i.json"
+    res = run(*TINY, "--tokens", "2,200", "--no-baselines", "--instructions", "--json", str(out))
+    assert res.exit_code == 0, res.output
+    assert "T > 128 not counted" in res.output and "moegen Ir" in res.output
+    rows = json.loads(out.read_text())["instructions"]
+    assert [(r["shape"], r["tokens"], r["contender"]) for r in rows] == [("e4k2h32f24-fp32", 2, "moegen")]
+    assert rows[0]["instructions"] > 1000
