@@ -192,3 +192,11 @@ def test_threads_calling_one_kernel_get_their_own_workspaces(seed_artifact):
     for (x, _), out in zip(problems, outs):
         ref, _ = R.moe(SPEC, x, problems[0][1])
         assert R.rel_error(out, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype,activation", [("float32", "swiglu"), ("float16", "relu")])
+def test_avx512_tier_compiles(dtype, activation):
+    """This CPU cannot run the avx512 tiers, but their code must still compile (zmm tiles,
+    4 x 6 register tile, separate horizontal sums)."""
+    spec = MoESpec(8, 2, 100, 257, dtype=dtype, activation=activation, bias=True, backend="c")
+    assert build(spec, "avx512").binary
