@@ -25,7 +25,7 @@ import click
 
 from . import __version__, settings
 from .errors import MoegenError
-from .spec import ACTIVATIONS, BACKENDS, ROUTINGS, MoESpec
+from .spec import ACTIVATIONS, BACKENDS, CAPACITY_DROP, ROUTINGS, MoESpec
 
 log = logging.getLogger("moegen.cli")
 
@@ -66,6 +66,10 @@ def spec_options(fn):
         click.option("--routed-scaling-factor", type=float, default=1.0, show_default=True),
         click.option("--shared-experts", type=int, default=0, show_default=True,
                      help="always-on shared experts"),
+        click.option("--capacity-factor", type=float, default=None,
+                     help="expert capacity ceil(factor·T·k/E); default dropless"),
+        click.option("--capacity-drop", type=click.Choice(CAPACITY_DROP), default="token",
+                     show_default=True, help="which slots an over-full expert keeps"),
         click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True),
         click.option("--arch", callback=_str_list, help="CUDA target(s), e.g. sm_90 or sm_80,sm_90"),
     ]
@@ -76,7 +80,7 @@ def spec_options(fn):
 
 _SPEC_KEYS = ("experts", "topk", "hidden", "ffn", "dtype", "activation", "routing", "renormalize",
               "bias", "n_group", "topk_group", "routed_scaling_factor", "shared_experts",
-              "backend", "arch")
+              "capacity_factor", "capacity_drop", "backend", "arch")
 
 
 def _pop_spec_kwargs(kwargs: dict) -> dict:
@@ -103,7 +107,9 @@ def specs_from_options(o: dict, *, required: bool = True) -> list[MoESpec]:
                            activation=act, routing=o["routing"], renormalize=o["renormalize"],
                            bias=o["bias"], n_group=o["n_group"], topk_group=o["topk_group"],
                            routed_scaling_factor=o["routed_scaling_factor"],
-                           num_shared_experts=o["shared_experts"], backend=backend, arch=arch))
+                           num_shared_experts=o["shared_experts"],
+                           capacity_factor=o.get("capacity_factor"),
+                           capacity_drop=o.get("capacity_drop", "token"), backend=backend, arch=arch))
     return out
 
 

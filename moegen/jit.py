@@ -171,4 +171,12 @@ def cli_args(spec: MoESpec) -> str:
         parts.append("--no-renormalize")
     if spec.bias:
         parts.append("--bias")
+    for field, flag in (("n_group", "--n-group"), ("topk_group", "--topk-group"),
+                        ("routed_scaling_factor", "--routed-scaling-factor"),
+                        ("num_shared_experts", "--shared-experts"),
+                        ("capacity_factor", "--capacity-factor"),
+                        ("capacity_drop", "--capacity-drop")):
+        value = getattr(spec, field)
+        if value != MoESpec.__dataclass_fields__[field].default:
+            parts.append(f"{flag} {value:g}" if isinstance(value, float) else f"{flag} {value}")
     return " ".join(parts)
