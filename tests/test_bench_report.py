@@ -136,13 +136,14 @@ def test_plot_draws_a_png(tmp_path):
 
 
 def test_targets_summary_counts_and_lists_misses():
-    fast = _point(shape="mixtral-8x7b", tokens=8,
+    fast = _point(shape="mixtral-8x7b", tokens=8, backend="cuda",
                   moegen=dict(_profile(total=1.0), frac_of_floor=0.97, memory={"allocs_per_call": 0}),
                   baselines={"grouped_mm": {"ms": 1.5, "min_ms": 1.4, "repeats": 3, "err": 0.0, "note": ""}})
-    slow = _point(shape="mixtral-8x7b", tokens=16384,
+    slow = _point(shape="mixtral-8x7b", tokens=16384, backend="cuda",
                   moegen=dict(_profile(total=20.0), frac_of_floor=0.8, memory={"allocs_per_call": 2}),
                   baselines={"grouped_mm": {"ms": 19.0, "min_ms": 18.0, "repeats": 3, "err": 0.0, "note": ""}})
-    tiny = _point(shape="seed-small", tokens=1, moegen=dict(_profile(total=0.015), graph_ms=None),
+    tiny = _point(shape="seed-small", tokens=1, backend="cuda",
+                  moegen=dict(_profile(total=0.015), graph_ms=None),
                   baselines={})
     text = report.targets_summary([fast, slow, tiny, _point(moegen=None, skipped="x")])
     lines = dict(line.split(": ", 1) for line in text.splitlines())
@@ -152,3 +153,13 @@ def test_targets_summary_counts_and_lists_misses():
     assert lines["target 4 seed-small call < 20 us"] == "1/1 met"
     assert lines["target 4 seed-small graph replay < 10 us"].startswith("0/1 met")
     assert lines["target 6 no allocation per call"] == "2/3 met; misses: mixtral-8x7b T=16384 (2)"
+
+
+def test_cpu_targets_summary():
+    pts = [_point(tokens=16), _point(tokens=1024), _point(shape="qwen3-30b-a3b", tokens=128,
+           baselines={"naive": {"ms": 5.0, "min_ms": 5.0, "repeats": 2, "err": 0.0, "note": ""}}),
+           _point(shape="other", tokens=16)]
+    lines = dict(line.split(": ", 1) for line in report.targets_summary(pts).splitlines())
+    # naive 8 ms vs moegen 2 ms = 4x; qwen3 5 ms vs 2 ms = 2.5x
+    assert lines == {"target cpu-1 >= 2x the torch loop at T <= 128": "2/2 met",
+                     "target cpu-1 not slower than the torch loop at T = 1024": "1/1 met"}
