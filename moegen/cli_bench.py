@@ -97,7 +97,7 @@ class _Progress:
 @click.option("--budget", type=float, default=3.0, show_default=True,
               help="Seconds per point (moegen half, baselines the rest).")
 @click.option("--time-limit", type=float, default=None,
-              help="Seconds for the whole run (default 540 for --matrix targets); later points "
+              help="Seconds for the whole run (default 480 for --matrix targets); later points "
                    "get smaller budgets, and are skipped when it runs out.")
 @click.option("--repeats", type=int, default=None, help="Fixed repeats (default: from --budget).")
 @click.option("--warmup", type=int, default=3, show_default=True)
@@ -174,7 +174,7 @@ def bench(matrix, shapes, experts, topk, hidden, ffn, tokens, dtype, activation,
         ceil = fixed(device, bandwidth, peak)
     names = () if no_baselines else tuple(_strs(baselines) or ())
     if time_limit is None and matrix == "targets":
-        time_limit = 540.0
+        time_limit = 480.0
     cfg = mx.Config(shapes=specs, tokens=token_list, baselines=names, budget_s=budget,
                     time_limit_s=time_limit, warmup=warmup, rotate=rotate, check_rows=check_rows,
                     seed=seed, repeats=repeats, memory=not no_memory,
