@@ -26,13 +26,15 @@ from ..layout import PackedLayout
 from ..spec import MoESpec
 from . import isa
 from .base import Artifact, Sources
+from .c_module import ROUTE_CHUNK
 
 log = logging.getLogger("moegen.backends.c")
 
 _ROUTING_CODE = {"softmax_topk": 0, "topk_softmax": 1, "sigmoid_topk": 2}
 # Multiply-adds below which a stage stays on the calling thread (see PAR_MIN_WORK).
 _PAR_MIN_WORK = 1 << 18
-_ROUTE_CHUNK = 64
+# Tokens per route work item; the workspace sizes its stats partial sums with the same number.
+_ROUTE_CHUNK = ROUTE_CHUNK
 # k per GEMM chunk (a multiple of 32, the pair-dot step): 3 x 512 activations + 4 x 512
 # weights = 14 KB of fp32, well inside a 32 KB L1.
 _KC = 512
