@@ -224,3 +224,28 @@ def test_lower_tiers_run_here(tier, monkeypatch):
         y = kernel(x, kernel.pack(**R.weight_kwargs(spec, w)))
         ref, _ = R.moe(spec, x, w)
         assert R.rel_error(y, ref) <= spec.dt.tolerance
+
+
+EDGE_SPECS = [
+    pytest.param(MoESpec(1, 1, 16, 8, backend="c"), id="e1-k1"),
+    pytest.param(MoESpec(2, 2, 16, 8, backend="c"), id="e2-k2-all-experts"),
+    pytest.param(MoESpec(4, 2, 16, 8, routing="sigmoid_topk", n_group=4, topk_group=2, backend="c"),
+                 id="e4-k2-sigmoid-groups-of-one"),
+    pytest.param(MoESpec(8, 8, 16, 8, routing="topk_softmax", backend="c"), id="e8-k8-topksm"),
+    pytest.param(MoESpec(3, 1, 5, 3, activation="gelu", num_shared_experts=1, bias=True, backend="c"),
+                 id="e3-k1-h5-f3-gelu-shared1-bias"),
+]
+
+
+@pytest.mark.parametrize("spec", EDGE_SPECS)
+def test_edge_specs(spec):
+    """k = E, one expert, groups of one expert, tiny H and F (every loop is all tail)."""
+    kernel = moegen.compile(spec)
+    x, w = R.random_problem(spec, 37, seed=1)
+    weights = kernel.pack(**R.weight_kwargs(spec, w))
+    out = np.full_like(x, np.nan)
+    kernel(x, weights, out=out)
+    ids, wts, _, _ = R.route(spec, x, w["router"])
+    got_ids, _ = kernel.route(x, weights)
+    np.testing.assert_array_equal(got_ids, ids)
+    assert R.rel_error(out, R.experts(spec, x, w, ids, wts)) <= 1e-5
