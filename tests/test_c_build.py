@@ -200,3 +200,14 @@ def test_avx512_tier_compiles(dtype, activation):
     4 x 6 register tile, separate horizontal sums)."""
     spec = MoESpec(8, 2, 100, 257, dtype=dtype, activation=activation, bias=True, backend="c")
     assert build(spec, "avx512").binary
+
+
+def test_binary_for_a_tier_this_cpu_lacks_is_refused_at_load():
+    missing = [t for t in isa.TIERS.values() if t.machine == "x86_64" and not isa.runnable(t)]
+    if not missing:
+        pytest.skip("this CPU runs every x86 tier")
+    tier = missing[0].name
+    art = build(MoESpec(8, 2, 64, 96, backend="c"), tier)
+    assert art.meta["target"] == tier
+    with pytest.raises(RuntimeError, match="cannot run"):
+        BE.load(art, MoESpec(8, 2, 64, 96, backend="c"))

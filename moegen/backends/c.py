@@ -173,9 +173,17 @@ class CBackend:
         """Write the bytes under a content-addressed name (dlopen hands back an already-loaded
         library for a path it has seen) in a private directory, and load them with ctypes.
 
-        Returns a `moegen.backends.c_module.CModule`; raises OSError when the bytes do not load.
+        Returns a `moegen.backends.c_module.CModule`.  Raises RuntimeError when the binary's
+        ISA tier (``artifact.meta["target"]``) is one this CPU cannot run, OSError when the bytes
+        do not load.
         """
         from .c_module import CModule
+        target = artifact.meta.get("target")
+        if target in isa.TIERS and not isa.runnable(isa.TIERS[target]):
+            # Calling into it would die of SIGILL; refuse while it is still an exception.
+            raise RuntimeError(f"{spec.name}: binary built for ISA tier {target!r}, which this CPU "
+                               f"cannot run (it runs {isa.detect()!r}); unset MOEGEN_ISA or set it "
+                               f"to a tier this CPU has")
         path = write_library(artifact.binary)
         return CModule(spec, path, layout_for(spec))
 
