@@ -77,6 +77,11 @@ def main(argv=None):
     from moegen.reference import rel_error
     from moegen.spec import MoESpec
 
+    load_before = os.getloadavg()[0]
+    if load_before > 0.5:
+        print(f"warning: load average {load_before:.2f} before the run: another process is using "
+              f"the CPU, and an oversubscribed torch loop slows down far more than moegen does; "
+              f"rerun when the machine is idle", file=sys.stderr)
     rows = []
     for shape in args.shapes.split(","):
         E, K, H, F = SHAPES[shape]
@@ -114,6 +119,7 @@ def main(argv=None):
                   f"ratio(best) {row['ratio_best']:5.2f}x  err {err:.1e}", flush=True)
         del packed, tw, w1, w3, w2
     result = {"isa": isa.resolve().name, "threads": args.threads, "torch": torch.__version__,
+              "load_average_before": load_before, "load_average_after": os.getloadavg()[0],
               "rows": rows}
     with open(args.json, "w") as fh:
         json.dump(result, fh, indent=1)
