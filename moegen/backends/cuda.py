@@ -196,6 +196,7 @@ class CudaModule:
         self._raw = _load_raw_module(cubin)
         self._functions: dict = {}
         self._workspaces: dict = {}
+        self._external_streams: dict = {}     # torch stream handle -> CuPy wrapper
         for name in self.kernel_names():       # a cubin missing a kernel is a bad binary
             self.function(name)
 
@@ -312,15 +313,24 @@ class CudaModule:
         ts = torch.cuda.current_stream(owner.device)
         if ts.cuda_stream == self.xp.cuda.get_current_stream().ptr:
             return contextlib.nullcontext()
-        try:
-            return self.xp.cuda.Stream.from_external(ts)      # CuPy >= 14: the stream protocol
-        except Exception:  # noqa: BLE001 - older CuPy or torch without __cuda_stream__
-            return self.xp.cuda.ExternalStream(ts.cuda_stream, owner.device.index or 0)
+        # One CuPy wrapper per torch stream, made once: wrapping costs more than a launch.
+        cached = self._external_streams.get(ts.cuda_stream)
+        if cached is None:
+            try:
+                cached = self.xp.cuda.Stream.from_external(ts)      # CuPy >= 14: stream protocol
+            except Exception:  # noqa: BLE001 - older CuPy or torch without __cuda_stream__
+                cached = self.xp.cuda.ExternalStream(ts.cuda_stream, owner.device.index or 0)
+            self._external_streams[ts.cuda_stream] = cached
+        return cached
 
     # -- stages --------------------------------------------------------------------------------
     def run_stage(self, stage: str, ws, call) -> None:
         """Enqueue one stage on the current stream (see the module docstring)."""
-        with self._stream_of(call.x):
+        # The stream is looked up once per call (the stages of one call share it).
+        ctx = call.__dict__.get("_stream")
+        if ctx is None:
+            ctx = call.__dict__["_stream"] = self._stream_of(call.x)
+        with ctx:
             if stage == "route":
                 self._route(ws, call)
             elif stage == "group":
