@@ -99,20 +99,21 @@ def make_environment(files: dict[str, str]) -> jinja2.Environment:
     return env
 
 
-def render_template(name: str, env: jinja2.Environment | None = None, **context) -> str:
-    """Render one template; errors become TemplateError with the template's file and line."""
+def render_template(template: str, env: jinja2.Environment | None = None, **context) -> str:
+    """Render one template; errors become TemplateError with the template's file and line.
+    (The parameter is ``template``, not ``name``, so a context variable may be called name.)"""
     env = env or environment()
     try:
-        return env.get_template(name).render(**context)
+        return env.get_template(template).render(**context)
     except jinja2.TemplateSyntaxError as exc:
-        raise TemplateError(f"{exc.name or name}:{exc.lineno}: {exc.message}", exc.name or name,
+        raise TemplateError(f"{exc.name or template}:{exc.lineno}: {exc.message}", exc.name or template,
                             exc.lineno) from None
     except jinja2.TemplateNotFound as exc:
-        raise TemplateError(f"template {exc.name!r} not found (rendering {name!r}); known: "
-                            f"{sorted(env.list_templates()) if env.loader else []}", name) from None
+        raise TemplateError(f"template {exc.name!r} not found (rendering {template!r}); known: "
+                            f"{sorted(env.list_templates()) if env.loader else []}", template) from None
     except jinja2.UndefinedError as exc:
-        lineno = _template_lineno(exc, name)
-        raise TemplateError(f"{name}:{lineno}: {exc.message}", name, lineno) from None
+        lineno = _template_lineno(exc, template)
+        raise TemplateError(f"{template}:{lineno}: {exc.message}", template, lineno) from None
 
 
 def _template_lineno(exc: BaseException, name: str) -> int | None:
