@@ -18,7 +18,7 @@ def test_wheel_installs_and_compiles_from_its_own_templates(tmp_path):
     build = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
          "-w", str(wheel_dir), str(ROOT)], capture_output=True, text=True)
-    if build.returncode != 0 and "No module named" in build.stderr:
+    if build.returncode != 0:     # e.g. an old setuptools in this venv: build isolated
         build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w",
                                 str(wheel_dir), str(ROOT)], capture_output=True, text=True)
     assert build.returncode == 0, build.stderr
