@@ -58,7 +58,10 @@ def describe_environment() -> dict[str, dict]:
 
 def _gpu_name() -> str:
     import cupy
-    n = cupy.cuda.runtime.getDeviceCount()
+    try:
+        n = cupy.cuda.runtime.getDeviceCount()
+    except cupy.cuda.runtime.CUDARuntimeError as exc:
+        return f"no GPU visible ({exc}); CUDA builds still work with --arch sm_XX"
     if n == 0:
         return "no GPU visible"
     props = cupy.cuda.runtime.getDeviceProperties(0)
