@@ -60,9 +60,16 @@ def describe(a, name: str) -> ArrayInfo:
                     f"__cuda_array_interface__), got {type(a).__module__}.{type(a).__name__}")
 
 
+_DTYPE_NAMES: dict = {}
+
+
 def _np_name(dt) -> str:
-    dt = np.dtype(dt)
-    return "bfloat16" if dt.name == "bfloat16" else dt.name
+    """Canonical name of a NumPy dtype, memoised: ``dtype.name`` costs microseconds, and this
+    runs for every array of every call."""
+    name = _DTYPE_NAMES.get(dt)
+    if name is None:
+        name = _DTYPE_NAMES[dt] = np.dtype(dt).name
+    return name
 
 
 def _c_strides(shape, itemsize) -> tuple:
