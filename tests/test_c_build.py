@@ -63,9 +63,11 @@ def test_toolchain_is_resolved_and_cached():
     assert BE.toolchain() == tc
 
 
-def test_capacity_factor_is_refused():
-    with pytest.raises(SpecError, match="capacity_factor is not supported by the c backend"):
-        BE.render_context(MoESpec(8, 2, 64, capacity_factor=1.25, backend="c"))
+def test_capacity_context_only_for_capacity_specs():
+    ctx = BE.render_context(MoESpec(8, 2, 64, capacity_factor=1.25, capacity_drop="weight",
+                                    backend="c"))
+    assert (ctx["capacity"], ctx["drop_by_weight"]) == (1, 1)
+    assert BE.render_context(MoESpec(8, 2, 64, backend="c"))["capacity"] == 0
 
 
 def test_render_context_is_plain_values():

@@ -88,10 +88,9 @@ class CBackend:
     def render_context(self, spec: MoESpec) -> dict:
         """Template variables: ints, floats and strings from moegen's lookup tables only.
 
-        Raises SpecError for spec fields this backend does not implement (capacity_factor).
+        Capacity code (``moe_group_capacity``, ``moe_combine_kept``) is rendered only when
+        ``spec.capacity_factor`` is set; the capacity itself is a call argument (it depends on T).
         """
-        if spec.capacity_factor is not None:
-            raise SpecError("capacity_factor is not supported by the c backend yet")
         layout = layout_for(spec)
         off = layout.offsets
         dt = spec.dt
@@ -115,6 +114,9 @@ class CBackend:
             "widths": sorted({t.vec_floats for t in isa.TIERS.values()}),
             "kc": _KC,
             "route_chunk": _ROUTE_CHUNK, "par_min_work": _PAR_MIN_WORK,
+            "capacity": int(spec.capacity_factor is not None),
+            "capacity_drop": spec.capacity_drop,
+            "drop_by_weight": int(spec.capacity_drop == "weight"),
             "dt_short": dt.short, "c_type": dt.c_type, "c_load": dt.c_load, "c_store": dt.c_store,
         }
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from .. import settings
 from ..layout import PackedLayout
+from ..reference import capacity as expert_capacity
 from ..spec import MoESpec
 
 log = logging.getLogger("moegen.backends.c")
@@ -35,6 +36,13 @@ _SIGNATURES = {
     "moe_ffn2": (_P, _P, _P, _P, _P, _L, _P, _I),
     # y, T, out, nthreads
     "moe_combine": (_P, _L, _P, _I),
+}
+# Exported by capacity builds only (spec.capacity_factor set).
+_CAPACITY_SIGNATURES = {
+    # ids, weights, T, cap, counts, offsets, order, kept, cap_weights, dropped, scratch
+    "moe_group_capacity": (_P, _P, _L, _L, _P, _P, _P, _P, _P, _P, _P),
+    # y, kept, T, out, nthreads
+    "moe_combine_kept": (_P, _P, _L, _P, _I),
 }
 
 ROUTE_CHUNK = 64     # tokens per route work item: the rows of the stats partial sums
@@ -86,9 +94,20 @@ class _Buffers:
         self.xf = aligned_empty((B, H), np.float32)              # tokens in fp32
         self.h = aligned_empty((B * (K + S), F), np.float32)     # one row per sorted slot
         self.y = aligned_empty((B * (K + S), H), np.float32)     # one row per slot
-        self.ptr = {name: _ptr(getattr(self, name)) for name in
-                    ("ids", "weights", "counts", "offsets", "order", "router_sums", "partials",
-                     "xf", "h", "y")}
+        names = ["ids", "weights", "counts", "offsets", "order", "router_sums", "partials",
+                 "xf", "h", "y"]
+        self.dropped = None
+        if spec.capacity_factor is not None:
+            self.kept = aligned_zeros(B * K, np.uint8)             # 1 = the slot survived
+            self.dropped = aligned_zeros(E, np.int32)              # per routed expert
+            names += ["kept", "dropped"]
+            if spec.renormalize:
+                self.cap_weights = aligned_zeros(B * K, np.float32)
+                names.append("cap_weights")
+            if spec.capacity_drop == "weight":
+                self.scratch = aligned_zeros(B * K * 2, np.int32)  # (weight, slot) sort keys
+                names.append("scratch")
+        self.ptr = {name: _ptr(getattr(self, name)) for name in names}
 
     @property
     def nbytes(self) -> int:
@@ -99,7 +118,8 @@ class CWorkspace:
     """The workspace of one call: views of a bucket's buffers for ``tokens`` tokens.
 
     Attributes: tokens, bucket, topk_ids [T, k] int32, topk_weights [T, k] float32,
-    counts [E] int32, offsets [E+1] int32, router_sums [E+1] float32.
+    counts [E] int32, offsets [E+1] int32, router_sums [E+1] float32; with capacity also
+    dropped [E] int32 (slots each routed expert dropped), else no ``dropped`` attribute.
     """
 
     def __init__(self, buffers: _Buffers, tokens: int):
@@ -112,6 +132,8 @@ class CWorkspace:
         self.counts = buffers.counts
         self.offsets = buffers.offsets
         self.router_sums = buffers.router_sums
+        if buffers.dropped is not None:
+            self.dropped = buffers.dropped
 
 
 class CModule:
@@ -130,7 +152,10 @@ class CModule:
         self.path = Path(path)
         self._lib = ctypes.CDLL(str(self.path))
         self._fn = {}
-        for name, argtypes in _SIGNATURES.items():
+        signatures = dict(_SIGNATURES)
+        if spec.capacity_factor is not None:
+            signatures.update(_CAPACITY_SIGNATURES)
+        for name, argtypes in signatures.items():
             fn = getattr(self._lib, name)           # AttributeError: not our binary
             fn.argtypes = argtypes
             fn.restype = ctypes.c_int
@@ -197,16 +222,29 @@ class CModule:
                 p["router_sums"] if call.want_stats else None, nth)
         elif stage == "group":
             ids = _ptr(call.topk_ids) if call.topk_ids is not None else p["ids"]
-            rc = self._fn["moe_group"](ids, T, p["counts"], p["offsets"], p["order"])
+            if self.spec.capacity_factor is None:
+                rc = self._fn["moe_group"](ids, T, p["counts"], p["offsets"], p["order"])
+            else:
+                wts = _ptr(call.topk_weights) if call.topk_weights is not None else p["weights"]
+                cap = min(expert_capacity(self.spec, T), T * self.spec.top_k)
+                rc = self._fn["moe_group_capacity"](
+                    ids, wts, T, cap, p["counts"], p["offsets"], p["order"], p["kept"],
+                    p.get("cap_weights"), p["dropped"], p.get("scratch"))
         elif stage == "ffn1":
             rc = self._fn["moe_ffn1"](_ptr(call.x), _ptr(call.packed.buffer), p["offsets"],
                                       p["order"], T, p["xf"], p["h"], nth)
         elif stage == "ffn2":
-            wts = _ptr(call.topk_weights) if call.topk_weights is not None else p["weights"]
+            if "cap_weights" in p:                  # capacity with renormalize
+                wts = p["cap_weights"]
+            else:
+                wts = _ptr(call.topk_weights) if call.topk_weights is not None else p["weights"]
             rc = self._fn["moe_ffn2"](p["h"], _ptr(call.packed.buffer), p["offsets"], p["order"],
                                       wts, T, p["y"], nth)
         elif stage == "combine":
-            rc = self._fn["moe_combine"](p["y"], T, _ptr(call.out), nth)
+            if self.spec.capacity_factor is None:
+                rc = self._fn["moe_combine"](p["y"], T, _ptr(call.out), nth)
+            else:
+                rc = self._fn["moe_combine_kept"](p["y"], p["kept"], T, _ptr(call.out), nth)
         else:
             raise ValueError(f"stage must be one of {self.stages}, got {stage!r}")
         if rc != 0:
