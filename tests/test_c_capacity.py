@@ -115,7 +115,11 @@ def given_routing(spec, T, seed, weights=None):
     return ids, np.ascontiguousarray(wts, dtype=np.float32)
 
 
-@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
+FP16 = MoESpec(8, 2, 40, 33, dtype="float16", capacity_factor=0.75, capacity_drop="weight",
+               activation="silu", bias=True, backend="c")
+
+
+@pytest.mark.parametrize("spec", SPECS + [FP16], ids=lambda s: s.name)
 @pytest.mark.parametrize("T", (1, 7, 65))
 def test_experts_with_given_routing(spec, T):
     kernel, x, w, packed = setup(spec, T, seed=11)
@@ -187,12 +191,15 @@ def test_every_slot_of_a_token_dropped_leaves_only_shared_experts():
     np.testing.assert_allclose(out[1:], shared, rtol=1e-4, atol=1e-5)
 
 
-def test_per_expert_drops_and_determinism():
+def test_per_expert_drops_and_determinism(monkeypatch):
+    """ws.dropped counts each routed expert's drops; results do not depend on the thread count."""
     spec = SPECS[1]
     T = 300
     kernel, x, w, packed = setup(spec, T, seed=8)
     bias = skewed_bias(spec)
+    monkeypatch.setenv("MOEGEN_NUM_THREADS", "1")
     y1, st1 = kernel(x, packed, router_bias=bias, return_stats=True)
+    monkeypatch.setenv("MOEGEN_NUM_THREADS", "3")
     ids, wts = kernel.route(x, packed, router_bias=bias)
     _, info = R.moe(spec, x, w, topk_ids=ids, topk_weights=wts)
     ws = kernel.module.workspace(T)
