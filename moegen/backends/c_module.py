@@ -4,6 +4,9 @@ Implements the Module protocol of `moegen.backends.base`.  Arrays are NumPy (tor
 are viewed as NumPy without a copy).  Workspaces are allocated once per token-count bucket (the
 next power of two >= T) and calling thread, and reused: a call after the first one of its
 bucket allocates no buffers; the stage functions receive raw pointers into them.
+
+Capacity specs (``spec.capacity_factor``) run ``moe_group_capacity`` as the group stage, with
+the capacity ceil(factor·T·k/E) passed per call, and ``moe_combine_kept`` as the combine.
 """
 
 from __future__ import annotations
