@@ -18,7 +18,6 @@ import itertools
 import json
 import logging
 import sys
-import time
 from pathlib import Path
 
 import click

@@ -10,7 +10,6 @@ Each step is usable alone (the CLI's ``render``, ``cache explain`` and ``build``
 
 from __future__ import annotations
 
-import functools
 import logging
 import threading
 import time

@@ -9,7 +9,6 @@ out like x; routing tensors [T, k].
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import numpy as np
 

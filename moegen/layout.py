@@ -257,7 +257,7 @@ def pack_host(layout: PackedLayout, logical: dict[str, np.ndarray]) -> tuple[np.
     """Pack logical weights (see `logical_weights`) into (buffer, router) host arrays."""
     spec = layout.spec
     dt = spec.dt.numpy
-    n, H, F = layout.num_slots_experts, spec.hidden_dim, spec.ffn_dim
+    n, H = layout.num_slots_experts, spec.hidden_dim
     buf = np.zeros((n, layout.expert_stride), dtype=dt)
     off = layout.offsets
     perm = layout.gate_up_row_order()

@@ -21,6 +21,18 @@ def session_cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("moegen-cache")
 
 
+@pytest.fixture(scope="module")
+def module_cache(session_cache_dir):
+    """MOEGEN_CACHE_DIR set to the session cache for a whole test module, memo cleared around
+    it (use with ``pytestmark = pytest.mark.usefixtures("module_cache")``)."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MOEGEN_CACHE_DIR", str(session_cache_dir))
+    clear_memo()
+    yield session_cache_dir
+    mp.undo()
+    clear_memo()
+
+
 @pytest.fixture
 def problem():
     """``problem(spec, tokens, seed=0) -> (x, logical weights)``: random, never zeros."""

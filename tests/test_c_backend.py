@@ -9,7 +9,6 @@ import moegen
 from moegen import MoESpec
 from moegen import reference as R
 from moegen.backends import isa
-from moegen.jit import clear_memo
 
 # Tile sizes of the generated code on every tier: MR = 3 or 4 token rows per register tile,
 # ROUTE_CHUNK = 64 tokens per route work item; buckets are powers of two.
@@ -42,14 +41,7 @@ CASES = [
 PARAMS = [pytest.param(spec, T, id=f"{cid}-T{T}") for cid, spec, ts in CASES for T in ts]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _cache(session_cache_dir):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("MOEGEN_CACHE_DIR", str(session_cache_dir))
-    clear_memo()
-    yield
-    mp.undo()
-    clear_memo()
+pytestmark = pytest.mark.usefixtures("module_cache")
 
 
 def selection_bias(spec, seed=0):

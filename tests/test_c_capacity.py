@@ -9,7 +9,6 @@ import moegen
 from moegen import MoESpec
 from moegen import reference as R
 from moegen.backends.c import CBackend
-from moegen.jit import clear_memo
 from moegen.render import render
 
 TOL = {"float32": 1e-5, "float16": 5e-3, "bfloat16": 1e-2}
@@ -29,14 +28,7 @@ SPECS = [
 PARAMS = [pytest.param(s, T, id=f"{s.name}-T{T}") for s in SPECS for T in TOKENS]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _cache(session_cache_dir):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("MOEGEN_CACHE_DIR", str(session_cache_dir))
-    clear_memo()
-    yield
-    mp.undo()
-    clear_memo()
+pytestmark = pytest.mark.usefixtures("module_cache")
 
 
 def skewed_bias(spec):
