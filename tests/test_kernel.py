@@ -7,20 +7,13 @@ import pytest
 import moegen
 from moegen import MoESpec
 from moegen import reference as R
-from moegen.jit import clear_memo
 
 SPEC = MoESpec(8, 2, 48, 40, dtype="float32", backend="c")
 
 
 @pytest.fixture(scope="module")
-def kernel(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("MOEGEN_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
-    clear_memo()
-    k = moegen.compile(SPEC)
-    yield k
-    mp.undo()
-    clear_memo()
+def kernel(module_cache):
+    return moegen.compile(SPEC)
 
 
 @pytest.fixture(scope="module")
