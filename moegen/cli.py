@@ -232,6 +232,34 @@ def verify(tokens, seed, **kwargs):
 
 
 @main.command()
+@spec_options
+@click.option("--tokens", "-t", callback=_int_list, default="1,64,1024", show_default=True,
+              help="token counts to time each candidate at")
+@click.option("--budget", type=float, default=0.5, show_default=True,
+              help="seconds of timing per candidate and token count")
+@click.option("--dry-run", is_flag=True, help="measure and print, store nothing")
+@handle_errors
+def tune(tokens, budget, dry_run, **kwargs):
+    """Measure the backend's tunable constants for one spec on this machine; store the best.
+
+    Later builds of the spec (here, or wherever the cache is exported to, for the same
+    target) use the stored choice.
+    """
+    from .tuning import tune as tune_spec
+    spec = _one_spec(_pop_spec_kwargs(kwargs))
+
+    def progress(i, n, choice, ms):
+        label = ", ".join(f"{k}={v}" for k, v in choice.items())
+        click.echo(f"[tune] {i}/{n} {label}: " + ", ".join(f"{m:.3f} ms" for m in ms), err=True)
+
+    result = tune_spec(spec, tokens=tuple(tokens), budget_s=budget, save=not dry_run,
+                       progress=progress)
+    click.echo(result.table())
+    best = ", ".join(f"{k}={v}" for k, v in result.best.items())
+    click.echo(f"best: {best}" + (" (not stored: --dry-run)" if dry_run else " (stored in the cache)"))
+
+
+@main.command()
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def env(as_json):
     """Report compilers, CPU ISA tier, CUDA/NVRTC/GPU, cache and settings."""

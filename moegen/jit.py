@@ -38,11 +38,21 @@ def resolve(spec: MoESpec) -> MoESpec:
     return spec
 
 
-def key_parts(spec: MoESpec) -> dict:
-    """Every input that changes the binary (DESIGN §5), as a JSON-able dict."""
+def _tuning(spec: MoESpec, tuning: dict | None) -> dict:
+    """The tuning to build with: the given one, else the stored record (moegen tune), else {}."""
+    if tuning is not None:
+        return dict(tuning)
+    from .tuning import lookup
+    return lookup(spec)
+
+
+def key_parts(spec: MoESpec, tuning: dict | None = None) -> dict:
+    """Every input that changes the binary (DESIGN §5), as a JSON-able dict.  ``tuning``
+    defaults to the stored tuning record of the spec (none: the backend's defaults)."""
     spec = resolve(spec)
     be = get_backend(spec.backend)
-    sources = render(spec, be)
+    tuning = _tuning(spec, tuning)
+    sources = render(spec, be, tuning)
     target = be.target(spec)
     return {
         "format": CACHE_FORMAT,
@@ -55,6 +65,7 @@ def key_parts(spec: MoESpec) -> dict:
         "options": be.options(spec, target),
         "spec": spec.to_dict(),
         "settings": settings.code_settings(),
+        "tuning": tuning,
     }
 
 
@@ -76,19 +87,20 @@ class BuildInfo:
     location: str           # the cache directory (or layer) holding the entry
 
 
-def _build(spec: MoESpec):
-    """(resolved spec, artifact, BuildInfo)."""
+def _build(spec: MoESpec, tuning: dict | None = None):
+    """(resolved spec, artifact, BuildInfo, cache, compile function)."""
     from .cache import default_cache, digest
     t0 = time.perf_counter()
     spec = resolve(spec)
     be = get_backend(spec.backend)
-    parts = key_parts(spec)
+    parts = key_parts(spec, tuning)
+    tuning = parts["tuning"]
     key = digest(parts)
     name = spec.name
     cache = default_cache()
 
     def compile_now() -> Artifact:
-        sources = render(spec, be)
+        sources = render(spec, be, tuning)
         t = time.perf_counter()
         try:
             art = be.compile(sources, spec, parts["target"], key)
@@ -99,7 +111,7 @@ def _build(spec: MoESpec):
         meta = dict(art.meta)
         meta.update(key=key, spec_name=name, spec=spec.to_dict(), backend=be.name,
                     target=parts["target"], toolchain=parts["toolchain"],
-                    options=parts["options"], moegen_version=__version__,
+                    options=parts["options"], tuning=tuning, moegen_version=__version__,
                     build_seconds=round(time.perf_counter() - t, 4), created=time.time())
         return Artifact(art.binary, meta)
 
@@ -122,17 +134,29 @@ _memo_lock = threading.Lock()
 def compile(spec: MoESpec) -> MoEKernel:  # noqa: A001 - the public verb
     """A `MoEKernel` for ``spec``, memoised per process.
 
-    Renders, looks the binary up in the cache (prebuilt layers first), compiles on a miss
-    (unless offline), loads it.  A cached binary that fails to load is dropped and rebuilt once.
+    Renders (with the spec's stored tuning record, if `moegen tune` made one), looks the binary
+    up in the cache (prebuilt layers first), compiles on a miss (unless offline), loads it.  A
+    cached binary that fails to load is dropped and rebuilt once.
     Raises SpecError, TemplateError, CompileError, MissingKernelError.
     """
+    return _compile(spec, None)
+
+
+def compile_tuned(spec: MoESpec, tuning: dict) -> MoEKernel:
+    """Like `compile`, with explicit tuning constants (see `moegen.tuning`) instead of the
+    stored record.  Raises ValueError for a tuning the backend does not allow."""
+    return _compile(spec, dict(tuning))
+
+
+def _compile(spec: MoESpec, tuning: dict | None) -> MoEKernel:
     rspec = resolve(spec)
-    memo_key = (rspec, settings.cache_dir(), tuple(settings.code_settings().items()))
+    memo_key = (rspec, settings.cache_dir(), tuple(settings.code_settings().items()),
+                None if tuning is None else tuple(sorted(tuning.items())))
     with _memo_lock:
         hit = _memo.get(memo_key)
     if hit is not None:
         return hit
-    rspec, artifact, info, cache, compile_now = _build(rspec)
+    rspec, artifact, info, cache, compile_now = _build(rspec, tuning)
     be = get_backend(rspec.backend)
     try:
         module = be.load(artifact, rspec)

@@ -126,12 +126,13 @@ def _template_lineno(exc: BaseException, name: str) -> int | None:
     return lineno
 
 
-def render(spec: MoESpec, backend=None) -> Sources:
+def render(spec: MoESpec, backend=None, tuning: dict | None = None) -> Sources:
     """All source files of ``spec`` for its backend (``spec.backend`` must be resolved, or
-    pass the backend object).  Returns `Sources`; raises TemplateError."""
+    pass the backend object), with ``tuning`` (constants chosen by `moegen.tuning`) applied.
+    Returns `Sources`; raises TemplateError, or ValueError for a tuning the backend refuses."""
     from .backends import get_backend
     be = backend or get_backend(spec.backend)
-    ctx = be.render_context(spec)
+    ctx = be.render_context(spec, tuning=tuning) if tuning else be.render_context(spec)
     files = {name.rsplit("/", 1)[-1].removesuffix(".jinja"): render_template(name, **ctx)
              for name in be.templates}
     return Sources(backend=be.name, files=files, entry=next(iter(files)))

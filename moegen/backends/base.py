@@ -58,8 +58,13 @@ class Backend(Protocol):
     def can_compile(self) -> bool:
         """True when this backend can compile here (CUDA can, without a GPU)."""
 
-    def render_context(self, spec: MoESpec) -> dict:
-        """Template variables: validated ints, floats and table strings only."""
+    def render_context(self, spec: MoESpec, tuning: dict | None = None) -> dict:
+        """Template variables: validated ints, floats and table strings only.  ``tuning``
+        (optional; only passed when non-empty) overrides constants named by `tunables`."""
+
+    def tunables(self, spec: MoESpec) -> dict[str, tuple]:
+        """Constants `moegen tune` may choose for ``spec``: name -> allowed values, the first
+        being the default.  Empty when the backend has nothing to tune."""
 
     def target(self, spec: MoESpec) -> str:
         """The resolved target: a CPU ISA tier ("x86-64-v3", "avx512") or a CUDA arch ("sm_90")."""

@@ -38,6 +38,10 @@ _ROUTE_CHUNK = ROUTE_CHUNK
 # k per GEMM chunk (a multiple of 32, the pair-dot step): 3 x 512 activations + 4 x 512
 # weights = 14 KB of fp32, well inside a 32 KB L1.
 _KC = 512
+# What `moegen tune` may change, each a tuple of allowed values (the first is the default).
+# KC trades L1 reuse against loop overhead; PAR_MIN_WORK moves the one-thread/many-thread
+# crossover, which depends on the machine's thread start-up cost.
+TUNABLES = {"kc": (_KC, 256, 1024), "par_min_work": (_PAR_MIN_WORK, 1 << 16, 1 << 20)}
 # Seconds a compile may take before we give up on the compiler.
 _COMPILE_TIMEOUT = 600
 
@@ -85,12 +89,23 @@ class CBackend:
             return False
 
     # -- what gets built ---------------------------------------------------------------------
-    def render_context(self, spec: MoESpec) -> dict:
+    def tunables(self, spec: MoESpec) -> dict[str, tuple]:
+        """The template constants `moegen tune` may choose, with their allowed values."""
+        return dict(TUNABLES)
+
+    def render_context(self, spec: MoESpec, tuning: dict | None = None) -> dict:
         """Template variables: ints, floats and strings from moegen's lookup tables only.
 
         Capacity code (``moe_group_capacity``, ``moe_combine_kept``) is rendered only when
         ``spec.capacity_factor`` is set; the capacity itself is a call argument (it depends on T).
+        ``tuning`` overrides TUNABLES constants; a value outside the allowed ones is a ValueError.
         """
+        tuned = {name: values[0] for name, values in TUNABLES.items()}
+        for name, value in (tuning or {}).items():
+            if name not in TUNABLES or value not in TUNABLES[name]:
+                raise ValueError(f"c backend tuning {name}={value!r} is not allowed; choices: "
+                                 f"{ {n: list(v) for n, v in TUNABLES.items()} }")
+            tuned[name] = value
         layout = layout_for(spec)
         off = layout.offsets
         dt = spec.dt
@@ -112,8 +127,8 @@ class CBackend:
                        "mr": t.mr, "ncol": t.ncol} for t in map(isa.TIERS.get, isa.GUARD_ORDER)],
             "max_mr": max(t.mr for t in isa.TIERS.values()),
             "widths": sorted({t.vec_floats for t in isa.TIERS.values()}),
-            "kc": _KC,
-            "route_chunk": _ROUTE_CHUNK, "par_min_work": _PAR_MIN_WORK,
+            "kc": tuned["kc"],
+            "route_chunk": _ROUTE_CHUNK, "par_min_work": tuned["par_min_work"],
             "capacity": int(spec.capacity_factor is not None),
             "capacity_drop": spec.capacity_drop,
             "drop_by_weight": int(spec.capacity_drop == "weight"),

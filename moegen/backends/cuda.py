@@ -76,6 +76,11 @@ class CudaBackend:
             return False
 
     # -- rendering -------------------------------------------------------------------------
+    def tunables(self, spec: MoESpec) -> dict[str, tuple]:
+        """Nothing to tune yet: tiles per bucket are fixed in `cuda_tiles` (candidates were
+        measured with benchmarks/cuda_ffn_bench.py --tile; see docs/PERF.md)."""
+        return {}
+
     def render_context(self, spec: MoESpec) -> dict:
         """Template variables of templates/cuda/*.jinja (validated ints/floats, table strings)."""
         dt = spec.dt
