@@ -49,12 +49,18 @@ def _tuning(spec: MoESpec, tuning: dict | None) -> dict:
 def key_parts(spec: MoESpec, tuning: dict | None = None) -> dict:
     """Every input that changes the binary (DESIGN §5), as a JSON-able dict.  ``tuning``
     defaults to the stored tuning record of the spec (none: the backend's defaults)."""
+    return _parts_and_sources(spec, tuning)[0]
+
+
+def _parts_and_sources(spec: MoESpec, tuning: dict | None):
+    """(key parts, rendered sources): the sources are hashed into the key and, on a miss,
+    compiled, so they are rendered once."""
     spec = resolve(spec)
     be = get_backend(spec.backend)
     tuning = _tuning(spec, tuning)
     sources = render(spec, be, tuning)
     target = be.target(spec)
-    return {
+    parts = {
         "format": CACHE_FORMAT,
         "moegen": __version__,
         "templates": template_digests(),
@@ -67,6 +73,7 @@ def key_parts(spec: MoESpec, tuning: dict | None = None) -> dict:
         "settings": settings.code_settings(),
         "tuning": tuning,
     }
+    return parts, sources
 
 
 def _sha(text: str) -> str:
@@ -93,14 +100,13 @@ def _build(spec: MoESpec, tuning: dict | None = None):
     t0 = time.perf_counter()
     spec = resolve(spec)
     be = get_backend(spec.backend)
-    parts = key_parts(spec, tuning)
+    parts, sources = _parts_and_sources(spec, tuning)
     tuning = parts["tuning"]
     key = digest(parts)
     name = spec.name
     cache = default_cache()
 
     def compile_now() -> Artifact:
-        sources = render(spec, be, tuning)
         t = time.perf_counter()
         try:
             art = be.compile(sources, spec, parts["target"], key)
