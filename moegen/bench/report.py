@@ -205,9 +205,8 @@ def header(cols) -> str:
     return top + "\n" + "  ".join("-" * w for _, w in cols)
 
 
-def row(point: dict, baselines: list[str], cols) -> str:
-    """One table line for a point (``x`` = baseline time / moegen time: >1 means moegen is
-    faster)."""
+def _matrix_cells(point: dict, baselines: list[str]) -> list[str]:
+    """The matrix-table cells of a point, shared by the text and Markdown tables."""
     m = point.get("moegen") or {}
     ms = m.get("total_ms")
     cells = [point["shape"], str(point["tokens"]), fmt_ms(point.get("floor_ms")), fmt_ms(ms),
@@ -215,7 +214,18 @@ def row(point: dict, baselines: list[str], cols) -> str:
     for b in baselines:
         bm = (point.get("baselines") or {}).get(b, {}).get("ms")
         cells += [fmt_ms(bm), fmt(bm / ms if bm and ms else None, ".2f")]
-    line = "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, (_, w)) in enumerate(zip(cells, cols)))
+    return cells
+
+
+def _align(cells: list[str], cols) -> str:
+    """A text-table line: the first column left-aligned, the rest right-aligned."""
+    return "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, (_, w)) in enumerate(zip(cells, cols)))
+
+
+def row(point: dict, baselines: list[str], cols) -> str:
+    """One table line for a point (``x`` = baseline time / moegen time: >1 means moegen is
+    faster)."""
+    line = _align(_matrix_cells(point, baselines), cols)
     if point.get("skipped"):
         line += f"  (skipped: {point['skipped']})"
     return line
@@ -226,11 +236,7 @@ def stage_table(points: list[dict]) -> str:
     measured = [p for p in points if p.get("moegen")]
     if not measured:
         return ""
-    stages = []
-    for p in measured:
-        for s in p["moegen"]["stages"]:
-            if s not in stages:
-                stages.append(s)
+    stages = list(dict.fromkeys(s for p in measured for s in p["moegen"]["stages"]))
     cols = [("shape", 14), ("T", 6)] + [(s, 9) for s in stages] + [
         ("sum", 9), ("call", 9), ("b2b", 9), ("graph", 9), ("GB/s", 8), ("TFLOP/s", 8),
         ("ws MiB", 7), ("alloc/call", 10)]
@@ -247,7 +253,7 @@ def stage_table(points: list[dict]) -> str:
             fmt_ms(m.get("graph_ms")), fmt(m.get("gbps"), ".1f"), fmt(m.get("tflops"), ".2f"),
             fmt(mem["workspace_bytes"] / 2 ** 20 if "workspace_bytes" in mem else None, ".1f"),
             allocs]
-        lines.append("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, (_, w)) in enumerate(zip(cells, cols))))
+        lines.append(_align(cells, cols))
     return "\n".join(lines)
 
 
@@ -258,13 +264,7 @@ def markdown(points: list[dict], baselines: list[str]) -> str:
         head += [f"{b} ms", f"{b} / moegen"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for p in points:
-        m = p.get("moegen") or {}
-        ms = m.get("total_ms")
-        cells = [p["shape"], str(p["tokens"]), fmt_ms(p.get("floor_ms")), fmt_ms(ms),
-                 fmt(m.get("frac_of_floor"), ".2f"), fmt(p.get("moegen_err"), ".1e")]
-        for b in baselines:
-            bm = (p.get("baselines") or {}).get(b, {}).get("ms")
-            cells += [fmt_ms(bm), fmt(bm / ms if bm and ms else None, ".2f")]
+        cells = _matrix_cells(p, baselines)
         if p.get("skipped"):
             cells[3] = f"skipped: {p['skipped']}"
         lines.append("| " + " | ".join(cells) + " |")
