@@ -63,17 +63,24 @@ def _killed_builder(cache_dir: str, started: str) -> None:
     KernelCache(Path(cache_dir), prebuilt=[]).get_or_build(NAME, KEY, build)
 
 
-def test_builder_killed_midway_leaves_no_entry_and_no_stuck_lock(tmp_path):
+def _kill_once_started(target, tmp_path, what: str):
+    """Run ``target(cache_dir, started_file)`` in a spawned process, SIGKILL it as soon as it
+    has written the started file, and return the joined process."""
     ctx = mp.get_context("spawn")
     started = tmp_path / "started"
-    p = ctx.Process(target=_killed_builder, args=(str(tmp_path / "cache"), str(started)))
+    p = ctx.Process(target=target, args=(str(tmp_path / "cache"), str(started)))
     p.start()
     deadline = time.monotonic() + 120
     while not started.exists():
-        assert p.is_alive() and time.monotonic() < deadline, "builder never started"
+        assert p.is_alive() and time.monotonic() < deadline, f"{what} never started"
         time.sleep(0.05)
     os.kill(p.pid, signal.SIGKILL)
     p.join(timeout=60)
+    return p
+
+
+def test_builder_killed_midway_leaves_no_entry_and_no_stuck_lock(tmp_path):
+    p = _kill_once_started(_killed_builder, tmp_path, "builder")
     assert p.exitcode == -signal.SIGKILL
 
     cache = KernelCache(tmp_path / "cache", prebuilt=[])
@@ -102,15 +109,6 @@ def _killed_writer(cache_dir: str, started: str) -> None:
 
 
 def test_writer_killed_midway_leaves_no_entry(tmp_path):
-    ctx = mp.get_context("spawn")
-    started = tmp_path / "started"
-    p = ctx.Process(target=_killed_writer, args=(str(tmp_path / "cache"), str(started)))
-    p.start()
-    deadline = time.monotonic() + 120
-    while not started.exists():
-        assert p.is_alive() and time.monotonic() < deadline, "writer never started"
-        time.sleep(0.05)
-    os.kill(p.pid, signal.SIGKILL)
-    p.join(timeout=60)
+    _kill_once_started(_killed_writer, tmp_path, "writer")
     cache = KernelCache(tmp_path / "cache", prebuilt=[])
     assert cache.get(NAME, KEY) is None and cache.entries() == []
