@@ -24,6 +24,7 @@ class ArrayInfo:
     device: str          # "cpu" or "cuda:N"
     contiguous: bool
     ptr: int
+    writable: bool = True    # False for a read-only NumPy array (np.frombuffer(bytes(...)))
 
     @property
     def on_gpu(self) -> bool:
@@ -35,8 +36,10 @@ def describe(a, name: str) -> ArrayInfo:
     ``name`` when it is not an array we understand."""
     mod = type(a).__module__ or ""
     if isinstance(a, np.ndarray):
+        flags = a.flags
         return ArrayInfo(a, "numpy", tuple(a.shape), _np_name(a.dtype), "cpu",
-                         bool(a.flags.c_contiguous), a.ctypes.data if a.size else 0)
+                         bool(flags.c_contiguous), a.ctypes.data if a.size else 0,
+                         bool(flags.writeable))
     if mod.startswith("torch"):
         dev = str(a.device)
         if dev == "cuda":
@@ -54,10 +57,22 @@ def describe(a, name: str) -> ArrayInfo:
         strides = cai.get("strides")
         itemsize = int(cai["typestr"][2:])
         contiguous = strides is None or tuple(strides) == _c_strides(shape, itemsize)
-        return ArrayInfo(a, "cuda_array_interface", shape, dtype, "cuda:?", contiguous,
-                         int(cai["data"][0]))
+        ptr = int(cai["data"][0])
+        return ArrayInfo(a, "cuda_array_interface", shape, dtype, _pointer_device(ptr), contiguous,
+                         ptr, not cai["data"][1])
     raise TypeError(f"{name} must be a NumPy, CuPy or torch array (or expose "
                     f"__cuda_array_interface__), got {type(a).__module__}.{type(a).__name__}")
+
+
+def _pointer_device(ptr: int) -> str:
+    """``cuda:N`` of the device holding ``ptr`` (``cuda:?`` when it cannot be asked)."""
+    if not ptr:
+        return "cuda:?"
+    try:
+        import cupy  # optional: only __cuda_array_interface__ objects need a driver query
+        return f"cuda:{cupy.cuda.runtime.pointerGetAttributes(ptr).device}"
+    except Exception:  # noqa: BLE001 - no CuPy / driver: the device stays unknown
+        return "cuda:?"
 
 
 _DTYPE_NAMES: dict = {}
@@ -91,9 +106,12 @@ def storage_dtypes(dtype: str, device_kind: str) -> tuple[str, ...]:
     return (dtype,)
 
 
-def check(info: ArrayInfo, name: str, *, shape=None, dtype=None, device_kind=None) -> None:
+def check(info: ArrayInfo, name: str, *, shape=None, dtype=None, device_kind=None,
+          device_index=None, writable=False) -> None:
     """Raise TypeError/ValueError naming ``name``, the expected and the actual value.
-    ``dtype`` is one name or a tuple of accepted names (the first is the one to name)."""
+    ``dtype`` is one name or a tuple of accepted names (the first is the one to name);
+    ``device_index``: the CUDA device the array must live on; ``writable``: refuse a read-only
+    array (an output)."""
     if dtype is not None:
         allowed = (dtype,) if isinstance(dtype, str) else tuple(dtype)
         if info.dtype not in allowed:
@@ -106,6 +124,12 @@ def check(info: ArrayInfo, name: str, *, shape=None, dtype=None, device_kind=Non
     if device_kind == "cuda" and not info.on_gpu:
         raise ValueError(f"{name} must be a CUDA device array for the cuda backend, got a host array "
                          f"({info.kind}); move it with cupy.asarray(...) or tensor.cuda()")
+    if device_index is not None and info.on_gpu and info.device != f"cuda:{device_index}":
+        raise ValueError(f"{name} must be on cuda:{device_index} (the kernel's device), got one on "
+                         f"{info.device}; compile the kernel with that device current, or move "
+                         f"the array")
+    if writable and not info.writable:
+        raise ValueError(f"{name} must be writable, got a read-only {info.kind} array")
     if not info.contiguous:
         raise ValueError(f"{name} must be C-contiguous, got a strided view of shape {info.shape}; "
                          f"call .copy()/.contiguous() first")

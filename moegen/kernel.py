@@ -14,9 +14,12 @@ import numpy as np
 
 from . import arrays
 from .backends.base import Call
-from .layout import PackedWeights, logical_weights, pack_host
+from .layout import PACK_KEYWORDS, PackedWeights, logical_weights, pack_host
 from .spec import MoESpec
 from .stats import LayerStats
+
+# Byte alignment the cuda kernels need of the packed buffer and router (16-byte vector loads).
+_WEIGHT_ALIGN = 16
 
 
 class MoEKernel:
@@ -33,6 +36,11 @@ class MoEKernel:
         self.layout = module.layout
         self.stages = tuple(module.stages)
         self._storage = arrays.storage_dtypes(spec.dtype, module.device_kind)
+        # The CUDA device the module was loaded on (None for the c backend): every device array
+        # of a call must live there.
+        device = getattr(module, "device", None)
+        self.device_index = None if device is None else int(getattr(device, "id", device))
+        self._device = dict(device_kind=module.device_kind, device_index=self.device_index)
 
     # -- identity ----------------------------------------------------------------------------
     @property
@@ -68,6 +76,10 @@ class MoEKernel:
         experts' ``shared_w1``... when ``spec.num_shared_experts``.  NumPy, CuPy or torch arrays;
         values are cast to the spec dtype.  Raises ValueError/TypeError naming the argument.
         """
+        unknown = sorted(set(weights) - set(PACK_KEYWORDS))
+        if unknown:
+            raise TypeError(f"pack() got unknown keyword(s) {unknown}; valid keywords: "
+                            f"{', '.join(PACK_KEYWORDS)}")
         logical = logical_weights(self.spec, **weights)
         buf, router = pack_host(self.layout, logical)
         return PackedWeights(self._module.to_device(buf), self._module.to_device(router), self.layout)
@@ -86,26 +98,46 @@ class MoEKernel:
         H = self.spec.hidden_dim
         if len(info.shape) < 1 or info.shape[-1] != H:
             raise ValueError(f"{name} must have shape [..., {H}] (hidden_dim), got {tuple(info.shape)}")
-        arrays.check(info, name, dtype=self._storage, device_kind=self._module.device_kind)
+        arrays.check(info, name, dtype=self._storage, **self._device)
         tokens = math.prod(info.shape[:-1]) if len(info.shape) > 1 else 1
         return info, tokens
 
-    def _check_weights(self, weights):
+    def _check_weights(self, weights) -> PackedWeights:
+        """Validate ``weights`` and return them as the module's native arrays (zero-copy views;
+        remembered on the weights object, so a call with the same arrays checks nothing again)."""
         if not isinstance(weights, PackedWeights):
             raise TypeError(f"weights must be the PackedWeights returned by kernel.pack(...), "
                             f"got {type(weights).__name__}")
+        memo = weights.__dict__.get("_native")
+        if memo is not None and memo[0] is self and memo[1] is weights.buffer and memo[2] is weights.router:
+            return memo[3]
         if weights.layout != self.layout:
             raise ValueError(f"weights were packed for {weights.layout.spec.name} "
                              f"({weights.layout.w13_order}/{weights.layout.w2_order}), "
                              f"this kernel is {self.name} ({self.layout.w13_order}/{self.layout.w2_order}); "
                              f"pack them with this kernel's pack()")
+        E, H = self.spec.num_experts, self.spec.hidden_dim
+        shapes = {"buffer": (self.layout.total,),
+                  "router": (E, H) if self.layout.router_order == "eh" else (H, E)}
+        native = {}
+        for part, shape in shapes.items():
+            name = f"weights.{part}"
+            info = arrays.describe(getattr(weights, part), name)
+            arrays.check(info, name, shape=shape, dtype=self._storage, **self._device)
+            if self.device_index is not None and info.ptr % _WEIGHT_ALIGN:
+                raise ValueError(f"{name} must start on a {_WEIGHT_ALIGN}-byte boundary (the cuda "
+                                 f"kernels use vector loads), got address {info.ptr:#x}")
+            native[part] = self._module.native(info)
+        checked = PackedWeights(native["buffer"], native["router"], self.layout)
+        weights.__dict__["_native"] = (self, weights.buffer, weights.router, checked)
+        return checked
 
     def _check_out(self, out, xinfo):
         if out is None:
             return None
         info = arrays.describe(out, "out")
-        arrays.check(info, "out", shape=xinfo.shape, dtype=self._storage,
-                     device_kind=self._module.device_kind)
+        arrays.check(info, "out", shape=xinfo.shape, dtype=self._storage, writable=True,
+                     **self._device)
         if info.ptr and info.ptr == xinfo.ptr:
             raise ValueError("out must not alias x (the layer reads x after it starts writing out)")
         return info
@@ -115,17 +147,15 @@ class MoEKernel:
             return None
         info = arrays.describe(router_bias, "router_bias")
         arrays.check(info, "router_bias", shape=(self.spec.num_experts,), dtype="float32",
-                     device_kind=self._module.device_kind)
+                     **self._device)
         return info
 
     def _check_routing(self, topk_ids, topk_weights, tokens):
         k, E = self.spec.top_k, self.spec.num_experts
         ids = arrays.describe(topk_ids, "topk_ids")
-        arrays.check(ids, "topk_ids", shape=(tokens, k), dtype="int32",
-                     device_kind=self._module.device_kind)
+        arrays.check(ids, "topk_ids", shape=(tokens, k), dtype="int32", **self._device)
         wts = arrays.describe(topk_weights, "topk_weights")
-        arrays.check(wts, "topk_weights", shape=(tokens, k), dtype="float32",
-                     device_kind=self._module.device_kind)
+        arrays.check(wts, "topk_weights", shape=(tokens, k), dtype="float32", **self._device)
         bad = self._module.count_out_of_range(self._module.native(ids), E) if tokens else 0
         if bad:
             raise ValueError(f"topk_ids must hold expert ids in [0, {E}), got {bad} out of range")
@@ -135,7 +165,7 @@ class MoEKernel:
     def _run(self, stages, x, weights, out, router_bias, topk_ids=None, topk_weights=None,
              want_stats=False):
         xinfo, tokens = self._check_x(x)
-        self._check_weights(weights)
+        weights = self._check_weights(weights)
         oinfo = self._check_out(out, xinfo)
         binfo = self._check_router_bias(router_bias)
         rinfo = self._check_routing(topk_ids, topk_weights, tokens) if topk_ids is not None else None

@@ -21,6 +21,7 @@ The router weight is kept apart: [E, H] ("eh") or [H, E] ("he").
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -251,6 +252,10 @@ def logical_weights(spec: MoESpec, *, router=None, w1=None, w3=None, w2=None, w1
             if v is not None and out[k_] is not None:
                 out[k_] = np.concatenate([out[k_], v.astype(out[k_].dtype, copy=False)])
     return out
+
+
+# The keywords `MoEKernel.pack` accepts (those of `logical_weights`), for its messages.
+PACK_KEYWORDS = tuple(p for p in inspect.signature(logical_weights).parameters if p != "spec")
 
 
 def pack_host(layout: PackedLayout, logical: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

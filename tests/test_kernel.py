@@ -138,3 +138,77 @@ def test_zero_tokens(kernel, problem):
     y, st = kernel(x0, weights, return_stats=True)
     assert y.shape == (0, SPEC.hidden_dim)
     assert st.tokens == 0 and int(np.sum(st.tokens_per_expert)) == 0
+
+
+# -- PackedWeights contents, read-only out, pack keywords (issue 9 item 10) ------------------------
+def _with(weights, **parts):
+    from moegen.layout import PackedWeights
+    d = {"buffer": weights.buffer, "router": weights.router}
+    d.update(parts)
+    return PackedWeights(d["buffer"], d["router"], weights.layout)
+
+
+@pytest.mark.parametrize("part, make, exc, words", [
+    ("buffer", lambda b: np.zeros(16, np.float32), ValueError, ["weights.buffer", "(16,)"]),
+    ("buffer", lambda b: b.astype(np.float16), TypeError, ["weights.buffer", "float32", "float16"]),
+    ("buffer", lambda b: np.repeat(b, 2)[::2], ValueError, ["weights.buffer", "contiguous"]),
+    ("buffer", lambda b: b.reshape(8, -1), ValueError, ["weights.buffer", "shape"]),
+    ("router", lambda r: r[:, :4].copy(), ValueError, ["weights.router", "shape"]),
+    ("router", lambda r: r.astype(np.float64), TypeError, ["weights.router", "float64"]),
+    ("router", lambda r: [[0.0]], TypeError, ["weights.router"]),
+])
+def test_packed_weight_contents_are_checked_before_any_write(kernel, problem, part, make, exc, words):
+    x, w, weights = problem
+    bad = _with(weights, **{part: make(getattr(weights, part))})
+    out = _poisoned(x)
+    with pytest.raises(exc) as info:
+        kernel(x, bad, out=out)
+    for word in words:
+        assert word in str(info.value), (word, str(info.value))
+    assert np.all(np.isnan(out))
+    with pytest.raises(exc):
+        kernel.route(x, bad)
+
+
+def test_swapped_packed_buffer_is_checked_again(kernel, problem):
+    """Validation is remembered per (buffer, router) object: replacing one re-checks it."""
+    x, w, weights = problem
+    good = _with(weights)
+    kernel(x, good)
+    good.buffer = np.zeros(16, np.float32)
+    with pytest.raises(ValueError, match="weights.buffer"):
+        kernel(x, good)
+
+
+def test_read_only_out_is_refused(kernel, problem):
+    x, w, weights = problem
+    ro = np.frombuffer(bytes(x.nbytes), np.float32).reshape(x.shape)
+    with pytest.raises(ValueError, match="out must be writable"):
+        kernel(x, weights, out=ro)
+    assert not ro.any()
+    xr = x.copy()
+    xr.flags.writeable = False                   # a read-only input is fine
+    assert R.rel_error(kernel(xr, weights), R.moe(SPEC, x, w)[0]) <= 1e-5
+
+
+def test_pack_lists_the_valid_keywords(kernel, problem):
+    x, w, _ = problem
+    with pytest.raises(TypeError) as info:
+        kernel.pack(gate=w["router"], **{k: v for k, v in R.weight_kwargs(SPEC, w).items()
+                                        if k != "router"})
+    msg = str(info.value)
+    assert "gate" in msg and "router" in msg and "w13" in msg and "logical_weights" not in msg
+
+
+def test_device_index_is_checked():
+    """An array on another CUDA device than the kernel's is refused, naming both (the check
+    the cuda kernel runs on x, out, weights, router_bias and topk arrays)."""
+    from moegen import arrays
+    info = arrays.ArrayInfo(None, "torch", (2, 4), "float32", "cuda:1", True, 256)
+    with pytest.raises(ValueError, match=r"x must be on cuda:0 \(the kernel's device\), got one on cuda:1"):
+        arrays.check(info, "x", device_kind="cuda", device_index=0)
+    arrays.check(info, "x", device_kind="cuda", device_index=1)
+
+
+def test_cpu_kernel_has_no_device_index(kernel):
+    assert kernel.device_index is None
