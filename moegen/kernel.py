@@ -14,7 +14,8 @@ import numpy as np
 
 from . import arrays
 from .backends.base import Call
-from .layout import PACK_KEYWORDS, PackedWeights, logical_weights, pack_host
+from .layout import (PACK_KEYWORDS, PackedWeights, cupy_bf16_bits, logical_weights, on_gpu,
+                     pack_device, pack_host)
 from .spec import MoESpec
 from .stats import LayerStats
 
@@ -66,6 +67,17 @@ class MoEKernel:
     def __repr__(self) -> str:
         return f"MoEKernel({self.name}, backend={self.backend}, target={self.target}, key={self.key[:16]})"
 
+    @property
+    def route_stages(self) -> tuple[str, ...]:
+        """The launches of `route` (routing alone)."""
+        return tuple(s for s in self.stages if s.startswith("route"))
+
+    @property
+    def experts_stages(self) -> tuple[str, ...]:
+        """The launches of `experts` (group, expert FFNs, combine for a given routing)."""
+        stages = tuple(s for s in self.stages if not s.startswith("route"))
+        return ("group",) * ("group" not in stages and "route+group" in self.stages) + stages
+
     # -- weights -----------------------------------------------------------------------------
     def pack(self, **weights) -> PackedWeights:
         """Pack expert weights into this kernel's contiguous layout, on its device.
@@ -73,16 +85,58 @@ class MoEKernel:
         Keywords (see `moegen.layout.logical_weights`): ``router`` [E, H] or [H, E];
         either ``w1``, ``w3`` [E, F, H] (or lists of per-expert [F, H], HF Mixtral) or
         ``w13`` [E, 2F, H] (vLLM); ``w2`` [E, H, F]; biases when ``spec.bias``; shared
-        experts' ``shared_w1``... when ``spec.num_shared_experts``.  NumPy, CuPy or torch arrays;
-        values are cast to the spec dtype.  Raises ValueError/TypeError naming the argument.
+        experts' ``shared_w1``... when ``spec.num_shared_experts``; ``expert_ids`` for an
+        expert-parallel shard (the global ids of the experts this kernel holds; no router).
+        NumPy, CuPy or torch arrays; values are cast to the spec dtype.
+
+        On the cuda backend, weights that are all on the GPU (torch CUDA tensors or CuPy arrays,
+        on the kernel's device) are packed there, never through host memory: torch in gives
+        torch tensors out, CuPy gives CuPy.  Anything else is packed on the host and copied
+        to the device once.  Raises ValueError/TypeError naming the argument.
         """
         unknown = sorted(set(weights) - set(PACK_KEYWORDS))
         if unknown:
             raise TypeError(f"pack() got unknown keyword(s) {unknown}; valid keywords: "
                             f"{', '.join(PACK_KEYWORDS)}")
+        if self._module.device_kind == "cuda" and self._all_on_device(weights):
+            return self._pack_on_device(weights)
         logical = logical_weights(self.spec, **weights)
         buf, router = pack_host(self.layout, logical)
-        return PackedWeights(self._module.to_device(buf), self._module.to_device(router), self.layout)
+        return PackedWeights(self._module.to_device(buf),
+                             None if router is None else self._module.to_device(router),
+                             self.layout, logical["expert_ids"])
+
+    def _all_on_device(self, weights) -> bool:
+        """True when every weight array is on a GPU; each must then be on this kernel's."""
+        found = [(f"{k}[{i}]" if isinstance(v, (list, tuple)) else k, a)
+                 for k, v in weights.items() if k not in ("router_layout", "expert_ids")
+                 and v is not None
+                 for i, a in enumerate(v if isinstance(v, (list, tuple)) else [v])]
+        if not found or not all(on_gpu(a) for _, a in found):
+            return False
+        for name, a in found:
+            arrays.check(arrays.describe(a, name), name, **self._device)
+        return True
+
+    def _pack_on_device(self, weights) -> PackedWeights:
+        logical = logical_weights(self.spec, device=True, **weights)
+        first = next(v for k, v in logical.items() if k != "expert_ids" and v is not None)
+        if type(first).__module__.startswith("torch"):
+            import torch  # torch inputs: pack with torch ops on their device
+            tdt = getattr(torch, self.spec.dtype)
+            dev = first.device
+            buf, router = pack_device(self.layout, logical,
+                                      lambda shape: torch.zeros(shape, dtype=tdt, device=dev))
+        else:
+            xp = self._module.xp
+            storage = np.dtype(np.uint16) if self.spec.dtype == "bfloat16" else self.spec.dt.numpy
+            if self.spec.dtype == "bfloat16":
+                logical = {k: (v if v is None or k == "expert_ids" else cupy_bf16_bits(v))
+                           for k, v in logical.items()}
+            with xp.cuda.Device(self.device_index):
+                buf, router = pack_device(self.layout, logical,
+                                          lambda shape: xp.zeros(shape, dtype=storage))
+        return PackedWeights(buf, router, self.layout, logical["expert_ids"])
 
     def to_host(self, a) -> np.ndarray:
         """Copy an array of this kernel's device to a host NumPy array; a CuPy uint16 array
@@ -102,12 +156,17 @@ class MoEKernel:
         tokens = math.prod(info.shape[:-1]) if len(info.shape) > 1 else 1
         return info, tokens
 
-    def _check_weights(self, weights) -> PackedWeights:
+    def _check_weights(self, weights, need_router: bool = True) -> PackedWeights:
         """Validate ``weights`` and return them as the module's native arrays (zero-copy views;
-        remembered on the weights object, so a call with the same arrays checks nothing again)."""
+        remembered on the weights object, so a call with the same arrays checks nothing again).
+        ``need_router``: the stages to run read the router (an expert-parallel shard has none)."""
         if not isinstance(weights, PackedWeights):
             raise TypeError(f"weights must be the PackedWeights returned by kernel.pack(...), "
                             f"got {type(weights).__name__}")
+        if weights.router is None and need_router:
+            raise ValueError(f"weights.router is None (an expert-parallel shard of experts "
+                             f"{list(weights.expert_ids or ())[:8]}...): route with the whole "
+                             f"layer's kernel and call kernel.experts with weights.local_ids(ids)")
         memo = weights.__dict__.get("_native")
         if memo is not None and memo[0] is self and memo[1] is weights.buffer and memo[2] is weights.router:
             return memo[3]
@@ -119,8 +178,10 @@ class MoEKernel:
         E, H = self.spec.num_experts, self.spec.hidden_dim
         shapes = {"buffer": (self.layout.total,),
                   "router": (E, H) if self.layout.router_order == "eh" else (H, E)}
-        native = {}
+        native = {"router": None}
         for part, shape in shapes.items():
+            if getattr(weights, part) is None:
+                continue
             name = f"weights.{part}"
             info = arrays.describe(getattr(weights, part), name)
             arrays.check(info, name, shape=shape, dtype=self._storage, **self._device)
@@ -128,7 +189,7 @@ class MoEKernel:
                 raise ValueError(f"{name} must start on a {_WEIGHT_ALIGN}-byte boundary (the cuda "
                                  f"kernels use vector loads), got address {info.ptr:#x}")
             native[part] = self._module.native(info)
-        checked = PackedWeights(native["buffer"], native["router"], self.layout)
+        checked = PackedWeights(native["buffer"], native["router"], self.layout, weights.expert_ids)
         weights.__dict__["_native"] = (self, weights.buffer, weights.router, checked)
         return checked
 
@@ -162,10 +223,19 @@ class MoEKernel:
         return ids, wts
 
     # -- running -----------------------------------------------------------------------------
+    def launch(self, stages, x, weights, out=None, router_bias=None, topk_ids=None,
+               topk_weights=None, want_stats=False):
+        """The driver under every entry point: validate, then run ``stages`` (names from
+        ``self.stages``) on the workspace of this token count.  Returns (out, workspace); the
+        workspace's ``topk_ids``/``topk_weights`` views are overwritten by the next call of the
+        same bucket (copy them to keep them).  Integrations (``moegen.torch``) use it to write
+        the routing into their own tensors on their own stream."""
+        return self._run(stages, x, weights, out, router_bias, topk_ids, topk_weights, want_stats)
+
     def _run(self, stages, x, weights, out, router_bias, topk_ids=None, topk_weights=None,
              want_stats=False):
         xinfo, tokens = self._check_x(x)
-        weights = self._check_weights(weights)
+        weights = self._check_weights(weights, any(s.startswith("route") for s in stages))
         oinfo = self._check_out(out, xinfo)
         binfo = self._check_router_bias(router_bias)
         rinfo = self._check_routing(topk_ids, topk_weights, tokens) if topk_ids is not None else None
@@ -205,8 +275,7 @@ class MoEKernel:
     def route(self, x, weights: PackedWeights, *, router_bias=None):
         """Routing alone: returns (topk_ids [T, k] int32, topk_weights [T, k] float32) as arrays
         of the backend's device (copies, safe to keep)."""
-        route_stages = tuple(s for s in self.stages if s.startswith("route"))
-        _, ws = self._run(route_stages, x, weights, None, router_bias)
+        _, ws = self._run(self.route_stages, x, weights, None, router_bias)
         return ws.topk_ids.copy(), ws.topk_weights.copy()
 
     def experts(self, x, weights: PackedWeights, topk_ids, topk_weights, *, out=None):
@@ -215,9 +284,7 @@ class MoEKernel:
         ``topk_ids`` [T, k] int32 in [0, E) (checked; on GPU this check synchronises),
         ``topk_weights`` [T, k] float32.  Returns ``out``.
         """
-        stages = tuple(s for s in self.stages if not s.startswith("route"))
-        stages = ("group",) * ("group" not in stages and "route+group" in self.stages) + stages
-        out, _ = self._run(stages, x, weights, out, None, topk_ids, topk_weights)
+        out, _ = self._run(self.experts_stages, x, weights, out, None, topk_ids, topk_weights)
         return out
 
     def profile(self, x, weights: PackedWeights, **kwargs) -> dict:

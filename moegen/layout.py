@@ -116,14 +116,30 @@ class PackedWeights:
     ``buffer``: 1-D array of ``layout.total`` elements of the spec dtype.
     ``router``: the router weight in ``layout.router_order``, spec dtype.
     ``layout``: the layout it was packed for; a kernel refuses weights packed for another.
+    ``expert_ids``: for an expert-parallel shard (``pack(..., expert_ids=[...])``), the global
+    id of each packed expert, in packed order; None for a whole layer.  A shard has no router.
     """
     buffer: Any
     router: Any
     layout: PackedLayout
+    expert_ids: tuple | None = None
 
     @property
     def nbytes(self) -> int:
-        return int(self.buffer.nbytes) + int(self.router.nbytes)
+        return int(self.buffer.nbytes) + (0 if self.router is None else int(self.router.nbytes))
+
+    def local_ids(self, global_ids):
+        """Map global expert ids (NumPy) of a shard's experts to packed (local) ids; an id the
+        shard does not own is a ValueError naming it."""
+        if self.expert_ids is None:
+            return np.asarray(global_ids)
+        table = {g: i for i, g in enumerate(self.expert_ids)}
+        flat = np.asarray(global_ids).reshape(-1)
+        missing = sorted({int(g) for g in flat} - set(table))
+        if missing:
+            raise ValueError(f"global_ids must be experts of this shard {list(self.expert_ids)}, "
+                             f"got {missing[:8]}")
+        return np.array([table[int(g)] for g in flat], np.int32).reshape(np.shape(global_ids))
 
 
 # --------------------------------------------------------------------------------------------
@@ -149,23 +165,73 @@ def _as_numpy(a, name: str) -> np.ndarray:
         raise TypeError(f"{name} must be an array (NumPy, CuPy or torch), got {type(a).__name__}") from exc
 
 
+def _library(a) -> str:
+    """"torch", "cupy" or "numpy": the array library of ``a``."""
+    mod = type(a).__module__
+    return "torch" if mod.startswith("torch") else "cupy" if mod.startswith("cupy") else "numpy"
+
+
+def on_gpu(a) -> bool:
+    """True for a CUDA torch tensor or a CuPy array."""
+    lib = _library(a)
+    return lib == "cupy" or (lib == "torch" and a.is_cuda)
+
+
+def _convert(a, name: str, device: bool):
+    """``a`` as a host NumPy array, or (``device``) left where it is when it is a GPU array."""
+    if device and a is not None and on_gpu(a):
+        return a.detach() if _library(a) == "torch" else a
+    return _as_numpy(a, name)
+
+
+def _stack_like(arrs: list):
+    """Stack arrays of one library along a new first axis."""
+    lib = _library(arrs[0])
+    if lib == "torch":
+        import torch
+        return torch.stack(arrs)
+    if lib == "cupy":
+        import cupy
+        return cupy.stack(arrs)
+    return np.stack(arrs)
+
+
+def _concat_like(arrs: list, axis: int = 0):
+    lib = _library(arrs[0])
+    if lib == "torch":
+        import torch
+        return torch.cat(arrs, dim=axis)
+    if lib == "cupy":
+        import cupy
+        return cupy.concatenate(arrs, axis=axis)
+    return np.concatenate([np.asarray(a, dtype=arrs[0].dtype) for a in arrs], axis=axis)
+
+
 def _expect_shape(name: str, arr: np.ndarray, shape: tuple) -> None:
     if tuple(arr.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(arr.shape)}")
 
 
-def _stack(name: str, value, n: int, shape: tuple) -> np.ndarray | None:
-    """Per-expert list of arrays or one stacked array -> [n, *shape] host array."""
+def _stack(name: str, value, n: int, shape: tuple, device: bool = False,
+           pick: tuple | None = None):
+    """Per-expert list of arrays or one stacked array -> [n, *shape] array (host NumPy, or
+    left on its GPU when ``device``).  ``pick``: the global ids of an expert-parallel shard;
+    a value holding more than ``n`` experts is then indexed by them."""
     if value is None:
         return None
     if isinstance(value, (list, tuple)):
+        if pick is not None and len(value) != n and len(value) > max(pick):
+            value = [value[g] for g in pick]
         if len(value) != n:
             raise ValueError(f"{name} must hold one array per expert ({n}), got {len(value)}")
-        arrs = [_as_numpy(v, f"{name}[{i}]") for i, v in enumerate(value)]
+        arrs = [_convert(v, f"{name}[{i}]", device) for i, v in enumerate(value)]
         for i, a in enumerate(arrs):
             _expect_shape(f"{name}[{i}]", a, shape)
-        return np.stack(arrs)
-    arr = _as_numpy(value, name)
+        return _stack_like(arrs)
+    arr = _convert(value, name, device)
+    if pick is not None and len(arr.shape) == len(shape) + 1 and arr.shape[0] not in (n,) \
+            and arr.shape[0] > max(pick):
+        arr = arr[list(pick)]
     _expect_shape(name, arr, (n, *shape))
     return arr
 
@@ -173,8 +239,10 @@ def _stack(name: str, value, n: int, shape: tuple) -> np.ndarray | None:
 def logical_weights(spec: MoESpec, *, router=None, w1=None, w3=None, w2=None, w13=None,
                     b1=None, b3=None, b2=None, b13=None, router_layout: str | None = None,
                     shared_w1=None, shared_w3=None, shared_w2=None,
-                    shared_b1=None, shared_b3=None, shared_b2=None) -> dict[str, np.ndarray]:
-    """Normalise the accepted weight layouts to host arrays in nn.Linear orientation.
+                    shared_b1=None, shared_b3=None, shared_b2=None, expert_ids=None,
+                    device: bool = False) -> dict[str, Any]:
+    """Normalise the accepted weight layouts to arrays in nn.Linear orientation: host NumPy
+    arrays, or with ``device=True`` GPU arrays (torch CUDA, CuPy) left where they are.
 
     Accepted:
       * HF Mixtral style: ``w1``, ``w3`` each [E, F, H] or a list of E [F, H] arrays; ``w2``
@@ -184,12 +252,26 @@ def logical_weights(spec: MoESpec, *, router=None, w1=None, w3=None, w2=None, w1
         ``router_layout="eh"`` or ``"he"``.
     Biases: ``b1``/``b3`` [E, F] (or ``b13`` [E, 2F]) and ``b2`` [E, H] when ``spec.bias``.
     Shared experts (``spec.num_shared_experts`` = S): ``shared_w1`` [S, F, H] and so on.
+    Expert-parallel shard: ``expert_ids`` lists the global ids of the E = ``spec.num_experts``
+    experts this rank owns; each routed weight holds either exactly those E experts (in that
+    order) or the whole layer's experts (then the listed ones are taken).  A shard has no
+    router (route over all experts elsewhere; call ``kernel.experts`` with
+    ``weights.local_ids(global_ids)``): ``router`` must be None.
 
-    Returns a dict with router [E, H], w1, w3 (or None), w2, b1, b3, b2 over E + S experts.
+    Returns a dict with router [E, H] (None for a shard), w1, w3 (or None), w2, b1, b3, b2
+    over E + S experts, and expert_ids (a tuple, or None).
     Raises ValueError/TypeError naming the argument, expected and actual shape.
     """
     E, H, F, S = spec.num_experts, spec.hidden_dim, spec.ffn_dim, spec.num_shared_experts
-    r = _as_numpy(router, "router")
+    pick = _check_expert_ids(expert_ids, E)
+    if pick is not None:
+        if router is not None:
+            raise ValueError("router must be None for an expert-parallel shard (expert_ids given): "
+                             "route over all experts with the whole layer's kernel")
+        return _logical_experts(spec, None, w1, w3, w2, w13, b1, b3, b2, b13, device, pick,
+                                shared=(shared_w1, shared_w3, shared_w2, shared_b1, shared_b3,
+                                        shared_b2))
+    r = _convert(router, "router", device)
     if r is None:
         raise ValueError("router weight is required: shape (E, H) = "
                          f"({E}, {H}) or (H, E) = ({H}, {E})")
@@ -204,31 +286,49 @@ def logical_weights(spec: MoESpec, *, router=None, w1=None, w3=None, w2=None, w1
         _expect_shape("router", r, (H, E))
         r = r.T
     _expect_shape("router", r, (E, H))
+    return _logical_experts(spec, r, w1, w3, w2, w13, b1, b3, b2, b13, device, None,
+                            shared=(shared_w1, shared_w3, shared_w2, shared_b1, shared_b3, shared_b2))
 
+
+def _check_expert_ids(expert_ids, n: int) -> tuple | None:
+    if expert_ids is None:
+        return None
+    ids = tuple(expert_ids)
+    if len(ids) != n or any(isinstance(g, bool) or not isinstance(g, (int, np.integer)) or g < 0
+                            for g in ids) or len(set(ids)) != n:
+        raise ValueError(f"expert_ids must list {n} distinct non-negative expert ids (the kernel's "
+                         f"num_experts), got {list(ids)[:16]}")
+    return tuple(int(g) for g in ids)
+
+
+def _logical_experts(spec, r, w1, w3, w2, w13, b1, b3, b2, b13, device, pick, shared):
+    E, H, F, S = spec.num_experts, spec.hidden_dim, spec.ffn_dim, spec.num_shared_experts
+    shared_w1, shared_w3, shared_w2, shared_b1, shared_b3, shared_b2 = shared
+    dev = dict(device=device, pick=pick)
     if w13 is not None:
         if w1 is not None or w3 is not None:
             raise ValueError("pass either w13 or w1/w3, not both")
-        a = _stack("w13", w13, E, ((2 if spec.gated else 1) * F, H))
+        a = _stack("w13", w13, E, ((2 if spec.gated else 1) * F, H), **dev)
         w1, w3 = (a[:, :F], a[:, F:]) if spec.gated else (a, None)
     else:
-        w1 = _stack("w1", w1, E, (F, H))
-        w3 = _stack("w3", w3, E, (F, H))
+        w1 = _stack("w1", w1, E, (F, H), **dev)
+        w3 = _stack("w3", w3, E, (F, H), **dev)
     if w1 is None:
         raise ValueError(f"w1 is required: shape ({E}, {F}, {H}) or a list of {E} ({F}, {H}) arrays")
     if spec.gated and w3 is None:
         raise ValueError(f"activation {spec.activation!r} is gated: w3 ({E}, {F}, {H}) is required")
     if not spec.gated and w3 is not None:
         raise ValueError(f"activation {spec.activation!r} is not gated: w3 must be None")
-    w2 = _stack("w2", w2, E, (H, F))
+    w2 = _stack("w2", w2, E, (H, F), **dev)
     if w2 is None:
         raise ValueError(f"w2 is required: shape ({E}, {H}, {F})")
 
     if b13 is not None:
-        bb = _stack("b13", b13, E, ((2 if spec.gated else 1) * F,))
+        bb = _stack("b13", b13, E, ((2 if spec.gated else 1) * F,), **dev)
         b1, b3 = (bb[:, :F], bb[:, F:]) if spec.gated else (bb, None)
     else:
-        b1, b3 = _stack("b1", b1, E, (F,)), _stack("b3", b3, E, (F,))
-    b2 = _stack("b2", b2, E, (H,))
+        b1, b3 = _stack("b1", b1, E, (F,), **dev), _stack("b3", b3, E, (F,), **dev)
+    b2 = _stack("b2", b2, E, (H,), **dev)
     if spec.bias:
         for name, b in (("b1", b1), ("b2", b2)) + ((("b3", b3),) if spec.gated else ()):
             if b is None:
@@ -236,26 +336,28 @@ def logical_weights(spec: MoESpec, *, router=None, w1=None, w3=None, w2=None, w1
     elif any(b is not None for b in (b1, b3, b2)):
         raise ValueError("biases were given but spec.bias is False")
 
-    out = {"router": r, "w1": w1, "w3": w3, "w2": w2, "b1": b1, "b3": b3, "b2": b2}
+    out = {"router": r, "w1": w1, "w3": w3, "w2": w2, "b1": b1, "b3": b3, "b2": b2,
+           "expert_ids": pick}
     if S:
-        sh = {"w1": _stack("shared_w1", shared_w1, S, (F, H)),
-              "w3": _stack("shared_w3", shared_w3, S, (F, H)) if spec.gated else None,
-              "w2": _stack("shared_w2", shared_w2, S, (H, F))}
+        sh = {"w1": _stack("shared_w1", shared_w1, S, (F, H), device),
+              "w3": _stack("shared_w3", shared_w3, S, (F, H), device) if spec.gated else None,
+              "w2": _stack("shared_w2", shared_w2, S, (H, F), device)}
         if sh["w1"] is None or sh["w2"] is None or (spec.gated and sh["w3"] is None):
             raise ValueError(f"spec.num_shared_experts={S}: shared_w1, shared_w2"
                              f"{', shared_w3' if spec.gated else ''} are required")
         if spec.bias:
-            sh.update(b1=_stack("shared_b1", shared_b1, S, (F,)),
-                      b3=_stack("shared_b3", shared_b3, S, (F,)) if spec.gated else None,
-                      b2=_stack("shared_b2", shared_b2, S, (H,)))
+            sh.update(b1=_stack("shared_b1", shared_b1, S, (F,), device),
+                      b3=_stack("shared_b3", shared_b3, S, (F,), device) if spec.gated else None,
+                      b2=_stack("shared_b2", shared_b2, S, (H,), device))
         for k_, v in sh.items():
             if v is not None and out[k_] is not None:
-                out[k_] = np.concatenate([out[k_], v.astype(out[k_].dtype, copy=False)])
+                out[k_] = _concat_like([out[k_], v])
     return out
 
 
 # The keywords `MoEKernel.pack` accepts (those of `logical_weights`), for its messages.
-PACK_KEYWORDS = tuple(p for p in inspect.signature(logical_weights).parameters if p != "spec")
+PACK_KEYWORDS = tuple(p for p in inspect.signature(logical_weights).parameters
+                      if p not in ("spec", "device"))
 
 
 def pack_host(layout: PackedLayout, logical: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -279,10 +381,69 @@ def pack_host(layout: PackedLayout, logical: dict[str, np.ndarray]) -> tuple[np.
         b13 = logical["b1"] if not spec.gated else np.concatenate([logical["b1"], logical["b3"]], axis=1)
         buf[:, off["b13"]:off["b13"] + layout.gate_rows] = b13[:, perm].astype(dt)
         buf[:, off["b2"]:off["b2"] + H] = logical["b2"].astype(dt)
+    if logical["router"] is None:                          # an expert-parallel shard
+        return buf.reshape(-1), None
     router = logical["router"].astype(dt)
     if layout.router_order == "he":
         router = router.T
     return buf.reshape(-1), np.ascontiguousarray(router)
+
+
+def pack_device(layout: PackedLayout, logical: dict, zeros) -> tuple[Any, Any]:
+    """Pack logical weights that live on a GPU (torch CUDA tensors or CuPy arrays, from
+    ``logical_weights(..., device=True)``) on that GPU: nothing goes through host memory.
+
+    ``zeros(shape)`` allocates a zeroed array of the storage dtype on the device (torch, or CuPy
+    with bf16 as uint16 bits); assignment casts to it (a CuPy source for a bf16 layout must
+    already be bf16 bits, see `cupy_bf16_bits`).  Writes, one expert at a time (so the
+    temporaries stay one expert large), the same bytes as `pack_host`.  Returns (buffer
+    [layout.total], router in ``layout.router_order``, or None for a shard).
+    """
+    spec = layout.spec
+    n, H, F = layout.num_slots_experts, spec.hidden_dim, spec.ffn_dim
+    g = layout.gate_up_interleave or F        # gate/up row block: blocks of g gate rows then g up
+    parts = 2 if spec.gated else 1
+    off = layout.offsets
+    buf = zeros((n, layout.expert_stride))
+    for e in range(n):
+        row = buf[e]
+        seg = row[off["w13"]:off["w13"] + layout.w13_size]
+        halves = [logical["w1"][e]] + ([logical["w3"][e]] if spec.gated else [])
+        for j, w in enumerate(halves):                       # w [F, H]
+            if layout.w13_order == "nk":                     # seg [G, H]
+                seg.reshape(F // g, parts, g, H)[:, j] = w.reshape(F // g, g, H)
+            else:                                            # seg [H, G]
+                seg.reshape(H, F // g, parts, g)[:, :, j] = w.T.reshape(H, F // g, g)
+        w2 = logical["w2"][e]                                # [H, F]
+        w2seg = row[off["w2"]:off["w2"] + layout.w2_size]
+        if layout.w2_order == "nk":
+            w2seg.reshape(H, F)[...] = w2
+        else:
+            w2seg.reshape(F, H)[...] = w2.T
+        if spec.bias:
+            b13 = row[off["b13"]:off["b13"] + layout.gate_rows].reshape(F // g, parts, g)
+            b13[:, 0] = logical["b1"][e].reshape(F // g, g)
+            if spec.gated:
+                b13[:, 1] = logical["b3"][e].reshape(F // g, g)
+            row[off["b2"]:off["b2"] + H] = logical["b2"][e]
+    r = logical["router"]
+    if r is None:
+        return buf.reshape(-1), None
+    router = zeros(tuple(r.shape) if layout.router_order == "eh" else (H, r.shape[0]))
+    router[...] = r if layout.router_order == "eh" else r.T
+    return buf.reshape(-1), router
+
+
+def cupy_bf16_bits(a):
+    """A CuPy float array rounded to bfloat16 (nearest even, NaN kept), as uint16 bits; a
+    uint16 array is taken to be bf16 bits already."""
+    import cupy  # only CuPy inputs come here
+    if a.dtype == cupy.uint16:
+        return a
+    f = cupy.ascontiguousarray(a, dtype=cupy.float32)
+    b = f.view(cupy.uint32)
+    rounded = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16).astype(cupy.uint16)
+    return cupy.where(cupy.isnan(f), cupy.uint16(0x7FC0), rounded)
 
 
 def unpack_host(packed: PackedWeights) -> dict[str, np.ndarray]:
@@ -299,9 +460,9 @@ def unpack_host(packed: PackedWeights) -> dict[str, np.ndarray]:
     w2 = buf[:, off["w2"]:off["w2"] + layout.w2_size]
     w2 = w2.reshape(n, F, H).transpose(0, 2, 1) if layout.w2_order == "kn" else w2.reshape(n, H, F)
     router = _as_numpy(packed.router, "router")
-    out = {"router": router.T if layout.router_order == "he" else router,
+    out = {"router": router.T if layout.router_order == "he" and router is not None else router,
            "w1": w13[:, :F], "w3": w13[:, F:] if spec.gated else None, "w2": w2,
-           "b1": None, "b3": None, "b2": None}
+           "b1": None, "b3": None, "b2": None, "expert_ids": packed.expert_ids}
     if spec.bias:
         b13 = buf[:, off["b13"]:off["b13"] + G][:, inv]
         out.update(b1=b13[:, :F], b3=b13[:, F:] if spec.gated else None,

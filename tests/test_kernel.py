@@ -212,3 +212,24 @@ def test_device_index_is_checked():
 
 def test_cpu_kernel_has_no_device_index(kernel):
     assert kernel.device_index is None
+
+
+def test_expert_parallel_shard_runs_its_experts(tmp_path, monkeypatch):
+    """A rank's shard (3 of 8 experts, by global id) packed from the whole layer's weights: the
+    experts stage with the local ids equals the float64 reference on the global ids; routing
+    needs the whole layer and is refused."""
+    full = MoESpec(8, 2, 16, 24)
+    local = MoESpec(3, 2, 16, 24, backend="c")
+    monkeypatch.setenv("MOEGEN_CACHE_DIR", str(tmp_path))
+    k = moegen.compile(local)
+    x, w = R.random_problem(full, 9, seed=2)
+    shard = k.pack(w1=w["w1"], w3=w["w3"], w2=w["w2"], expert_ids=[5, 1, 6])
+    assert shard.router is None and shard.expert_ids == (5, 1, 6)
+    rng = np.random.default_rng(0)
+    gids = np.array([rng.choice([5, 1, 6], 2, replace=False) for _ in range(9)], np.int32)
+    wts = rng.random((9, 2)).astype(np.float32)
+    out = _poisoned(x)
+    k.experts(x, shard, shard.local_ids(gids), wts, out=out)
+    assert R.rel_error(out, R.experts(full, x, w, gids, wts)) <= 1e-5
+    with pytest.raises(ValueError, match="expert-parallel shard"):
+        k(x, shard)

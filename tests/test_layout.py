@@ -93,3 +93,56 @@ def test_square_router_needs_explicit_layout():
         logical_weights(spec, **kw)
     lw = logical_weights(spec, router_layout="he", **kw)
     np.testing.assert_array_equal(lw["router"], w["router"].T)
+
+
+# -- packing on the device, expert-parallel shards (issue 12 item 2) -----------------------------
+@pytest.mark.parametrize("orders", [("nk", "nk", 0, "eh"), ("kn", "kn", 0, "he"),
+                                    ("nk", "kn", 2, "eh"), ("kn", "nk", 2, "he")])
+@pytest.mark.parametrize("spec", [MoESpec(4, 2, 12, 8, dtype="bfloat16", bias=True, num_shared_experts=1),
+                                  MoESpec(3, 1, 10, 6, activation="relu", bias=True),
+                                  MoESpec(5, 2, 7, 6, dtype="float16", activation="geglu")],
+                         ids=lambda s: s.name)
+@pytest.mark.parametrize("lib", ["numpy", "torch"])
+def test_pack_device_writes_the_bytes_of_pack_host(spec, orders, lib):
+    """The library-neutral packer (the cuda path runs it on torch CUDA / CuPy arrays) writes
+    exactly pack_host's bytes; run here on NumPy and on torch CPU tensors, with a dtype cast."""
+    from moegen.layout import pack_device
+    w13, w2, inter, router = orders
+    lay = PackedLayout(spec, w13, w2, inter if spec.gated else 0, router)
+    _, w = R.random_problem(spec, 0, seed=3)
+    logical = logical_weights(spec, **R.weight_kwargs(spec, w))
+    want_buf, want_router = pack_host(lay, logical)
+    src = {k: (v if k == "expert_ids" or v is None else np.asarray(v, np.float32))
+           for k, v in logical.items()}
+    if lib == "torch":
+        torch = pytest.importorskip("torch")
+        tdt = getattr(torch, spec.dtype)
+        src = {k: (v if k == "expert_ids" or v is None else torch.from_numpy(v)) for k, v in src.items()}
+        buf, r = pack_device(lay, src, lambda shape: torch.zeros(shape, dtype=tdt))
+        buf, r = R.f64(buf.float().numpy()), R.f64(r.float().numpy())
+    else:
+        buf, r = pack_device(lay, src, lambda shape: np.zeros(shape, dtype=spec.dt.numpy))
+    np.testing.assert_array_equal(np.asarray(buf, np.float64), R.f64(want_buf))
+    np.testing.assert_array_equal(np.asarray(r, np.float64), R.f64(want_router))
+
+
+def test_shard_takes_its_experts_from_whole_or_sliced_weights():
+    spec = MoESpec(3, 2, 8, 6)
+    full = MoESpec(8, 2, 8, 6)
+    _, w = R.random_problem(full, 1)
+    ids = [5, 1, 6]
+    a = logical_weights(spec, w1=w["w1"], w3=w["w3"], w2=w["w2"], expert_ids=ids)
+    b = logical_weights(spec, w1=w["w1"][ids], w3=list(w["w3"][ids]), w2=w["w2"][ids], expert_ids=ids)
+    for k in ("w1", "w3", "w2"):
+        np.testing.assert_array_equal(a[k], w[k][ids])
+        np.testing.assert_array_equal(b[k], w[k][ids])
+    assert a["router"] is None and a["expert_ids"] == (5, 1, 6)
+    with pytest.raises(ValueError, match="router must be None"):
+        logical_weights(spec, router=w["router"], w1=w["w1"], w3=w["w3"], w2=w["w2"], expert_ids=ids)
+    for bad in ([5, 1], [5, 5, 1], [5, -1, 2], [5, 1, 2.0]):
+        with pytest.raises(ValueError, match="expert_ids must list 3 distinct"):
+            logical_weights(spec, w1=w["w1"], w3=w["w3"], w2=w["w2"], expert_ids=bad)
+    packed = PackedWeights(None, None, PackedLayout(spec), (5, 1, 6))
+    np.testing.assert_array_equal(packed.local_ids(np.array([[6, 5], [1, 6]])), [[2, 0], [1, 2]])
+    with pytest.raises(ValueError, match=r"global_ids must be experts of this shard.*\[2\]"):
+        packed.local_ids(np.array([[2, 5]]))

@@ -1,0 +1,155 @@
+"""moegen's kernels as ``torch.library`` custom ops: ``moegen::moe``, ``moegen::route`` and
+``moegen::experts``, with fake (meta) implementations, so ``torch.compile(fullgraph=True)``
+traces them without a graph break and ``torch.library.opcheck`` passes.
+
+How an op finds its compiled kernel
+-----------------------------------
+A custom op's arguments must be tensors and plain values that torch can trace, hash and write
+into a graph; a loaded kernel is none of these.  So every op takes
+
+* the activations, the packed weight buffer and the router as tensors (a `MoEBlock` owns the
+  packed weights as buffers, so ``.to()``, ``state_dict`` and compiled graphs see them), and
+* the kernel as a *handle*: the canonical JSON of its resolved `MoESpec` (a ``str``).
+
+`kernel_handle(kernel)` registers a kernel under its handle; `kernel_for(handle)` finds it, and
+when this process has not registered it (a graph that torch's compile cache stored in another
+process) compiles it through `moegen.compile` (disk cache, per-process memo).  The handle names
+the layer, never a process-local id or address, so a cached graph cannot call the wrong kernel.
+
+Tensors are used zero-copy: CPU tensors are viewed as NumPy arrays (c backend), CUDA tensors as
+CuPy arrays of the same memory (cuda backend).  On the GPU the launches go to
+``torch.cuda.current_stream()`` of the tensors' device; a tensor on another device than the
+kernel's is refused with one line.  ``moe`` and ``route`` never synchronise; ``experts`` checks
+the caller's expert ids before any launch, which reads one int back on the GPU (as
+`MoEKernel.experts` does), so use ``moe`` (or ``route`` then ``experts`` on the CPU) inside a
+CUDA graph.  The ops have no autograd formula: they are for inference.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import weakref
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ..kernel import MoEKernel
+from ..layout import PackedWeights
+from ..spec import MoESpec
+
+_kernels: dict[str, MoEKernel] = {}
+_lock = threading.Lock()
+
+
+def kernel_handle(kernel: MoEKernel) -> str:
+    """Register ``kernel`` and return its handle (the canonical JSON of its resolved spec)."""
+    if not isinstance(kernel, MoEKernel):
+        raise TypeError(f"kernel must be a MoEKernel (moegen.compile(spec)), got {type(kernel).__name__}")
+    handle = json.dumps(kernel.spec.to_dict(), sort_keys=True, separators=(",", ":"))
+    with _lock:
+        _kernels.setdefault(handle, kernel)
+    return handle
+
+
+def kernel_for(handle: str) -> MoEKernel:
+    """The kernel registered under ``handle``, compiled (from the disk cache when it is
+    there) on first use in a process that has not registered it."""
+    kernel = _kernels.get(handle)
+    if kernel is None:
+        from .. import compile as compile_kernel
+        try:
+            spec = MoESpec.from_dict(json.loads(handle))
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"kernel handle must be the JSON of a MoESpec (moegen.torch."
+                             f"kernel_handle(kernel)), got {handle[:80]!r}: {exc}") from None
+        kernel = compile_kernel(spec)
+        with _lock:
+            kernel = _kernels.setdefault(handle, kernel)
+    return kernel
+
+
+# Validated PackedWeights per (kernel handle, buffer, router) tensor objects, dropped when a
+# tensor is freed: the kernel then checks the weights once, not on every call.
+_packed: dict[tuple, PackedWeights] = {}
+
+
+def _forget(key) -> None:
+    _packed.pop(key, None)
+
+
+def packed_weights(kernel: MoEKernel, handle: str, buffer, router) -> PackedWeights:
+    key = (handle, id(buffer), id(router))
+    pw = _packed.get(key)
+    if pw is None or pw.buffer is not buffer or pw.router is not router:
+        pw = PackedWeights(buffer, router, kernel.layout)
+        _packed[key] = pw
+        weakref.finalize(buffer, _forget, key)
+        if router is not None:
+            weakref.finalize(router, _forget, key)
+    return pw
+
+
+def _copy_into(dst: torch.Tensor, src) -> None:
+    """Copy a workspace array (NumPy or CuPy, contiguous) into ``dst``; on the GPU as an async
+    device-to-device copy on torch's current stream of ``dst``'s device."""
+    if dst.numel() == 0:
+        return
+    if dst.is_cuda:
+        import cupy  # the cuda backend's workspaces are CuPy arrays
+        rt = cupy.cuda.runtime
+        rt.memcpyAsync(dst.data_ptr(), src.data.ptr, dst.numel() * dst.element_size(),
+                       rt.memcpyDeviceToDevice, torch.cuda.current_stream(dst.device).cuda_stream)
+    else:
+        np.copyto(dst.numpy(), np.asarray(src), casting="no")
+
+
+@torch.library.custom_op("moegen::moe", mutates_args=())
+def moe(x: torch.Tensor, buffer: torch.Tensor, router: torch.Tensor,
+        router_bias: Optional[torch.Tensor], kernel: str) -> torch.Tensor:
+    """The whole layer: y [..., H] like x."""
+    k = kernel_for(kernel)
+    out, _ = k.launch(k.stages, x, packed_weights(k, kernel, buffer, router), None, router_bias)
+    return out
+
+
+@moe.register_fake
+def _moe_fake(x, buffer, router, router_bias, kernel):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("moegen::route", mutates_args=())
+def route(x: torch.Tensor, buffer: torch.Tensor, router: torch.Tensor,
+          router_bias: Optional[torch.Tensor], kernel: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Routing alone: (topk_ids [T, k] int32, topk_weights [T, k] float32)."""
+    k = kernel_for(kernel)
+    _, ws = k.launch(k.route_stages, x, packed_weights(k, kernel, buffer, router), None, router_bias)
+    ids = torch.empty((ws.tokens, k.spec.top_k), dtype=torch.int32, device=x.device)
+    wts = torch.empty((ws.tokens, k.spec.top_k), dtype=torch.float32, device=x.device)
+    _copy_into(ids, ws.topk_ids)
+    _copy_into(wts, ws.topk_weights)
+    return ids, wts
+
+
+@route.register_fake
+def _route_fake(x, buffer, router, router_bias, kernel):
+    k = json.loads(kernel)["top_k"]
+    tokens = x.numel() // x.shape[-1]
+    return (x.new_empty((tokens, k), dtype=torch.int32),
+            x.new_empty((tokens, k), dtype=torch.float32))
+
+
+@torch.library.custom_op("moegen::experts", mutates_args=())
+def experts(x: torch.Tensor, buffer: torch.Tensor, router: torch.Tensor, topk_ids: torch.Tensor,
+            topk_weights: torch.Tensor, kernel: str) -> torch.Tensor:
+    """Expert FFNs and the combine for a given routing: y [..., H] like x."""
+    k = kernel_for(kernel)
+    out, _ = k.launch(k.experts_stages, x, packed_weights(k, kernel, buffer, router), None, None,
+                      topk_ids, topk_weights)
+    return out
+
+
+@experts.register_fake
+def _experts_fake(x, buffer, router, topk_ids, topk_weights, kernel):
+    return x.new_empty(x.shape)
