@@ -14,6 +14,9 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without torch
     raise ImportError("moegen.torch needs PyTorch: pip install 'moegen[torch]'") from exc
 
+from .block import MoEBlock  # noqa: E402
+from .hf import PatchReport, Unsupported, from_hf, patch_model, spec_from_config  # noqa: E402
 from .ops import experts, kernel_for, kernel_handle, moe, route  # noqa: E402
 
-__all__ = ["moe", "route", "experts", "kernel_handle", "kernel_for"]
+__all__ = ["MoEBlock", "from_hf", "patch_model", "PatchReport", "Unsupported", "spec_from_config",
+           "moe", "route", "experts", "kernel_handle", "kernel_for"]

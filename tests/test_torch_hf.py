@@ -1,0 +1,169 @@
+"""moegen.torch.from_hf / patch_model against the real transformers modules (tiny random configs,
+no downloads, fp32 on the CPU): the same expert ids and outputs within the dtype tolerance, for
+the 5.x fused layout of the live module, its state dict, and the 4.5x per-expert layout; the
+blocks that need semantics the kernels lack are refused with one line naming it."""
+
+import math
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="torch is in the test extra: install '.[test]'")
+transformers = pytest.importorskip("transformers", reason="transformers is in the test extra")
+
+from moegen import reference as R  # noqa: E402
+from moegen.torch import MoEBlock, Unsupported, from_hf, patch_model  # noqa: E402
+from moegen.torch.hf import spec_from_config  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("module_cache")
+
+_SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              vocab_size=64, max_position_embeddings=64)
+
+
+_MLA = dict(_SMALL, num_key_value_heads=4)       # DeepSeek's attention has no grouped KV
+
+
+def _configs():
+    from transformers import (DeepseekV2Config, DeepseekV3Config, MixtralConfig, OlmoeConfig,
+                              Qwen3MoeConfig)
+    return {
+        "mixtral": MixtralConfig(intermediate_size=48, num_local_experts=8, num_experts_per_tok=2, **_SMALL),
+        "qwen3_moe": Qwen3MoeConfig(moe_intermediate_size=24, num_experts=8, num_experts_per_tok=2,
+                                    norm_topk_prob=True, head_dim=8, **_SMALL),
+        "qwen3_moe-raw": Qwen3MoeConfig(moe_intermediate_size=24, num_experts=6, num_experts_per_tok=3,
+                                        norm_topk_prob=False, head_dim=8, **_SMALL),
+        "olmoe": OlmoeConfig(intermediate_size=24, num_experts=8, num_experts_per_tok=2, **_SMALL),
+        "deepseek_v2": DeepseekV2Config(moe_intermediate_size=24, n_routed_experts=8, num_experts_per_tok=2,
+                                        n_shared_experts=2, topk_method="greedy", routed_scaling_factor=1.5,
+                                        q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8,
+                                        qk_nope_head_dim=8, v_head_dim=8, first_k_dense_replace=1,
+                                        intermediate_size=40, **_MLA),
+        "deepseek_v3": DeepseekV3Config(moe_intermediate_size=24, n_routed_experts=8, num_experts_per_tok=2,
+                                        n_group=4, topk_group=2, n_shared_experts=1, norm_topk_prob=True,
+                                        routed_scaling_factor=2.5, q_lora_rank=None, kv_lora_rank=16,
+                                        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
+                                        first_k_dense_replace=1, intermediate_size=40, **_MLA),
+    }
+
+
+def _block_class(mt):
+    import importlib
+    mod = importlib.import_module(f"transformers.models.{mt}.modeling_{mt}")
+    name = {"mixtral": "MixtralSparseMoeBlock", "qwen3_moe": "Qwen3MoeSparseMoeBlock",
+            "olmoe": "OlmoeSparseMoeBlock", "deepseek_v2": "DeepseekV2Moe",
+            "deepseek_v3": "DeepseekV3MoE", "qwen2_moe": "Qwen2MoeSparseMoeBlock",
+            "gpt_oss": "GptOssMLP"}[mt]
+    return getattr(mod, name)
+
+
+def randomize(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random weights (N(0, 1/fan_in), router 2/sqrt(H)) and correction biases; never zeros."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in list(module.named_parameters()) + list(module.named_buffers()):
+            if not p.is_floating_point():
+                continue
+            fan_in = p.shape[-1] if p.dim() > 1 else 1
+            scale = 0.1 if p.dim() == 1 else 1.0 / math.sqrt(fan_in)
+            if name.endswith("gate.weight") or name.endswith("router.weight"):
+                scale = 2.0 / math.sqrt(fan_in)
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype) * scale)
+    return module
+
+
+def _hf_ids(block, x2):
+    gate = block.gate if hasattr(block, "gate") else block.router
+    out = gate(x2)
+    return out[2] if len(out) == 3 else out[1]
+
+
+def _check(hf_block, ours, T=13, seed=1):
+    H = ours.spec.hidden_dim
+    x = torch.randn(1, T, H, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        want = hf_block(x)
+        got = ours(x)
+        ids, _ = ours.route(x)
+        hf_ids = _hf_ids(hf_block, x.view(-1, H))
+    np.testing.assert_array_equal(np.sort(ids.numpy(), 1), np.sort(hf_ids.numpy(), 1))
+    assert got.shape == want.shape and got.dtype == want.dtype
+    assert R.rel_error(got.numpy(), want.numpy().astype(np.float64)) <= 1e-5
+
+
+def _as_45(sd: dict, mt: str) -> dict:
+    """A 5.x block state dict rewritten in the transformers 4.5x per-expert key layout."""
+    out = {k: v for k, v in sd.items() if not k.startswith("experts.")}
+    gu, down = sd["experts.gate_up_proj"], sd["experts.down_proj"]
+    F = gu.shape[1] // 2
+    names = ("w1", "w3", "w2") if mt == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+    for e in range(gu.shape[0]):
+        out[f"experts.{e}.{names[0]}.weight"] = gu[e, :F].clone()
+        out[f"experts.{e}.{names[1]}.weight"] = gu[e, F:].clone()
+        out[f"experts.{e}.{names[2]}.weight"] = down[e].clone()
+    return out
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen3_moe", "qwen3_moe-raw", "olmoe", "deepseek_v2",
+                                  "deepseek_v3"])
+def test_block_matches_transformers(name):
+    cfg = _configs()[name]
+    mt = cfg.model_type
+    hf = randomize(_block_class(mt)(cfg).eval(), seed=3)
+    _check(hf, from_hf(hf))                                  # live 5.x module, no config
+    sd = hf.state_dict()
+    _check(hf, from_hf(sd, cfg))                             # 5.x state dict
+    _check(hf, from_hf(_as_45(sd, mt), cfg))                 # 4.5x per-expert state dict
+    _check(hf, MoEBlock.from_config(cfg, _as_45(sd, mt)))
+
+
+@pytest.mark.parametrize("mt, words", [
+    ("qwen2_moe", "shared_expert_gate"),
+    ("gpt_oss", "clamped SwiGLU"),
+])
+def test_missing_semantics_are_refused_in_one_line(mt, words):
+    from transformers import GptOssConfig, Qwen2MoeConfig
+    cfg = {"qwen2_moe": Qwen2MoeConfig(moe_intermediate_size=24, num_experts=8, num_experts_per_tok=2,
+                                       shared_expert_intermediate_size=16, **_SMALL),
+           "gpt_oss": GptOssConfig(intermediate_size=24, num_local_experts=8, num_experts_per_tok=2,
+                                   head_dim=8, **_SMALL)}[mt]
+    hf = _block_class(mt)(cfg)
+    for args in ((hf,), (hf.state_dict(), cfg)):
+        with pytest.raises(Unsupported, match=words) as info:
+            from_hf(*args)
+        assert "\n" not in str(info.value)
+
+
+def test_group_limited_greedy_and_fp32_router_are_refused():
+    cfg = _configs()["deepseek_v2"]
+    cfg.topk_method, cfg.n_group, cfg.topk_group = "group_limited_greedy", 4, 2
+    with pytest.raises(Unsupported, match="group_limited_greedy"):
+        spec_from_config(cfg)
+    cfg = _configs()["deepseek_v3"]
+    hf = randomize(_block_class("deepseek_v3")(cfg))
+    sd = {k: (v if k.startswith("gate.") else v.to(torch.bfloat16)) for k, v in hf.state_dict().items()}
+    with pytest.raises(Unsupported, match="float32 router with bfloat16 experts"):
+        from_hf(sd, cfg)
+
+
+def test_patch_model_swaps_supported_blocks_and_reports_the_rest():
+    from transformers import AutoModelForCausalLM, Qwen2MoeConfig
+    cfg = _configs()["deepseek_v3"]
+    model = randomize(AutoModelForCausalLM.from_config(cfg).eval(), seed=5)
+    ids = torch.randint(0, 64, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(ids).logits
+    report = patch_model(model)
+    assert [p for p, _, _ in report.swapped] == ["model.layers.1.mlp"]   # layer 0 is dense
+    assert report.left == [] and "swapped 1 block(s)" in str(report)
+    assert isinstance(model.model.layers[1].mlp, MoEBlock)
+    with torch.no_grad():
+        got = model(ids).logits
+    assert R.rel_error(got.numpy(), want.numpy().astype(np.float64)) <= 1e-4
+
+    q2 = AutoModelForCausalLM.from_config(Qwen2MoeConfig(moe_intermediate_size=24, num_experts=8,
+                                                          num_experts_per_tok=2,
+                                                          shared_expert_intermediate_size=16, **_SMALL))
+    report = patch_model(q2)
+    assert report.swapped == [] and len(report.left) == 2
+    assert all("shared_expert_gate" in reason for _, _, reason in report.left)
