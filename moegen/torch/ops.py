@@ -105,13 +105,19 @@ def _copy_into(dst: torch.Tensor, src) -> None:
         np.copyto(dst.numpy(), np.asarray(src), casting="no")
 
 
+def run_moe(x, buffer, router, router_bias, kernel: str) -> torch.Tensor:
+    """The body of ``moegen::moe``, callable without the dispatcher (`MoEBlock` does in eager
+    inference, where the op adds only dispatch time)."""
+    k = kernel_for(kernel)
+    out, _ = k.launch(k.stages, x, packed_weights(k, kernel, buffer, router), None, router_bias)
+    return out
+
+
 @torch.library.custom_op("moegen::moe", mutates_args=())
 def moe(x: torch.Tensor, buffer: torch.Tensor, router: torch.Tensor,
         router_bias: Optional[torch.Tensor], kernel: str) -> torch.Tensor:
     """The whole layer: y [..., H] like x."""
-    k = kernel_for(kernel)
-    out, _ = k.launch(k.stages, x, packed_weights(k, kernel, buffer, router), None, router_bias)
-    return out
+    return run_moe(x, buffer, router, router_bias, kernel)
 
 
 @moe.register_fake

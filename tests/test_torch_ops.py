@@ -1,0 +1,130 @@
+"""The moegen torch ops on the CPU (c backend): opcheck, torch.compile(fullgraph=True) with no
+graph break, zero-copy use of the tensors, one-line refusals, and the import boundary."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="torch is in the test extra: install '.[test]'")
+
+import moegen  # noqa: E402
+from moegen import MoESpec  # noqa: E402
+from moegen import reference as R  # noqa: E402
+from moegen.torch import MoEBlock, kernel_for, kernel_handle  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("module_cache")
+
+SPECS = [MoESpec(8, 2, 32, 48, backend="c"),
+         MoESpec(6, 3, 24, 16, dtype="bfloat16", activation="geglu", bias=True, num_shared_experts=1,
+                 backend="c"),
+         MoESpec(8, 2, 16, 24, routing="sigmoid_topk", n_group=4, topk_group=2, dtype="float16",
+                 routed_scaling_factor=2.5, backend="c")]
+
+
+def _block(spec, seed=0):
+    _, w = R.random_problem(spec, 0, seed)
+    bias = None
+    if spec.routing == "sigmoid_topk":
+        bias = np.random.default_rng(seed).standard_normal(spec.num_experts).astype(np.float32) * 0.1
+    return MoEBlock(spec, R.weight_kwargs(spec, w), router_bias=bias), w, bias
+
+
+def _x(spec, T, seed=1):
+    x, _ = R.random_problem(spec, T, seed)
+    return torch.from_numpy(np.asarray(x, np.float32)).to(getattr(torch, spec.dtype))
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
+def test_ops_pass_opcheck(spec):
+    block, _, _ = _block(spec)
+    x = _x(spec, 5)
+    args = (x, block.packed, block.router, block.router_bias, block.handle)
+    torch.library.opcheck(torch.ops.moegen.moe.default, args)
+    torch.library.opcheck(torch.ops.moegen.route.default, args)
+    ids, wts = block.route(x)
+    torch.library.opcheck(torch.ops.moegen.experts.default,
+                          (x, block.packed, block.router, ids, wts, block.handle))
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
+@pytest.mark.parametrize("T", [1, 7, 64])
+def test_block_matches_the_reference(spec, T):
+    block, w, bias = _block(spec)
+    x = _x(spec, T)
+    y = block(x)
+    ref, info = R.moe(spec, moegen.arrays.host(x), w, router_bias=bias)
+    assert y.dtype == x.dtype and y.shape == x.shape
+    assert R.rel_error(moegen.arrays.host(y), ref) <= spec.dt.tolerance
+    ids, wts = block.route(x)
+    near = R.near_ties(info["probs"] + (0 if bias is None else bias), spec.top_k, 1e-2)
+    np.testing.assert_array_equal(ids.numpy()[~near], info["topk_ids"][~near])
+    y2 = torch.ops.moegen.experts(x, block.packed, block.router, ids, wts, block.handle)
+    assert torch.equal(y2, y)
+
+
+def test_compile_fullgraph_has_no_graph_break():
+    spec = SPECS[0]
+    block, w, _ = _block(spec)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = torch.nn.LayerNorm(spec.hidden_dim)
+            self.moe = block
+
+        def forward(self, x):
+            return x + self.moe(self.norm(x))
+
+    net = Net().eval()
+    x = _x(spec, 9).reshape(3, 3, spec.hidden_dim)
+    from torch._dynamo.utils import counters
+    counters.clear()
+    compiled = torch.compile(net, fullgraph=True)
+    with torch.no_grad():
+        got, want = compiled(x), net(x)
+        got2 = compiled(_x(spec, 9, seed=4).reshape(3, 3, spec.hidden_dim))
+    assert not counters["graph_break"]
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5) and got2.shape == x.shape
+
+
+def test_tensors_are_used_zero_copy():
+    spec = SPECS[0]
+    block, _, _ = _block(spec)
+    k = kernel_for(block.handle)
+    from moegen.torch.ops import packed_weights
+    pw = k._check_weights(packed_weights(k, block.handle, block.packed, block.router))
+    assert pw.buffer.ctypes.data == block.packed.data_ptr()
+    assert pw.router.ctypes.data == block.router.data_ptr()
+
+
+def test_bad_inputs_are_one_line_errors():
+    spec = SPECS[0]
+    block, _, _ = _block(spec)
+    with pytest.raises(TypeError, match="x must have dtype float32.*float64"):
+        block(torch.zeros(2, spec.hidden_dim, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"x must have shape \[\.\.\., 32\]"):
+        block(torch.zeros(2, 31))
+    with pytest.raises(ValueError, match="weights.buffer must have shape"):
+        torch.ops.moegen.moe(_x(spec, 2), block.packed[:16], block.router, None, block.handle)
+    with pytest.raises(ValueError, match="kernel handle must be the JSON of a MoESpec"):
+        torch.ops.moegen.moe(_x(spec, 2), block.packed, block.router, None, "nonsense")
+
+
+def test_handle_names_the_spec_and_compiles_in_a_fresh_registry():
+    from moegen.torch import ops
+    spec = SPECS[0]
+    block, _, _ = _block(spec)
+    assert kernel_handle(block.kernel) == block.handle and '"num_experts":8' in block.handle
+    saved = dict(ops._kernels)
+    ops._kernels.clear()                     # as in a process that loaded a cached graph
+    try:
+        assert kernel_for(block.handle).spec == block.spec
+    finally:
+        ops._kernels.update(saved)
+
+
+def test_import_moegen_does_not_import_torch():
+    code = "import sys, moegen; moegen.MoESpec(8, 2, 32); assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
