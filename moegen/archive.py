@@ -41,7 +41,7 @@ from pathlib import Path
 
 from . import __version__, signing
 from .cache import KernelCache
-from .cache_format import (ENTRIES_DIR, ENTRY_SUFFIX, MANIFEST, CorruptEntry, decode, encode,
+from .cache_format import (ENTRIES_DIR, ENTRY_SUFFIX, MANIFEST, CorruptEntry, check_frame, encode,
                            entry_filename, read_header, shorten)
 from .cache_layers import ARCHIVE_FORMAT, ARCHIVE_VERSION, MAX_MANIFEST, MEMBER_RE, check_manifest
 from .errors import CacheError
@@ -127,16 +127,27 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 class _HashingReader:
-    """Reads a member in order, hashing and keeping what it read."""
+    """Reads one member of known size in order into a buffer allocated once, hashing as it
+    goes (one copy of the entry in memory, however it is compressed)."""
 
-    def __init__(self, fh):
-        self._fh, self.sha, self.data = fh, hashlib.sha256(), bytearray()
+    def __init__(self, fh, size: int):
+        self._fh, self.sha = fh, hashlib.sha256()
+        self.data, self.pos = bytearray(size), 0
+
+    def _fill(self, n: int) -> memoryview:
+        view = memoryview(self.data)[self.pos:self.pos + n]
+        got = self._fh.readinto(view) or 0
+        self.sha.update(view[:got])
+        self.pos += got
+        return view[:got]
 
     def read(self, n: int) -> bytes:
-        chunk = self._fh.read(n)
-        self.sha.update(chunk)
-        self.data += chunk
-        return chunk
+        """The next ``n`` bytes or fewer (for `read_header`)."""
+        return bytes(self._fill(n))
+
+    def read_rest(self) -> None:
+        while self.pos < len(self.data) and len(self._fill(CHUNK)):
+            pass
 
 
 class _Scan:
@@ -231,17 +242,16 @@ class _Scan:
 
     def _frame(self, tar, member, record: dict) -> bytearray:
         shown = shorten(member.name)
-        reader = _HashingReader(tar.extractfile(member))
+        reader = _HashingReader(tar.extractfile(member), record["size"])
         try:
             hdr = read_header(reader)
             if (hdr.name, hdr.key, hdr.frame_size) != (record["name"], record["key"],
                                                        record["size"]):
                 raise CorruptEntry("its header does not name the listed spec, key and size")
-            while len(reader.data) < record["size"] and reader.read(CHUNK):
-                pass
-            if len(reader.data) != record["size"] or reader.sha.hexdigest() != record["sha256"]:
+            reader.read_rest()
+            if reader.pos != record["size"] or reader.sha.hexdigest() != record["sha256"]:
                 raise CorruptEntry("it does not match its sha256 in the manifest")
-            decode(reader.data, record["name"], record["key"])
+            check_frame(reader.data, record["name"], record["key"])
         except CorruptEntry as exc:
             raise self.bad(f"member {shown}: {exc}") from None
         return reader.data

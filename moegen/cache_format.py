@@ -147,9 +147,9 @@ def _parse_header(header_bytes: bytes | memoryview) -> Header:
                   frame_size=_PREFIX + len(header_bytes) + size + _TRAILER)
 
 
-def decode(data: bytes | bytearray | memoryview, name: str | None = None,
-           key: str | None = None) -> Artifact:
-    """Check a frame completely and return its artifact.
+def check_frame(data: bytes | bytearray | memoryview, name: str | None = None,
+                key: str | None = None) -> Header:
+    """Check a frame completely without copying it; its header.
 
     Raises CorruptEntry when the frame is empty, truncated, altered, or belongs to another
     name/key than the ones given.
@@ -161,16 +161,22 @@ def decode(data: bytes | bytearray | memoryview, name: str | None = None,
     hdr = _parse_header(view[_PREFIX:_PREFIX + hl])
     if len(view) != hdr.frame_size:
         raise CorruptEntry(f"length {len(view)} != {hdr.frame_size} recorded (truncated or padded)")
-    body, trailer = view[:-_TRAILER], view[-_TRAILER:]
-    if hashlib.sha256(body).digest() != trailer:
+    if hashlib.sha256(view[:-_TRAILER]).digest() != view[-_TRAILER:]:
         raise CorruptEntry("sha256 mismatch (the entry was altered or partly written)")
-    binary = body[_PREFIX + hl:]
-    if hashlib.sha256(binary).hexdigest() != hdr.sha256:
+    if hashlib.sha256(view[_PREFIX + hl:-_TRAILER]).hexdigest() != hdr.sha256:
         raise CorruptEntry("binary sha256 mismatch")
     if key is not None and hdr.key != key:
         raise CorruptEntry(f"entry holds key {hdr.key[:16]}..., not the requested {key[:16]}...")
     if name is not None and hdr.name != name:
         raise CorruptEntry(f"entry holds {shorten(hdr.name)}, not the requested {name!r}")
+    return hdr
+
+
+def decode(data: bytes | bytearray | memoryview, name: str | None = None,
+           key: str | None = None) -> Artifact:
+    """Check a frame completely (`check_frame`) and return its artifact."""
+    hdr = check_frame(data, name, key)
+    binary = memoryview(data)[hdr.frame_size - _TRAILER - hdr.size:-_TRAILER]
     meta = dict(hdr.meta)
     meta.setdefault("key", hdr.key)
     meta.setdefault("spec_name", hdr.name)
