@@ -10,9 +10,10 @@ Read-only prebuilt layers (``$MOEGEN_PREBUILT_DIR``, os.pathsep-separated) are u
 archives (`moegen.cache_layers`), searched before the writable cache and never modified.
 
 The rooms: `moegen.cache_format` (the entry frame, bounded reads), `moegen.cache_store` (the
-diskcache store that keeps to its directory, locks), `moegen.cache_layers` (prebuilt layers and
-their signatures), `moegen.cache_maint` (ls, prune, verify, clear), `moegen.cache_load` (why a
-load failed), `moegen.archive` (export/import).  This module opens, looks up and publishes.
+diskcache store that keeps to its directory, locks), `moegen.cache_open` (create, check, open or
+fall back), `moegen.cache_build` (build once on a miss), `moegen.cache_layers` (prebuilt layers
+and their signatures), `moegen.cache_maint` (ls, prune, verify, clear), `moegen.cache_load` (why
+a load failed), `moegen.archive` (export/import).  This module looks up, publishes and drops.
 
 Failure contract, in short: a bad entry is a miss (warned once, dropped from the writable
 layer, rebuilt); an untrusted cache directory is replaced by a private temporary one for this
@@ -23,33 +24,28 @@ a build that returns something other than an `Artifact` (`CacheError`) raise.
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import errno
 import hashlib
 import logging
 import os
-import shutil
 import sqlite3
-import tempfile
 import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Callable
 
 import diskcache
 
 from . import settings, signing
 from .backends.base import Artifact
+from .cache_build import BuildOnce
 from .cache_format import (CorruptEntry, PickledEntryRefused, canonical_json, check_name_key,
                            decode, encode, entry_name, validate_artifact)
 from .cache_layers import PrebuiltLayer
 from .cache_load import is_bad_binary, load_failure
 from .cache_maint import WRITABLE, CacheMaintenance, EntryInfo, Problem
-from .cache_store import (DEFAULT_SIZE_LIMIT, ReadOnlyStore, key_lock, open_store,
-                          prepare_directory, read_value)
-from .errors import MissingKernelError
+from .cache_open import open_writable
+from .cache_store import DEFAULT_SIZE_LIMIT, read_value
 
 log = logging.getLogger("moegen.cache")
 
@@ -87,13 +83,7 @@ def _warn_once(tag: str, message: str) -> None:
         log.debug("%s", message)
 
 
-def _private_tempdir() -> Path:
-    path = Path(tempfile.mkdtemp(prefix="moegen-cache-"))      # mkdtemp creates it 0700
-    atexit.register(shutil.rmtree, path, True)
-    return path
-
-
-class KernelCache(CacheMaintenance):
+class KernelCache(BuildOnce, CacheMaintenance):
     """Compiled kernels on disk: read-only prebuilt layers first, then the writable cache.
 
     Args:
@@ -154,39 +144,12 @@ class KernelCache(CacheMaintenance):
         return self._store
 
     def _open_store(self):
-        reason = prepare_directory(self._requested)
-        if reason is None:
-            try:
-                store = open_store(self._requested)
-                self._dir, self._trusted = self._requested, True
-                return store
-            except (OSError, sqlite3.Error) as exc:
-                reason = (f"its database cannot be opened ({exc}); move or delete "
-                          f"{self._requested} to start afresh")
-                store = self._read_only(exc)
-                if store is not None:
-                    return store
-        fallback = _private_tempdir()
-        _warn_once(f"untrusted:{self._requested}",
-                   f"moegen kernel cache: not using {self._requested}: {reason}. Kernels are "
-                   f"built into a private temporary cache {fallback} for this process only. "
-                   f"Set MOEGEN_CACHE_DIR to a directory you own with mode 0700.")
-        self._why_untrusted, self._dir, self._trusted = reason, fallback, False
-        return open_store(fallback)
-
-    def _read_only(self, exc: BaseException):
-        """The trusted cache read read-only when its database cannot be opened for writing
-        (a full disk): its entries still load.  None when even that fails."""
-        try:
-            store = ReadOnlyStore(self._requested)
-        except (OSError, sqlite3.Error):
-            return None
-        _warn_once(f"readonly:{self._requested}",
-                   f"moegen kernel cache: {self._requested} is used read-only ({exc}): cached "
-                   f"kernels load, new ones are kept in memory for this process. Free space or "
-                   f"run `moegen cache prune`.")
-        self._dir, self._trusted = self._requested, True
-        return store
+        opened = open_writable(self._requested)
+        if opened.notice is not None:
+            _warn_once(*opened.notice)
+        self._dir, self._trusted = opened.directory, opened.trusted
+        self._why_untrusted = opened.why_untrusted
+        return opened.store
 
     def close(self) -> None:
         """Close the SQLite connection (reopened on next use)."""
@@ -282,63 +245,6 @@ class KernelCache(CacheMaintenance):
                        f"{self._dir} ({what}); the kernel is kept in memory for this process "
                        f"and will be rebuilt next time. Free space or run `moegen cache prune`.")
             return False
-
-    def get_or_build(self, name: str, key: str, build: Callable[[], Artifact], *,
-                     hint: str = "") -> tuple[Artifact, bool]:
-        """The cached artifact, or one built by ``build()`` and published; ``(artifact, built)``.
-
-        Check, take the per-key file lock, check again, build, validate, publish: N processes
-        asking for the same cold key build it once, and the others wait and read it.
-        ``MOEGEN_ALWAYS_COMPILE=1`` skips the lookups (the new build is still stored).
-
-        Raises MissingKernelError on a miss when ``MOEGEN_OFFLINE=1`` (``hint``: the arguments
-        or command line that builds it, shown in the message); CacheError when ``build``
-        returns something that is not an Artifact for this key; whatever ``build`` raises.
-        """
-        check_name_key(name, key)
-        if settings.offline():
-            art = self.get(name, key)
-            if art is not None:
-                return art, False
-            raise MissingKernelError(self._offline_message(name, key, hint))
-        rebuild = settings.always_compile()
-        if not rebuild:
-            art = self.get(name, key)
-            if art is not None:
-                return art, False
-        with self._key_lock(name, key):
-            if not rebuild:
-                art = self.get(name, key)
-                if art is not None:
-                    return art, False
-            start = time.perf_counter()
-            art = validate_artifact(build(), name, key)
-            log.info("built %s in %.2f s", entry_name(name, key), time.perf_counter() - start)
-            self.put(name, key, art)
-            return art, True
-
-    def _offline_message(self, name: str, key: str, hint: str) -> str:
-        cmd = hint.strip() or "<spec options>"
-        if not cmd.startswith("moegen "):
-            cmd = f"moegen build {cmd}"
-        layers = os.pathsep.join(map(str, self.prebuilt)) or "none"
-        return (f"kernel {name} (key {key[:16]}) is not in the kernel cache {self._requested} "
-                f"nor in any prebuilt layer (MOEGEN_PREBUILT_DIR: {layers}), and MOEGEN_OFFLINE=1 "
-                f"forbids compiling it. On a machine that can compile, run `{cmd}`, then "
-                f"`moegen cache export kernels.tar.gz` and here `moegen cache import "
-                f"kernels.tar.gz` (or unpack it with `moegen cache import --prebuilt DIR` and "
-                f"point MOEGEN_PREBUILT_DIR at DIR); or unset MOEGEN_OFFLINE.")
-
-    def _key_lock(self, name: str, key: str):
-        self._open()
-        try:
-            (self._dir / "locks").mkdir(mode=0o700, exist_ok=True)
-        except OSError as exc:
-            log.warning("moegen kernel cache: no lock directory in %s (%s); building %s "
-                        "without a cross-process lock", self._dir, exc, entry_name(name, key))
-            return contextlib.nullcontext()
-        return key_lock(self._dir, key, on_wait=lambda: log.info(
-            "waiting for another process to finish building %s", entry_name(name, key)))
 
     def drop(self, name: str, key: str, reason: str) -> None:
         """Forget an entry that turned out unusable (e.g. the binary failed to load).

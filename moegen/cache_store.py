@@ -258,38 +258,6 @@ def orphan_files(directory: Path, min_age: float = ORPHAN_AGE) -> list[Path]:
     return out
 
 
-def prepare_directory(directory: Path) -> str | None:
-    """Create the cache directory (0700) and its database (0600) if missing; say why the
-    directory must not be used, or None."""
-    try:
-        if not os.path.lexists(directory):
-            directory.parent.mkdir(parents=True, exist_ok=True)
-            directory.mkdir(mode=0o700)
-    except FileExistsError:
-        pass
-    except OSError as exc:
-        return f"it cannot be created: {exc.strerror or exc}"
-    reason = trust.check_path(directory, what="cache directory", kind="dir")
-    if reason:
-        return reason
-    db = directory / "cache.db"
-    if not os.path.lexists(db):
-        # Create the database file 0600 ourselves (SQLite would honour the umask, and gives
-        # its -wal/-shm files the database's mode).
-        try:
-            os.close(os.open(db, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-        except FileExistsError:
-            pass
-        except OSError as exc:
-            return f"its database cannot be created: {exc.strerror or exc}"
-    for fname in DB_FILES:
-        if os.path.lexists(directory / fname):
-            reason = trust.check_path(directory / fname, what="cache database", kind="file")
-            if reason:
-                return reason
-    return settings_problem(directory)
-
-
 @contextlib.contextmanager
 def key_lock(directory: Path, key: str, on_wait=None):
     """Hold ``locks/<key>.lock`` of the cache at ``directory`` (a cross-process build lock).
