@@ -17,6 +17,7 @@ import struct
 import tarfile
 import threading
 import time
+import tracemalloc
 from pathlib import Path
 
 import diskcache
@@ -24,14 +25,17 @@ import filelock
 import pytest
 from click.testing import CliRunner
 
+import moegen
 import moegen.cache as cache_mod
 from moegen import settings, signing
 from moegen.archive import export_archive, extract_archive, import_archive
+from moegen.backends import get_backend
 from moegen.backends.base import Artifact
 from moegen.cache import CacheWarning, KernelCache, digest, is_bad_binary
 from moegen.cache_format import ENTRIES_DIR, MAGIC, encode, entry_filename
 from moegen.cli import main as cli_main
 from moegen.errors import CacheError
+from moegen.jit import clear_memo
 
 NAME = "moe_e8_k2_h512_f2048_f32_swiglu"
 KEY = digest({"adversarial": 1})
@@ -158,9 +162,6 @@ def test_drop_if_bad_keeps_an_entry_for_enospc_and_drops_a_bad_image(tmp_path, c
                                        "(issue 9 item 13; owned by helper plan): remove this "
                                        "mark when that change is merged")
 def test_compile_keeps_a_good_kernel_when_tmpdir_is_full(tmp_path, monkeypatch):
-    import moegen
-    from moegen.backends import get_backend
-    from moegen.jit import clear_memo
     monkeypatch.setenv("MOEGEN_CACHE_DIR", str(tmp_path / "cache"))
     spec = moegen.MoESpec(num_experts=4, top_k=2, hidden_dim=64, ffn_dim=128, backend="c")
     info = moegen.build(spec)
@@ -242,7 +243,6 @@ def test_member_whose_header_names_another_entry_stops_before_its_body(tmp_path)
 
 
 def test_import_holds_about_one_copy_of_an_entry(tmp_path):
-    import tracemalloc
     size = 48 << 20
     path = one_entry_archive(tmp_path, size)
     dst = KernelCache(tmp_path / "dst", prebuilt=[])
