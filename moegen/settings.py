@@ -28,7 +28,6 @@ _FALSE = {"", "0", "false", "no", "off"}
 
 # Settings that change generated code or compiler flags: their values are part of the cache key.
 CODE_SETTINGS = ("MOEGEN_CC", "MOEGEN_ISA", "MOEGEN_CUDA_ARCH")
-MAX_THREADS = 1024     # MOEGEN_NUM_THREADS is clamped here: OpenMP segfaults near 100,000
 
 
 def _flag(name: str) -> bool:
@@ -85,7 +84,7 @@ def num_threads() -> int:
             raise ValueError(f"MOEGEN_NUM_THREADS must be a positive integer, got {raw!r}") from None
         if n < 1:
             raise ValueError(f"MOEGEN_NUM_THREADS must be a positive integer, got {raw!r}")
-        return min(n, MAX_THREADS)
+        return n
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # pragma: no cover - not Linux

@@ -27,7 +27,7 @@ from click.testing import CliRunner
 
 import moegen
 import moegen.cache as cache_mod
-from moegen import settings, signing
+from moegen import signing
 from moegen.archive import export_archive, extract_archive, import_archive
 from moegen.backends import get_backend
 from moegen.backends.base import Artifact
@@ -399,7 +399,7 @@ def test_huge_member_name_is_not_echoed_whole(tmp_path):
         assert len(str(err.value)) < 1000 and "chars)" in str(err.value)
 
 
-# -- 16: locks, full disks, orphans, modes, threads -------------------------------------------
+# -- 16: locks, full disks, orphans, modes --------------------------------------------------
 
 def test_clear_keeps_the_lock_a_builder_waits_on(tmp_path):
     kc = new_cache(tmp_path)
@@ -475,11 +475,6 @@ def test_umask_002_and_a_0755_folder_give_private_subfolders(tmp_path):
         os.umask(old)
     made = [p for p in d.rglob("*") if p.is_dir()]
     assert made and all(stat.S_IMODE(p.stat().st_mode) == 0o700 for p in made)
-
-
-def test_num_threads_is_clamped(monkeypatch):
-    monkeypatch.setenv("MOEGEN_NUM_THREADS", "100000")
-    assert settings.num_threads() == settings.MAX_THREADS
 
 
 # -- 17: signed archives and layers ------------------------------------------------------------
