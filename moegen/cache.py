@@ -36,12 +36,12 @@ from pathlib import Path
 
 import diskcache
 
-from . import settings, signing
+from . import settings
 from .backends.base import Artifact
 from .cache_build import BuildOnce
 from .cache_format import (CorruptEntry, PickledEntryRefused, canonical_json, check_name_key,
                            decode, encode, entry_name, validate_artifact)
-from .cache_layers import PrebuiltLayer
+from .cache_layers import TRUSTED_KEYS_ENV, PrebuiltLayer
 from .cache_load import is_bad_binary, load_failure
 from .cache_maint import WRITABLE, CacheMaintenance, EntryInfo, Problem
 from .cache_open import open_writable
@@ -285,7 +285,7 @@ def default_cache() -> KernelCache:
     ``MOEGEN_PREBUILT_DIR`` or ``MOEGEN_TRUSTED_KEYS`` changed since the last call."""
     global _default, _default_sig
     sig = (str(settings.cache_dir()), tuple(str(p) for p in settings.prebuilt_dirs()),
-           os.environ.get(signing.TRUSTED_KEYS_ENV, ""))
+           os.environ.get(TRUSTED_KEYS_ENV, ""))
     with _default_lock:
         if _default is None or sig != _default_sig:
             _default = KernelCache(Path(sig[0]), [Path(p) for p in sig[1]])

@@ -15,10 +15,11 @@ is the one the signed manifest lists: an entry forged with recomputed digests is
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from pathlib import Path
 
-from . import signing, trust
+from . import trust
 from .backends.base import Artifact
 from .cache_format import (ENTRIES_DIR, ENTRY_SUFFIX, MANIFEST, CorruptEntry, check_name_key,
                            decode, entry_filename, entry_name, load_json, open_regular,
@@ -28,6 +29,9 @@ ARCHIVE_FORMAT = "moegen-kernels"
 ARCHIVE_VERSION = 1
 MAX_MANIFEST = 64 << 20
 MEMBER_RE = re.compile(r"^entries/[A-Za-z0-9_][A-Za-z0-9_.\-]{0,240}\.kernel$")
+SIGNATURE = "manifest.sig"            # next to manifest.json when signed (moegen.signing)
+MAX_SIGNATURE = 4 << 10
+TRUSTED_KEYS_ENV = "MOEGEN_TRUSTED_KEYS"
 
 
 def check_manifest(raw: bytes) -> dict:
@@ -82,10 +86,13 @@ class PrebuiltLayer:
         return self._problem
 
     def _check_signature(self) -> str | None:
+        if self._keys is None and not os.environ.get(TRUSTED_KEYS_ENV):
+            return None
+        from . import signing  # cryptography adds ~50 ms to every import; needed only here
         try:
             keys = signing.trusted_keys() if self._keys is None else self._keys
         except signing.SigningError as exc:
-            return f"{signing.TRUSTED_KEYS_ENV}: {exc}"
+            return f"{TRUSTED_KEYS_ENV}: {exc}"
         if not keys:
             return None
         try:
@@ -93,17 +100,17 @@ class PrebuiltLayer:
                               max_size=MAX_MANIFEST) as fh:
                 raw = fh.read()
             try:
-                with open_regular(self.root / signing.SIGNATURE, what="signature",
-                                  allow_root=True, max_size=signing.MAX_SIGNATURE) as fh:
+                with open_regular(self.root / SIGNATURE, what="signature",
+                                  allow_root=True, max_size=MAX_SIGNATURE) as fh:
                     sig = fh.read()
             except FileNotFoundError:
                 sig = None
             why = signing.verify(raw, sig, keys)
             if why:
-                return f"{why} ({signing.TRUSTED_KEYS_ENV} is set)"
+                return f"{why} ({TRUSTED_KEYS_ENV} is set)"
             manifest = check_manifest(raw)
         except FileNotFoundError:
-            return f"it has no {MANIFEST} to check its signature ({signing.TRUSTED_KEYS_ENV} is set)"
+            return f"it has no {MANIFEST} to check its signature ({TRUSTED_KEYS_ENV} is set)"
         except CorruptEntry as exc:
             return str(exc)
         self._signed = {rel: rec["sha256"] for rel, rec in manifest["entries"].items()}

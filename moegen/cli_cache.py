@@ -25,7 +25,6 @@ import click
 
 from . import settings
 from .errors import MoegenError
-from .signing import keygen as write_keys, load_public_key
 
 
 def _cache():
@@ -308,6 +307,7 @@ def export_cmd(archive, names, sign_key):
 def import_cmd(archive, prebuilt_dir, replace, pubkeys, max_entry_size, max_total_size):
     """Check ARCHIVE completely, then add its kernels to the cache (or a prebuilt layer)."""
     from .deploy import extract_archive, import_archive
+    from .signing import load_public_key  # cryptography: ~50 ms, only for --verify
     limits = {"max_entry": parse_size(max_entry_size), "max_total": parse_size(max_total_size)}
     try:
         keys = [load_public_key(p) for p in pubkeys] or None
@@ -331,6 +331,7 @@ def keygen(out):
     Sign archives with `moegen cache export --sign OUT`; check them with `moegen cache import
     --verify OUT.pub` or MOEGEN_TRUSTED_KEYS=OUT.pub (prebuilt layers too).
     """
+    from .signing import keygen as write_keys  # cryptography: ~50 ms, only for keygen
     try:
         private, public = write_keys(out)
     except MoegenError as exc:

@@ -25,13 +25,15 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from .cache_layers import MAX_SIGNATURE, SIGNATURE, TRUSTED_KEYS_ENV
 from .errors import CacheError
 
+__all__ = ["ALGORITHM", "MAX_SIGNATURE", "SIGNATURE", "TRUSTED_KEYS_ENV", "SigningError",
+           "key_id", "keygen", "load_private_key", "load_public_key", "public_path", "sign",
+           "trusted_keys", "verify"]
+
 ALGORITHM = "ed25519"
-SIGNATURE = "manifest.sig"
-TRUSTED_KEYS_ENV = "MOEGEN_TRUSTED_KEYS"
 MAX_KEY_FILE = 64 << 10
-MAX_SIGNATURE = 4 << 10
 
 
 class SigningError(CacheError):
