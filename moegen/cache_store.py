@@ -21,6 +21,7 @@ import errno
 import os
 import re
 import sqlite3
+import stat
 import threading
 import time
 from pathlib import Path
@@ -250,9 +251,14 @@ def orphan_files(directory: Path, min_age: float = ORPHAN_AGE) -> list[Path]:
     for top in sorted(directory.glob("[0-9a-f][0-9a-f]")):
         for path in sorted(top.glob("[0-9a-f][0-9a-f]/*.val")):
             rel = f"{top.name}/{path.parent.name}/{path.name}"
-            st = path.lstat()
-            if (_VALUE_RE.match(rel) and rel not in named and trust.check_stat(st, path) is None
-                    and path.is_file() and now - st.st_mtime >= min_age):
+            try:
+                value_path(directory, rel)          # no folder on the way is a link outside
+                st = path.lstat()
+            except (CorruptEntry, OSError):
+                continue
+            if (rel not in named and stat.S_ISREG(st.st_mode) and not top.is_symlink()
+                    and not path.parent.is_symlink() and trust.check_stat(st, path) is None
+                    and now - st.st_mtime >= min_age):
                 out.append(path)
     return out
 

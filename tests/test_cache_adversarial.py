@@ -463,6 +463,19 @@ def test_orphan_value_files_are_removed_by_clear_and_repair(tmp_path):
     assert not any("orphan" in p.message for p in kc.verify())
 
 
+def test_orphan_sweep_does_not_follow_a_linked_folder_outside(tmp_path):
+    kc = new_cache(tmp_path)
+    outside = tmp_path / "elsewhere" / "cd"
+    outside.mkdir(parents=True)
+    victim = outside / ("e" * 28 + ".val")
+    victim.write_bytes(b"not the cache's")
+    os.utime(victim, (time.time() - 3600,) * 2)
+    (kc.directory / "ab").symlink_to(outside.parent)
+    assert not any("orphan" in p.message for p in kc.verify(repair=True))
+    kc.clear()
+    assert victim.exists()
+
+
 def test_umask_002_and_a_0755_folder_give_private_subfolders(tmp_path):
     d = tmp_path / "mine"
     d.mkdir(mode=0o755)
