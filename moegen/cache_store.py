@@ -85,6 +85,9 @@ class SafeDisk(diskcache.Disk):
     def filename(self, key=diskcache.core.UNKNOWN, value=diskcache.core.UNKNOWN):
         filename, full_path = super().filename(key, value)
         top = os.path.join(self._directory, filename.split(os.sep)[0])
+        if os.path.islink(top) or os.path.islink(os.path.dirname(full_path)):
+            raise OSError(errno.EPERM, f"the cache folder for {filename} is a link (planted); "
+                                       f"nothing is written through it")
         os.makedirs(os.path.dirname(full_path), mode=0o700, exist_ok=True)
         for folder in (top, os.path.dirname(full_path)):     # private whatever the umask
             os.chmod(folder, 0o700)

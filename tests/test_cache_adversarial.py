@@ -463,6 +463,17 @@ def test_orphan_value_files_are_removed_by_clear_and_repair(tmp_path):
     assert not any("orphan" in p.message for p in kc.verify())
 
 
+def test_a_store_never_writes_through_a_planted_folder_link(tmp_path, monkeypatch):
+    kc = new_cache(tmp_path)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir(mode=0o755)
+    for i in range(256):
+        (kc.directory / f"{i:02x}").symlink_to(outside)
+    with pytest.warns(CacheWarning, match="could not store"):
+        assert not kc.put(NAME, KEY, art())
+    assert list(outside.iterdir()) == [] and stat.S_IMODE(outside.stat().st_mode) == 0o755
+
+
 def test_orphan_sweep_does_not_follow_a_linked_folder_outside(tmp_path):
     kc = new_cache(tmp_path)
     outside = tmp_path / "elsewhere" / "cd"
