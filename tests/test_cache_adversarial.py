@@ -621,3 +621,20 @@ def test_cli_keygen_sign_and_verify(tmp_path, monkeypatch):
     assert r.exit_code == 1 and "not signed" in r.output and "Traceback" not in r.output
     r = run(cli_main, ["cache", "import", str(tmp_path / "a.tar.gz"), "--max-entry-size", "1K"])
     assert r.exit_code == 1 and "per entry" in r.output
+
+
+def test_cli_commands_survive_hostile_entries(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOEGEN_CACHE_DIR", str(tmp_path / "cache"))
+    kc = new_cache(tmp_path)
+    kc._open().set(f"{NAME}.{KEY}", frame_with_header(HOSTILE_HEADERS["deep"], b"\0" * BIG))
+    kc._open().set(f"moe_big.{KEY}", frame_with_header(HOSTILE_HEADERS["huge size"]))
+    plant(kc.directory, "moe_out." + KEY, filename=str(outside_file(tmp_path)))
+    kc.close()
+    run = CliRunner().invoke
+    for args, code in ((["ls"], 0), (["info"], 0), (["verify"], 1),
+                       (["prune", "--older-than", "0"], 0), (["verify", "--repair"], 0),
+                       (["clear", "--yes"], 0)):
+        r = run(cli_main, ["cache", *args])
+        assert r.exit_code == code, (args, r.output, r.exception)
+        assert r.exception is None or isinstance(r.exception, SystemExit), (args, r.exception)
+    assert (tmp_path / "victim" / "deep" / "secret.val").exists()
