@@ -275,7 +275,7 @@ def key_lock(directory: Path, key: str, on_wait=None):
     """
     import filelock  # ~13 ms of import that a warm lookup (no build, no lock) never needs
     locks = directory / LOCKS_DIR
-    lock = filelock.FileLock(str(locks / f"{key}.lock"), timeout=-1)
+    lock = filelock.FileLock(str(locks / f"{key}.lock"), timeout=-1, mode=0o600)
     waited = False
     while True:
         locks.mkdir(mode=0o700, exist_ok=True)

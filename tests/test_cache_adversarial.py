@@ -158,9 +158,9 @@ def test_drop_if_bad_keeps_an_entry_for_enospc_and_drops_a_bad_image(tmp_path, c
     assert kc.get(NAME, KEY) is None
 
 
-@pytest.mark.xfail(strict=True, reason="needs moegen/jit.py to call KernelCache.drop_if_bad "
-                                       "(issue 9 item 13; owned by helper plan): remove this "
-                                       "mark when that change is merged")
+@pytest.mark.xfail(strict=True, reason="needs moegen/jit.py (helper plan) to keep the entry on "
+                                       "a resource error (issue 9 item 13): remove this mark "
+                                       "when that change is merged")
 def test_compile_keeps_a_good_kernel_when_tmpdir_is_full(tmp_path, monkeypatch):
     monkeypatch.setenv("MOEGEN_CACHE_DIR", str(tmp_path / "cache"))
     spec = moegen.MoESpec(num_experts=4, top_k=2, hidden_dim=64, ffn_dim=128, backend="c")
@@ -494,11 +494,12 @@ def test_umask_002_and_a_0755_folder_give_private_subfolders(tmp_path):
     try:
         kc = KernelCache(d, prebuilt=[])
         for i in range(4):
-            assert kc.put(NAME, digest({"u": i}), art(bytes([65 + i])))
+            assert kc.get_or_build(NAME, digest({"u": i}), lambda: art(bytes([65 + i])))[1]
     finally:
         os.umask(old)
     made = [p for p in d.rglob("*") if p.is_dir()]
     assert made and all(stat.S_IMODE(p.stat().st_mode) == 0o700 for p in made)
+    assert all(not p.stat().st_mode & 0o077 for p in d.rglob("*") if p.is_file())
 
 
 # -- 17: signed archives and layers ------------------------------------------------------------
