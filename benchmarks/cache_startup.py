@@ -58,7 +58,7 @@ def fill(directory: Path, n: int, binary_bytes: int) -> tuple[str, str]:
     (stored last, so it is not favoured by being first in the table)."""
     from moegen.backends.base import Artifact
     from moegen.cache import KernelCache, digest
-    from moegen.cache_store import encode
+    from moegen.cache_format import encode
 
     kc = KernelCache(directory, prebuilt=[])
     store = kc._open()

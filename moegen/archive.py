@@ -3,6 +3,7 @@
 An archive is a ``.tar.gz`` holding, in this order::
 
     manifest.json                         what is inside and the sha256 of every entry file
+    manifest.sig                          only when signed: Ed25519 over manifest.json
     entries/<spec name>.<key[:16]>.kernel one self-checking entry frame per kernel
 
 The manifest::
@@ -11,11 +12,16 @@ The manifest::
      "created": <unix time>, "toolchains": [{"backend", "target", "toolchain"}, ...],
      "entries": {"entries/<file>": {"sha256", "size", "name", "key", "backend", "target"}}}
 
-Importing reads the whole archive and checks it before anything becomes loadable: the manifest
-comes first, every member is a regular file at ``entries/<safe name>.kernel`` listed in the
-manifest (no links, devices, directories, absolute or ``..`` paths, duplicates or extras), its
-sha256 and size match, its frame decodes and names the same spec and key, and every listed
-entry is present.  Any violation raises CacheError and nothing is imported.
+Importing streams the archive once and checks it before anything becomes loadable: the
+manifest comes first and its declared sizes must fit the limits (``max_entry`` per entry,
+``max_total`` in all) before any entry is read; with keys (``--verify``, or
+``MOEGEN_TRUSTED_KEYS``) its signature must verify before any entry is read; every member is a
+regular file at ``entries/<safe name>.kernel`` listed in the manifest (no links, devices,
+directories, absolute or ``..`` paths, duplicates or extras) whose declared size matches; its
+header must name the listed spec and key (checked before the rest is read), its sha256 is
+computed in chunks as it is read, its frame decodes, and every listed entry is present.  Checked
+entries wait in a private spool directory, one in memory at a time.  Any violation raises
+CacheError and nothing is imported.
 
 Unpacked with `extract_archive`, an archive is a prebuilt layer for ``MOEGEN_PREBUILT_DIR``.
 """
@@ -27,64 +33,51 @@ import hashlib
 import io
 import json
 import os
-import re
 import shutil
 import tarfile
 import tempfile
 import time
 from pathlib import Path
 
+from . import __version__, signing
+from .archive_scan import MAX_ENTRY, MAX_TOTAL, Scan, read_archive
 from .cache import KernelCache
-from .cache_store import (ENTRIES_DIR, ENTRY_SUFFIX, MANIFEST, CorruptEntry, check_name_key,
-                          decode, encode, entry_filename, header_of)
+from .cache_format import ENTRIES_DIR, ENTRY_SUFFIX, MANIFEST, encode, entry_filename
+from .cache_layers import ARCHIVE_FORMAT, ARCHIVE_VERSION
 from .errors import CacheError
 
-ARCHIVE_FORMAT = "moegen-kernels"
-ARCHIVE_VERSION = 1
-MAX_MANIFEST = 64 << 20
-MAX_MEMBER = 2 << 30
-_MEMBER_RE = re.compile(r"^entries/[A-Za-z0-9_][A-Za-z0-9_.\-]{0,240}\.kernel$")
+__all__ = ["MAX_ENTRY", "MAX_TOTAL", "export_archive", "extract_archive", "import_archive",
+           "read_archive"]
 
 
-def _moegen_version() -> str:
-    try:
-        from . import __version__
-        return __version__
-    except ImportError:  # pragma: no cover - partial checkouts
-        return "unknown"
-
-
-def export_archive(cache: KernelCache, path: str | Path, names: list[str] | None = None) -> dict:
+def export_archive(cache: KernelCache, path: str | Path, names: list[str] | None = None, *,
+                   sign_key: str | Path | None = None) -> dict:
     """Write the entries of ``cache`` (all layers; a key found twice is written once) to a
     ``.tar.gz`` at ``path`` (replaced atomically).  ``names`` keeps only entries whose spec name
-    or entry name (``<name>.<key16>``) is listed.
+    or entry name (``<name>.<key16>``) is listed; ``sign_key`` (an Ed25519 private key file,
+    `moegen.signing.keygen`) adds ``manifest.sig``.
 
     Every entry is read back and checked first; a bad one is skipped with the cache's warning.
-    Returns the manifest.  Raises CacheError when a requested name matches nothing or nothing
-    is left to export.
+    Returns the manifest.  Raises CacheError when a requested name matches nothing, nothing
+    is left to export, or the key cannot be read.
     """
     path = Path(path)
+    key = signing.load_private_key(sign_key) if sign_key is not None else None
     wanted = set(names or ())
-    seen: set[str] = set()
     frames: dict[str, bytes] = {}
     records: dict[str, dict] = {}
     toolchains: dict[str, dict] = {}
     matched: set[str] = set()
     for info in cache.entries():
-        if info.key in seen:
+        rel = f"{ENTRIES_DIR}/{entry_filename(info.name, info.key)}"
+        hit = {info.name, info.entry} & wanted
+        if rel in frames or (wanted and not hit):
             continue
-        if wanted:
-            hit = {info.name, info.entry} & wanted
-            if not hit:
-                continue
-            matched |= hit
+        matched |= hit
         art = cache.get(info.name, info.key)
         if art is None:
             continue
-        seen.add(info.key)
-        rel = f"{ENTRIES_DIR}/{entry_filename(info.name, info.key)}"
-        frame = encode(info.name, info.key, art)
-        frames[rel] = frame
+        frames[rel] = frame = encode(info.name, info.key, art)
         meta = art.meta
         records[rel] = {"sha256": hashlib.sha256(frame).hexdigest(), "size": len(frame),
                         "name": info.name, "key": info.key,
@@ -101,14 +94,17 @@ def export_archive(cache: KernelCache, path: str | Path, names: list[str] | None
         raise CacheError(f"export: the cache {cache.requested_directory} has no entries to "
                          f"export; build some first (moegen build ...)")
     manifest = {"format": ARCHIVE_FORMAT, "format_version": ARCHIVE_VERSION,
-                "moegen_version": _moegen_version(), "created": time.time(),
+                "moegen_version": __version__, "created": time.time(),
                 "toolchains": [toolchains[k] for k in sorted(toolchains)],
                 "entries": dict(sorted(records.items()))}
+    raw = json.dumps(manifest, indent=1, sort_keys=True).encode()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w:gz") as tar:
-            _add(tar, MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
+        with os.fdopen(fd, "wb") as out, tarfile.open(fileobj=out, mode="w:gz") as tar:
+            _add(tar, MANIFEST, raw)
+            if key is not None:
+                _add(tar, signing.SIGNATURE, signing.sign(raw, key))
             for rel in sorted(frames):
                 _add(tar, rel, frames[rel])
         os.chmod(tmp, 0o644)
@@ -129,129 +125,53 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def read_archive(path: str | Path) -> tuple[dict, dict[str, bytes]]:
-    """Read and check a whole archive (see the module docstring); ``(manifest, {rel: frame})``.
-
-    Raises CacheError naming the archive and the offending member.
-    """
-    path = Path(path)
-
-    def bad(msg: str) -> CacheError:
-        return CacheError(f"archive {path} rejected, nothing imported: {msg}")
-
-    try:
-        tar = tarfile.open(path, mode="r:*")
-    except (OSError, tarfile.TarError) as exc:
-        raise bad(f"not a readable tar archive ({exc})") from None
-    frames: dict[str, bytes] = {}
-    manifest = None
-    with tar:
-        try:
-            for member in tar:
-                if manifest is None:
-                    if member.name != MANIFEST or not member.isreg():
-                        raise bad(f"the first member must be the regular file {MANIFEST}, "
-                                  f"got {member.name!r}")
-                    if member.size > MAX_MANIFEST:
-                        raise bad(f"{MANIFEST} is implausibly large ({member.size} bytes)")
-                    manifest = _check_manifest(tar.extractfile(member).read(), bad)
-                    continue
-                rel = member.name
-                if not _MEMBER_RE.match(rel) or ".." in rel:
-                    raise bad(f"unexpected member {rel!r} (only {ENTRIES_DIR}/<name>"
-                              f"{ENTRY_SUFFIX} files are allowed)")
-                if not member.isreg():
-                    raise bad(f"member {rel!r} is not a regular file (links, directories and "
-                              f"devices are refused)")
-                if rel in frames:
-                    raise bad(f"member {rel!r} appears twice")
-                record = manifest["entries"].get(rel)
-                if record is None:
-                    raise bad(f"member {rel!r} is not listed in the manifest")
-                if member.size != record["size"] or member.size > MAX_MEMBER:
-                    raise bad(f"member {rel!r} has {member.size} bytes, the manifest says "
-                              f"{record['size']}")
-                data = tar.extractfile(member).read()
-                if hashlib.sha256(data).hexdigest() != record["sha256"]:
-                    raise bad(f"member {rel!r} does not match its sha256 in the manifest")
-                try:
-                    decode(data, record["name"], record["key"])
-                except CorruptEntry as exc:
-                    raise bad(f"member {rel!r}: {exc}") from None
-                if rel != f"{ENTRIES_DIR}/{entry_filename(record['name'], record['key'])}":
-                    raise bad(f"member {rel!r} is named differently from its entry")
-                frames[rel] = data
-        except (OSError, tarfile.TarError, EOFError, ValueError) as exc:
-            raise bad(f"unreadable ({exc.__class__.__name__}: {exc})") from None
-    if manifest is None:
-        raise bad(f"no {MANIFEST}")
-    absent = sorted(set(manifest["entries"]) - set(frames))
-    if absent:
-        raise bad(f"entries listed in the manifest are missing: {absent[:5]}"
-                  f"{' ...' if len(absent) > 5 else ''}")
-    return manifest, frames
+def _keys(keys: list | None) -> list:
+    return signing.trusted_keys() if keys is None else keys
 
 
-def _check_manifest(raw: bytes, bad) -> dict:
-    try:
-        manifest = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise bad(f"{MANIFEST} is not JSON ({exc})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != ARCHIVE_FORMAT:
-        raise bad(f"{MANIFEST} is not a moegen kernel manifest")
-    if manifest.get("format_version") != ARCHIVE_VERSION:
-        raise bad(f"archive format version {manifest.get('format_version')!r} is not supported "
-                  f"(this moegen reads version {ARCHIVE_VERSION})")
-    entries = manifest.get("entries")
-    if not isinstance(entries, dict):
-        raise bad(f"{MANIFEST} has no entries table")
-    for rel, rec in entries.items():
-        ok = (isinstance(rel, str) and _MEMBER_RE.match(rel) and isinstance(rec, dict)
-              and isinstance(rec.get("sha256"), str) and len(rec["sha256"]) == 64
-              and isinstance(rec.get("size"), int) and not isinstance(rec.get("size"), bool))
-        if ok:
-            try:
-                check_name_key(rec.get("name"), rec.get("key"))
-            except ValueError:
-                ok = False
-        if not ok:
-            raise bad(f"{MANIFEST} has a malformed entry {rel!r}")
-    return manifest
-
-
-def import_archive(path: str | Path, cache: KernelCache) -> list[str]:
-    """Check an archive completely (`read_archive`), then store its entries in ``cache``'s
-    writable layer.  Returns the entry names imported.
+def import_archive(path: str | Path, cache: KernelCache, *, keys: list | None = None,
+                   max_entry: int = MAX_ENTRY, max_total: int = MAX_TOTAL) -> list[str]:
+    """Check an archive completely, then store its entries in ``cache``'s writable layer.
+    ``keys``: public keys one of which must have signed it (default: ``MOEGEN_TRUSTED_KEYS``,
+    none required when unset).  Returns the entry names imported.
 
     Raises CacheError when the archive is rejected (nothing imported), when the cache directory
     is not trusted (see `moegen.trust`), or when entries could not be stored (disk full).
     """
-    _, frames = read_archive(path)
     if not cache.trusted:
         raise CacheError(f"import of {path}: the cache {cache.requested_directory} is not used "
                          f"({cache.untrusted_reason}); importing into this process's temporary "
                          f"fallback would be lost at exit. Fix the directory or set "
                          f"MOEGEN_CACHE_DIR.")
-    done, failed = [], []
-    for rel, frame in sorted(frames.items()):
-        hdr = header_of(frame)
-        art = decode(frame, hdr.name, hdr.key)
-        (done if cache.put(hdr.name, hdr.key, art) else failed).append(rel)
+    with tempfile.TemporaryDirectory(prefix="moegen-import-") as spool:
+        spooled: list[tuple[dict, Path]] = []
+
+        def keep(record: dict, frame: bytearray) -> None:
+            spooled.append((record, Path(spool) / str(len(spooled))))
+            spooled[-1][1].write_bytes(frame)
+
+        Scan(Path(path), _keys(keys), max_entry, max_total).run(keep)
+        done, failed = [], []
+        for record, file in spooled:
+            stored = cache.put_frame(record["name"], record["key"], file.read_bytes())
+            (done if stored else failed).append(entry_filename(record["name"], record["key"]))
     if failed:
-        raise CacheError(f"import of {path}: {len(failed)} of {len(frames)} entries could not be "
-                         f"stored in {cache.directory} (see the warning above)")
-    return [Path(rel).name[:-len(ENTRY_SUFFIX)] for rel in done]
+        raise CacheError(f"import of {path}: {len(failed)} of {len(spooled)} entries could not "
+                         f"be stored in {cache.directory} (see the warning above)")
+    return [rel[:-len(ENTRY_SUFFIX)] for rel in done]
 
 
-def extract_archive(path: str | Path, directory: str | Path, *, replace: bool = False) -> Path:
-    """Check an archive completely and unpack it as a prebuilt layer at ``directory``.
+def extract_archive(path: str | Path, directory: str | Path, *, replace: bool = False,
+                    keys: list | None = None, max_entry: int = MAX_ENTRY,
+                    max_total: int = MAX_TOTAL) -> Path:
+    """Check an archive completely and unpack it as a prebuilt layer at ``directory`` (the
+    manifest byte for byte, and its signature when signed).  ``keys`` as for `import_archive`.
 
     The layer is assembled next to ``directory`` and renamed into place, so a reader never sees
     half of it.  ``directory`` must not exist (or be empty) unless ``replace``.  Directories are
     made 0755 and files 0644 (readable by a service user, writable by nobody else).
     Raises CacheError.
     """
-    manifest, frames = read_archive(path)
     directory = Path(directory)
     if directory.is_symlink() or (directory.exists() and not directory.is_dir()):
         raise CacheError(f"{directory} exists and is not a directory")
@@ -262,11 +182,19 @@ def extract_archive(path: str | Path, directory: str | Path, *, replace: bool = 
     stage = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
         (stage / ENTRIES_DIR).mkdir()
-        for rel, frame in frames.items():
-            (stage / rel).write_bytes(frame)
-            os.chmod(stage / rel, 0o644)
-        (stage / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+
+        def place(record: dict, frame: bytearray) -> None:
+            target = stage / ENTRIES_DIR / entry_filename(record["name"], record["key"])
+            target.write_bytes(frame)
+            os.chmod(target, 0o644)
+
+        scan = Scan(Path(path), _keys(keys), max_entry, max_total)
+        scan.run(place)
+        (stage / MANIFEST).write_bytes(scan.raw_manifest)
         os.chmod(stage / MANIFEST, 0o644)
+        if scan.signature is not None:
+            (stage / signing.SIGNATURE).write_bytes(scan.signature)
+            os.chmod(stage / signing.SIGNATURE, 0o644)
         os.chmod(stage / ENTRIES_DIR, 0o755)
         os.chmod(stage, 0o755)
         old = None

@@ -277,9 +277,10 @@ def env(as_json):
 # Subcommands that live in their own modules; imported last because they reuse the spec
 # options defined above.
 from .cli_bench import bench  # noqa: E402
-from .cli_cache import cache  # noqa: E402
+from .cli_cache import cache, keygen  # noqa: E402
 
 main.add_command(cache)
+main.add_command(keygen)
 main.add_command(bench)
 
 

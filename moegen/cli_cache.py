@@ -7,8 +7,9 @@
     moegen cache verify [--repair]              check every entry; exit 1 on problems
     moegen cache clear [--yes]                  empty the writable cache
     moegen cache prune [--older-than DAYS] [--max-size SIZE]
-    moegen cache export ARCHIVE [--name N ...]
-    moegen cache import ARCHIVE [--prebuilt DIR [--replace]]
+    moegen cache export ARCHIVE [--name N ...] [--sign KEYFILE]
+    moegen cache import ARCHIVE [--prebuilt DIR [--replace]] [--verify PUBKEY]
+    moegen keygen OUT                           (registered on the main CLI)
 
 Every command exits non-zero on failure.
 """
@@ -153,7 +154,7 @@ def explain_cmd(spec_args, as_json):
     SPEC_ARGS are the spec options of `moegen build` (e.g. --experts 8 --topk 2 --hidden 512).
     """
     from .cache import digest
-    from .cache_store import entry_name
+    from .cache_format import entry_name
     try:
         spec = parse_spec_args(spec_args)
         from .jit import key_parts
@@ -276,14 +277,18 @@ def prune_cmd(older_than, max_size):
 @click.argument("archive", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--name", "names", multiple=True,
               help="only this spec name or entry name (repeatable)")
-def export_cmd(archive, names):
+@click.option("--sign", "sign_key", type=click.Path(dir_okay=False, path_type=Path),
+              metavar="KEYFILE", help="sign the manifest with this Ed25519 private key "
+                                      "(`moegen keygen`)")
+def export_cmd(archive, names, sign_key):
     """Write cached kernels to ARCHIVE (.tar.gz with a sha256 manifest)."""
     from .deploy import export_archive
     try:
-        manifest = export_archive(_cache(), archive, names=list(names) or None)
+        manifest = export_archive(_cache(), archive, names=list(names) or None, sign_key=sign_key)
     except (MoegenError, OSError) as exc:
         _fail(exc)
-    click.echo(f"exported {len(manifest['entries'])} entries to {archive}")
+    click.echo(f"exported {len(manifest['entries'])} entries to {archive}"
+               + (f", signed with {sign_key}" if sign_key else ""))
 
 
 @cache.command("import")
@@ -291,20 +296,47 @@ def export_cmd(archive, names):
 @click.option("--prebuilt", "prebuilt_dir", type=click.Path(file_okay=False, path_type=Path),
               help="unpack as a read-only prebuilt layer here instead (for MOEGEN_PREBUILT_DIR)")
 @click.option("--replace", is_flag=True, help="with --prebuilt: replace an existing layer")
-def import_cmd(archive, prebuilt_dir, replace):
+@click.option("--verify", "pubkeys", multiple=True, metavar="PUBKEY",
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="refuse the archive unless one of these public keys signed it (repeatable; "
+                   "default: the keys of MOEGEN_TRUSTED_KEYS, if set)")
+@click.option("--max-entry-size", default="2G", show_default=True, metavar="SIZE",
+              help="refuse an archive with an entry larger than this")
+@click.option("--max-total-size", default="16G", show_default=True, metavar="SIZE",
+              help="refuse an archive whose entries are larger than this in all")
+def import_cmd(archive, prebuilt_dir, replace, pubkeys, max_entry_size, max_total_size):
     """Check ARCHIVE completely, then add its kernels to the cache (or a prebuilt layer)."""
     from .deploy import extract_archive, import_archive
+    from .signing import load_public_key  # cryptography: ~50 ms, only for --verify
+    limits = {"max_entry": parse_size(max_entry_size), "max_total": parse_size(max_total_size)}
     try:
+        keys = [load_public_key(p) for p in pubkeys] or None
         if prebuilt_dir is not None:
-            layer = extract_archive(archive, prebuilt_dir, replace=replace)
+            layer = extract_archive(archive, prebuilt_dir, replace=replace, keys=keys, **limits)
             n = len(list((layer / "entries").iterdir()))
             click.echo(f"unpacked {n} entries into {layer}; set MOEGEN_PREBUILT_DIR={layer}")
         else:
             kc = _cache()
-            names = import_archive(archive, kc)
+            names = import_archive(archive, kc, keys=keys, **limits)
             click.echo(f"imported {len(names)} entries into {kc.directory}")
     except (MoegenError, OSError) as exc:
         _fail(exc)
+
+
+@click.command("keygen")
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+def keygen(out):
+    """Write a new Ed25519 signing key to OUT (mode 0600) and its public key to OUT.pub.
+
+    Sign archives with `moegen cache export --sign OUT`; check them with `moegen cache import
+    --verify OUT.pub` or MOEGEN_TRUSTED_KEYS=OUT.pub (prebuilt layers too).
+    """
+    from .signing import keygen as write_keys  # cryptography: ~50 ms, only for keygen
+    try:
+        private, public = write_keys(out)
+    except MoegenError as exc:
+        _fail(exc)
+    click.echo(f"private key: {private} (keep it secret)\npublic key:  {public}")
 
 
 def build_many(specs, archs=None, jobs: int = 1, progress: bool = True, *, build=None):

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 from .archive import export_archive, extract_archive, import_archive, read_archive
+from .jit import build as jit_build
 from .model_config import ModelConfigWarning, parse_model_config
 from .spec import MoESpec
 
@@ -83,34 +84,18 @@ def _run_one(build: Callable, spec: MoESpec) -> BuildResult:
 
 
 class _Progress:
-    """tqdm on stderr when installed, else one counter line per finished variant."""
+    """One counter line on stderr per finished variant."""
 
     def __init__(self, total: int, enabled: bool):
-        self.total, self.done, self.bar = total, 0, None
+        self.total, self.done = total, 0
         self.enabled = enabled and total > 0
-        if self.enabled:
-            try:
-                from tqdm.auto import tqdm
-                self.bar = tqdm(total=total, unit="kernel", desc="moegen build", file=sys.stderr,
-                                dynamic_ncols=True)
-            except ImportError:
-                self.bar = None
 
     def update(self, r: BuildResult) -> None:
         self.done += 1
-        if not self.enabled:
-            return
-        state = "FAILED" if not r.ok else ("built" if r.built else "cached")
-        if self.bar is not None:
-            self.bar.set_postfix_str(f"{r.name} {state}", refresh=False)
-            self.bar.update(1)
-        else:
+        if self.enabled:
+            state = "FAILED" if not r.ok else ("built" if r.built else "cached")
             print(f"[{self.done}/{self.total}] {state:<6} {r.name} {r.target} "
                   f"({r.seconds:.1f} s)", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 def build_many(specs: Iterable[MoESpec], archs: Iterable[str] | None = None, jobs: int = 1,
@@ -122,28 +107,24 @@ def build_many(specs: Iterable[MoESpec], archs: Iterable[str] | None = None, job
         archs: CUDA targets to cross cuda/auto specs with (e.g. ``["sm_90", "sm_90a"]``).
         jobs: parallel worker processes (spawned, so CUDA state is never forked); 1 builds
             in this process.
-        progress: show a progress bar (tqdm, else a counter) and the summary table on stderr.
+        progress: show a counter line per variant and the summary table on stderr.
         build: the function building one spec (default `moegen.jit.build`); it must be
             picklable (a module-level function) when ``jobs > 1``.
 
     Returns one BuildResult per variant, in order.  Failures are collected, never raised, so a
     caller can report them all and exit non-zero (``any(not r.ok for r in results)``).
     """
-    if build is None:
-        from .jit import build
+    build = jit_build if build is None else build
     variants = expand_variants(specs, archs)
     bar = _Progress(len(variants), progress)
     t0 = time.perf_counter()
     results: list[BuildResult | None] = [None] * len(variants)
-    try:
-        if jobs <= 1 or len(variants) <= 1:
-            for i, spec in enumerate(variants):
-                results[i] = _run_one(build, spec)
-                bar.update(results[i])
-        else:
-            _run_pool(build, variants, jobs, results, bar)
-    finally:
-        bar.close()
+    if jobs <= 1 or len(variants) <= 1:
+        for i, spec in enumerate(variants):
+            results[i] = _run_one(build, spec)
+            bar.update(results[i])
+    else:
+        _run_pool(build, variants, jobs, results, bar)
     out = [r for r in results if r is not None]
     if progress:
         print(format_summary(out, time.perf_counter() - t0), file=sys.stderr, flush=True)

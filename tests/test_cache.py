@@ -15,7 +15,7 @@ import pytest
 import moegen.cache as cache_mod
 from moegen.backends.base import Artifact
 from moegen.cache import CacheWarning, KernelCache, default_cache, digest
-from moegen.cache_store import encode, entry_filename, ENTRIES_DIR
+from moegen.cache_format import encode, entry_filename, ENTRIES_DIR
 from moegen.errors import CacheError, MissingKernelError
 
 NAME = "moe_e8_k2_h512_f2048_f32_swiglu"

@@ -16,7 +16,7 @@ import moegen.cache as cache_mod
 import moegen.trust as trust
 from moegen.backends.base import Artifact
 from moegen.cache import CacheWarning, KernelCache, digest
-from moegen.cache_store import ENTRIES_DIR, encode, entry_filename
+from moegen.cache_format import ENTRIES_DIR, encode, entry_filename
 
 NAME = "moe_e8_k2_h512_f2048_f32_swiglu"
 KEY = digest({"security": 1})

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 import moegen.cache as cache_mod
+import moegen.deploy as deploy
+import moegen.jit as jit
 from moegen.backends.base import Artifact
 from moegen.cache import KernelCache, digest
 from moegen.deploy import (BuildResult, ModelConfigWarning, build_many, expand_variants,
@@ -177,11 +179,8 @@ def test_build_many_counter_without_tqdm(monkeypatch, capsys):
 
 
 def test_build_many_defaults_to_jit_build(monkeypatch):
-    import sys
-    import types
-    fake = types.ModuleType("moegen.jit")
-    fake.build = fake_build
-    monkeypatch.setitem(sys.modules, "moegen.jit", fake)
+    assert deploy.jit_build is jit.build
+    monkeypatch.setattr(deploy, "jit_build", fake_build)
     results = build_many(SPECS[:1], progress=False)
     assert results[0].ok and results[0].key == digest(SPECS[0].to_dict())
 
