@@ -81,9 +81,9 @@ def ws_context(spec: MoESpec, variants) -> dict:
     kernels = []
     for name in variants:
         bn, stages, gm = VARIANTS[name]
-        for stage in (1, 2):
-            kernels.append({"name": f"ffn{stage}_{name}", "stage": stage, "bn": bn, "stages": stages,
-                            "group_m": gm})
+        for kname, stage, a_mode in (("ffn1", 1, 0), ("ffn1t", 1, 1), ("ffn1r", 1, 2), ("ffn2", 2, 1)):
+            kernels.append({"name": f"{kname}_{name}", "stage": stage, "a_mode": a_mode, "bn": bn,
+                            "stages": stages, "group_m": gm})
     return {"ws": {"top_k": spec.top_k, "slots": spec.top_k + spec.num_shared_experts,
                    "hidden_dim": spec.hidden_dim, "ffn_dim": spec.ffn_dim,
                    "gate_rows": layout.gate_rows, "gated": spec.gated,
@@ -216,12 +216,12 @@ def run_device(args):
             maps[name] = (drv.tensor_map(buf.data_ptr() + 2 * off["w13"], (H, G, E), (2 * H, 2 * stride), (64, bn, 1)),
                           drv.tensor_map(buf.data_ptr() + 2 * off["w2"], (F, H, E), (2 * F, 2 * stride), (64, bn, 1)))
         fns = {name: (drv.function(ws_mod, f"ffn1_{name}", smem_bytes(*VARIANTS[name][:2])),
-                      drv.function(ws_mod, f"ffn2_{name}", smem_bytes(*VARIANTS[name][:2])))
+                      drv.function(ws_mod, f"ffn2_{name}", smem_bytes(*VARIANTS[name][:2])), ws_mod)
                for name in variants}
         rng = np.random.default_rng(1)
         for T in map(int, args.tokens.split(",")):
             row = run_point(torch, cp, drv, cuda_ffn, spec, layout, buf, w13, w2, maps, fns, base_raw,
-                            variants, T, rng, sms)
+                            variants, T, rng, sms, args.modes)
             row["shape"] = shape
             results["rows"].append(row)
             print_row(row, variants)
@@ -233,7 +233,7 @@ def run_device(args):
     print("\n| shape | T | kernel | ffn1 ms | ffn2 ms | sum ms | floor ms | of floor | TFLOP/s | err h | err y | err64 |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results["rows"]:
-        for kname in ["base"] + variants:
+        for kname in r["kernels"]:
             m = r["kernels"].get(kname)
             if not m:
                 continue
@@ -281,7 +281,8 @@ def rel(torch, got, ref):
     return torch.linalg.vector_norm(got - ref).item() / den if den > 0 else float("nan")
 
 
-def run_point(torch, cp, drv, cuda_ffn, spec, layout, buf, w13, w2, maps, fns, base_raw, variants, T, rng, sms):
+def run_point(torch, cp, drv, cuda_ffn, spec, layout, buf, w13, w2, maps, fns, base_raw, variants, T, rng, sms,
+              modes):
     E, k, H, F = spec.num_experts, spec.top_k, spec.hidden_dim, spec.ffn_dim
     G = layout.gate_rows
     ids = np.argsort(rng.random((T, E)), axis=1)[:, :k].astype(np.int32)
@@ -349,7 +350,7 @@ def run_point(torch, cp, drv, cuda_ffn, spec, layout, buf, w13, w2, maps, fns, b
     for name in variants:
         bn, stages, _ = VARIANTS[name]
         smem = smem_bytes(bn, stages)
-        f1, f2 = fns[name]
+        f1, f2, _ = fns[name]
         m13, m2 = maps[name]
         per = []
         for i in range(R):
@@ -384,8 +385,39 @@ def run_point(torch, cp, drv, cuda_ffn, spec, layout, buf, w13, w2, maps, fns, b
         slot = int(sr[r]); e = int(te[r // BM])
         return float(wts[slot // k, slot % k]) * (w2[e].double() @ h[r].double())
 
+    # mode t: x pre-gathered into grouped order (xg [tiles*BM, H], what a group stage could
+    # write); mode r: x rows by one TMA each.
+    tok_idx = torch.as_tensor(sr[np.nonzero(sr[:m_tiles * BM] >= 0)[0]] // k, device="cuda").long()
+    xgs = []
+    if "t" in modes:
+        xgs = [torch.zeros(tiles * BM, H, device="cuda", dtype=torch.bfloat16) for _ in range(R)]
+        for i in range(R):
+            xgs[i][real] = xs[i][tok_idx]
+        row["gather_ms"] = median_ms(torch, lambda: xgs[0].index_copy_(0, real, xs[0].index_select(0, tok_idx)))
+
+    def ws_mode_fn(name, mode):
+        bn, stages, _ = VARIANTS[name]
+        smem = smem_bytes(bn, stages)
+        fn = drv.function(fns[name][2], f"ffn1{mode}_{name}", smem)
+        m13 = maps[name][0]
+        per = []
+        for i in range(R):
+            amap = (drv.tensor_map(xgs[i].data_ptr(), (H, tiles * BM), (2 * H,), (64, BM)) if mode == "t"
+                    else drv.tensor_map(xs[i].data_ptr(), (H, T), (2 * H,), (64, 1)))
+            per.append([amap, m13, ptr(xs[i].data_ptr()), ptr(dev["sorted_rows"].data_ptr()),
+                        ptr(dev["tile_expert"].data_ptr()), ptr(dev["tile_row0"].data_ptr()),
+                        ptr(dev["num_tiles"].data_ptr()), ptr(topw.data_ptr()), ptr(hs[i].data_ptr())])
+        grid = max(1, min(sms, m_tiles * -(-G // bn)))
+        return lambda i: drv.launch(fn, grid, 384, smem, per[i])
+
     base_h = base_y = None
-    impls = [("base", base_ffn1, base_ffn2)] + [(n, ws_fn(n, 1), ws_fn(n, 2)) for n in variants]
+    impls = [("base", base_ffn1, base_ffn2)]
+    for n in variants:
+        if "g" in modes:
+            impls.append((n, ws_fn(n, 1), ws_fn(n, 2)))
+        for mode in "tr":
+            if mode in modes:
+                impls.append((f"{n}+{mode}", ws_mode_fn(n, mode), ws_fn(n, 2)))
     for name, f1, f2 in impls:
         m = {}
         try:
@@ -436,7 +468,9 @@ RESULTS_CEIL = {"matmul_tflops": 686.0, "copy_tbps": 4.27}
 def print_row(row, variants):
     parts = [f"{row['shape']} T={row['T']} m_tiles {row['m_tiles']} (rows {row['real_rows']}/{row['padded_rows']}) "
              f"floor {row['floor_ms']:.3f}"]
-    for name in ["base"] + variants:
+    if "gather_ms" in row:
+        parts.append(f"  gather x -> grouped order (mode t's extra copy): {row['gather_ms']:.3f} ms")
+    for name in row["kernels"]:
         m = row["kernels"].get(name, {})
         if "error" in m:
             parts.append(f"  {name}: ERROR {m['error']}")
@@ -456,6 +490,8 @@ def main(argv=None):
     ap.add_argument("--build-only", action="store_true", help="compile the cubins (no GPU) and stop")
     ap.add_argument("--verbose", action="store_true", help="print NVRTC/ptxas logs (registers, spills)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--modes", default="g", help="ffn1 A paths of the new kernel: g (cp.async gather), "
+                    "t (TMA over x pre-gathered in grouped order), r (one TMA per x row)")
     args = ap.parse_args(argv)
     if args.build_only:
         for shape in args.shapes.split(","):
