@@ -81,10 +81,12 @@ def ws_context(spec: MoESpec, variants) -> dict:
     kernels = []
     for name in variants:
         bn, stages, gm = VARIANTS[name]
-        for kname, stage, a_mode, epi in (("ffn1", 1, 0, True), ("ffn1t", 1, 1, True), ("ffn1r", 1, 2, True),
-                                          ("ffn2", 2, 1, True), ("ffn1n", 1, 0, False), ("ffn2n", 2, 1, False)):
+        for kname, stage, a_mode, epi, fast in (
+                ("ffn1", 1, 0, True, False), ("ffn1t", 1, 1, True, False), ("ffn1r", 1, 2, True, False),
+                ("ffn2", 2, 1, True, False), ("ffn1n", 1, 0, False, False), ("ffn2n", 2, 1, False, False),
+                ("ffn1f", 1, 0, True, True), ("ffn2f", 2, 1, True, True)):
             kernels.append({"name": f"{kname}_{name}", "stage": stage, "a_mode": a_mode, "bn": bn,
-                            "stages": stages, "group_m": gm, "epi": epi})
+                            "stages": stages, "group_m": gm, "epi": epi, "fast": fast})
     return {"ws": {"top_k": spec.top_k, "slots": spec.top_k + spec.num_shared_experts,
                    "hidden_dim": spec.hidden_dim, "ffn_dim": spec.ffn_dim,
                    "gate_rows": layout.gate_rows, "gated": spec.gated,
@@ -363,13 +365,13 @@ def run_point(torch, cp, drv, cuda_ffn, spec, layout, buf, w13, w2, maps, fns, b
             per.append((a1, a2))
         launch_args[name] = (f1, f2, smem, per)
 
-    def ws_fn(name, stage, epi=True):
+    def ws_fn(name, stage, suffix=""):
         f1, f2, smem, per = launch_args[name]
         n_tiles = -(-(G if stage == 1 else H) // VARIANTS[name][0])
         grid = max(1, min(sms, m_tiles * n_tiles))
         fn = f1 if stage == 1 else f2
-        if not epi:
-            fn = drv.function(fns[name][2], f"ffn{stage}n_{name}", smem)
+        if suffix:
+            fn = drv.function(fns[name][2], f"ffn{stage}{suffix}_{name}", smem)
         return lambda i: drv.launch(fn, grid, 384, smem, per[i][stage - 1])
 
     # float64 reference on sampled real rows of the grouped layout
@@ -421,8 +423,10 @@ def run_point(torch, cp, drv, cuda_ffn, spec, layout, buf, w13, w2, maps, fns, b
         for mode in "tr":
             if mode in modes:
                 impls.append((f"{n}+{mode}", ws_mode_fn(n, mode), ws_fn(n, 2)))
+        if "f" in modes:
+            impls.append((f"{n}+f", ws_fn(n, 1, "f"), ws_fn(n, 2, "f")))
         if "n" in modes:
-            impls.append((f"{n}+n", ws_fn(n, 1, epi=False), ws_fn(n, 2, epi=False)))
+            impls.append((f"{n}+n", ws_fn(n, 1, "n"), ws_fn(n, 2, "n")))
     for name, f1, f2 in impls:
         m = {}
         if name.endswith("+n"):      # main loop alone: nothing is written, so nothing to check
@@ -501,7 +505,7 @@ def main(argv=None):
     ap.add_argument("--verbose", action="store_true", help="print NVRTC/ptxas logs (registers, spills)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--modes", default="g", help="ffn1 A paths of the new kernel: g (cp.async gather), "
-                    "t (TMA over x pre-gathered in grouped order), r (one TMA per x row); n: the main loops "
+                    "t (TMA over x pre-gathered in grouped order), r (one TMA per x row); f: g with the fast epilogue (cvt.rn.bf16x2, __expf); n: the main loops "
                     "without epilogue stores (timing only)")
     args = ap.parse_args(argv)
     if args.build_only:
