@@ -84,9 +84,11 @@ def ws_context(spec: MoESpec, variants) -> dict:
         for kname, stage, a_mode, epi, fast in (
                 ("ffn1", 1, 0, True, False), ("ffn1t", 1, 1, True, False), ("ffn1r", 1, 2, True, False),
                 ("ffn2", 2, 1, True, False), ("ffn1n", 1, 0, False, False), ("ffn2n", 2, 1, False, False),
-                ("ffn1f", 1, 0, True, True), ("ffn2f", 2, 1, True, True)):
+                ("ffn1f", 1, 0, True, True), ("ffn2f", 2, 1, True, True),
+                ("ffn1d", 1, 0, True, True), ("ffn2d", 2, 1, True, True)):
             kernels.append({"name": f"{kname}_{name}", "stage": stage, "a_mode": a_mode, "bn": bn,
-                            "stages": stages, "group_m": gm, "epi": epi, "fast": fast})
+                            "stages": stages, "group_m": gm, "epi": epi, "fast": fast,
+                            "dyn": kname.endswith("d")})
     return {"ws": {"top_k": spec.top_k, "slots": spec.top_k + spec.num_shared_experts,
                    "hidden_dim": spec.hidden_dim, "ffn_dim": spec.ffn_dim,
                    "gate_rows": layout.gate_rows, "gated": spec.gated,
@@ -349,6 +351,7 @@ def run_point(torch, cp, drv, cuda_ffn, spec, layout, buf, w13, w2, maps, fns, b
         cuda_ffn.launch_ffn2(mod, ws, calls[i])
 
     ptr = ctypes.c_void_p
+    sched = torch.zeros(2, dtype=torch.int32, device="cuda")   # dynamic tile counter (self-resetting)
     launch_args = {}
     for name in variants:
         bn, stages, _ = VARIANTS[name]
@@ -360,8 +363,8 @@ def run_point(torch, cp, drv, cuda_ffn, spec, layout, buf, w13, w2, maps, fns, b
             hmap = drv.tensor_map(hs[i].data_ptr(), (F, tiles * BM), (2 * F,), (64, BM))
             common = [ptr(dev["sorted_rows"].data_ptr()), ptr(dev["tile_expert"].data_ptr()),
                       ptr(dev["tile_row0"].data_ptr()), ptr(dev["num_tiles"].data_ptr()), ptr(topw.data_ptr())]
-            a1 = [m13, m13, ptr(xs[i].data_ptr()), *common, ptr(hs[i].data_ptr())]
-            a2 = [hmap, m2, ptr(xs[i].data_ptr()), *common, ptr(ys[i].data_ptr())]
+            a1 = [m13, m13, ptr(xs[i].data_ptr()), *common, ptr(hs[i].data_ptr()), ptr(sched.data_ptr())]
+            a2 = [hmap, m2, ptr(xs[i].data_ptr()), *common, ptr(ys[i].data_ptr()), ptr(sched.data_ptr())]
             per.append((a1, a2))
         launch_args[name] = (f1, f2, smem, per)
 
@@ -411,7 +414,8 @@ def run_point(torch, cp, drv, cuda_ffn, spec, layout, buf, w13, w2, maps, fns, b
                     else drv.tensor_map(xs[i].data_ptr(), (H, T), (2 * H,), (64, 1)))
             per.append([amap, m13, ptr(xs[i].data_ptr()), ptr(dev["sorted_rows"].data_ptr()),
                         ptr(dev["tile_expert"].data_ptr()), ptr(dev["tile_row0"].data_ptr()),
-                        ptr(dev["num_tiles"].data_ptr()), ptr(topw.data_ptr()), ptr(hs[i].data_ptr())])
+                        ptr(dev["num_tiles"].data_ptr()), ptr(topw.data_ptr()), ptr(hs[i].data_ptr()),
+                        ptr(sched.data_ptr())])
         grid = max(1, min(sms, m_tiles * -(-G // bn)))
         return lambda i: drv.launch(fn, grid, 384, smem, per[i])
 
@@ -425,6 +429,8 @@ def run_point(torch, cp, drv, cuda_ffn, spec, layout, buf, w13, w2, maps, fns, b
                 impls.append((f"{n}+{mode}", ws_mode_fn(n, mode), ws_fn(n, 2)))
         if "f" in modes:
             impls.append((f"{n}+f", ws_fn(n, 1, "f"), ws_fn(n, 2, "f")))
+        if "d" in modes:
+            impls.append((f"{n}+d", ws_fn(n, 1, "d"), ws_fn(n, 2, "d")))
         if "n" in modes:
             impls.append((f"{n}+n", ws_fn(n, 1, "n"), ws_fn(n, 2, "n")))
     for name, f1, f2 in impls:
@@ -473,6 +479,8 @@ def run_point(torch, cp, drv, cuda_ffn, spec, layout, buf, w13, w2, maps, fns, b
                 row["kernels"][name] = m
                 raise
         row["kernels"][name] = m
+    torch.cuda.synchronize()
+    row["sched_after"] = sched.tolist()          # the dynamic scheduler must leave [0, 0]
     return row
 
 
@@ -482,6 +490,7 @@ RESULTS_CEIL = {"matmul_tflops": 686.0, "copy_tbps": 4.27}
 def print_row(row, variants):
     parts = [f"{row['shape']} T={row['T']} m_tiles {row['m_tiles']} (rows {row['real_rows']}/{row['padded_rows']}) "
              f"floor {row['floor_ms']:.3f}"]
+    parts.append(f"  dynamic scheduler counter after the runs: {row.get('sched_after')}")
     if "gather_ms" in row:
         parts.append(f"  gather x -> grouped order (mode t's extra copy): {row['gather_ms']:.3f} ms")
     for name in row["kernels"]:
@@ -505,7 +514,7 @@ def main(argv=None):
     ap.add_argument("--verbose", action="store_true", help="print NVRTC/ptxas logs (registers, spills)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--modes", default="g", help="ffn1 A paths of the new kernel: g (cp.async gather), "
-                    "t (TMA over x pre-gathered in grouped order), r (one TMA per x row); f: g with the fast epilogue (cvt.rn.bf16x2, __expf); n: the main loops "
+                    "t (TMA over x pre-gathered in grouped order), r (one TMA per x row); f: g with the fast epilogue (cvt.rn.bf16x2, __expf); d: f with the dynamic tile scheduler; n: the main loops "
                     "without epilogue stores (timing only)")
     args = ap.parse_args(argv)
     if args.build_only:
