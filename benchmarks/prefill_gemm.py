@@ -192,6 +192,8 @@ def run_device(args):
 
     dev = torch.cuda.get_device_name(0)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
+    torch.zeros(1, device="cuda")                 # the primary context must be current for the driver calls
+    torch.cuda.synchronize()
     drv = Driver()
     print(f"device {dev}, {sms} SMs, torch {torch.__version__}, cupy {cp.__version__}", flush=True)
     results = {"device": dev, "sms": sms, "rows": [],
