@@ -212,6 +212,33 @@ class Driver:
                                            params, None), "cuLaunchKernel")
 
 
+# ---------------------------------------------------------------- CuPy struct-argument probe
+
+PROBE_SRC = r"""
+struct __align__(64) TmaDesc { unsigned long long v[16]; };
+extern "C" __global__ void probe_struct_arg(int a, const __grid_constant__ TmaDesc m, unsigned long long* out)
+{
+    const int i = threadIdx.x;
+    if (i < 16) out[i] = m.v[i] + static_cast<unsigned long long>(a);
+}
+"""
+TMA_DESC_DTYPE = np.dtype({"names": ["v"], "formats": [(np.uint64, 16)]}, align=True)
+
+
+def probe_cupy_struct(cp) -> bool:
+    """Can CuPy's RawKernel pass a 128-byte, 64-byte-aligned struct by value after an int (how
+    moegen would launch the kernel)?  Launches a tiny kernel and compares what it read."""
+    fn = cp.RawModule(code=PROBE_SRC, options=("-std=c++17",)).get_function("probe_struct_arg")
+    desc = np.zeros((), TMA_DESC_DTYPE)
+    desc["v"] = np.arange(1, 17, dtype=np.uint64) * np.uint64(0x0101010101)
+    out = cp.zeros(16, cp.uint64)
+    fn((1,), (32,), (np.int32(7), desc[()], out))
+    got = out.get()
+    ok = bool((got == desc["v"] + np.uint64(7)).all())
+    print(f"CuPy struct argument probe: {'OK' if ok else 'MISMATCH'} {got[:4]}", flush=True)
+    return ok
+
+
 # ---------------------------------------------------------------- device run
 
 def run_device(args):
@@ -225,8 +252,16 @@ def run_device(args):
     torch.cuda.synchronize()
     drv = Driver()
     print(f"device {dev}, {sms} SMs, torch {torch.__version__}, cupy {cp.__version__}", flush=True)
+    if args.probe_cupy_struct:
+        try:
+            probe = probe_cupy_struct(cp)
+        except Exception as exc:  # noqa: BLE001 - report and go on with the benchmark
+            probe = f"{type(exc).__name__}: {exc}"[:300]
+            print("CuPy struct argument probe failed:", probe, flush=True)
     results = {"device": dev, "sms": sms, "rows": [],
                "ceilings": RESULTS_CEIL if CHECK_ONLY else ceilings(torch)}
+    if args.probe_cupy_struct:
+        results["cupy_struct_probe"] = probe
     RESULTS_CEIL.update(results["ceilings"])
     print(f"ceilings: matmul {results['ceilings']['matmul_tflops']:.0f} TFLOP/s, copy "
           f"{results['ceilings']['copy_tbps']:.2f} TB/s", flush=True)
@@ -550,6 +585,8 @@ def main(argv=None):
     ap.add_argument("--verbose", action="store_true", help="print NVRTC/ptxas logs (registers, spills)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--check-only", action="store_true", help="check, do not time (for compute-sanitizer)")
+    ap.add_argument("--probe-cupy-struct", action="store_true",
+                    help="first check that CuPy's RawKernel passes a TmaDesc by value (integration path)")
     ap.add_argument("--modes", default="d", help="ffn1 A paths of the new kernel: g (cp.async gather), "
                     "t (TMA over x pre-gathered in grouped order), r (one TMA per x row); f: g with the fast epilogue (cvt.rn.bf16x2, __expf); d: f with the dynamic tile scheduler; n: the main loops "
                     "without epilogue stores (timing only)")
