@@ -126,7 +126,9 @@ def ws_context(spec: MoESpec, variants) -> dict:
 
 
 def smem_bytes(bn: int, stages: int) -> int:
-    return 1024 + stages * (BM + bn) * 128 + 16 * stages
+    """Dynamic shared memory of a variant: WsSmem::kBytes of ffn_ws.cu.jinja (1024-byte alignment
+    slack, the stages, full/empty barriers, and the tile ring's 2 + 2 barriers and 2 ints)."""
+    return 1024 + stages * (BM + bn) * 128 + 16 * stages + 48
 
 
 def compile_cached(src: str, cubin_dir: str, tag: str, verbose: bool = False) -> str:
