@@ -115,8 +115,8 @@ __device__ __forceinline__ int lane_id() { return threadIdx.x & 31; }
 // per token turns its E logits into K expert ids and weights.  The router weight is [E, H]
 // ("eh"), so one router row is one contiguous dot product.
 
-constexpr int ROUTE_WARPS = 8;                // warps per block of the GEMV and the select
-constexpr int GEMV_TOKENS = 4;                // tokens sharing one pass over a router row
+constexpr int ROUTE_WARPS = 8;              // warps per block of the GEMV and the select
+constexpr int GEMV_TOKENS = 4;              // tokens sharing one pass over a router row
 constexpr int H_VECS = H / VEC_H;
 
 // logits[t, e] = x[t, :] . wr[e, :] for a handful of tokens: one warp per (expert, 4 tokens),
@@ -159,10 +159,10 @@ moe_route_logits_gemv(const T_STORE* __restrict__ x, const T_STORE* __restrict__
 // thread.  blockIdx.z splits H into chunks of k_chunk; split z writes its partial sums to
 // logits + z * tokens * E and the select kernel adds the splits in a fixed order (no atomics,
 // so the routing of a given batch is reproducible).
-constexpr int RT_TM = 64;                     // tokens per tile
-constexpr int RT_TN = 64;                     // experts per tile
-constexpr int RT_TK = 32;                     // H per shared-memory stage (a multiple of VEC_H)
-constexpr int RT_THREADS = 256;               // 16 x 16 threads, 4 x 4 outputs each
+constexpr int RT_TM = 64;                   // tokens per tile
+constexpr int RT_TN = 64;                   // experts per tile
+constexpr int RT_TK = 32;                   // H per shared-memory stage (a multiple of VEC_H)
+constexpr int RT_THREADS = 256;             // 16 x 16 threads, 4 x 4 outputs each
 constexpr int RT_VECS = RT_TK / VEC_H;        // vectors per staged row
 
 extern "C" __global__ void __launch_bounds__(RT_THREADS)
@@ -392,9 +392,9 @@ moe_route_select(const float* __restrict__ logits, int splits, const float* __re
 // slot index or -1 for padding, each expert's segment padded to a multiple of bm; the M-tile
 // list tile_expert / tile_row0 [num_tiles] of the grouped GEMMs; num_tiles [1].
 
-constexpr int GROUP_WARPS = 32;         // warps of the one-block group kernel
+constexpr int GROUP_WARPS = 32;       // warps of the one-block group kernel
 constexpr int GROUP_UNIT_SLOTS = 512; // slots per unit in the multi-block path
-constexpr int GROUP_BLOCK_UNITS = 8;                   // units per block in the multi-block path
+constexpr int GROUP_BLOCK_UNITS = 8;                 // units per block in the multi-block path
 
 // ids is read without __restrict__/__ldg: the fused route+group kernel writes it earlier in the
 // same launch, so it must not come through the read-only (non-coherent) cache.
@@ -574,7 +574,7 @@ moe_group_single(const int* __restrict__ ids, int tokens, int bm,
 // tokens w, w + FUSED_WARPS, ...; after the barrier every topk_ids write is visible to the
 // block, and the group stage reads them.  16 warps at most: the select needs ~100+ registers a
 // thread (a 1024-thread block would cap it at 64 and spill).
-constexpr int FUSED_WARPS = GROUP_WARPS < 16 ? GROUP_WARPS : 16;
+constexpr int FUSED_WARPS = 16;
 
 extern "C" __global__ void __launch_bounds__(FUSED_WARPS * 32)
 moe_route_select_group(const float* __restrict__ logits, int splits, const float* __restrict__ bias,
@@ -629,7 +629,9 @@ moe_group_count(const int* __restrict__ ids, int tokens, int* __restrict__ hist)
 
 // 2 of 3 (one block): hist[u, e] becomes the number of expert-e slots before unit u; then the
 // expert scan, tile list and padding; pad_off [E_TOTAL] for the scatter.
-extern "C" __global__ void __launch_bounds__(1024)
+constexpr int SCAN_THREADS = 1024;
+
+extern "C" __global__ void __launch_bounds__(SCAN_THREADS)
 moe_group_scan(int tokens, int bm, int* __restrict__ hist, int* __restrict__ pad_off,
                int* __restrict__ counts, int* __restrict__ offsets,
                int* __restrict__ sorted_rows, int* __restrict__ tile_expert,
