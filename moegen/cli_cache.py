@@ -156,8 +156,8 @@ def explain_cmd(spec_args, as_json):
     from .cache_store import entry_name
     try:
         spec = parse_spec_args(spec_args)
-        from .jit import explain_parts
-        parts = explain_parts(spec)
+        from .jit import key_parts
+        parts = key_parts(spec)
         key = digest(parts)
         kc = _cache()
         same_name = [e for e in kc.entries() if e.name == spec.name]

@@ -2,13 +2,14 @@
 
     resolve(spec)          the concrete backend and target of a spec ("auto" picked here)
     plan_for(spec)         the `KernelPlan` (the stored tuning record looked up first)
-    key_parts(...)         pure: everything that changes the binary, as one readable dict
+    key_parts_of(...)      pure: everything that changes the binary, as one readable dict
+    key_parts(spec)        the same for a spec on this machine (gathers the inputs first)
     build(spec)            make sure the binary is in the cache; returns BuildInfo
     compile(spec)          a MoEKernel, memoised per process
 
 The machine is asked everything it has to say (device, SM count, stored tuning record, code
 settings, compiler identity) before planning and keying; `moegen.plan.make_plan` and
-`key_parts` do no I/O.  Finding and loading a cached kernel never needs the compiler: when the
+`key_parts_of` do no I/O.  Finding and loading a cached kernel never needs the compiler: when the
 backend's toolchain cannot be identified (no C compiler), the entry is found by its
 ``plan_key`` (the key without the toolchain), recorded in every entry's metadata.
 """
@@ -69,8 +70,8 @@ def toolchain_identity(backend) -> dict | None:
         return None
 
 
-def key_parts(plan: KernelPlan, sources: Sources, toolchain: dict | None, options: list,
-              code_settings: dict) -> dict:
+def key_parts_of(plan: KernelPlan, sources: Sources, toolchain: dict | None, options: list,
+                 code_settings: dict) -> dict:
     """Every input that changes the binary, as a JSON-able dict (pure: no I/O).
 
     The plan (spec, target, tuning and every constant), the rendered sources, the toolchain
@@ -93,8 +94,11 @@ def key_parts(plan: KernelPlan, sources: Sources, toolchain: dict | None, option
 
 
 def plan_key(parts: dict) -> str:
-    """The key without the toolchain: what a machine without a compiler matches entries on."""
-    return digest({k: v for k, v in parts.items() if k != "toolchain"})
+    """The key without the compiler (its identity and MOEGEN_CC, which names it): what a
+    machine without a compiler matches entries on."""
+    rest = {k: v for k, v in parts.items() if k != "toolchain"}
+    rest["settings"] = {k: v for k, v in parts["settings"].items() if k != "MOEGEN_CC"}
+    return digest(rest)
 
 
 def _sha(text: str) -> str:
@@ -120,13 +124,14 @@ def prepare(spec: MoESpec, tuning: dict | None = None) -> Prepared:
     be = get_backend(plan.backend)
     sources = render(plan)
     toolchain = toolchain_identity(be)
-    parts = key_parts(plan, sources, toolchain, be.options(plan.spec, plan.target),
-                      settings.code_settings())
+    parts = key_parts_of(plan, sources, toolchain, be.options(plan.spec, plan.target),
+                         settings.code_settings())
     return Prepared(plan, sources, parts, toolchain is not None)
 
 
-def explain_parts(spec: MoESpec, tuning: dict | None = None) -> dict:
-    """The key parts of ``spec`` on this machine (``moegen cache explain``)."""
+def key_parts(spec: MoESpec, tuning: dict | None = None) -> dict:
+    """The key parts of ``spec`` on this machine (``moegen cache explain``): `key_parts_of`
+    over what `prepare` gathers."""
     return prepare(spec, tuning).parts
 
 

@@ -14,7 +14,7 @@ from moegen.backends import get_backend
 from moegen.backends.base import Artifact
 from moegen.cache import default_cache
 from moegen.cli import main
-from moegen.jit import clear_memo, explain_parts, resolve
+from moegen.jit import clear_memo, key_parts, resolve
 from moegen.render import render
 from moegen.tuner import decide
 from moegen.tuning import candidates, lookup, record_identity, store
@@ -49,11 +49,11 @@ def test_render_applies_and_validates_tuning():
 
 def test_store_then_compile_uses_the_record():
     spec, target, allowed = _ids()
-    untuned = explain_parts(SPEC)
+    untuned = key_parts(SPEC)
     assert untuned["plan"]["tuning"] == [] and lookup(spec, target, allowed) == {}
     store(spec, target, allowed, {"kc": 256})
     assert lookup(spec, target, allowed) == {"kc": 256}
-    tuned = explain_parts(SPEC)
+    tuned = key_parts(SPEC)
     assert tuned["plan"]["tuning"] == [["kc", 256]] and tuned["source"] != untuned["source"]
     clear_memo()
     k = moegen.compile(SPEC)
