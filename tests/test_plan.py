@@ -50,7 +50,7 @@ def test_sm_count_is_a_plan_input_used_by_tiles_and_launches():
     many = make_plan(big, "sm_90", {}, sms=132).detail
     assert few.buckets[0].ffn2_splits < many.buckets[0].ffn2_splits
     assert launch_shapes(big, few, 5000).select_blocks == 4 * 16
-    assert launch_shapes(big, many, 5000).select_blocks == -(-5000 // 8)
+    assert launch_shapes(big, many, 5000).select_blocks == 4 * 132
     assert launch_shapes(big, few, 100).route_splits < launch_shapes(big, many, 100).route_splits
 
 
