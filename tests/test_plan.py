@@ -46,10 +46,10 @@ def test_sm_count_is_a_plan_input_used_by_tiles_and_launches():
     assert make_plan(SPEC, "sm_90", {}).detail.sms == ARCH_SMS["sm_90"] == 132
     # split-K of the decode ffn2 is sized for the plan's SMs, and so are the route launches
     big = MoESpec(8, 2, 4096, 14336, dtype="bfloat16", backend="cuda", arch="sm_90")
-    few = make_plan(big, "sm_90", {}, sms=16).detail
+    few = make_plan(big, "sm_90", {}, sms=2).detail
     many = make_plan(big, "sm_90", {}, sms=132).detail
     assert few.buckets[0].ffn2_splits < many.buckets[0].ffn2_splits
-    assert launch_shapes(big, few, 5000).select_blocks == 4 * 16
+    assert launch_shapes(big, few, 5000).select_blocks == 4 * 2
     assert launch_shapes(big, many, 5000).select_blocks == 4 * 132
     assert launch_shapes(big, few, 100).route_splits < launch_shapes(big, many, 100).route_splits
 
