@@ -56,7 +56,8 @@ class Module:
         self.spec, self.layout = spec, cuda_tiles.packed_layout(spec)
         self.plan = make_plan(spec.replace(backend="cuda"), spec.arch, {},
                               sms=cp.cuda.Device().attributes["MultiProcessorCount"]).detail
-        src = render_template("cuda/ffn.cu.jinja", **cuda_plan.render_context(spec, self.plan))
+        ctx = cuda_plan.render_context(spec, self.plan)
+        src = render_template("cuda/_layer.cuh.jinja", **ctx) + render_template("cuda/ffn.cu.jinja", **ctx)
         prog = nvrtc.createProgram(src, "ffn.cu", [], [])
         arch = spec.arch
         t = time.perf_counter()

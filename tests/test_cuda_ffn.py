@@ -127,7 +127,8 @@ def _nvrtc():
 def compile_ffn(spec: MoESpec, arch: str = "sm_90") -> tuple[bytes, str]:
     """The ffn template alone, compiled by NVRTC: (cubin, ptxas log)."""
     nvrtc = _nvrtc()
-    src = render_template("cuda/ffn.cu.jinja", **_context(spec, arch))
+    ctx = _context(spec, arch)       # the layer's constants and conversions, then the FFNs
+    src = render_template("cuda/_layer.cuh.jinja", **ctx) + render_template("cuda/ffn.cu.jinja", **ctx)
     prog = nvrtc.createProgram(src, "ffn.cu", [], [])
     try:
         nvrtc.compileProgram(prog, [f"--gpu-architecture={arch}", "-std=c++17",

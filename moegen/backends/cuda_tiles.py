@@ -294,16 +294,8 @@ def render_context(spec: MoESpec, buckets, mma: bool, inter: int) -> dict:
                             "wn": tile.warps_n, "stages": tile.stages, "splits": splits,
                             "threads": tile.threads, "min_blocks": tile.min_blocks})
     return {"ffn": {
-        "elem": dt.cuda_raw,
-        "load": dt.cuda_load,
-        "store": dt.cuda_store,
         "mma_type": dt.cuda_mma if mma else "",
         "wgmma_ns": sorted({k["bn"] for k in kernels if k["kind"] == "wgmma"}),
-        "num_experts": spec.num_experts,
-        "top_k": spec.top_k,
-        "slots": spec.top_k + spec.num_shared_experts,
-        "hidden_dim": spec.hidden_dim,
-        "ffn_dim": spec.ffn_dim,
         "gate_rows": layout.gate_rows,
         "gated": spec.gated,
         "bias": spec.bias,
