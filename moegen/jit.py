@@ -305,6 +305,9 @@ def _unusable(be, plan: KernelPlan, info: BuildInfo, exc: BaseException) -> Exce
         return DeviceError(f"{info.entry}: cannot load the kernel: no space left in the "
                            f"temporary directory ({first}); free space or set TMPDIR; the "
                            f"cached kernel was kept")
+    if be.name == "cuda" and isinstance(exc, ImportError):
+        return BackendUnavailable(f"{info.entry}: the cuda backend needs CuPy ({first}); "
+                                  f"install the cuda extra: pip install 'moegen[cuda]'")
     if be.name == "cuda" and type(exc).__module__.startswith("cupy"):
         return DeviceError(f"no usable GPU for the cuda backend ({type(exc).__name__}: {first}); "
                            f"the cached kernel {info.entry} was kept")

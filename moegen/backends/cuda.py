@@ -29,6 +29,8 @@ from ..render import render_files
 from ..spec import MoESpec
 from . import cuda_plan, cuda_tiles
 from .base import STAGES, Artifact, Sources
+from .cuda_ffn import launch_ffn1, launch_ffn2
+from .cuda_nvrtc import compile_cubin, nvrtc_version
 from .cuda_plan import CudaPlan, vec_width
 from .cuda_workspace import Workspace, capacity_for, storage_dtype
 
@@ -45,7 +47,6 @@ class CudaBackend:
     def can_compile(self) -> bool:
         """CuPy and its NVRTC load (no GPU needed)."""
         try:
-            from .cuda_nvrtc import nvrtc_version
             nvrtc_version()
             import cupy  # noqa: F401
         except Exception as exc:  # noqa: BLE001 - any failure means "cannot compile here"
@@ -114,7 +115,6 @@ class CudaBackend:
     def toolchain(self) -> dict:
         """NVRTC version and CuPy version (both change the binary or how it loads)."""
         import cupy
-        from .cuda_nvrtc import nvrtc_version
         return {"nvrtc": ".".join(map(str, nvrtc_version())), "cupy": cupy.__version__}
 
     def options(self, spec: MoESpec, target: str) -> list[str]:
@@ -124,7 +124,6 @@ class CudaBackend:
     # -- compile and load ------------------------------------------------------------------
     def compile(self, sources: Sources, spec: MoESpec, target: str, key: str) -> Artifact:
         """Sources -> cubin bytes.  Raises CompileError with the NVRTC log and the source."""
-        from .cuda_nvrtc import compile_cubin, nvrtc_version
         t0 = time.perf_counter()
         cubin, text = compile_cubin(sources.text, self.options(spec, target),
                                     spec_name=spec.name, key=key, filename=sources.entry)
@@ -310,10 +309,8 @@ class CudaModule:
             elif stage == "group":
                 self._group(ws, call)
             elif stage == "ffn1":
-                from .cuda_ffn import launch_ffn1
                 launch_ffn1(self, ws, call)
             elif stage == "ffn2":
-                from .cuda_ffn import launch_ffn2
                 if ws.cap_weights is not None:
                     # capacity + renormalize: ffn2 weighs the kept slots by the rescaled weights
                     call = dataclasses.replace(call, topk_weights=ws.cap_weights)

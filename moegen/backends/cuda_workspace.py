@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from ..spec import MoESpec
 from . import cuda_tiles
 from .cuda_plan import CudaPlan
@@ -24,7 +26,6 @@ def next_pow2(n: int) -> int:
 
 def storage_dtype(spec: MoESpec):
     """The CuPy dtype holding the spec's storage bits (CuPy has no bfloat16: uint16 then)."""
-    import numpy as np
     return np.dtype(np.uint16) if spec.dtype == "bfloat16" else np.dtype(spec.dtype)
 
 
@@ -123,7 +124,7 @@ class Workspace:
     """Flat device buffers for up to ``capacity`` tokens of one bucket (allocated here, once)."""
 
     def __init__(self, spec: MoESpec, plan: CudaPlan, bucket, capacity: int):
-        import cupy
+        import cupy  # optional heavy package: only a cuda module on a GPU allocates
         self.spec, self.plan, self.bucket, self.capacity = spec, plan, bucket, capacity
         K, E = spec.top_k, spec.num_experts
         kt = K + spec.num_shared_experts
