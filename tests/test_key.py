@@ -187,3 +187,24 @@ def test_bad_binary_classification():
     assert jit.is_bad_binary(CUDADriverError("CUDA_ERROR_NOT_FOUND: named symbol not found"))
     assert not jit.is_bad_binary(CUDADriverError("CUDA_ERROR_NO_DEVICE: no CUDA-capable device"))
     assert not jit.is_bad_binary(CUDARuntimeError("cudaErrorInsufficientDriver"))
+
+
+def test_without_a_compiler_a_prebuilt_layer_kernel_loads_offline(tmp_path, monkeypatch):
+    """An offline server with no cc and a prebuilt layer (an exported cache, unpacked)."""
+    from moegen.archive import export_archive, extract_archive
+    from moegen.cache import KernelCache
+    monkeypatch.setenv("MOEGEN_CACHE_DIR", str(tmp_path / "build"))
+    jit.clear_memo()
+    built = jit.build(C)
+    export_archive(KernelCache(tmp_path / "build", prebuilt=[]), tmp_path / "k.tar.gz")
+    layer = extract_archive(tmp_path / "k.tar.gz", tmp_path / "layer")
+    monkeypatch.setenv("MOEGEN_CACHE_DIR", str(tmp_path / "server"))
+    monkeypatch.setenv("MOEGEN_PREBUILT_DIR", str(layer))
+    monkeypatch.setenv("MOEGEN_OFFLINE", "1")
+    monkeypatch.setenv("MOEGEN_CC", "/nonexistent/cc")
+    jit.clear_memo()
+    try:
+        kernel = moegen.compile(C)
+    finally:
+        jit.clear_memo()
+    assert kernel.meta["key"] == built.key

@@ -750,7 +750,7 @@ __device__ __forceinline__ void split_range(int split, int& k_begin, int& k_end)
 // ---- SIMT path (fp32, and fp16/bf16 rows that are not whole 16-byte chunks) ----------------
 // FFMA tiled GEMM, 256 threads as 16x16; a thread owns BM/16 rows x BN/16 columns strided by 16
 // so shared-memory reads are broadcasts or conflict-free.  Scalar loads: correct for any shape.
-constexpr int kSimtThreads = 256;
+constexpr int kSimtThreads = 256;  // 16 x 16 threads
 
 template <int BM, int BN, int BK>
 __device__ __forceinline__ void ffn1_simt(const elem_t* __restrict__ x, const elem_t* __restrict__ w,

@@ -295,6 +295,7 @@ def render_context(spec: MoESpec, buckets, mma: bool, inter: int) -> dict:
                             "threads": tile.threads, "min_blocks": tile.min_blocks})
     return {"ffn": {
         "mma_type": dt.cuda_mma if mma else "",
+        "simt_threads": SIMT_THREADS,
         "wgmma_ns": sorted({k["bn"] for k in kernels if k["kind"] == "wgmma"}),
         "gate_rows": layout.gate_rows,
         "gated": spec.gated,
