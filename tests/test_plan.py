@@ -161,3 +161,55 @@ def test_every_tile_candidate_compiles():
             art = be.compile(render(plan), spec, arch, "t" * 64)
             for name in plan.detail.kernels:
                 assert name.encode() in art.binary, (choice, name)
+
+
+def _dry_module(plan: KernelPlan, log: list):
+    """A CudaModule whose kernels record their launches (no cubin, no GPU)."""
+    import contextlib
+    from moegen.backends.cuda import CudaModule
+    m = CudaModule.__new__(CudaModule)
+    m.spec, m.plan = plan.spec, plan.detail
+    m.layout, m.buckets = cuda_tiles.packed_layout(plan.spec), list(plan.detail.buckets)
+    m._workspaces, m._functions, m._external_streams = {}, {}, {}
+
+    def function(name):
+        assert name in plan.detail.kernels, f"{name} is not a kernel of the plan"
+        return _Recorder(name, log)
+
+    m.function = function
+    m._memset = lambda a: None
+    m._stream_of = lambda a: contextlib.nullcontext()
+    return m
+
+
+@pytest.mark.parametrize("spec", [
+    SPEC.replace(arch="sm_90a"),
+    MoESpec(16, 2, 64, 64, dtype="float16", backend="cuda", arch="sm_90", capacity_factor=1.0,
+            num_shared_experts=2),
+    MoESpec(4, 1, 33, 17, backend="cuda", arch="sm_80", capacity_factor=0.5, renormalize=False)],
+    ids=lambda s: s.name)
+def test_every_stage_launches_the_plans_kernels_with_the_plans_blocks(spec, monkeypatch):
+    _fake_cupy(monkeypatch)
+    plan = make_plan(spec, spec.arch, {})
+    cp, log = plan.detail, []
+    m = _dry_module(plan, log)
+    for T in (0, 3, 17, 100, 9000):          # 9000 slots: past the one-block group
+        ws = m.workspace(T)
+        call = Call(x=0, packed=types.SimpleNamespace(buffer=0, router=0), out=0, tokens=T)
+        for stage in m.stages:
+            m.run_stage(stage, ws, call)
+    blocks = {name: block for name, _, block, _ in log}
+    want = {"moe_route_logits_gemv": (32 * cp.route.warps,), "moe_route_select": (32 * cp.route.warps,),
+            "moe_route_select_group": (32 * cp.group.fused_warps,),
+            "moe_group_single": (32 * cp.group.warps,), "moe_group_scan": (cp.group.scan_threads,),
+            "moe_group_count": (32 * cp.group.block_units,), "moe_combine": (cp.combine_threads,)}
+    want["moe_route_logits_mma" if cp.tensor_cores else "moe_route_logits_tiled"] = \
+        (cp.route.mma_threads if cp.tensor_cores else cp.route.threads,)
+    if spec.capacity_factor is not None:
+        want["moe_capacity_select"] = (cp.capacity_threads,)
+    for b in cp.buckets:
+        want[b.ffn1_kernel] = (b.ffn1.threads, 1, 1)
+    assert {k: blocks.get(k) for k in want} == want
+    smem = {name: s for name, _, _, s in log}
+    if cp.tensor_cores:
+        assert smem["moe_route_logits_mma"] == cp.route.mma_smem
