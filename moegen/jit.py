@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import logging
+import os
 import subprocess
 import threading
 import time
@@ -204,9 +205,10 @@ def _build(spec: MoESpec, tuning: dict | None = None, cache=None):
 
 def _no_toolchain_message(be, plan: KernelPlan) -> str:
     if be.name == "c":
-        return (f"no C compiler: MOEGEN_CC={settings.cc()!r} is not an executable compiler, and "
-                f"{plan.spec.name} is in no cache or prebuilt layer; set MOEGEN_CC to a C compiler "
-                f"(or install cc), or prebuild the kernel where one exists")
+        named = (f"MOEGEN_CC={os.environ['MOEGEN_CC']!r} is not an executable C compiler"
+                 if os.environ.get("MOEGEN_CC") else "no 'cc' on PATH and MOEGEN_CC is unset")
+        return (f"no C compiler: {named}, and {plan.spec.name} is in no cache or prebuilt layer; "
+                f"set MOEGEN_CC to a C compiler, or prebuild the kernel where one exists")
     return (f"the {be.name} toolchain is not usable here, and {plan.spec.name} is in no cache "
             f"or prebuilt layer; install the cuda extra (pip install 'moegen[cuda]')")
 

@@ -208,3 +208,20 @@ def test_without_a_compiler_a_prebuilt_layer_kernel_loads_offline(tmp_path, monk
     finally:
         jit.clear_memo()
     assert kernel.meta["key"] == built.key
+
+
+def test_enospc_while_loading_keeps_the_entry(tmp_cache, monkeypatch):
+    """A full TMPDIR when the cached library is written out to be loaded is not a bad binary."""
+    import errno
+    from moegen.backends import c as c_backend
+    built = jit.build(C)
+    jit.clear_memo()
+
+    def full(binary):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(c_backend, "write_library", full)
+    with pytest.raises(DeviceError, match="no space left") as info:
+        moegen.compile(C)
+    assert "\n" not in str(info.value)
+    assert default_cache().get(built.name, built.key) is not None
