@@ -31,7 +31,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from moegen.backends import cuda_ffn, cuda_tiles  # noqa: E402
+from moegen.backends import cuda_ffn, cuda_plan, cuda_tiles  # noqa: E402
+from moegen.plan import make_plan  # noqa: E402
 from moegen.backends.base import Call  # noqa: E402
 from moegen.layout import PackedWeights  # noqa: E402
 from moegen.render import render_template  # noqa: E402
@@ -53,7 +54,10 @@ class Module:
     def __init__(self, spec: MoESpec):
         from cupy_backends.cuda.libs import nvrtc
         self.spec, self.layout = spec, cuda_tiles.packed_layout(spec)
-        src = render_template("cuda/ffn.cu.jinja", **cuda_tiles.render_context(spec))
+        self.plan = make_plan(spec.replace(backend="cuda"), spec.arch, {},
+                              sms=cp.cuda.Device().attributes["MultiProcessorCount"]).detail
+        ctx = cuda_plan.render_context(spec, self.plan)
+        src = render_template("cuda/_layer.cuh.jinja", **ctx) + render_template("cuda/ffn.cu.jinja", **ctx)
         prog = nvrtc.createProgram(src, "ffn.cu", [], [])
         arch = spec.arch
         t = time.perf_counter()
@@ -207,7 +211,7 @@ def run_point(shape, spec, mod, buf, T, rng):
     ids_np = np.argsort(rng.random((T, E)), axis=1)[:, :k].astype(np.int32)
     wts_np = rng.random((T, k)).astype(np.float32)
     wts_np /= wts_np.sum(axis=1, keepdims=True)
-    cfg = cuda_tiles.bucket_for(cuda_tiles.bucket_configs(spec), T)
+    cfg = cuda_tiles.bucket_for(mod.plan.buckets, T)
     sizes = cuda_tiles.workspace_sizes(spec, cfg, T)
     sr, te, tr, nt = cuda_tiles.grouped_layout_host(spec, ids_np, cfg.bm, sizes["max_tiles"])
     ws = Workspace()
@@ -246,7 +250,7 @@ def main(argv=None):
     ap.add_argument("--tokens", default=",".join(map(str, TOKENS)))
     ap.add_argument("--json", default=None)
     ap.add_argument("--tile", action="append", default=[],
-                    help="tile candidate KIND:BM:BN:WM:WN:STAGES[:MINBLOCKS[:PERSISTENT]] for bucket BM; KIND mma or "
+                    help="tile candidate KIND:BM:BN:WM:WN:STAGES[:MINBLOCKS] for bucket BM; KIND mma or "
                          "wgmma, or mma-ffn1, wgmma-ffn2... for one GEMM only")
     ap.add_argument("--no-baselines", action="store_true", help="time moegen only")
     ap.add_argument("--arch", default=None, help="target (default: sm_90a on sm_90 devices, else the device's)")
@@ -258,8 +262,7 @@ def main(argv=None):
             kind, stage = kind.rsplit("-", 1)
         table = cuda_tiles.WGMMA_TILES if kind == "wgmma" else cuda_tiles.MMA_TILES
         tile = cuda_tiles.GemmTile(kind, int(bm), int(bn), cuda_tiles.MMA_BK, int(wm), int(wn), int(st),
-                                   min_blocks=int(extra[0]) if extra else 1,
-                                   persistent=bool(int(extra[1])) if len(extra) > 1 else False)
+                                   min_blocks=int(extra[0]) if extra else 1)
         f1, f2 = table[int(bm)]
         table[int(bm)] = (tile if stage != "ffn2" else f1, tile if stage != "ffn1" else f2)
     global BASELINES
@@ -275,8 +278,8 @@ def main(argv=None):
         spec = MoESpec(E, k, H, F, dtype="bfloat16", arch=arch)
         mod = Module(spec)
         buf = random_packed(mod.layout)
-        print(f"{shape}: compiled in {mod.compile_s:.2f} s; tiles {cuda_tiles.bucket_configs(spec)[0].ffn1.tag} / {cuda_tiles.bucket_configs(spec)[-1].ffn1.tag} + {cuda_tiles.bucket_configs(spec)[-1].ffn2.tag}; buckets "
-              + ", ".join(f"{c.name}<= {c.max_tokens} (splits {c.ffn2_splits})" for c in cuda_tiles.bucket_configs(spec)))
+        print(f"{shape}: compiled in {mod.compile_s:.2f} s; tiles {mod.plan.buckets[0].ffn1.tag} / {mod.plan.buckets[-1].ffn1.tag} + {mod.plan.buckets[-1].ffn2.tag}; buckets "
+              + ", ".join(f"{c.name}<= {c.max_tokens} (splits {c.ffn2_splits})" for c in mod.plan.buckets))
         for T in map(int, args.tokens.split(",")):
             row = run_point(shape, spec, mod, buf, T, rng)
             rows.append(row)

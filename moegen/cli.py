@@ -245,18 +245,16 @@ def tune(tokens, budget, dry_run, **kwargs):
     Later builds of the spec (here, or wherever the cache is exported to, for the same
     target) use the stored choice.
     """
-    from .tuning import tune as tune_spec
+    from .tuner import tune as tune_spec
     spec = _one_spec(_pop_spec_kwargs(kwargs))
 
-    def progress(i, n, choice, ms):
-        label = ", ".join(f"{k}={v}" for k, v in choice.items())
-        click.echo(f"[tune] {i}/{n} {label}: " + ", ".join(f"{m:.3f} ms" for m in ms), err=True)
+    def progress(i, n, cands, samples):
+        click.echo(f"[tune] round {i}/{n} of {len(cands)} candidates", err=True)
 
     result = tune_spec(spec, tokens=tuple(tokens), budget_s=budget, save=not dry_run,
                        progress=progress)
     click.echo(result.table())
-    best = ", ".join(f"{k}={v}" for k, v in result.best.items())
-    click.echo(f"best: {best}" + (" (not stored: --dry-run)" if dry_run else " (stored in the cache)"))
+    click.echo(result.summary())
 
 
 @main.command()

@@ -83,6 +83,16 @@ class CacheError(MoegenError):
     """The kernel cache cannot be used as asked (unwritable, untrusted, bad archive...)."""
 
 
+class BackendUnavailable(MoegenError, RuntimeError):
+    """The backend's toolchain is missing here (no C compiler, no CuPy/NVRTC) and the kernel is
+    in no cache or prebuilt layer."""
+
+
+class DeviceError(MoegenError, RuntimeError):
+    """A good kernel cannot run here: no usable GPU or driver, or no room to load it.  The
+    cached entry is kept."""
+
+
 class MissingKernelError(MoegenError):
     """Offline mode (``MOEGEN_OFFLINE=1``) and the variant is neither cached nor prebuilt."""
 

@@ -1,31 +1,41 @@
-"""The compile flow: spec -> render -> key -> cache (or compile) -> load -> MoEKernel.
+"""The compile flow: spec -> plan -> render -> key -> cache (or compile) -> load -> MoEKernel.
 
-    resolve(spec)      the concrete backend and target of a spec ("auto" picked here)
-    key_parts(spec)    everything that changes the binary, as one readable dict
-    build(spec)        make sure the binary is in the cache; returns BuildInfo
-    compile(spec)      a MoEKernel, memoised per process
+    resolve(spec)          the concrete backend and target of a spec ("auto" picked here)
+    plan_for(spec)         the `KernelPlan` (the stored tuning record looked up first)
+    key_parts_of(...)      pure: everything that changes the binary, as one readable dict
+    key_parts(spec)        the same for a spec on this machine (gathers the inputs first)
+    build(spec)            make sure the binary is in the cache; returns BuildInfo
+    compile(spec)          a MoEKernel, memoised per process
 
-Each step is usable alone (the CLI's ``render``, ``cache explain`` and ``build`` use them).
+The machine is asked everything it has to say (device, SM count, stored tuning record, code
+settings, compiler identity) before planning and keying; `moegen.plan.make_plan` and
+`key_parts_of` do no I/O.  Finding and loading a cached kernel never needs the compiler: when the
+backend's toolchain cannot be identified (no C compiler), the entry is found by its
+``plan_key`` (the key without the toolchain), recorded in every entry's metadata.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import logging
+import os
+import subprocess
 import threading
 import time
 from dataclasses import dataclass
 
-from . import __version__, settings
+from . import __version__, settings, tuning as tuning_records
 from .backends import get_backend, cuda_usable
-from .backends.base import Artifact
-from .cache import CACHE_FORMAT
-from .errors import CompileError
+from .backends.base import Artifact, Sources
+from .cache import CACHE_FORMAT, default_cache, digest
+from .errors import BackendUnavailable, CompileError, DeviceError
 from .kernel import MoEKernel
-from .render import render, template_digests
+from .plan import ContextPlan, KernelPlan, make_plan
+from .render import render
 from .spec import MoESpec
 
 log = logging.getLogger("moegen.jit")
-
 
 
 def resolve(spec: MoESpec) -> MoESpec:
@@ -38,47 +48,92 @@ def resolve(spec: MoESpec) -> MoESpec:
     return spec
 
 
-def _tuning(spec: MoESpec, tuning: dict | None) -> dict:
-    """The tuning to build with: the given one, else the stored record (moegen tune), else {}."""
-    if tuning is not None:
-        return dict(tuning)
-    from .tuning import lookup
-    return lookup(spec)
-
-
-def key_parts(spec: MoESpec, tuning: dict | None = None) -> dict:
-    """Every input that changes the binary (DESIGN §5), as a JSON-able dict.  ``tuning``
-    defaults to the stored tuning record of the spec (none: the backend's defaults)."""
-    return _parts_and_sources(spec, tuning)[0]
-
-
-def _parts_and_sources(spec: MoESpec, tuning: dict | None):
-    """(key parts, rendered sources): the sources are hashed into the key and, on a miss,
-    compiled, so they are rendered once."""
+def plan_for(spec: MoESpec, tuning: dict | None = None) -> KernelPlan:
+    """The plan of ``spec`` on this machine: resolved, for the backend's target, with ``tuning``
+    (None: the stored `moegen tune` record, else the defaults) and, for cuda, the SM count of
+    the current device when it is of the target's arch."""
     spec = resolve(spec)
     be = get_backend(spec.backend)
-    tuning = _tuning(spec, tuning)
-    sources = render(spec, be, tuning)
     target = be.target(spec)
+    if tuning is None:
+        tuning = tuning_records.lookup(spec, target, be.tunables(spec))
+    sms = be.sm_count(target) if spec.backend == "cuda" else None
+    return make_plan(spec, target, tuning, sms=sms)
+
+
+def toolchain_identity(backend) -> dict | None:
+    """The backend's compiler identity, or None when there is no usable compiler here (the
+    kernel can then only come from the cache or a prebuilt layer)."""
+    try:
+        return backend.toolchain()
+    except (OSError, subprocess.SubprocessError, ImportError) as exc:
+        log.info("%s toolchain unavailable: %s", backend.name, exc)
+        return None
+
+
+def key_parts_of(plan: KernelPlan, sources: Sources, toolchain: dict | None, options: list,
+                 code_settings: dict) -> dict:
+    """Every input that changes the binary, as a JSON-able dict (pure: no I/O).
+
+    The plan (spec, target, tuning and every constant), the rendered sources, the toolchain
+    identity, the compiler options, the ``MOEGEN_*`` settings that change code, moegen's
+    version and the cache format.  ``toolchain`` None leaves it out (see `plan_key`).
+    """
     parts = {
         "format": CACHE_FORMAT,
         "moegen": __version__,
-        "templates": template_digests(),
+        "backend": plan.backend,
+        "target": plan.target,
+        "plan": plan.to_dict(),
         "source": {name: _sha(text) for name, text in sorted(sources.files.items())},
-        "backend": be.name,
-        "toolchain": be.toolchain(),
-        "target": target,
-        "options": be.options(spec, target),
-        "spec": spec.to_dict(),
-        "settings": settings.code_settings(),
-        "tuning": tuning,
+        "options": list(options),
+        "settings": dict(code_settings),
     }
-    return parts, sources
+    if toolchain is not None:
+        parts["toolchain"] = toolchain
+    return parts
+
+
+def plan_key(parts: dict) -> str:
+    """The key without the compiler (its identity and MOEGEN_CC, which names it): what a
+    machine without a compiler matches entries on."""
+    rest = {k: v for k, v in parts.items() if k != "toolchain"}
+    rest["settings"] = {k: v for k, v in parts["settings"].items() if k != "MOEGEN_CC"}
+    return digest(rest)
 
 
 def _sha(text: str) -> str:
-    import hashlib
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One build before the cache is asked: the plan, its sources and its key parts."""
+    plan: KernelPlan
+    sources: Sources
+    parts: dict
+    toolchain_ok: bool
+
+    @property
+    def key(self) -> str:
+        return digest(self.parts)
+
+
+def prepare(spec: MoESpec, tuning: dict | None = None) -> Prepared:
+    """Plan, render and key ``spec`` (``tuning`` None: the stored record)."""
+    plan = plan_for(spec, tuning)
+    be = get_backend(plan.backend)
+    sources = render(plan)
+    toolchain = toolchain_identity(be)
+    parts = key_parts_of(plan, sources, toolchain, be.options(plan.spec, plan.target),
+                         settings.code_settings())
+    return Prepared(plan, sources, parts, toolchain is not None)
+
+
+def key_parts(spec: MoESpec, tuning: dict | None = None) -> dict:
+    """The key parts of ``spec`` on this machine (``moegen cache explain``): `key_parts_of`
+    over what `prepare` gathers."""
+    return prepare(spec, tuning).parts
 
 
 @dataclass(frozen=True)
@@ -94,38 +149,68 @@ class BuildInfo:
     location: str           # the cache directory (or layer) holding the entry
 
 
-def _build(spec: MoESpec, tuning: dict | None = None):
-    """(resolved spec, artifact, BuildInfo, cache, compile function)."""
-    from .cache import default_cache, digest
+def _find_without_toolchain(cache, prep: Prepared) -> tuple[str, Artifact] | None:
+    """(key, artifact) of an entry built from this plan and these sources by any toolchain."""
+    name, want = prep.plan.spec.name, plan_key(prep.parts)
+    for info in cache.entries():
+        if info.name == name and info.meta.get("plan_key") == want:
+            art = cache.get(name, info.key)
+            if art is not None:
+                return info.key, art
+    return None
+
+
+def _build(spec: MoESpec, tuning: dict | None = None, cache=None):
+    """(prepared, artifact, BuildInfo, cache, compile function)."""
     t0 = time.perf_counter()
-    spec = resolve(spec)
-    be = get_backend(spec.backend)
-    parts, sources = _parts_and_sources(spec, tuning)
-    tuning = parts["tuning"]
-    key = digest(parts)
-    name = spec.name
-    cache = default_cache()
+    prep = prepare(spec, tuning)
+    plan, parts = prep.plan, prep.parts
+    be = get_backend(plan.backend)
+    name = plan.spec.name
+    cache = cache or default_cache()
+
+    if not prep.toolchain_ok:
+        found = _find_without_toolchain(cache, prep)
+        if found is None:
+            raise BackendUnavailable(_no_toolchain_message(be, plan))
+        key, artifact = found
+        info = BuildInfo(plan.spec, name, key, be.name, plan.target, time.perf_counter() - t0,
+                         False, f"{name}.{key[:16]}", str(cache.directory))
+        return prep, artifact, info, cache, None
+
+    key = prep.key
 
     def compile_now() -> Artifact:
         t = time.perf_counter()
         try:
-            art = be.compile(sources, spec, parts["target"], key)
+            art = be.compile(prep.sources, plan.spec, plan.target, key)
         except CompileError as err:
             if settings.keep_source():
                 err.save_source()
             raise
         meta = dict(art.meta)
-        meta.update(key=key, spec_name=name, spec=spec.to_dict(), backend=be.name,
-                    target=parts["target"], toolchain=parts["toolchain"],
-                    options=parts["options"], tuning=tuning, moegen_version=__version__,
+        meta.update(key=key, plan_key=plan_key(parts), key_parts=parts, spec_name=name,
+                    spec=plan.spec.to_dict(), backend=be.name, target=plan.target,
+                    toolchain=parts["toolchain"], options=parts["options"],
+                    tuning=dict(plan.tuning), moegen_version=__version__,
                     build_seconds=round(time.perf_counter() - t, 4), created=time.time())
         return Artifact(art.binary, meta)
 
-    hint = f"moegen build {cli_args(spec)}"
+    hint = f"moegen build {cli_args(plan.spec)}"
     artifact, built = cache.get_or_build(name, key, compile_now, hint=hint)
-    info = BuildInfo(spec, name, key, be.name, parts["target"], time.perf_counter() - t0, built,
+    info = BuildInfo(plan.spec, name, key, be.name, plan.target, time.perf_counter() - t0, built,
                      f"{name}.{key[:16]}", str(cache.directory))
-    return spec, artifact, info, cache, compile_now
+    return prep, artifact, info, cache, compile_now
+
+
+def _no_toolchain_message(be, plan: KernelPlan) -> str:
+    if be.name == "c":
+        named = (f"MOEGEN_CC={os.environ['MOEGEN_CC']!r} is not an executable C compiler"
+                 if os.environ.get("MOEGEN_CC") else "no 'cc' on PATH and MOEGEN_CC is unset")
+        return (f"no C compiler: {named}, and {plan.spec.name} is in no cache or prebuilt layer; "
+                f"set MOEGEN_CC to a C compiler, or prebuild the kernel where one exists")
+    return (f"the {be.name} toolchain is not usable here, and {plan.spec.name} is in no cache "
+            f"or prebuilt layer; install the cuda extra (pip install 'moegen[cuda]')")
 
 
 def build(spec: MoESpec) -> BuildInfo:
@@ -140,18 +225,21 @@ _memo_lock = threading.Lock()
 def compile(spec: MoESpec) -> MoEKernel:  # noqa: A001 - the public verb
     """A `MoEKernel` for ``spec``, memoised per process.
 
-    Renders (with the spec's stored tuning record, if `moegen tune` made one), looks the binary
-    up in the cache (prebuilt layers first), compiles on a miss (unless offline), loads it.  A
-    cached binary that fails to load is dropped and rebuilt once.
-    Raises SpecError, TemplateError, CompileError, MissingKernelError.
+    Plans (with the spec's stored tuning record, if `moegen tune` made one), renders, looks
+    the binary up in the cache (prebuilt layers first), compiles on a miss (unless offline),
+    loads it.  A cached binary that is bad (does not load as a binary) is dropped and rebuilt
+    once; a missing device or driver is not a bad binary: the entry is kept.
+    Raises SpecError, TemplateError, CompileError, MissingKernelError, BackendUnavailable,
+    DeviceError.
     """
     return _compile(spec, None)
 
 
-def compile_tuned(spec: MoESpec, tuning: dict) -> MoEKernel:
+def compile_tuned(spec: MoESpec, tuning: dict, cache=None) -> MoEKernel:
     """Like `compile`, with explicit tuning constants (see `moegen.tuning`) instead of the
-    stored record.  Raises ValueError for a tuning the backend does not allow."""
-    return _compile(spec, dict(tuning))
+    stored record, built in ``cache`` (default: the kernel cache).  Not memoised.
+    Raises ValueError for a tuning the backend does not allow."""
+    return _load(*_build(resolve(spec), dict(tuning), cache)[:5])
 
 
 def _compile(spec: MoESpec, tuning: dict | None) -> MoEKernel:
@@ -162,23 +250,70 @@ def _compile(spec: MoESpec, tuning: dict | None) -> MoEKernel:
         hit = _memo.get(memo_key)
     if hit is not None:
         return hit
-    rspec, artifact, info, cache, compile_now = _build(rspec, tuning)
-    be = get_backend(rspec.backend)
+    kernel = _load(*_build(rspec, tuning))
+    with _memo_lock:
+        _memo[memo_key] = kernel
+    return kernel
+
+
+def _load(prep: Prepared, artifact: Artifact, info: BuildInfo, cache, compile_now) -> MoEKernel:
+    plan = prep.plan
+    be = get_backend(plan.backend)
     try:
-        module = be.load(artifact, rspec)
-    except Exception as exc:  # noqa: BLE001 - any load failure means a bad binary: rebuild once
-        if info.built:
+        module = _load_module(be, artifact, plan)
+    except Exception as exc:  # noqa: BLE001 - sorted below: bad binary or not
+        if not is_bad_binary(exc):
+            raise _unusable(be, plan, info, exc) from None
+        if info.built or compile_now is None:
             raise
         log.warning("cached binary %s failed to load (%s: %s); rebuilding", info.entry,
                     type(exc).__name__, exc)
         cache.drop(info.name, info.key, f"failed to load: {exc}")
         artifact, _ = cache.get_or_build(info.name, info.key, compile_now,
-                                         hint=f"moegen build {cli_args(rspec)}")
-        module = be.load(artifact, rspec)
-    kernel = MoEKernel(rspec, module, artifact.meta)
-    with _memo_lock:
-        _memo[memo_key] = kernel
-    return kernel
+                                         hint=f"moegen build {cli_args(plan.spec)}")
+        module = _load_module(be, artifact, plan)
+    return MoEKernel(plan.spec, module, artifact.meta)
+
+
+def _load_module(be, artifact: Artifact, plan: KernelPlan):
+    if isinstance(plan.detail, ContextPlan):
+        return be.load(artifact, plan.spec)          # backend without a plan of its own yet
+    return be.load(artifact, plan)
+
+
+# CUDA driver results that mean the bytes are not a loadable module (anything else, such as
+# no device, an old driver or out of memory, says nothing about the binary).
+_BAD_IMAGE_ERRORS = ("CUDA_ERROR_INVALID_IMAGE", "CUDA_ERROR_INVALID_PTX",
+                     "CUDA_ERROR_INVALID_SOURCE", "CUDA_ERROR_NOT_FOUND")
+
+
+def is_bad_binary(exc: BaseException) -> bool:
+    """True when a load failure says the cached bytes are bad (drop and rebuild them): a
+    dlopen that rejects the file (an OSError without errno), or a CUDA driver error of an
+    invalid image or a missing kernel.  A missing or busy device, a driver error, a full
+    TMPDIR (ENOSPC) or any other resource error is not."""
+    if isinstance(exc, OSError):
+        return exc.errno is None
+    name = type(exc).__name__
+    if name == "CUDADriverError":
+        return any(code in str(exc) for code in _BAD_IMAGE_ERRORS)
+    return False
+
+
+def _unusable(be, plan: KernelPlan, info: BuildInfo, exc: BaseException) -> Exception:
+    """The error to raise for a good binary that cannot be loaded here."""
+    first = (str(exc).strip().splitlines() or [""])[0]
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DeviceError(f"{info.entry}: cannot load the kernel: no space left in the "
+                           f"temporary directory ({first}); free space or set TMPDIR; the "
+                           f"cached kernel was kept")
+    if be.name == "cuda" and isinstance(exc, ImportError):
+        return BackendUnavailable(f"{info.entry}: the cuda backend needs CuPy ({first}); "
+                                  f"install the cuda extra: pip install 'moegen[cuda]'")
+    if be.name == "cuda" and type(exc).__module__.startswith("cupy"):
+        return DeviceError(f"no usable GPU for the cuda backend ({type(exc).__name__}: {first}); "
+                           f"the cached kernel {info.entry} was kept")
+    return exc
 
 
 def clear_memo() -> None:

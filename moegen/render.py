@@ -1,10 +1,10 @@
-"""Render a spec's templates to source text: pure (reads template files, writes nothing).
+"""Render a plan's templates to source text: pure (reads template files, writes nothing).
 
 One strict Jinja environment (``StrictUndefined``: a misspelt variable is an error, not empty
 text).  Templates live in the top-level ``templates/`` folder, shipped as the package
 ``moegen.templates`` and found through ``importlib.resources`` from a checkout or a wheel.
-Template inputs come from a backend's ``render_context``: validated ints, floats and strings
-from lookup tables, never text a user typed.
+Template inputs come from a `moegen.plan.KernelPlan` (the backend's ``render(plan)``):
+validated ints, floats and strings from lookup tables, never text a user typed.
 """
 
 from __future__ import annotations
@@ -12,12 +12,16 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.resources
+import json
 from pathlib import Path
 
 import jinja2
 
+from .backends import get_backend
 from .backends.base import Sources
+from .backends.cuda_plan import RENDER_ARCH
 from .errors import TemplateError
+from .plan import ContextPlan, KernelPlan, make_plan
 from .spec import MoESpec
 
 
@@ -126,13 +130,31 @@ def _template_lineno(exc: BaseException, name: str) -> int | None:
     return lineno
 
 
-def render(spec: MoESpec, backend=None, tuning: dict | None = None) -> Sources:
-    """All source files of ``spec`` for its backend (``spec.backend`` must be resolved, or
-    pass the backend object), with ``tuning`` (constants chosen by `moegen.tuning`) applied.
+def render_files(templates, context: dict) -> dict[str, str]:
+    """{file name: text} of each template in ``templates`` rendered with ``context`` (the
+    file name is the template's, without folder and ``.jinja``)."""
+    return {name.rsplit("/", 1)[-1].removesuffix(".jinja"): render_template(name, **context)
+            for name in templates}
+
+
+def render(what, backend=None, tuning: dict | None = None) -> Sources:
+    """All source files of a `KernelPlan`, or of a spec (planned here with ``tuning`` and, for a
+    cuda spec without an arch, the reference arch `cuda_plan.RENDER_ARCH`).  ``backend`` is
+    ignored for a plan; for a spec it overrides ``spec.backend``.
     Returns `Sources`; raises TemplateError, or ValueError for a tuning the backend refuses."""
-    from .backends import get_backend
-    be = backend or get_backend(spec.backend)
-    ctx = be.render_context(spec, tuning=tuning) if tuning else be.render_context(spec)
-    files = {name.rsplit("/", 1)[-1].removesuffix(".jinja"): render_template(name, **ctx)
-             for name in be.templates}
-    return Sources(backend=be.name, files=files, entry=next(iter(files)))
+    if not isinstance(what, KernelPlan):
+        spec = what if backend is None else what.replace(backend=backend.name)
+        what = make_plan(spec, display_target(spec), tuning)
+    be = get_backend(what.backend)
+    if isinstance(what.detail, ContextPlan):
+        files = render_files(be.templates, json.loads(what.detail.context))
+        return Sources(backend=be.name, files=files, entry=next(iter(files)))
+    return be.render(what)
+
+
+def display_target(spec: MoESpec) -> str | None:
+    """The target a spec renders for outside a build: its arch for cuda (the reference arch
+    when it has none, so rendering needs no GPU), the backend's own choice otherwise."""
+    if spec.backend == "cuda":
+        return spec.arch or RENDER_ARCH
+    return None

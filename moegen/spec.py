@@ -69,7 +69,10 @@ class MoESpec:
         capacity_factor: None = dropless; else each expert keeps at most
             ceil(capacity_factor * T * k / E) slots.
         capacity_drop: "token" keeps the lowest token indices, "weight" the largest weights.
-        deterministic: combine in a fixed order (default); False allows atomic accumulation.
+
+    The combine always sums a token's slots in a fixed order (no atomics), so a call is
+    deterministic and batch-invariant; there is no option to trade that away (see
+    docs/ARCHITECTURE.md, "Why the combine has no atomic mode").
     """
 
     num_experts: int
@@ -89,7 +92,6 @@ class MoESpec:
     num_shared_experts: int = 0
     capacity_factor: float | None = None
     capacity_drop: str = "token"
-    deterministic: bool = True
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
@@ -109,7 +111,7 @@ class MoESpec:
         _check_choice("routing", self.routing, ROUTINGS)
         _check_choice("backend", self.backend, BACKENDS)
         _check_choice("capacity_drop", self.capacity_drop, CAPACITY_DROP)
-        for name in ("renormalize", "bias", "deterministic"):
+        for name in ("renormalize", "bias"):
             if not isinstance(getattr(self, name), bool):
                 raise SpecError(f"MoESpec.{name} must be True or False, got {getattr(self, name)!r}")
         if self.arch is not None:
@@ -183,7 +185,6 @@ _NAME_SUFFIXES = (
     ("num_shared_experts", lambda v: f"sh{v}"),
     ("capacity_factor", lambda v: f"cap{_num(v)}"),
     ("capacity_drop", lambda v: f"drop{v}"),
-    ("deterministic", lambda v: "atomic"),
 )
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(MoESpec)}
 

@@ -1,12 +1,12 @@
-"""`moegen tune`: choose a backend's tunable constants for one spec by measuring them.
+"""Tuning records: the constants `moegen tune` chose for one spec and target, in the cache.
 
 A backend names what may be tuned (``Backend.tunables(spec)``: constant -> allowed values, the
-first the default).  `tune` compiles each candidate, times whole calls at a few token counts on
-this machine, and stores the winner as a tuning record in the kernel cache: canonical JSON bytes
-under ``tune_<spec name>``, keyed by the spec, backend, target (ISA tier or sm arch), toolchain
-and the allowed values.  The record applies to every machine of that target, so a build machine
-can tune, ``moegen cache export`` and ship it beside the kernels.  `moegen.jit` looks the record
-up before rendering; without one the backend's defaults are used.
+first the default).  A record is canonical JSON bytes under ``tune_<spec name>``, keyed by the
+spec, backend, target (ISA tier or sm arch) and the allowed values (not the compiler: a record
+must be found where no compiler is installed).  It applies to every machine of that target, so a
+build machine can tune, ``moegen cache export`` and ship it beside the kernels.  `moegen.jit`
+looks the record up before planning; without one the backend's defaults are used.  Measuring
+candidates is `moegen.tuner`'s job; nothing here compiles.
 """
 
 from __future__ import annotations
@@ -14,48 +14,36 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import math
-from dataclasses import dataclass, field
 
-from .backends import get_backend
 from .backends.base import Artifact
+from .cache import default_cache, digest
 from .spec import MoESpec
 
 log = logging.getLogger("moegen.tuning")
 
-RECORD_FORMAT = 1
+RECORD_FORMAT = 2
 
 
-def _resolve(spec: MoESpec) -> MoESpec:
-    from .jit import resolve
-    return resolve(spec)
-
-
-def record_identity(spec: MoESpec) -> tuple[str, str]:
-    """(entry name, key) of the tuning record of ``spec`` (resolved)."""
-    from .cache import digest
-    spec = _resolve(spec)
-    be = get_backend(spec.backend)
+def record_identity(spec: MoESpec, target: str, allowed: dict) -> tuple[str, str]:
+    """(entry name, key) of the tuning record of ``spec`` (resolved) for ``target``, whose
+    backend allows the tunables ``allowed``."""
     parts = {"kind": "tuning", "format": RECORD_FORMAT, "spec": spec.to_dict(),
-             "backend": be.name, "target": be.target(spec), "toolchain": be.toolchain(),
-             "tunables": {k: list(v) for k, v in sorted(be.tunables(spec).items())}}
+             "backend": spec.backend, "target": target,
+             "tunables": {k: list(v) for k, v in sorted(allowed.items())}}
     return f"tune_{spec.name}", digest(parts)
 
 
-def _valid(spec: MoESpec, choice) -> bool:
-    allowed = get_backend(spec.backend).tunables(spec)
+def _valid(allowed: dict, choice) -> bool:
     return isinstance(choice, dict) and all(k in allowed and v in allowed[k]
                                             for k, v in choice.items())
 
 
-def lookup(spec: MoESpec, cache=None) -> dict:
-    """The stored choice for ``spec`` ({} when untuned).  A record that does not parse or
-    names values the backend no longer allows is ignored with a warning."""
-    from .cache import default_cache
-    spec = _resolve(spec)
-    if not get_backend(spec.backend).tunables(spec):
+def lookup(spec: MoESpec, target: str, allowed: dict, cache=None) -> dict:
+    """The stored choice for ``spec`` on ``target`` ({} when untuned or nothing is tunable).
+    A record that does not parse or names values no longer allowed is ignored with a warning."""
+    if not allowed:
         return {}
-    name, key = record_identity(spec)
+    name, key = record_identity(spec, target, allowed)
     art = (cache or default_cache()).get(name, key)
     if art is None:
         return {}
@@ -63,88 +51,34 @@ def lookup(spec: MoESpec, cache=None) -> dict:
         choice = json.loads(art.binary.decode())["choice"]
     except (ValueError, KeyError, UnicodeDecodeError, TypeError):
         choice = None
-    if not _valid(spec, choice):
+    if not _valid(allowed, choice):
         log.warning("ignoring an unreadable tuning record %s.%s", name, key[:16])
         return {}
     return choice
 
 
-def store(spec: MoESpec, choice: dict, measurements: list | None = None, cache=None) -> None:
-    """Store ``choice`` as the tuning record of ``spec``."""
-    from .cache import default_cache
-    spec = _resolve(spec)
-    if not _valid(spec, choice):
-        raise ValueError(f"tuning {choice!r} is not allowed for {spec.name}; choices: "
-                         f"{get_backend(spec.backend).tunables(spec)}")
-    name, key = record_identity(spec)
+def store(spec: MoESpec, target: str, allowed: dict, choice: dict,
+          measurements: list | None = None, cache=None) -> None:
+    """Store ``choice`` as the tuning record of ``spec`` on ``target``."""
+    if not _valid(allowed, choice):
+        raise ValueError(f"tuning {choice!r} is not allowed for {spec.name}; choices: {allowed}")
+    name, key = record_identity(spec, target, allowed)
     body = json.dumps({"format": RECORD_FORMAT, "choice": choice,
                        "measurements": measurements or []}, sort_keys=True).encode()
-    be = get_backend(spec.backend)
     (cache or default_cache()).put(name, key, Artifact(body, {
         "kind": "tuning", "key": key, "spec_name": name, "spec": spec.to_dict(),
-        "backend": be.name, "target": be.target(spec), "choice": choice}))
+        "backend": spec.backend, "target": target, "choice": choice}))
 
 
-def candidates(spec: MoESpec) -> list[dict]:
-    """Every combination of the backend's tunable values; the defaults first."""
-    allowed = get_backend(_resolve(spec).backend).tunables(spec)
+def forget(spec: MoESpec, target: str, allowed: dict, cache=None) -> None:
+    """Remove the tuning record of ``spec`` on ``target`` (the defaults apply again)."""
+    name, key = record_identity(spec, target, allowed)
+    cache = cache or default_cache()
+    if cache.get(name, key) is not None:
+        cache.drop(name, key, "the defaults measured best")
+
+
+def candidates(allowed: dict) -> list[dict]:
+    """Every combination of the allowed tunable values; the defaults first."""
     names = sorted(allowed)
     return [dict(zip(names, values)) for values in itertools.product(*(allowed[n] for n in names))]
-
-
-@dataclass
-class TuneResult:
-    spec: MoESpec
-    tokens: tuple[int, ...]
-    rows: list[dict] = field(default_factory=list)     # {"choice", "ms": [per T], "score"}
-    best: dict = field(default_factory=dict)
-
-    def table(self) -> str:
-        head = f"{'candidate':<40}" + "".join(f"{'T=' + str(t):>12}" for t in self.tokens) + f"{'score':>9}"
-        lines = [head, "-" * len(head)]
-        for r in self.rows:
-            mark = "  <- best" if r["choice"] == self.best else ""
-            label = ", ".join(f"{k}={v}" for k, v in r["choice"].items()) or "(defaults)"
-            lines.append(f"{label:<40}" + "".join(f"{m:>12.4f}" for m in r["ms"])
-                         + f"{r['score']:>9.3f}{mark}")
-        return "\n".join(lines)
-
-
-def tune(spec: MoESpec, tokens=(1, 64, 1024), budget_s: float = 0.5, save: bool = True,
-         progress=None) -> TuneResult:
-    """Time every candidate of ``spec`` at ``tokens`` (whole calls, median, rotated random
-    inputs) and keep the one with the lowest geometric-mean time relative to the defaults.
-
-    Stores the winner (``save``) so later `moegen.compile` calls of this spec use it.
-    Raises the usual compile errors; ValueError when the backend has nothing to tune.
-    """
-    from .bench.problems import make_inputs, make_weights
-    from .bench.profile import profile_kernel
-    from .jit import compile_tuned
-    spec = _resolve(spec)
-    cands = candidates(spec)
-    if len(cands) <= 1:
-        raise ValueError(f"the {spec.backend} backend has nothing to tune for {spec.name}")
-    result = TuneResult(spec, tuple(tokens))
-    base = None
-    for i, choice in enumerate(cands):
-        kernel = compile_tuned(spec, choice)
-        weights = make_weights(kernel, keep_logical=False)
-        ms = []
-        for T in tokens:
-            xs = make_inputs(kernel, T, count=2, seed=T)
-            prof = profile_kernel(kernel, xs, weights.packed, budget_s=budget_s, memory=False,
-                                  graph=False)
-            ms.append(float(prof["total_ms"]))
-        base = base or ms
-        score = math.exp(sum(math.log(m / b) for m, b in zip(ms, base) if m > 0 and b > 0) / len(ms))
-        result.rows.append({"choice": choice, "ms": ms, "score": score})
-        if progress:
-            progress(i + 1, len(cands), choice, ms)
-    result.best = min(result.rows, key=lambda r: r["score"])["choice"]
-    if save:
-        from .jit import clear_memo
-        store(spec, result.best, [{"choice": r["choice"], "tokens": list(tokens), "ms": r["ms"]}
-                                  for r in result.rows])
-        clear_memo()            # compile(spec) must now pick the record up
-    return result

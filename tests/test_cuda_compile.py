@@ -14,7 +14,9 @@ import sys
 import pytest
 
 from moegen.backends.cuda import CudaBackend
+from moegen.backends.cuda_workspace import launch_shapes
 from moegen.errors import CompileError, SpecError
+from moegen.plan import make_plan
 from moegen.render import render
 from moegen.spec import MoESpec
 
@@ -48,19 +50,14 @@ def test_whole_cubin_compiles(name):
     _need_nvrtc()
     spec, arch = GRID[name]
     spec = spec.replace(backend="cuda", arch=arch)
-    sources = render(spec, BE)
+    plan = make_plan(spec, arch, {})
+    sources = render(plan)
     art = BE.compile(sources, spec, BE.target(spec), "test-key")
     assert art.binary[:4] == b"\x7fELF"                 # a cubin (SASS), not PTX text
     assert art.meta["target"] == arch
-    # every kernel the module will look up is in the cubin
-    from moegen.backends import cuda_tiles
-    names = ["moe_route_logits_gemv", "moe_route_logits_tiled", "moe_route_select",
-             "moe_route_select_group", "moe_group_single", "moe_group_count", "moe_group_scan", "moe_group_scatter",
-             "moe_count_bad_ids", "moe_combine"]
-    if cuda_tiles.use_mma(spec):
-        names.append("moe_route_logits_mma")
-    names += [c.ffn1_kernel for c in cuda_tiles.bucket_configs(spec)]
-    names += [c.ffn2_kernel for c in cuda_tiles.bucket_configs(spec)]
+    # every kernel the module will look up (the plan's list) is in the cubin
+    names = plan.detail.kernels
+    assert {c.ffn1_kernel for c in plan.detail.buckets} <= set(names)
     for n in names:
         assert n.encode() in art.binary, n
 
@@ -83,9 +80,11 @@ def test_rendered_source_reads_constants_first():
     spec = MoESpec(8, 2, 512, 2048, dtype="bfloat16", backend="cuda", arch="sm_90")
     text = render(spec, BE).text
     head = text[:text.index("__device__")]
-    for line in ("constexpr int E = 8;", "constexpr int K = 2;", "constexpr int H = 512;",
-                 "constexpr int F = 2048;", "typedef unsigned short T_STORE;", "VEC_H = 8;"):
-        assert line in head, line
+    lines = {line.split("//")[0].strip() for line in head.splitlines()}
+    for line in ("constexpr int kExperts = 8;", "constexpr int kTopK = 2;",
+                 "constexpr int kHidden = 512;", "constexpr int kFfn = 2048;",
+                 "typedef unsigned short elem_t;", "constexpr int kVecH = 8;"):
+        assert line in lines, line
     assert "#include" not in text           # no CUDA headers: they cost seconds of NVRTC time
 
 
@@ -93,7 +92,7 @@ def test_vector_width_divides_odd_rows():
     for H, dtype, vec in ((100, "bfloat16", 4), (1000, "float16", 8), (1408, "float32", 4),
                           (33, "float32", 1), (2, "bfloat16", 2)):
         text = render(MoESpec(8, 2, H, 64, dtype=dtype, backend="cuda", arch="sm_90"), BE).text
-        assert f"constexpr int VEC_H = {vec};" in text, (H, dtype)
+        assert f"constexpr int kVecH = {vec};" in text, (H, dtype)
 
 
 def test_options_have_no_fast_math():
@@ -169,26 +168,26 @@ def test_import_without_cupy():
                          ids=lambda s: s.name)
 @pytest.mark.parametrize("T", [0, 1, 16, 17, 63, 64, 65, 4096, 16384])
 def test_plan_covers_every_token_expert_and_h(spec, T):
-    from moegen.backends import cuda_tiles
-    from moegen.backends.cuda_workspace import (GEMV_MAX_TOKENS, GEMV_TOKENS, GROUP_SINGLE_MAX_SLOTS,
-                                                GROUP_UNIT_SLOTS, ROUTE_MAX_SPLITS, ROUTE_WARPS,
-                                                RT_TM, RT_TN, make_plan, vec_width)
-    p = make_plan(spec, T, sms=132)
+    spec = spec.replace(backend="cuda", arch="sm_90")
+    cp = make_plan(spec, "sm_90", {}, sms=132).detail
+    r, g = cp.route, cp.group
+    p = launch_shapes(spec, cp, T)
     E, H = spec.num_experts, spec.hidden_dim
     gx, gy, gz = (tuple(p.route_grid) + (1,))[:3]
-    if T <= GEMV_MAX_TOKENS:
+    if T <= r.gemv_max_tokens:
         assert p.route_kernel == "moe_route_logits_gemv" and p.route_splits == 1
-        assert gx * ROUTE_WARPS >= E and gy * GEMV_TOKENS >= T
+        assert gx * r.warps >= E and gy * r.gemv_tokens >= T
+        assert p.route_block == 32 * r.warps
     else:
-        mma = cuda_tiles.use_mma(spec)
+        mma = cp.tensor_cores
         assert p.route_kernel == ("moe_route_logits_mma" if mma else "moe_route_logits_tiled")
-        assert gx * RT_TM >= T and gy * RT_TN >= E and gz == p.route_splits <= ROUTE_MAX_SPLITS
+        assert gx * r.tile_m >= T and gy * r.tile_n >= E and gz == p.route_splits <= r.max_splits
         # the splits cover H exactly once, each a whole number of k tiles
         assert p.route_k_chunk % (64 if mma else 32) == 0
         assert (p.route_splits - 1) * p.route_k_chunk < H <= p.route_splits * p.route_k_chunk
+        assert p.route_block == (r.mma_threads if mma else r.threads)
     slots = T * (spec.top_k + spec.num_shared_experts)
     assert p.fused_route_group == (0 < T <= 16)
-    assert p.group_single == (slots <= GROUP_SINGLE_MAX_SLOTS)
-    assert p.group_units * GROUP_UNIT_SLOTS >= slots
-    vec = vec_width(H, spec.dt.itemsize)
-    assert p.combine_blocks * 256 * vec >= T * H
+    assert p.group_single == (slots <= g.single_max_slots)
+    assert p.group_units * g.unit_slots >= slots
+    assert p.combine_blocks * cp.combine_threads * cp.vec_h >= T * H

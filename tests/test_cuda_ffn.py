@@ -19,9 +19,10 @@ import numpy as np
 import pytest
 
 from moegen import reference
-from moegen.backends import cuda_tiles
+from moegen.backends import cuda_plan, cuda_tiles
 from moegen.backends.base import Call
 from moegen.layout import PackedWeights, logical_weights, pack_host
+from moegen.plan import make_plan
 from moegen.render import render_template
 from moegen.spec import MoESpec
 
@@ -35,6 +36,19 @@ SPECS = {
     "e5-k3-h33-f17-fp32-silu-bias-odd": MoESpec(5, 3, 33, 17, dtype="float32", activation="silu", bias=True),
     "e64-k8-h512-f256-bf16-sh1": MoESpec(64, 8, 512, 256, dtype="bfloat16", num_shared_experts=1),
 }
+
+
+def _plan(spec: MoESpec, arch: str | None = None):
+    arch = arch or spec.arch or "sm_90"
+    return make_plan(spec.replace(backend="cuda", arch=arch), arch, {}, sms=132).detail
+
+
+def _buckets(spec: MoESpec) -> list:
+    return list(_plan(spec).buckets)
+
+
+def _context(spec: MoESpec, arch: str) -> dict:
+    return cuda_plan.render_context(spec, _plan(spec, arch))
 
 
 # -- CPU: configuration rules ----------------------------------------------------------------
@@ -55,7 +69,7 @@ def test_grouped_layout_host_pads_segments():
 @pytest.mark.parametrize("name", list(SPECS))
 def test_buckets_sorted_last_unbounded(name):
     spec = SPECS[name]
-    cfgs = cuda_tiles.bucket_configs(spec)
+    cfgs = _buckets(spec)
     bounds = [c.max_tokens for c in cfgs]
     assert bounds[-1] is None
     assert all(b is not None for b in bounds[:-1])
@@ -93,7 +107,7 @@ def test_layout_interleaves_gate_up_by_8():
 
 def test_workspace_sizes():
     spec = SPECS["e64-k8-h512-f256-bf16-sh1"]
-    for cfg in cuda_tiles.bucket_configs(spec):
+    for cfg in _buckets(spec):
         ws = cuda_tiles.workspace_sizes(spec, cfg, 100)
         tiles = math.ceil(100 * 9 / cfg.bm) + 64 + 1
         assert ws == {"max_tiles": tiles, "h": tiles * cfg.bm * 256,
@@ -113,7 +127,8 @@ def _nvrtc():
 def compile_ffn(spec: MoESpec, arch: str = "sm_90") -> tuple[bytes, str]:
     """The ffn template alone, compiled by NVRTC: (cubin, ptxas log)."""
     nvrtc = _nvrtc()
-    src = render_template("cuda/ffn.cu.jinja", **cuda_tiles.render_context(spec))
+    ctx = _context(spec, arch)       # the layer's constants and conversions, then the FFNs
+    src = render_template("cuda/_layer.cuh.jinja", **ctx) + render_template("cuda/ffn.cu.jinja", **ctx)
     prog = nvrtc.createProgram(src, "ffn.cu", [], [])
     try:
         nvrtc.compileProgram(prog, [f"--gpu-architecture={arch}", "-std=c++17",
@@ -128,7 +143,7 @@ def compile_ffn(spec: MoESpec, arch: str = "sm_90") -> tuple[bytes, str]:
 def test_every_bucket_compiles_without_spills(name):
     spec = SPECS[name]
     cubin, log = compile_ffn(spec)
-    for cfg in cuda_tiles.bucket_configs(spec):
+    for cfg in _buckets(spec):
         for kname in (cfg.ffn1_kernel, cfg.ffn2_kernel):
             assert kname.encode() in cubin, f"{kname} missing from the cubin"
     spills = re.findall(r"(\d+) bytes spill stores", log)
@@ -140,7 +155,7 @@ def test_every_bucket_compiles_without_spills(name):
 def test_sm90a_uses_wgmma_for_prefill(name):
     spec = SPECS[name].replace(arch="sm_90a")
     assert cuda_tiles.use_wgmma(spec) and not cuda_tiles.use_wgmma(SPECS[name])
-    last = cuda_tiles.bucket_configs(spec)[-1]
+    last = _buckets(spec)[-1]
     assert last.ffn1.kind == last.ffn2.kind == "wgmma"
     cubin, log = compile_ffn(spec, arch="sm_90a")
     assert last.ffn1_kernel.encode() in cubin and last.ffn2_kernel.encode() in cubin
@@ -215,7 +230,7 @@ def run_ffn(spec: MoESpec, T: int, seed: int = 0):
     buf, router = pack_host(mod.layout, logical)
     raw = _raw(spec)
     packed = PackedWeights(cp.asarray(buf.view(raw)), cp.asarray(router.view(raw)), mod.layout)
-    cfg = cuda_tiles.bucket_for(cuda_tiles.bucket_configs(spec), T)
+    cfg = cuda_tiles.bucket_for(_buckets(spec), T)
     sizes = cuda_tiles.workspace_sizes(spec, cfg, max(T, 1))
     sr, te, tr, nt = cuda_tiles.grouped_layout_host(spec, ids, cfg.bm, sizes["max_tiles"])
     ws = FfnWorkspace(cfg, T, cp.asarray(sr), cp.asarray(te), cp.asarray(tr), cp.asarray(nt),
@@ -261,7 +276,7 @@ def _arch(cp) -> str:
 
 def _token_counts(spec):
     counts = {1, 2, 7}
-    for cfg in cuda_tiles.bucket_configs(spec):
+    for cfg in _buckets(spec):
         if cfg.max_tokens is not None:
             counts |= {cfg.max_tokens, cfg.max_tokens + 1}
         counts |= {cfg.bm - 1, cfg.bm, cfg.bm + 1}
@@ -298,18 +313,14 @@ def test_small_grid(name):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", [n for n, s in SPECS.items() if cuda_tiles.use_mma(s)])
-@pytest.mark.parametrize("persistent", [True, False], ids=["persistent", "one-cta-per-tile"])
-def test_wgmma_prefill_matches_reference(name, persistent, monkeypatch):
-    """The wgmma kernels walk tiles persistently (at T = 2000 the e64 spec has more tiles than
-    SMs in both GEMMs, so CTAs loop); launched one CTA per tile they must agree too."""
+def test_wgmma_prefill_matches_reference(name):
+    """The wgmma kernels, launched one CTA per output tile, past the mid bucket and at a T
+    with more tiles than SMs."""
     cp = _cupy()
     if cp.cuda.Device().compute_capability != "90":
         pytest.skip("wgmma needs an sm_90 device")
-    tiles = {bm: tuple(dataclasses.replace(t, persistent=persistent) for t in pair)
-             for bm, pair in cuda_tiles.WGMMA_TILES.items()}
-    monkeypatch.setattr(cuda_tiles, "WGMMA_TILES", tiles)
     spec = SPECS[name].replace(arch="sm_90a")
-    start = cuda_tiles.bucket_configs(spec)[-2].max_tokens + 1
+    start = _buckets(spec)[-2].max_tokens + 1
     for T in (start, start + 129, 2000):
         out, ref = run_ffn(spec, T, seed=7 + T)
         err = reference.rel_error(out, ref)

@@ -92,8 +92,15 @@ def _compile(spec_dict: dict):
     from moegen.render import render
     spec = MoESpec.from_dict(spec_dict)
     be = get_backend("cuda")
-    art = be.compile(render(spec, be), spec, spec.arch, "test")
+    art = be.compile(render(_plan(spec)), spec, spec.arch, "test")
     return art.binary, art.meta
+
+
+def _plan(spec: MoESpec):
+    """The plan of a resolved spec on this GPU (the one device's SM count)."""
+    from moegen.backends import get_backend
+    from moegen.plan import make_plan
+    return make_plan(spec, spec.arch, {}, sms=get_backend("cuda").sm_count(spec.arch))
 
 
 @functools.lru_cache(maxsize=1)
@@ -112,7 +119,7 @@ def kernel_for(name: str) -> MoEKernel:
     spec = _resolved(ALL_SPECS[name])
     binary, meta = _artifacts()[spec]
     from moegen.backends.base import Artifact
-    module = get_backend("cuda").load(Artifact(binary, meta), spec)
+    module = get_backend("cuda").load(Artifact(binary, meta), _plan(spec))
     return MoEKernel(spec, module, meta)
 
 
@@ -237,19 +244,19 @@ def test_router_logit_kernels(name, T):
     names = ["moe_route_logits_gemv", "moe_route_logits_tiled"]
     if "moe_route_logits_mma" in mod.kernel_names():
         names.append("moe_route_logits_mma")
-    from moegen.backends import cuda_workspace as cw
+    r = mod.plan.route
     E, H = spec.num_experts, spec.hidden_dim
     for kname in names:
         ws.logits.fill(np.nan)
         fn = mod.function(kname)
         if kname.endswith("gemv"):
-            fn((-(-E // cw.ROUTE_WARPS), -(-T // cw.GEMV_TOKENS)), (cw.ROUTE_WARPS * 32,),
+            fn((-(-E // r.warps), -(-T // r.gemv_tokens)), (r.warps * 32,),
                (xn, packed.router, ws.logits, np.int32(T)))
         elif kname.endswith("mma"):
-            fn((-(-T // cw.RT_TM), -(-E // cw.RT_TN), 1), (cw.ROUTE_MMA_THREADS,),
-               (xn, packed.router, ws.logits, np.int32(T), np.int32(H)), shared_mem=cw.ROUTE_MMA_SMEM)
+            fn((-(-T // r.tile_m), -(-E // r.tile_n), 1), (r.mma_threads,),
+               (xn, packed.router, ws.logits, np.int32(T), np.int32(H)), shared_mem=r.mma_smem)
         else:
-            fn((-(-T // cw.RT_TM), -(-E // cw.RT_TN), 1), (cw.RT_THREADS_DEFAULT,),
+            fn((-(-T // r.tile_m), -(-E // r.tile_n), 1), (r.threads,),
                (xn, packed.router, ws.logits, np.int32(T), np.int32(H)))
         got = cp.asnumpy(ws.logits[:T * E]).reshape(T, E)
         err = reference.rel_error(got, want)
@@ -333,7 +340,7 @@ def test_fused_route_group_at_decode_sizes(name, T):
     match the reference (the routing) and the stable padded sort of that routing."""
     spec, k, x, w, packed, bias, xd = problem(name, T, seed=40 + T)
     ws = k.module.workspace(T)
-    assert ws.plan.fused_route_group
+    assert ws.shapes.fused_route_group
     for a in (ws.sorted_rows, ws.tile_expert, ws.tile_row0, ws.counts, ws.offsets):
         a.fill(-7)
     ids, wts = k.route(xd, packed, router_bias=cp.asarray(bias))

@@ -28,10 +28,18 @@ def test_every_field_but_backend_and_arch_changes_the_name():
     changes = dict(num_experts=16, top_k=1, hidden_dim=32, ffn_dim=96, dtype="float16",
                    activation="gelu", routing="topk_softmax", renormalize=False, bias=True,
                    num_shared_experts=1, capacity_factor=1.25, capacity_drop="weight",
-                   deterministic=False, routed_scaling_factor=2.0)
+                   routed_scaling_factor=2.0)
     for field, value in changes.items():
         assert base.replace(**{field: value}).name != base.name, field
     assert base.replace(backend="c").name == base.name
+
+
+def test_no_deterministic_option():
+    # the combine is always a fixed-order gather; an option nothing reads is refused
+    with pytest.raises(TypeError):
+        MoESpec(8, 2, 64, deterministic=False)
+    with pytest.raises(SpecError, match="deterministic"):
+        MoESpec.from_dict({**MoESpec(8, 2, 64).to_dict(), "deterministic": False})
 
 
 def test_frozen_hashable_picklable():

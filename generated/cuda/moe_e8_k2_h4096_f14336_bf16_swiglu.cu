@@ -3,26 +3,26 @@
 // Stages (one kernel each, launched in order on the caller's stream):
 //   route -> group -> ffn1 -> ffn2 -> combine
 
-// ---- the layer -----------------------------------------------------------------------------
-constexpr int E = 8;                    // routed experts
-constexpr int K = 2;                    // experts per token
-constexpr int NUM_SHARED = 0;  // always-on shared experts (weight 1)
-constexpr int K_TOTAL = K + NUM_SHARED;       // slots per token
-constexpr int E_TOTAL = E + NUM_SHARED;       // experts with a segment in the grouped layout
-constexpr int H = 4096;                    // hidden width
-constexpr int F = 14336;                    // expert intermediate width
-typedef unsigned short T_STORE;                // bfloat16 storage; all arithmetic is fp32
+// ---- the layer: shapes, routing, storage type and its conversions -----------------------
+// (included first; the expert FFN templates read these too)
+constexpr int kExperts = 8;  // routed experts
+constexpr int kTopK = 2;  // experts per token
+constexpr int kShared = 0;  // always-on shared experts (weight 1)
+constexpr int kSlots = kTopK + kShared;  // slots per token
+constexpr int kExpertsTotal = kExperts + kShared;  // experts with a segment in the grouped layout
+constexpr int kHidden = 4096;  // hidden width
+constexpr int kFfn = 14336;  // expert intermediate width
+typedef unsigned short elem_t;  // bfloat16 storage; all arithmetic is fp32
 
 // ---- routing -------------------------------------------------------------------------------
-constexpr float ROUTED_SCALING = 1.0f;
-constexpr int N_GROUP = 1;        // expert groups (grouped selection when > 1)
-constexpr int TOPK_GROUP = 1;  // groups kept per token
-#define MOE_RENORMALIZE 1                     // top-k weights rescaled to sum to 1
+constexpr float kRoutedScaling = 1.0f;
+constexpr int kGroups = 1;  // expert groups (grouped selection when > 1)
+constexpr int kTopkGroups = 1;  // groups kept per token
+#define MOE_RENORMALIZE 1  // top-k weights rescaled to sum to 1
 
-// ---- vector widths: elements per 16-byte (or narrower, when H is odd) access -----------------
-constexpr int VEC_H = 8;            // divides H, so a row never straddles a vector
+// ---- vector width: elements per 16-byte (or narrower, when kHidden is odd) access -----------
+constexpr int kVecH = 8;  // divides kHidden: a row never straddles a vector
 
-// ---- shared device helpers ---------------------------------------------------------------
 // Storage <-> fp32 conversions are bit-level or one PTX cvt each: cuda_fp16.h / cuda_bf16.h
 // would add seconds to every cold compile for two instructions.
 
@@ -57,9 +57,11 @@ __device__ __forceinline__ unsigned short st_bf16(float f) {
 #endif
 }
 
-__device__ __forceinline__ float to_f32(T_STORE v) { return ld_bf16(v); }
-__device__ __forceinline__ T_STORE from_f32(float f) { return st_bf16(f); }
+__device__ __forceinline__ float to_f32(elem_t v) { return ld_bf16(v); }
+__device__ __forceinline__ elem_t from_f32(float f) { return st_bf16(f); }
 
+
+// ---- shared device helpers ---------------------------------------------------------------
 // A register type of exactly BYTES bytes, so N storage elements move in one access.
 template <int BYTES> struct RawBits;
 template <> struct RawBits<16> { typedef uint4 type; };
@@ -68,20 +70,20 @@ template <> struct RawBits<4>  { typedef unsigned type; };
 template <> struct RawBits<2>  { typedef unsigned short type; };
 
 // N consecutive storage elements -> fp32 registers in one (up to 16-byte) load.
-// p must be aligned to N * sizeof(T_STORE) bytes.
+// p must be aligned to N * sizeof(elem_t) bytes.
 template <int N>
-__device__ __forceinline__ void load_vec(const T_STORE* __restrict__ p, float (&out)[N]) {
-    typedef typename RawBits<N * (int)sizeof(T_STORE)>::type R;
-    union { R raw; T_STORE e[N]; } u;
+__device__ __forceinline__ void load_vec(const elem_t* __restrict__ p, float (&out)[N]) {
+    typedef typename RawBits<N * (int)sizeof(elem_t)>::type R;
+    union { R raw; elem_t e[N]; } u;
     u.raw = __ldg(reinterpret_cast<const R*>(p));
     #pragma unroll
     for (int i = 0; i < N; ++i) out[i] = to_f32(u.e[i]);
 }
 
 template <int N>
-__device__ __forceinline__ void store_vec(T_STORE* __restrict__ p, const float (&in)[N]) {
-    typedef typename RawBits<N * (int)sizeof(T_STORE)>::type R;
-    union { R raw; T_STORE e[N]; } u;
+__device__ __forceinline__ void store_vec(elem_t* __restrict__ p, const float (&in)[N]) {
+    typedef typename RawBits<N * (int)sizeof(elem_t)>::type R;
+    union { R raw; elem_t e[N]; } u;
     #pragma unroll
     for (int i = 0; i < N; ++i) u.e[i] = from_f32(in[i]);
     *reinterpret_cast<R*>(p) = u.raw;
@@ -112,106 +114,106 @@ __device__ __forceinline__ int lane_id() { return threadIdx.x & 31; }
 
 // ==== route: router logits, scores, top-k ===================================================
 // Two launches: logits (a GEMV for a few tokens, a tiled SIMT GEMM otherwise), then one warp
-// per token turns its E logits into K expert ids and weights.  The router weight is [E, H]
+// per token turns its kExperts logits into kTopK expert ids and weights.  The router weight is [kExperts, kHidden]
 // ("eh"), so one router row is one contiguous dot product.
 
-constexpr int ROUTE_WARPS = 8;                // warps per block of the GEMV and the select
-constexpr int GEMV_TOKENS = 4;                // tokens sharing one pass over a router row
-constexpr int H_VECS = H / VEC_H;
+constexpr int kRouteWarps = 8;  // warps per block of the GEMV and the select
+constexpr int kGemvTokens = 4;  // tokens sharing one pass over a router row
+constexpr int kHiddenVecs = kHidden / kVecH;
 
 // logits[t, e] = x[t, :] . wr[e, :] for a handful of tokens: one warp per (expert, 4 tokens),
-// lanes stride over H with 16-byte loads, so each router row is read once per 4 tokens.
-extern "C" __global__ void __launch_bounds__(ROUTE_WARPS * 32)
-moe_route_logits_gemv(const T_STORE* __restrict__ x, const T_STORE* __restrict__ wr,
+// lanes stride over kHidden with 16-byte loads, so each router row is read once per 4 tokens.
+extern "C" __global__ void __launch_bounds__(kRouteWarps * 32)
+moe_route_logits_gemv(const elem_t* __restrict__ x, const elem_t* __restrict__ wr,
                       float* __restrict__ logits, int tokens)
 {
     const int lane = lane_id();
-    const int e = blockIdx.x * ROUTE_WARPS + (threadIdx.x >> 5);
-    const int t0 = blockIdx.y * GEMV_TOKENS;
-    if (e >= E) return;                       // whole warp: e is warp-uniform
-    const T_STORE* w_row = wr + (size_t)e * H;
-    float acc[GEMV_TOKENS];
+    const int e = blockIdx.x * kRouteWarps + (threadIdx.x >> 5);
+    const int t0 = blockIdx.y * kGemvTokens;
+    if (e >= kExperts) return;                       // whole warp: e is warp-uniform
+    const elem_t* w_row = wr + (size_t)e * kHidden;
+    float acc[kGemvTokens];
     #pragma unroll
-    for (int j = 0; j < GEMV_TOKENS; ++j) acc[j] = 0.f;
+    for (int j = 0; j < kGemvTokens; ++j) acc[j] = 0.f;
     #pragma unroll 4                          // several 16-byte loads in flight per lane
-    for (int c = lane; c < H_VECS; c += 32) {
-        float w[VEC_H];
-        load_vec<VEC_H>(w_row + c * VEC_H, w);
+    for (int c = lane; c < kHiddenVecs; c += 32) {
+        float w[kVecH];
+        load_vec<kVecH>(w_row + c * kVecH, w);
         #pragma unroll
-        for (int j = 0; j < GEMV_TOKENS; ++j) {
+        for (int j = 0; j < kGemvTokens; ++j) {
             if (t0 + j < tokens) {
-                float xv[VEC_H];
-                load_vec<VEC_H>(x + (size_t)(t0 + j) * H + c * VEC_H, xv);
+                float xv[kVecH];
+                load_vec<kVecH>(x + (size_t)(t0 + j) * kHidden + c * kVecH, xv);
                 #pragma unroll
-                for (int i = 0; i < VEC_H; ++i) acc[j] = fmaf(xv[i], w[i], acc[j]);
+                for (int i = 0; i < kVecH; ++i) acc[j] = fmaf(xv[i], w[i], acc[j]);
             }
         }
     }
     #pragma unroll
-    for (int j = 0; j < GEMV_TOKENS; ++j) {
+    for (int j = 0; j < kGemvTokens; ++j) {
         const float s = warp_sum(acc[j]);
-        if (lane == 0 && t0 + j < tokens) logits[(size_t)(t0 + j) * E + e] = s;
+        if (lane == 0 && t0 + j < tokens) logits[(size_t)(t0 + j) * kExperts + e] = s;
     }
 }
 
 // The same product for many tokens: 64x64 output tiles staged through shared memory (each
 // x and router element is read once per tile instead of once per output), 4x4 outputs per
-// thread.  blockIdx.z splits H into chunks of k_chunk; split z writes its partial sums to
-// logits + z * tokens * E and the select kernel adds the splits in a fixed order (no atomics,
+// thread.  blockIdx.z splits kHidden into chunks of k_chunk; split z writes its partial sums to
+// logits + z * tokens * kExperts and the select kernel adds the splits in a fixed order (no atomics,
 // so the routing of a given batch is reproducible).
-constexpr int RT_TM = 64;                     // tokens per tile
-constexpr int RT_TN = 64;                     // experts per tile
-constexpr int RT_TK = 32;                     // H per shared-memory stage (a multiple of VEC_H)
-constexpr int RT_THREADS = 256;               // 16 x 16 threads, 4 x 4 outputs each
-constexpr int RT_VECS = RT_TK / VEC_H;        // vectors per staged row
+constexpr int kRouteBM = 64;  // tokens per tile
+constexpr int kRouteBN = 64;  // experts per tile
+constexpr int kRouteBK = 32;  // kHidden per shared-memory stage (a multiple of kVecH)
+constexpr int kRouteThreads = 256;  // 16 x 16 threads, 4 x 4 outputs each
+constexpr int kRouteVecs = kRouteBK / kVecH;  // vectors per staged row
 
-extern "C" __global__ void __launch_bounds__(RT_THREADS)
-moe_route_logits_tiled(const T_STORE* __restrict__ x, const T_STORE* __restrict__ wr,
+extern "C" __global__ void __launch_bounds__(kRouteThreads)
+moe_route_logits_tiled(const elem_t* __restrict__ x, const elem_t* __restrict__ wr,
                        float* __restrict__ logits, int tokens, int k_chunk)
 {
     // Stored k-major so the inner loop reads 4 consecutive tokens / experts as one float4;
     // +4 keeps rows 16-byte aligned while shifting banks between rows.
-    __shared__ __align__(16) float xs[RT_TK][RT_TM + 4];
-    __shared__ __align__(16) float ws[RT_TK][RT_TN + 4];
+    __shared__ __align__(16) float xs[kRouteBK][kRouteBM + 4];
+    __shared__ __align__(16) float ws[kRouteBK][kRouteBN + 4];
     const int tid = threadIdx.x;
     const int ty = tid / 16, tx = tid % 16;
-    const int m0 = blockIdx.x * RT_TM, n0 = blockIdx.y * RT_TN;
+    const int m0 = blockIdx.x * kRouteBM, n0 = blockIdx.y * kRouteBN;
     const int k_begin = blockIdx.z * k_chunk;
-    const int k_end = min(H, k_begin + k_chunk);
+    const int k_end = min(kHidden, k_begin + k_chunk);
     float acc[4][4];
     #pragma unroll
     for (int i = 0; i < 4; ++i)
         #pragma unroll
         for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
 
-    for (int k0 = k_begin; k0 < k_end; k0 += RT_TK) {
-        for (int v = tid; v < RT_TM * RT_VECS; v += RT_THREADS) {
-            const int r = v / RT_VECS, c = (v % RT_VECS) * VEC_H;
+    for (int k0 = k_begin; k0 < k_end; k0 += kRouteBK) {
+        for (int v = tid; v < kRouteBM * kRouteVecs; v += kRouteThreads) {
+            const int r = v / kRouteVecs, c = (v % kRouteVecs) * kVecH;
             const int t = m0 + r, k = k0 + c;
-            float tmp[VEC_H];
-            if (t < tokens && k < k_end) load_vec<VEC_H>(x + (size_t)t * H + k, tmp);
+            float tmp[kVecH];
+            if (t < tokens && k < k_end) load_vec<kVecH>(x + (size_t)t * kHidden + k, tmp);
             else {
                 #pragma unroll
-                for (int i = 0; i < VEC_H; ++i) tmp[i] = 0.f;
+                for (int i = 0; i < kVecH; ++i) tmp[i] = 0.f;
             }
             #pragma unroll
-            for (int i = 0; i < VEC_H; ++i) xs[c + i][r] = tmp[i];
+            for (int i = 0; i < kVecH; ++i) xs[c + i][r] = tmp[i];
         }
-        for (int v = tid; v < RT_TN * RT_VECS; v += RT_THREADS) {
-            const int r = v / RT_VECS, c = (v % RT_VECS) * VEC_H;
+        for (int v = tid; v < kRouteBN * kRouteVecs; v += kRouteThreads) {
+            const int r = v / kRouteVecs, c = (v % kRouteVecs) * kVecH;
             const int e = n0 + r, k = k0 + c;
-            float tmp[VEC_H];
-            if (e < E && k < k_end) load_vec<VEC_H>(wr + (size_t)e * H + k, tmp);
+            float tmp[kVecH];
+            if (e < kExperts && k < k_end) load_vec<kVecH>(wr + (size_t)e * kHidden + k, tmp);
             else {
                 #pragma unroll
-                for (int i = 0; i < VEC_H; ++i) tmp[i] = 0.f;
+                for (int i = 0; i < kVecH; ++i) tmp[i] = 0.f;
             }
             #pragma unroll
-            for (int i = 0; i < VEC_H; ++i) ws[c + i][r] = tmp[i];
+            for (int i = 0; i < kVecH; ++i) ws[c + i][r] = tmp[i];
         }
         __syncthreads();                      // tile staged
         #pragma unroll 8
-        for (int kk = 0; kk < RT_TK; ++kk) {
+        for (int kk = 0; kk < kRouteBK; ++kk) {
             const float4 a = *reinterpret_cast<const float4*>(&xs[kk][ty * 4]);
             const float4 b = *reinterpret_cast<const float4*>(&ws[kk][tx * 4]);
             const float av[4] = {a.x, a.y, a.z, a.w}, bv[4] = {b.x, b.y, b.z, b.w};
@@ -222,7 +224,7 @@ moe_route_logits_tiled(const T_STORE* __restrict__ x, const T_STORE* __restrict_
         }
         __syncthreads();                      // tile consumed before the next one lands
     }
-    float* part = logits + (size_t)blockIdx.z * tokens * E;
+    float* part = logits + (size_t)blockIdx.z * tokens * kExperts;
     #pragma unroll
     for (int i = 0; i < 4; ++i) {
         const int t = m0 + ty * 4 + i;
@@ -230,13 +232,13 @@ moe_route_logits_tiled(const T_STORE* __restrict__ x, const T_STORE* __restrict_
         #pragma unroll
         for (int j = 0; j < 4; ++j) {
             const int e = n0 + tx * 4 + j;
-            if (e < E) part[(size_t)t * E + e] = acc[i][j];
+            if (e < kExperts) part[(size_t)t * kExperts + e] = acc[i][j];
         }
     }
 }
 
 // ---- select: scores and top-k, one warp per token ----------------------------------------------
-constexpr int EPL = (E + 31) / 32;            // experts per lane: expert j * 32 + lane
+constexpr int kExpertsPerLane = (kExperts + 31) / 32;  // experts per lane: expert j * 32 + lane
 
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
 
@@ -285,24 +287,24 @@ __device__ __forceinline__ float warp_fetch(const float (&v)[N], int index) {
 }
 
 
-// One token's routing, by one warp: logits [splits, tokens, E] (the split partials are added
-// in order) -> topk_ids/topk_weights [tokens, K].  bias [E] or null: added to the logits.  When want_stats, adds the
-// token's probabilities to psum and logsumexp(logits)² to lse_sq.  cs: E floats of scratch
+// One token's routing, by one warp: logits [splits, tokens, kExperts] (the split partials are added
+// in order) -> topk_ids/topk_weights [tokens, kTopK].  bias [kExperts] or null: added to the logits.  When want_stats, adds the
+// token's probabilities to psum and logsumexp(logits)² to lse_sq.  cs: kExperts floats of scratch
 // owned by this warp (grouped selection only).
 __device__ __forceinline__ void route_token(int t, const float* __restrict__ logits, int splits,
                                             const float* __restrict__ bias, int* topk_ids,
                                             float* topk_weights, int tokens, bool want_stats,
-                                            float (&psum)[EPL], float& lse_sq, float* cs)
+                                            float (&psum)[kExpertsPerLane], float& lse_sq, float* cs)
 {
     const int lane = lane_id();
-    float z[EPL];
+    float z[kExpertsPerLane];
     #pragma unroll
-    for (int j = 0; j < EPL; ++j) {
+    for (int j = 0; j < kExpertsPerLane; ++j) {
         const int e = j * 32 + lane;
         float v = neg_inf();
-        if (e < E) {
-            v = logits[(size_t)t * E + e];
-            for (int s = 1; s < splits; ++s) v += logits[((size_t)s * tokens + t) * E + e];
+        if (e < kExperts) {
+            v = logits[(size_t)t * kExperts + e];
+            for (int s = 1; s < splits; ++s) v += logits[((size_t)s * tokens + t) * kExperts + e];
             if (bias) v += bias[e];
         }
         z[j] = v;
@@ -310,38 +312,38 @@ __device__ __forceinline__ void route_token(int t, const float* __restrict__ log
     // softmax statistics of the logits: the max and the sum of exp (z-loss, probs)
     float m = neg_inf();
     #pragma unroll
-    for (int j = 0; j < EPL; ++j) m = fmaxf(m, z[j]);
+    for (int j = 0; j < kExpertsPerLane; ++j) m = fmaxf(m, z[j]);
     m = warp_max(m);
-    unsigned key[EPL];
-    float p[EPL];                         // the probabilities the aux loss averages
-    int ids[K];
-    float w[K];
+    unsigned key[kExpertsPerLane];
+    float p[kExpertsPerLane];                         // the probabilities the aux loss averages
+    int ids[kTopK];
+    float w[kTopK];
     float se = 0.f;
     #pragma unroll
-    for (int j = 0; j < EPL; ++j) { p[j] = expf(z[j] - m); se += (j * 32 + lane < E) ? p[j] : 0.f; }
+    for (int j = 0; j < kExpertsPerLane; ++j) { p[j] = expf(z[j] - m); se += (j * 32 + lane < kExperts) ? p[j] : 0.f; }
     se = warp_sum(se);
     #pragma unroll
-    for (int j = 0; j < EPL; ++j) p[j] = p[j] / se;
+    for (int j = 0; j < kExpertsPerLane; ++j) p[j] = p[j] / se;
     #pragma unroll
-    for (int j = 0; j < EPL; ++j) key[j] = (j * 32 + lane < E) ? order_key(p[j]) : 0u;
-    warp_topk<EPL, K>(key, ids);
+    for (int j = 0; j < kExpertsPerLane; ++j) key[j] = (j * 32 + lane < kExperts) ? order_key(p[j]) : 0u;
+    warp_topk<kExpertsPerLane, kTopK>(key, ids);
     #pragma unroll
-    for (int r = 0; r < K; ++r) w[r] = warp_fetch<EPL>(p, ids[r]);
+    for (int r = 0; r < kTopK; ++r) w[r] = warp_fetch<kExpertsPerLane>(p, ids[r]);
     float wsum = 0.f;
     #pragma unroll
-    for (int r = 0; r < K; ++r) wsum += w[r];
+    for (int r = 0; r < kTopK; ++r) wsum += w[r];
     #pragma unroll
-    for (int r = 0; r < K; ++r) w[r] = w[r] / wsum;
+    for (int r = 0; r < kTopK; ++r) w[r] = w[r] / wsum;
     #pragma unroll
-    for (int r = 0; r < K; ++r) {
+    for (int r = 0; r < kTopK; ++r) {
         if (lane == r) {
-            topk_ids[(size_t)t * K + r] = ids[r];
-            topk_weights[(size_t)t * K + r] = w[r] * ROUTED_SCALING;
+            topk_ids[(size_t)t * kTopK + r] = ids[r];
+            topk_weights[(size_t)t * kTopK + r] = w[r] * kRoutedScaling;
         }
     }
     if (want_stats) {
         #pragma unroll
-        for (int j = 0; j < EPL; ++j) psum[j] += p[j];
+        for (int j = 0; j < kExpertsPerLane; ++j) psum[j] += p[j];
         const float lse = m + logf(se);
         lse_sq += lse * lse;
     }
@@ -349,84 +351,84 @@ __device__ __forceinline__ void route_token(int t, const float* __restrict__ log
 
 // Per-block sums of the stats in shared memory, then one global atomic per expert per block
 // (router_sums is zeroed before the launch).  Called by every thread of the block.
-__device__ __forceinline__ void flush_route_stats(const float (&psum)[EPL], float lse_sq,
+__device__ __forceinline__ void flush_route_stats(const float (&psum)[kExpertsPerLane], float lse_sq,
                                                   float* s_sums, float* router_sums)
 {
     const int lane = lane_id();
-    for (int i = threadIdx.x; i <= E; i += blockDim.x) s_sums[i] = 0.f;
+    for (int i = threadIdx.x; i <= kExperts; i += blockDim.x) s_sums[i] = 0.f;
     __syncthreads();
     #pragma unroll
-    for (int j = 0; j < EPL; ++j)
-        if (j * 32 + lane < E) atomicAdd(&s_sums[j * 32 + lane], psum[j]);
-    if (lane == 0) atomicAdd(&s_sums[E], lse_sq);
+    for (int j = 0; j < kExpertsPerLane; ++j)
+        if (j * 32 + lane < kExperts) atomicAdd(&s_sums[j * 32 + lane], psum[j]);
+    if (lane == 0) atomicAdd(&s_sums[kExperts], lse_sq);
     __syncthreads();
-    for (int i = threadIdx.x; i <= E; i += blockDim.x) atomicAdd(&router_sums[i], s_sums[i]);
+    for (int i = threadIdx.x; i <= kExperts; i += blockDim.x) atomicAdd(&router_sums[i], s_sums[i]);
 }
 
 // topk_ids/topk_weights for every token, one warp per token (see route_token).  When
-// want_stats, router_sums[e] += Σ_t prob[t, e] and router_sums[E] += Σ_t logsumexp(logits_t)².
-extern "C" __global__ void __launch_bounds__(ROUTE_WARPS * 32)
+// want_stats, router_sums[e] += Σ_t prob[t, e] and router_sums[kExperts] += Σ_t logsumexp(logits_t)².
+extern "C" __global__ void __launch_bounds__(kRouteWarps * 32)
 moe_route_select(const float* __restrict__ logits, int splits, const float* __restrict__ bias,
                  int* __restrict__ topk_ids, float* __restrict__ topk_weights,
                  float* __restrict__ router_sums, int tokens, int want_stats)
 {
-    __shared__ float s_sums[E + 1];
+    __shared__ float s_sums[kExperts + 1];
     float* cs = nullptr;
-    float psum[EPL];
+    float psum[kExpertsPerLane];
     #pragma unroll
-    for (int j = 0; j < EPL; ++j) psum[j] = 0.f;
+    for (int j = 0; j < kExpertsPerLane; ++j) psum[j] = 0.f;
     float lse_sq = 0.f;
-    for (int t = blockIdx.x * ROUTE_WARPS + (threadIdx.x >> 5); t < tokens; t += gridDim.x * ROUTE_WARPS)
+    for (int t = blockIdx.x * kRouteWarps + (threadIdx.x >> 5); t < tokens; t += gridDim.x * kRouteWarps)
         route_token(t, logits, splits, bias, topk_ids, topk_weights, tokens, want_stats != 0, psum,
                     lse_sq, cs);
     if (want_stats) flush_route_stats(psum, lse_sq, s_sums, router_sums);
 }
 
 // ==== group: slots sorted by expert, padded to GEMM tiles ======================================
-// Slot i = t * K_TOTAL + s of token t goes to expert topk_ids[t, s] (s < K) or to shared expert
-// E + s - K.  A "unit" is one warp owning a contiguous run of slots; it counts its slots per
+// Slot i = t * kSlots + s of token t goes to expert topk_ids[t, s] (s < kTopK) or to shared expert
+// kExperts + s - kTopK.  A "unit" is one warp owning a contiguous run of slots; it counts its slots per
 // expert, a scan turns the counts of all units into write cursors, and the unit scatters its
 // slots in slot order, so the result is the stable sort by expert whatever the launch shape.
 //
-// Outputs: counts [E] and offsets [E+1] (unpadded, routed experts); sorted_rows [padded rows]:
+// Outputs: counts [kExperts] and offsets [kExperts+1] (unpadded, routed experts); sorted_rows [padded rows]:
 // slot index or -1 for padding, each expert's segment padded to a multiple of bm; the M-tile
 // list tile_expert / tile_row0 [num_tiles] of the grouped GEMMs; num_tiles [1].
 
-constexpr int GROUP_WARPS = 32;         // warps of the one-block group kernel
-constexpr int GROUP_UNIT_SLOTS = 512; // slots per unit in the multi-block path
-constexpr int GROUP_BLOCK_UNITS = 8;                   // units per block in the multi-block path
+constexpr int kGroupWarps = 32;  // warps of the one-block group kernel
+constexpr int kUnitSlots = 512;  // slots per unit in the multi-block path
+constexpr int kBlockUnits = 8;  // units per block in the multi-block path
 
 // ids is read without __restrict__/__ldg: the fused route+group kernel writes it earlier in the
 // same launch, so it must not come through the read-only (non-coherent) cache.
 // MASKED (the second group pass of a capacity spec): a routed slot the capacity pass dropped
-// (kept[t * K + s] == 0) gets a fake expert, distinct per lane, and so is left out like a slot
+// (kept[t * kTopK + s] == 0) gets a fake expert, distinct per lane, and so is left out like a slot
 // past the end.  Unmasked instantiations compile to exactly the dropless code.
 template <bool MASKED>
 __device__ __forceinline__ int slot_expert(const int* ids, const unsigned char* kept, int i) {
-    if (NUM_SHARED == 0) {
-        if (MASKED && !kept[i]) return E_TOTAL + lane_id();
+    if (kShared == 0) {
+        if (MASKED && !kept[i]) return kExpertsTotal + lane_id();
         return ids[i];
     }
-    const int t = i / K_TOTAL, s = i - t * K_TOTAL;
-    if (s >= K) return E + (s - K);
-    if (MASKED && !kept[t * K + s]) return E_TOTAL + lane_id();
-    return ids[t * K + s];
+    const int t = i / kSlots, s = i - t * kSlots;
+    if (s >= kTopK) return kExperts + (s - kTopK);
+    if (MASKED && !kept[t * kTopK + s]) return kExpertsTotal + lane_id();
+    return ids[t * kTopK + s];
 }
 
 // Four batches of 32 slots per step: their ids are loaded before the first is used, so four
 // loads are in flight instead of one.
-constexpr int UNIT_BATCHES = 4;
+constexpr int kUnitBatches = 4;
 
 // The expert of each slot of the four batches at b, fake ones past end (distinct per lane, so
 // they never join a real expert's peer group).
 template <bool MASKED>
 __device__ __forceinline__ void load_batches(const int* ids, const unsigned char* kept, int b,
-                                             int end, int (&e)[UNIT_BATCHES]) {
+                                             int end, int (&e)[kUnitBatches]) {
     const int lane = lane_id();
     #pragma unroll
-    for (int q = 0; q < UNIT_BATCHES; ++q) {
+    for (int q = 0; q < kUnitBatches; ++q) {
         const int i = b + q * 32 + lane;
-        e[q] = i < end ? slot_expert<MASKED>(ids, kept, i) : E_TOTAL + lane;
+        e[q] = i < end ? slot_expert<MASKED>(ids, kept, i) : kExpertsTotal + lane;
     }
 }
 
@@ -435,13 +437,13 @@ template <bool MASKED>
 __device__ __forceinline__ void unit_count(const int* ids, const unsigned char* kept, int begin,
                                            int end, int* row) {
     const int lane = lane_id();
-    for (int b = begin; b < end; b += 32 * UNIT_BATCHES) {
-        int e[UNIT_BATCHES];
+    for (int b = begin; b < end; b += 32 * kUnitBatches) {
+        int e[kUnitBatches];
         load_batches<MASKED>(ids, kept, b, end, e);
         #pragma unroll
-        for (int q = 0; q < UNIT_BATCHES; ++q) {
+        for (int q = 0; q < kUnitBatches; ++q) {
             const unsigned peers = __match_any_sync(0xffffffffu, e[q]);
-            if (e[q] < E_TOTAL && lane == __ffs(peers) - 1) row[e[q]] += __popc(peers);
+            if (e[q] < kExpertsTotal && lane == __ffs(peers) - 1) row[e[q]] += __popc(peers);
             __syncwarp();
         }
     }
@@ -453,13 +455,13 @@ __device__ __forceinline__ void unit_scatter(const int* ids, const unsigned char
                                              int end, int* cursor, int* __restrict__ sorted_rows) {
     const int lane = lane_id();
     const unsigned lower = (1u << lane) - 1u;
-    for (int b = begin; b < end; b += 32 * UNIT_BATCHES) {
-        int e[UNIT_BATCHES];
+    for (int b = begin; b < end; b += 32 * kUnitBatches) {
+        int e[kUnitBatches];
         load_batches<MASKED>(ids, kept, b, end, e);
         #pragma unroll
-        for (int q = 0; q < UNIT_BATCHES; ++q) {
+        for (int q = 0; q < kUnitBatches; ++q) {
             const unsigned peers = __match_any_sync(0xffffffffu, e[q]);
-            const bool real = e[q] < E_TOTAL;
+            const bool real = e[q] < kExpertsTotal;
             int base = 0;
             if (real) {
                 base = cursor[e[q]];
@@ -473,9 +475,9 @@ __device__ __forceinline__ void unit_scatter(const int* ids, const unsigned char
 }
 
 // Given count[e] of every expert (shared memory), write counts/offsets/tile list/padding and
-// leave pad_off[e] = first padded row of expert e.  One warp does the scan over E_TOTAL
+// leave pad_off[e] = first padded row of expert e.  One warp does the scan over kExpertsTotal
 // experts (each lane a contiguous run); the whole block then fills the tile list.
-constexpr int SCAN_PER_LANE = (E_TOTAL + 31) / 32;
+constexpr int kScanPerLane = (kExpertsTotal + 31) / 32;
 
 __device__ void scan_experts(const int* count, int* pad_off, int* tile_off, int bm,
                              int* __restrict__ counts, int* __restrict__ offsets,
@@ -483,11 +485,11 @@ __device__ void scan_experts(const int* count, int* pad_off, int* tile_off, int 
                              int* __restrict__ tile_row0, int* __restrict__ num_tiles) {
     if (threadIdx.x < 32) {
         const int lane = threadIdx.x;
-        const int e0 = lane * SCAN_PER_LANE;
+        const int e0 = lane * kScanPerLane;
         int n = 0, padded = 0, tiles = 0;
-        for (int e = e0; e < min(E_TOTAL, e0 + SCAN_PER_LANE); ++e) {
+        for (int e = e0; e < min(kExpertsTotal, e0 + kScanPerLane); ++e) {
             const int c = count[e];
-            n += e < E ? c : 0;
+            n += e < kExperts ? c : 0;
             padded += (c + bm - 1) / bm * bm;
             tiles += (c + bm - 1) / bm;
         }
@@ -501,18 +503,18 @@ __device__ void scan_experts(const int* count, int* pad_off, int* tile_off, int 
             if (lane >= o) { sn += a; sp += b; st += c; }
         }
         n = sn - n; padded = sp - padded; tiles = st - tiles;   // exclusive
-        for (int e = e0; e < min(E_TOTAL, e0 + SCAN_PER_LANE); ++e) {
+        for (int e = e0; e < min(kExpertsTotal, e0 + kScanPerLane); ++e) {
             const int c = count[e];
-            if (e < E) { counts[e] = c; offsets[e] = n; n += c; }
+            if (e < kExperts) { counts[e] = c; offsets[e] = n; n += c; }
             pad_off[e] = padded;
             tile_off[e] = tiles;
             padded += (c + bm - 1) / bm * bm;
             tiles += (c + bm - 1) / bm;
         }
-        if (lane == 31) { offsets[E] = n; *num_tiles = tiles; }
+        if (lane == 31) { offsets[kExperts] = n; *num_tiles = tiles; }
     }
     __syncthreads();
-    for (int e = threadIdx.x; e < E_TOTAL; e += blockDim.x) {
+    for (int e = threadIdx.x; e < kExpertsTotal; e += blockDim.x) {
         const int c = count[e];
         const int nt = (c + bm - 1) / bm;
         for (int j = 0; j < nt; ++j) {
@@ -524,25 +526,25 @@ __device__ void scan_experts(const int* count, int* pad_off, int* tile_off, int 
 }
 
 // The whole group stage in one block of WARPS warps (few tokens): one unit per warp, counts
-// and cursors in shared memory (s_rows [WARPS][E_TOTAL], then three [E_TOTAL] arrays).
+// and cursors in shared memory (s_rows [WARPS][kExpertsTotal], then three [kExpertsTotal] arrays).
 template <int WARPS, bool MASKED = false>
 __device__ __forceinline__ void group_block(const int* ids, const unsigned char* kept, int tokens, int bm,
                                             int* __restrict__ counts, int* __restrict__ offsets,
                                             int* __restrict__ sorted_rows, int* __restrict__ tile_expert,
                                             int* __restrict__ tile_row0, int* __restrict__ num_tiles,
-                                            int (*s_rows)[E_TOTAL], int* s_count, int* s_pad_off,
+                                            int (*s_rows)[kExpertsTotal], int* s_count, int* s_pad_off,
                                             int* s_tile_off)
 {
     const int warp = threadIdx.x >> 5;
-    const int n = tokens * K_TOTAL;
+    const int n = tokens * kSlots;
     const int chunk = ((n + WARPS - 1) / WARPS + 31) / 32 * 32;
     const int begin = min(n, warp * chunk), end = min(n, begin + chunk);
 
-    for (int i = threadIdx.x; i < WARPS * E_TOTAL; i += blockDim.x) (&s_rows[0][0])[i] = 0;
+    for (int i = threadIdx.x; i < WARPS * kExpertsTotal; i += blockDim.x) (&s_rows[0][0])[i] = 0;
     __syncthreads();
     unit_count<MASKED>(ids, kept, begin, end, s_rows[warp]);
     __syncthreads();
-    for (int e = threadIdx.x; e < E_TOTAL; e += blockDim.x) {
+    for (int e = threadIdx.x; e < kExpertsTotal; e += blockDim.x) {
         int run = 0;
         for (int w = 0; w < WARPS; ++w) { const int c = s_rows[w][e]; s_rows[w][e] = run; run += c; }
         s_count[e] = run;
@@ -551,32 +553,32 @@ __device__ __forceinline__ void group_block(const int* ids, const unsigned char*
     scan_experts(s_count, s_pad_off, s_tile_off, bm, counts, offsets, sorted_rows, tile_expert,
                  tile_row0, num_tiles);
     __syncthreads();
-    for (int i = threadIdx.x; i < WARPS * E_TOTAL; i += blockDim.x)
-        (&s_rows[0][0])[i] += s_pad_off[i % E_TOTAL];
+    for (int i = threadIdx.x; i < WARPS * kExpertsTotal; i += blockDim.x)
+        (&s_rows[0][0])[i] += s_pad_off[i % kExpertsTotal];
     __syncthreads();
     unit_scatter<MASKED>(ids, kept, begin, end, s_rows[warp], sorted_rows);
 }
 
-extern "C" __global__ void __launch_bounds__(GROUP_WARPS * 32)
+extern "C" __global__ void __launch_bounds__(kGroupWarps * 32)
 moe_group_single(const int* __restrict__ ids, int tokens, int bm,
                  int* __restrict__ counts, int* __restrict__ offsets,
                  int* __restrict__ sorted_rows, int* __restrict__ tile_expert,
                  int* __restrict__ tile_row0, int* __restrict__ num_tiles)
 {
-    __shared__ int s_rows[GROUP_WARPS][E_TOTAL];
-    __shared__ int s_count[E_TOTAL], s_pad_off[E_TOTAL], s_tile_off[E_TOTAL];
-    group_block<GROUP_WARPS>(ids, nullptr, tokens, bm, counts, offsets, sorted_rows, tile_expert, tile_row0,
+    __shared__ int s_rows[kGroupWarps][kExpertsTotal];
+    __shared__ int s_count[kExpertsTotal], s_pad_off[kExpertsTotal], s_tile_off[kExpertsTotal];
+    group_block<kGroupWarps>(ids, nullptr, tokens, bm, counts, offsets, sorted_rows, tile_expert, tile_row0,
                              num_tiles, s_rows, s_count, s_pad_off, s_tile_off);
 }
 
 // Few tokens: the select of the route stage and the whole group stage in one block, one launch
 // instead of two (at decode sizes the launches, not the work, cost the time).  Warp w routes
-// tokens w, w + FUSED_WARPS, ...; after the barrier every topk_ids write is visible to the
+// tokens w, w + kFusedWarps, ...; after the barrier every topk_ids write is visible to the
 // block, and the group stage reads them.  16 warps at most: the select needs ~100+ registers a
 // thread (a 1024-thread block would cap it at 64 and spill).
-constexpr int FUSED_WARPS = GROUP_WARPS < 16 ? GROUP_WARPS : 16;
+constexpr int kFusedWarps = 16;
 
-extern "C" __global__ void __launch_bounds__(FUSED_WARPS * 32)
+extern "C" __global__ void __launch_bounds__(kFusedWarps * 32)
 moe_route_select_group(const float* __restrict__ logits, int splits, const float* __restrict__ bias,
                        int* topk_ids, float* __restrict__ topk_weights,
                        float* __restrict__ router_sums, int tokens, int want_stats, int bm,
@@ -584,21 +586,21 @@ moe_route_select_group(const float* __restrict__ logits, int splits, const float
                        int* __restrict__ sorted_rows, int* __restrict__ tile_expert,
                        int* __restrict__ tile_row0, int* __restrict__ num_tiles)
 {
-    __shared__ int s_rows[FUSED_WARPS][E_TOTAL];      // route: each warp's scratch; group: counts
-    __shared__ int s_count[E_TOTAL], s_pad_off[E_TOTAL], s_tile_off[E_TOTAL];
-    __shared__ float s_sums[E + 1];
+    __shared__ int s_rows[kFusedWarps][kExpertsTotal];      // route: each warp's scratch; group: counts
+    __shared__ int s_count[kExpertsTotal], s_pad_off[kExpertsTotal], s_tile_off[kExpertsTotal];
+    __shared__ float s_sums[kExperts + 1];
     const int warp = threadIdx.x >> 5;
-    float psum[EPL];
+    float psum[kExpertsPerLane];
     #pragma unroll
-    for (int j = 0; j < EPL; ++j) psum[j] = 0.f;
+    for (int j = 0; j < kExpertsPerLane; ++j) psum[j] = 0.f;
     float lse_sq = 0.f;
-    float* cs = reinterpret_cast<float*>(s_rows[warp]);   // E_TOTAL >= E floats
-    for (int t = warp; t < tokens; t += FUSED_WARPS)
+    float* cs = reinterpret_cast<float*>(s_rows[warp]);   // kExpertsTotal >= kExperts floats
+    for (int t = warp; t < tokens; t += kFusedWarps)
         route_token(t, logits, splits, bias, topk_ids, topk_weights, tokens, want_stats != 0, psum,
                     lse_sq, cs);
     if (want_stats) flush_route_stats(psum, lse_sq, s_sums, router_sums);
     __syncthreads();                          // topk_ids written; s_rows free for the counts
-    group_block<FUSED_WARPS>(topk_ids, nullptr, tokens, bm, counts, offsets, sorted_rows, tile_expert,
+    group_block<kFusedWarps>(topk_ids, nullptr, tokens, bm, counts, offsets, sorted_rows, tile_expert,
                              tile_row0, num_tiles, s_rows, s_count, s_pad_off, s_tile_off);
 }
 
@@ -608,44 +610,46 @@ __device__ __forceinline__ void group_count(const int* __restrict__ ids,
                                             const unsigned char* __restrict__ kept, int tokens,
                                             int* __restrict__ hist)
 {
-    __shared__ int s_rows[GROUP_BLOCK_UNITS][E_TOTAL];
+    __shared__ int s_rows[kBlockUnits][kExpertsTotal];
     const int warp = threadIdx.x >> 5;
-    const int unit = blockIdx.x * GROUP_BLOCK_UNITS + warp;
-    const int n = tokens * K_TOTAL;
-    const int begin = min(n, unit * GROUP_UNIT_SLOTS), end = min(n, begin + GROUP_UNIT_SLOTS);
-    for (int i = threadIdx.x; i < GROUP_BLOCK_UNITS * E_TOTAL; i += blockDim.x) (&s_rows[0][0])[i] = 0;
+    const int unit = blockIdx.x * kBlockUnits + warp;
+    const int n = tokens * kSlots;
+    const int begin = min(n, unit * kUnitSlots), end = min(n, begin + kUnitSlots);
+    for (int i = threadIdx.x; i < kBlockUnits * kExpertsTotal; i += blockDim.x) (&s_rows[0][0])[i] = 0;
     __syncthreads();
     unit_count<MASKED>(ids, kept, begin, end, s_rows[warp]);
     __syncwarp();
     if (begin < end)
-        for (int e = lane_id(); e < E_TOTAL; e += 32) hist[(size_t)unit * E_TOTAL + e] = s_rows[warp][e];
+        for (int e = lane_id(); e < kExpertsTotal; e += 32) hist[(size_t)unit * kExpertsTotal + e] = s_rows[warp][e];
 }
 
-extern "C" __global__ void __launch_bounds__(GROUP_BLOCK_UNITS * 32)
+extern "C" __global__ void __launch_bounds__(kBlockUnits * 32)
 moe_group_count(const int* __restrict__ ids, int tokens, int* __restrict__ hist)
 {
     group_count<false>(ids, nullptr, tokens, hist);
 }
 
 // 2 of 3 (one block): hist[u, e] becomes the number of expert-e slots before unit u; then the
-// expert scan, tile list and padding; pad_off [E_TOTAL] for the scatter.
-extern "C" __global__ void __launch_bounds__(1024)
+// expert scan, tile list and padding; pad_off [kExpertsTotal] for the scatter.
+constexpr int kScanThreads = 1024;
+
+extern "C" __global__ void __launch_bounds__(kScanThreads)
 moe_group_scan(int tokens, int bm, int* __restrict__ hist, int* __restrict__ pad_off,
                int* __restrict__ counts, int* __restrict__ offsets,
                int* __restrict__ sorted_rows, int* __restrict__ tile_expert,
                int* __restrict__ tile_row0, int* __restrict__ num_tiles)
 {
-    __shared__ int s_count[E_TOTAL], s_pad_off[E_TOTAL], s_tile_off[E_TOTAL];
-    const int units = (tokens * K_TOTAL + GROUP_UNIT_SLOTS - 1) / GROUP_UNIT_SLOTS;
-    for (int e = threadIdx.x; e < E_TOTAL; e += blockDim.x) {
+    __shared__ int s_count[kExpertsTotal], s_pad_off[kExpertsTotal], s_tile_off[kExpertsTotal];
+    const int units = (tokens * kSlots + kUnitSlots - 1) / kUnitSlots;
+    for (int e = threadIdx.x; e < kExpertsTotal; e += blockDim.x) {
         int run = 0;
         for (int u0 = 0; u0 < units; u0 += 8) {
             int c[8];                         // eight loads in flight before the first add
             #pragma unroll
-            for (int q = 0; q < 8; ++q) c[q] = u0 + q < units ? hist[(size_t)(u0 + q) * E_TOTAL + e] : 0;
+            for (int q = 0; q < 8; ++q) c[q] = u0 + q < units ? hist[(size_t)(u0 + q) * kExpertsTotal + e] : 0;
             #pragma unroll
             for (int q = 0; q < 8; ++q) {
-                if (u0 + q < units) hist[(size_t)(u0 + q) * E_TOTAL + e] = run;
+                if (u0 + q < units) hist[(size_t)(u0 + q) * kExpertsTotal + e] = run;
                 run += c[q];
             }
         }
@@ -655,7 +659,7 @@ moe_group_scan(int tokens, int bm, int* __restrict__ hist, int* __restrict__ pad
     scan_experts(s_count, s_pad_off, s_tile_off, bm, counts, offsets, sorted_rows, tile_expert,
                  tile_row0, num_tiles);
     __syncthreads();
-    for (int e = threadIdx.x; e < E_TOTAL; e += blockDim.x) pad_off[e] = s_pad_off[e];
+    for (int e = threadIdx.x; e < kExpertsTotal; e += blockDim.x) pad_off[e] = s_pad_off[e];
 }
 
 // 3 of 3: each unit scatters its slots from cursor pad_off[e] + hist[unit, e].
@@ -666,32 +670,32 @@ __device__ __forceinline__ void group_scatter(const int* __restrict__ ids,
                                               const int* __restrict__ pad_off,
                                               int* __restrict__ sorted_rows)
 {
-    __shared__ int s_rows[GROUP_BLOCK_UNITS][E_TOTAL];
+    __shared__ int s_rows[kBlockUnits][kExpertsTotal];
     const int warp = threadIdx.x >> 5;
-    const int unit = blockIdx.x * GROUP_BLOCK_UNITS + warp;
-    const int n = tokens * K_TOTAL;
-    const int begin = min(n, unit * GROUP_UNIT_SLOTS), end = min(n, begin + GROUP_UNIT_SLOTS);
+    const int unit = blockIdx.x * kBlockUnits + warp;
+    const int n = tokens * kSlots;
+    const int begin = min(n, unit * kUnitSlots), end = min(n, begin + kUnitSlots);
     if (begin >= end) return;                 // whole warp; no block barrier follows
-    for (int e = lane_id(); e < E_TOTAL; e += 32)
-        s_rows[warp][e] = pad_off[e] + hist[(size_t)unit * E_TOTAL + e];
+    for (int e = lane_id(); e < kExpertsTotal; e += 32)
+        s_rows[warp][e] = pad_off[e] + hist[(size_t)unit * kExpertsTotal + e];
     __syncwarp();
     unit_scatter<MASKED>(ids, kept, begin, end, s_rows[warp], sorted_rows);
 }
 
-extern "C" __global__ void __launch_bounds__(GROUP_BLOCK_UNITS * 32)
+extern "C" __global__ void __launch_bounds__(kBlockUnits * 32)
 moe_group_scatter(const int* __restrict__ ids, int tokens, const int* __restrict__ hist,
                   const int* __restrict__ pad_off, int* __restrict__ sorted_rows)
 {
     group_scatter<false>(ids, nullptr, tokens, hist, pad_off, sorted_rows);
 }
 
-// How many of n expert ids fall outside [0, E) (the check of caller-supplied routings).
+// How many of n expert ids fall outside [0, kExperts) (the check of caller-supplied routings).
 extern "C" __global__ void moe_count_bad_ids(const int* __restrict__ ids, int n,
                                              int* __restrict__ bad)
 {
     int mine = 0;
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
-        mine += (ids[i] < 0 || ids[i] >= E) ? 1 : 0;
+        mine += (ids[i] < 0 || ids[i] >= kExperts) ? 1 : 0;
     #pragma unroll
     for (int o = 16; o > 0; o >>= 1) mine += __shfl_xor_sync(0xffffffffu, mine, o);
     if ((threadIdx.x & 31) == 0 && mine) atomicAdd(bad, mine);
@@ -705,47 +709,15 @@ extern "C" __global__ void moe_count_bad_ids(const int* __restrict__ ids, int n,
 // tiles so no host sync is needed; blocks past *num_tiles exit at once.
 namespace moe_ffn {
 
-typedef unsigned short elem_t;
-
-constexpr int kTopK = 2;
-constexpr int kSlots = 2;              // routed + shared slots of one token
-constexpr int kHidden = 4096;
-constexpr int kFfn = 14336;
-constexpr int kGateRows = 28672;       // rows of packed w13: 2F gated, F plain
+constexpr int kGateRows = 28672;  // rows of packed w13: 2F gated, F plain
 constexpr bool kGated = true;
 constexpr bool kBias = false;
-constexpr int kInterleave = 8;    // gate/up row blocks in w13 (0: W1 then W3)
-constexpr long long kExpertStride = 176160768;   // elements per packed expert
+constexpr int kInterleave = 8;  // gate/up row blocks in w13 (0: W1 then W3)
+constexpr long long kExpertStride = 176160768;  // elements per packed expert
 constexpr long long kOffW13 = 0;
 constexpr long long kOffB13 = 0;
 constexpr long long kOffW2 = 117440512;
 constexpr long long kOffB2 = 0;
-
-// Bit-level conversions (no cuda_fp16.h / cuda_bf16.h: they cost seconds of NVRTC time).
-__device__ __forceinline__ float ld_f32(float v) { return v; }
-__device__ __forceinline__ float st_f32(float v) { return v; }
-__device__ __forceinline__ float ld_bf16(unsigned short v) { return __uint_as_float(static_cast<unsigned>(v) << 16); }
-__device__ __forceinline__ unsigned short st_bf16(float f)
-{
-    unsigned u = __float_as_uint(f);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<unsigned short>((u >> 16) | 0x40u);  // keep NaN a NaN
-    u += 0x7fffu + ((u >> 16) & 1u);                                                            // round to nearest even
-    return static_cast<unsigned short>(u >> 16);
-}
-__device__ __forceinline__ float ld_f16(unsigned short v)
-{
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v));
-    return f;
-}
-__device__ __forceinline__ unsigned short st_f16(float f)
-{
-    unsigned short v;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(v) : "f"(f));
-    return v;
-}
-__device__ __forceinline__ float ld(elem_t v) { return ld_bf16(v); }
-__device__ __forceinline__ elem_t st(float v) { return st_bf16(v); }
 
 // Activations in fp32.  GELU is the exact erf form; ReLU lets NaN through like the reference.
 __device__ __forceinline__ float act_silu(float g) { return g / (1.0f + expf(-g)); }
@@ -778,7 +750,7 @@ __device__ __forceinline__ void split_range(int split, int& k_begin, int& k_end)
 // ---- SIMT path (fp32, and fp16/bf16 rows that are not whole 16-byte chunks) ----------------
 // FFMA tiled GEMM, 256 threads as 16x16; a thread owns BM/16 rows x BN/16 columns strided by 16
 // so shared-memory reads are broadcasts or conflict-free.  Scalar loads: correct for any shape.
-constexpr int kSimtThreads = 256;
+constexpr int kSimtThreads = 256;  // 16 x 16 threads
 
 template <int BM, int BN, int BK>
 __device__ __forceinline__ void ffn1_simt(const elem_t* __restrict__ x, const elem_t* __restrict__ w,
@@ -807,13 +779,13 @@ __device__ __forceinline__ void ffn1_simt(const elem_t* __restrict__ x, const el
     for (int k0 = 0; k0 < kHidden; k0 += BK) {
         for (int idx = tid; idx < BM * BK; idx += kSimtThreads) {
             const int i = idx / BK, kk = idx % BK, k = k0 + kk;
-            a_s[kk][i] = (x_row[i] >= 0 && k < kHidden) ? ld(x[x_row[i] + k]) : 0.0f;
+            a_s[kk][i] = (x_row[i] >= 0 && k < kHidden) ? to_f32(x[x_row[i] + k]) : 0.0f;
         }
         for (int idx = tid; idx < BN * BK; idx += kSimtThreads) {
             const int j = idx / BK, kk = idx % BK, k = k0 + kk, f = f0 + j;
             const bool ok = f < kFfn && k < kHidden;
-            g_s[kk][j] = ok ? ld(w13[static_cast<long long>(gate_row(f)) * kHidden + k]) : 0.0f;
-            if (kGated) u_s[kGated ? kk : 0][j] = ok ? ld(w13[static_cast<long long>(up_row(f)) * kHidden + k]) : 0.0f;
+            g_s[kk][j] = ok ? to_f32(w13[static_cast<long long>(gate_row(f)) * kHidden + k]) : 0.0f;
+            if (kGated) u_s[kGated ? kk : 0][j] = ok ? to_f32(w13[static_cast<long long>(up_row(f)) * kHidden + k]) : 0.0f;
         }
         __syncthreads();
 #pragma unroll
@@ -842,9 +814,9 @@ __device__ __forceinline__ void ffn1_simt(const elem_t* __restrict__ x, const el
         for (int j = 0; j < RN; ++j) {
             const int f = f0 + tx + 16 * j;
             if (f >= kFfn) continue;
-            float v = act(g[i][j] + (kBias ? ld(b13[gate_row(f)]) : 0.0f));
-            if (kGated) v *= u[i][j] + (kBias ? ld(b13[up_row(f)]) : 0.0f);
-            h[r * kFfn + f] = st(v);
+            float v = act(g[i][j] + (kBias ? to_f32(b13[gate_row(f)]) : 0.0f));
+            if (kGated) v *= u[i][j] + (kBias ? to_f32(b13[up_row(f)]) : 0.0f);
+            h[r * kFfn + f] = from_f32(v);
         }
     }
 }
@@ -876,11 +848,11 @@ __device__ __forceinline__ void ffn2_simt(const elem_t* __restrict__ h, const el
         for (int idx = tid; idx < BM * BK; idx += kSimtThreads) {
             const int i = idx / BK, kk = idx % BK, k = k0 + kk;
             // Padding rows read as zeros: their h rows were never meant to be used.
-            a_s[kk][i] = (slot_s[i] >= 0 && k < k_end) ? ld(h[static_cast<long long>(row0 + i) * kFfn + k]) : 0.0f;
+            a_s[kk][i] = (slot_s[i] >= 0 && k < k_end) ? to_f32(h[static_cast<long long>(row0 + i) * kFfn + k]) : 0.0f;
         }
         for (int idx = tid; idx < BN * BK; idx += kSimtThreads) {
             const int j = idx / BK, kk = idx % BK, k = k0 + kk, n = n0 + j;
-            b_s[kk][j] = (n < kHidden && k < k_end) ? ld(w2[static_cast<long long>(n) * kFfn + k]) : 0.0f;
+            b_s[kk][j] = (n < kHidden && k < k_end) ? to_f32(w2[static_cast<long long>(n) * kFfn + k]) : 0.0f;
         }
         __syncthreads();
 #pragma unroll
@@ -908,8 +880,8 @@ __device__ __forceinline__ void ffn2_simt(const elem_t* __restrict__ h, const el
         for (int j = 0; j < RN; ++j) {
             const int n = n0 + tx + 16 * j;
             if (n >= kHidden) continue;
-            const float bias = (kBias && split == 0) ? ld(b2[n]) : 0.0f;
-            y[n] = st(wt * (acc[i][j] + bias));
+            const float bias = (kBias && split == 0) ? to_f32(b2[n]) : 0.0f;
+            y[n] = from_f32(wt * (acc[i][j] + bias));
         }
     }
 }
@@ -959,7 +931,7 @@ __device__ __forceinline__ unsigned swizzle(int row, int chunk)
 // Two 16-bit values in one 32-bit word (lo at the lower address).
 __device__ __forceinline__ unsigned pack2(float lo, float hi)
 {
-    return static_cast<unsigned>(st(lo)) | (static_cast<unsigned>(st(hi)) << 16);
+    return static_cast<unsigned>(from_f32(lo)) | (static_cast<unsigned>(from_f32(hi)) << 16);
 }
 
 // Grouped rasterisation of (M tile, N tile) pairs numbered lin = 0 .. m_tiles*n_tiles-1:
@@ -1090,7 +1062,7 @@ __device__ __forceinline__ void mma_mainloop(float (&acc)[Tile::kMI][Tile::kNI][
 // 1024-byte alignment: the wgmma 128B-swizzle atoms are 8 rows x 128 B (mma.sync needs 128).
 extern __shared__ __align__(1024) unsigned char ffn_smem[];
 
-constexpr int kGroupM = 8;     // M tiles per raster group (see raster())
+constexpr int kGroupM = 8;  // M tiles per raster group (see raster())
 
 // Global rows of this thread's A and B chunks (see MmaTile): ffn1 gathers x rows by token
 // (padding rows: nullptr = zeros); B rows are packed w13 rows, nullptr past the last one.
@@ -1152,8 +1124,8 @@ __device__ __forceinline__ void ffn1_store(const float (&acc)[NI][4], long long 
                 float g0 = acc[2 * q][2 * half], g1 = acc[2 * q][2 * half + 1];
                 float u0 = acc[2 * q + 1][2 * half], u1 = acc[2 * q + 1][2 * half + 1];
                 if (kBias) {
-                    g0 += ld(b13[p]); g1 += ld(b13[p + 1]);
-                    u0 += ld(b13[p + 8]); u1 += ld(b13[p + 9]);
+                    g0 += to_f32(b13[p]); g1 += to_f32(b13[p + 1]);
+                    u0 += to_f32(b13[p + 8]); u1 += to_f32(b13[p + 9]);
                 }
                 *reinterpret_cast<unsigned*>(hrow + f) = pack2(act(g0) * u0, act(g1) * u1);
             }
@@ -1163,7 +1135,7 @@ __device__ __forceinline__ void ffn1_store(const float (&acc)[NI][4], long long 
                 const int n = n_base + ni * 8 + (lane & 3) * 2;
                 if (n >= kFfn) continue;
                 float v0 = acc[ni][2 * half], v1 = acc[ni][2 * half + 1];
-                if (kBias) { v0 += ld(b13[n]); v1 += ld(b13[n + 1]); }
+                if (kBias) { v0 += to_f32(b13[n]); v1 += to_f32(b13[n + 1]); }
                 *reinterpret_cast<unsigned*>(hrow + n) = pack2(act(v0), act(v1));
             }
         }
@@ -1190,7 +1162,7 @@ __device__ __forceinline__ void ffn2_store(const float (&acc)[NI][4], int r16, i
             const int n = n_base + ni * 8 + (lane & 3) * 2;
             if (n >= kHidden) continue;
             float v0 = acc[ni][2 * half], v1 = acc[ni][2 * half + 1];
-            if (kBias && split == 0) { v0 += ld(b2[n]); v1 += ld(b2[n + 1]); }
+            if (kBias && split == 0) { v0 += to_f32(b2[n]); v1 += to_f32(b2[n + 1]); }
             *reinterpret_cast<unsigned*>(y + n) = pack2(wt * v0, wt * v1);
         }
     }
@@ -1271,57 +1243,57 @@ __device__ __forceinline__ void ffn2_mma(const elem_t* __restrict__ h, const ele
 
 // ---- entry points: one per tile configuration used by a token-count bucket ----------------
 extern "C" __global__ void __launch_bounds__(128, 4)
-moe_ffn1_mma_bm16_bn64_bk64_w1x4_s4(const moe_ffn::elem_t* __restrict__ x, const moe_ffn::elem_t* __restrict__ w,
+moe_ffn1_mma_bm16_bn64_bk64_w1x4_s4(const elem_t* __restrict__ x, const elem_t* __restrict__ w,
     const int* __restrict__ sorted_rows, const int* __restrict__ tile_expert,
-    const int* __restrict__ tile_row0, const int* __restrict__ num_tiles, moe_ffn::elem_t* __restrict__ h)
+    const int* __restrict__ tile_row0, const int* __restrict__ num_tiles, elem_t* __restrict__ h)
 {
     moe_ffn::ffn1_mma<16, 64, 1, 4, 4>(
         x, w, sorted_rows, tile_expert, tile_row0, num_tiles, h);
 }
 
 extern "C" __global__ void __launch_bounds__(128, 4)
-moe_ffn2_mma_bm16_bn64_bk64_w1x4_s4_k3(const moe_ffn::elem_t* __restrict__ h, const moe_ffn::elem_t* __restrict__ w,
+moe_ffn2_mma_bm16_bn64_bk64_w1x4_s4_k3(const elem_t* __restrict__ h, const elem_t* __restrict__ w,
     const int* __restrict__ sorted_rows, const int* __restrict__ tile_expert,
     const int* __restrict__ tile_row0, const int* __restrict__ num_tiles,
-    const float* __restrict__ topk_weights, int slot_count, moe_ffn::elem_t* __restrict__ y_slot)
+    const float* __restrict__ topk_weights, int slot_count, elem_t* __restrict__ y_slot)
 {
     moe_ffn::ffn2_mma<16, 64, 1, 4, 4, 3>(
         h, w, sorted_rows, tile_expert, tile_row0, num_tiles, topk_weights, slot_count, y_slot);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 2)
-moe_ffn1_mma_bm64_bn128_bk64_w2x4_s4(const moe_ffn::elem_t* __restrict__ x, const moe_ffn::elem_t* __restrict__ w,
+moe_ffn1_mma_bm64_bn128_bk64_w2x4_s4(const elem_t* __restrict__ x, const elem_t* __restrict__ w,
     const int* __restrict__ sorted_rows, const int* __restrict__ tile_expert,
-    const int* __restrict__ tile_row0, const int* __restrict__ num_tiles, moe_ffn::elem_t* __restrict__ h)
+    const int* __restrict__ tile_row0, const int* __restrict__ num_tiles, elem_t* __restrict__ h)
 {
     moe_ffn::ffn1_mma<64, 128, 2, 4, 4>(
         x, w, sorted_rows, tile_expert, tile_row0, num_tiles, h);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 2)
-moe_ffn2_mma_bm64_bn128_bk64_w2x4_s4_k2(const moe_ffn::elem_t* __restrict__ h, const moe_ffn::elem_t* __restrict__ w,
+moe_ffn2_mma_bm64_bn128_bk64_w2x4_s4_k2(const elem_t* __restrict__ h, const elem_t* __restrict__ w,
     const int* __restrict__ sorted_rows, const int* __restrict__ tile_expert,
     const int* __restrict__ tile_row0, const int* __restrict__ num_tiles,
-    const float* __restrict__ topk_weights, int slot_count, moe_ffn::elem_t* __restrict__ y_slot)
+    const float* __restrict__ topk_weights, int slot_count, elem_t* __restrict__ y_slot)
 {
     moe_ffn::ffn2_mma<64, 128, 2, 4, 4, 2>(
         h, w, sorted_rows, tile_expert, tile_row0, num_tiles, topk_weights, slot_count, y_slot);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 1)
-moe_ffn1_mma_bm128_bn256_bk64_w2x4_s4(const moe_ffn::elem_t* __restrict__ x, const moe_ffn::elem_t* __restrict__ w,
+moe_ffn1_mma_bm128_bn256_bk64_w2x4_s4(const elem_t* __restrict__ x, const elem_t* __restrict__ w,
     const int* __restrict__ sorted_rows, const int* __restrict__ tile_expert,
-    const int* __restrict__ tile_row0, const int* __restrict__ num_tiles, moe_ffn::elem_t* __restrict__ h)
+    const int* __restrict__ tile_row0, const int* __restrict__ num_tiles, elem_t* __restrict__ h)
 {
     moe_ffn::ffn1_mma<128, 256, 2, 4, 4>(
         x, w, sorted_rows, tile_expert, tile_row0, num_tiles, h);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 1)
-moe_ffn2_mma_bm128_bn256_bk64_w2x4_s4_k1(const moe_ffn::elem_t* __restrict__ h, const moe_ffn::elem_t* __restrict__ w,
+moe_ffn2_mma_bm128_bn256_bk64_w2x4_s4_k1(const elem_t* __restrict__ h, const elem_t* __restrict__ w,
     const int* __restrict__ sorted_rows, const int* __restrict__ tile_expert,
     const int* __restrict__ tile_row0, const int* __restrict__ num_tiles,
-    const float* __restrict__ topk_weights, int slot_count, moe_ffn::elem_t* __restrict__ y_slot)
+    const float* __restrict__ topk_weights, int slot_count, elem_t* __restrict__ y_slot)
 {
     moe_ffn::ffn2_mma<128, 256, 2, 4, 4, 1>(
         h, w, sorted_rows, tile_expert, tile_row0, num_tiles, topk_weights, slot_count, y_slot);
@@ -1334,30 +1306,32 @@ moe_ffn2_mma_bm128_bn256_bk64_w2x4_s4_k1(const moe_ffn::elem_t* __restrict__ h, 
 // the same arithmetic as the SIMT kernel, at tensor-core speed (the router of a 256-expert,
 // 7168-wide layer is 30 GFLOP at 16k tokens).  Same tiles, grid and split-K partials as
 // moe_route_logits_tiled, so the select kernel reads either.
-typedef moe_ffn::MmaTile<RT_TM, RT_TN, 2, 2, 3> RouteTile;   // 4 warps of 32x32, 3 x 16 KB stages
-constexpr int ROUTE_MMA_SMEM = RouteTile::kSmem;             // 48 KB: no opt-in needed
+typedef moe_ffn::MmaTile<kRouteBM, kRouteBN, 2, 2, 3> RouteTile;  // warps of 32x32, 16 KB stages
+static_assert(RouteTile::kSmem == 49152, "the plan's shared memory of the router GEMM");
+static_assert(RouteTile::kThreads == 128, "the plan's block of the router GEMM");
+static_assert(RouteTile::kBK == 64, "the plan's k step of the router GEMM");
 
 extern "C" __global__ void __launch_bounds__(RouteTile::kThreads)
-moe_route_logits_mma(const T_STORE* __restrict__ x, const T_STORE* __restrict__ wr,
+moe_route_logits_mma(const elem_t* __restrict__ x, const elem_t* __restrict__ wr,
                      float* __restrict__ logits, int tokens, int k_chunk)
 {
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int wm = warp / RouteTile::kWN, wn = warp % RouteTile::kWN;
-    const int m0 = blockIdx.x * RT_TM, n0 = blockIdx.y * RT_TN;
+    const int m0 = blockIdx.x * kRouteBM, n0 = blockIdx.y * kRouteBN;
     const int k_begin = blockIdx.z * k_chunk;
-    const int k_end = min(H, k_begin + k_chunk);
+    const int k_end = min(kHidden, k_begin + k_chunk);
     // rows of this thread's 16-byte chunks (see MmaTile); nullptr rows load as zeros
-    const T_STORE* a_rows[RouteTile::kAChunks];
-    const T_STORE* b_rows[RouteTile::kBChunks];
+    const elem_t* a_rows[RouteTile::kAChunks];
+    const elem_t* b_rows[RouteTile::kBChunks];
     #pragma unroll
     for (int i = 0; i < RouteTile::kAChunks; ++i) {
         const int t = m0 + (tid >> 3) + i * RouteTile::kRowStep;
-        a_rows[i] = t < tokens ? x + (size_t)t * H : nullptr;
+        a_rows[i] = t < tokens ? x + (size_t)t * kHidden : nullptr;
     }
     #pragma unroll
     for (int j = 0; j < RouteTile::kBChunks; ++j) {
         const int e = n0 + (tid >> 3) + j * RouteTile::kRowStep;
-        b_rows[j] = e < E ? wr + (size_t)e * H : nullptr;
+        b_rows[j] = e < kExperts ? wr + (size_t)e * kHidden : nullptr;
     }
     float acc[RouteTile::kMI][RouteTile::kNI][4];
     #pragma unroll
@@ -1369,7 +1343,7 @@ moe_route_logits_mma(const T_STORE* __restrict__ x, const T_STORE* __restrict__ 
     moe_ffn::mma_mainloop<RouteTile>(acc, a_rows, b_rows, k_begin, k_end, wr,
                                      moe_ffn::smem_addr(moe_ffn::ffn_smem));
     // accumulator fragment: rows lane/4 (+8), columns 2 * (lane % 4) (+1)
-    float* part = logits + (size_t)blockIdx.z * tokens * E;
+    float* part = logits + (size_t)blockIdx.z * tokens * kExperts;
     #pragma unroll
     for (int mi = 0; mi < RouteTile::kMI; ++mi)
         #pragma unroll
@@ -1380,37 +1354,37 @@ moe_route_logits_mma(const T_STORE* __restrict__ x, const T_STORE* __restrict__ 
                 for (int c = 0; c < 2; ++c) {
                     const int t = m0 + wm * RouteTile::kWarpM + mi * 16 + (lane >> 2) + half * 8;
                     const int e = n0 + wn * RouteTile::kWarpN + ni * 8 + (lane & 3) * 2 + c;
-                    if (t < tokens && e < E) part[(size_t)t * E + e] = acc[mi][ni][2 * half + c];
+                    if (t < tokens && e < kExperts) part[(size_t)t * kExperts + e] = acc[mi][ni][2 * half + c];
                 }
 }
 
 // ==== combine: out[t] = the sum of the token's slot outputs ===================================
-// y_slot [splits, tokens * K_TOTAL, H] already carries the routing weight (and b2 in split 0).
-// Each thread owns VEC_H consecutive outputs of one token and adds slot 0..K_TOTAL-1, each over
+// y_slot [splits, tokens * kSlots, kHidden] already carries the routing weight (and b2 in split 0).
+// Each thread owns kVecH consecutive outputs of one token and adds slot 0..K_TOTAL-1, each over
 // its splits, in that fixed order in fp32: the result depends on nothing but the token's own
 // slots (deterministic and batch-invariant).
-constexpr int COMBINE_THREADS = 256;
+constexpr int kCombineThreads = 256;
 
-extern "C" __global__ void __launch_bounds__(COMBINE_THREADS)
-moe_combine(const T_STORE* __restrict__ y_slot, T_STORE* __restrict__ out, int tokens, int splits)
+extern "C" __global__ void __launch_bounds__(kCombineThreads)
+moe_combine(const elem_t* __restrict__ y_slot, elem_t* __restrict__ out, int tokens, int splits)
 {
-    const long long chunk = (long long)blockIdx.x * COMBINE_THREADS + threadIdx.x;
-    if (chunk >= (long long)tokens * H_VECS) return;
-    const long long t = chunk / H_VECS;
-    const int c = (int)(chunk - t * H_VECS) * VEC_H;
-    const size_t split_stride = (size_t)tokens * K_TOTAL * H;
-    float acc[VEC_H];
+    const long long chunk = (long long)blockIdx.x * kCombineThreads + threadIdx.x;
+    if (chunk >= (long long)tokens * kHiddenVecs) return;
+    const long long t = chunk / kHiddenVecs;
+    const int c = (int)(chunk - t * kHiddenVecs) * kVecH;
+    const size_t split_stride = (size_t)tokens * kSlots * kHidden;
+    float acc[kVecH];
     #pragma unroll
-    for (int i = 0; i < VEC_H; ++i) acc[i] = 0.f;
+    for (int i = 0; i < kVecH; ++i) acc[i] = 0.f;
     #pragma unroll
-    for (int s = 0; s < K_TOTAL; ++s) {
-        const T_STORE* row = y_slot + ((size_t)t * K_TOTAL + s) * H + c;
+    for (int s = 0; s < kSlots; ++s) {
+        const elem_t* row = y_slot + ((size_t)t * kSlots + s) * kHidden + c;
         for (int sp = 0; sp < splits; ++sp) {
-            float v[VEC_H];
-            load_vec<VEC_H>(row + sp * split_stride, v);
+            float v[kVecH];
+            load_vec<kVecH>(row + sp * split_stride, v);
             #pragma unroll
-            for (int i = 0; i < VEC_H; ++i) acc[i] += v[i];
+            for (int i = 0; i < kVecH; ++i) acc[i] += v[i];
         }
     }
-    store_vec<VEC_H>(out + (size_t)t * H + c, acc);
+    store_vec<kVecH>(out + (size_t)t * kHidden + c, acc);
 }

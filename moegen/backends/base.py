@@ -1,6 +1,6 @@
 """What every backend provides, and the values that flow between the stages.
 
-    render(spec) -> Sources --Backend.compile--> Artifact --cache--> Backend.load -> Module
+    plan -> render(plan) -> Sources --Backend.compile--> Artifact --cache--> Backend.load -> Module
 
 A backend is stateless apart from caching its toolchain identity.  A `Module` is one loaded
 binary for one spec: it owns its workspaces (sized once per token-count bucket, reused) and runs
@@ -15,7 +15,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from ..spec import MoESpec
 
-# The stages of the layer, in order (DESIGN §1).  A module may fuse neighbours; its
+# The stages of the layer, in order.  A module may fuse neighbours; its
 # ``stages`` attribute then names the fused stage "route+group" and so on.
 STAGES = ("route", "group", "ffn1", "ffn2", "combine")
 
@@ -49,6 +49,13 @@ class Artifact:
 
 @runtime_checkable
 class Backend(Protocol):
+    """A backend turns a plan into sources, sources into a binary, a binary into a Module.
+
+        plan(spec, target, tuning) -> frozen plan (`moegen.plan.KernelPlan.detail`)
+        render(KernelPlan)         -> Sources   (templates read the plan only)
+        compile(Sources, ...)      -> Artifact
+        load(Artifact, KernelPlan) -> Module    (launches and workspaces read the plan only)
+    """
     name: str                                   # "c" or "cuda"
     templates: tuple[str, ...]                  # template files rendered for a spec
 
@@ -58,9 +65,14 @@ class Backend(Protocol):
     def can_compile(self) -> bool:
         """True when this backend can compile here (CUDA can, without a GPU)."""
 
-    def render_context(self, spec: MoESpec, tuning: dict | None = None) -> dict:
-        """Template variables: validated ints, floats and table strings only.  ``tuning``
-        (optional; only passed when non-empty) overrides constants named by `tunables`."""
+    def plan(self, spec: MoESpec, target: str, tuning: dict) -> Any:
+        """The backend's frozen plan of ``spec`` for ``target``: every bucket, tile, thread
+        count, shared-memory size, split-K count, kernel name and workspace size.  Pure (no I/O).
+        ``tuning`` (possibly empty) overrides constants named by `tunables`; a value outside the
+        allowed ones is a ValueError."""
+
+    def render(self, plan: Any) -> Sources:
+        """The sources of a `moegen.plan.KernelPlan`, rendered from the plan alone."""
 
     def tunables(self, spec: MoESpec) -> dict[str, tuple]:
         """Constants `moegen tune` may choose for ``spec``: name -> allowed values, the first
@@ -70,7 +82,9 @@ class Backend(Protocol):
         """The resolved target: a CPU ISA tier ("x86-64-v3", "avx512") or a CUDA arch ("sm_90")."""
 
     def toolchain(self) -> dict:
-        """Compiler identity for the cache key (path, version banner)."""
+        """Compiler identity for the cache key (path, version banner).  May run the compiler;
+        raises OSError (or subprocess.SubprocessError) when there is none.  Finding and loading
+        a cached kernel never needs it (see `moegen.jit`)."""
 
     def options(self, spec: MoESpec, target: str) -> list[str]:
         """The full compiler option list for the cache key and the compile."""
@@ -78,9 +92,10 @@ class Backend(Protocol):
     def compile(self, sources: Sources, spec: MoESpec, target: str, key: str) -> Artifact:
         """Compile to a binary. Raises CompileError with log and source."""
 
-    def load(self, artifact: Artifact, spec: MoESpec) -> "Module":
-        """Load a binary. Raises any exception on a binary that cannot load (the cache treats
-        that as a miss and rebuilds)."""
+    def load(self, artifact: Artifact, plan: Any) -> "Module":
+        """Load a binary built from ``plan`` (a `moegen.plan.KernelPlan`).  Raises any
+        exception on a binary that cannot load; `moegen.jit` drops and rebuilds the entry only
+        when the error says the binary is bad, never for a missing device or driver."""
 
 
 class Module(Protocol):

@@ -1,7 +1,10 @@
 """The ``cuda`` backend: NVRTC-compiled cubins run through CuPy.
 
-    CudaBackend.render_context/options/compile  ->  one cubin per spec (every bucket's kernels)
-    CudaBackend.load                            ->  CudaModule: workspaces + stage launches
+    CudaBackend.plan/render/options/compile  ->  one cubin per plan (every bucket's kernels)
+    CudaBackend.load                         ->  CudaModule: workspaces + stage launches
+
+Every constant the templates and the launches share lives in the plan
+(`moegen.backends.cuda_plan.CudaPlan`).
 
 Importing this module never needs CuPy: it is imported lazily inside the methods, so
 ``moegen env`` and ``moegen build --backend cuda --arch sm_90`` work on a machine without it
@@ -22,28 +25,16 @@ import numpy as np
 from .. import settings
 from ..errors import SpecError
 from ..reference import capacity as expert_capacity
+from ..render import render_files
 from ..spec import MoESpec
-from . import cuda_tiles
+from . import cuda_plan, cuda_tiles
 from .base import STAGES, Artifact, Sources
-from .cuda_workspace import (CAP_THREADS, GROUP_BLOCK_UNITS, GROUP_UNIT_SLOTS, ROUTE_MMA_SMEM,
-                             ROUTE_MMA_THREADS, ROUTE_WARPS, RT_THREADS_DEFAULT, Workspace,
-                             capacity_for, storage_dtype, vec_width)
+from .cuda_ffn import launch_ffn1, launch_ffn2
+from .cuda_nvrtc import compile_cubin, nvrtc_version
+from .cuda_plan import CudaPlan, vec_width
+from .cuda_workspace import Workspace, capacity_for, storage_dtype
 
 log = logging.getLogger("moegen.cuda")
-
-# 48 KB of static shared memory, in 4-byte words: the one-block group kernels keep per-warp
-# count rows [warps][E_TOTAL], three [E_TOTAL] arrays and (fused with route) E + 1 sums.
-_SMEM_WORDS = 12288
-
-
-def _group_warps(num_experts: int, experts_total: int) -> int:
-    """Warps of the one-block group kernels: a power of two <= 32 whose per-warp count rows fit
-    in static shared memory beside the per-expert arrays."""
-    fit = (_SMEM_WORDS - 3 * experts_total - (num_experts + 1)) // experts_total
-    w = 32
-    while w > 1 and w > fit:
-        w //= 2
-    return w
 
 
 class CudaBackend:
@@ -56,7 +47,6 @@ class CudaBackend:
     def can_compile(self) -> bool:
         """CuPy and its NVRTC load (no GPU needed)."""
         try:
-            from .cuda_nvrtc import nvrtc_version
             nvrtc_version()
             import cupy  # noqa: F401
         except Exception as exc:  # noqa: BLE001 - any failure means "cannot compile here"
@@ -75,40 +65,33 @@ class CudaBackend:
             log.debug("cuda backend has no device: %s: %s", type(exc).__name__, exc)
             return False
 
-    # -- rendering -------------------------------------------------------------------------
+    # -- planning and rendering ------------------------------------------------------------
     def tunables(self, spec: MoESpec) -> dict[str, tuple]:
-        """Nothing to tune yet: tiles per bucket are fixed in `cuda_tiles` (candidates were
-        measured with benchmarks/cuda_ffn_bench.py --tile; see docs/PERF.md)."""
-        return {}
+        """The GEMM tile of each tensor-core token-count bucket (`cuda_tiles.tile_choices`),
+        the cost model's tile first; nothing for SIMT (fp32) specs."""
+        return cuda_plan.tunables(spec, spec.arch)
 
-    def render_context(self, spec: MoESpec) -> dict:
-        """Template variables of templates/cuda/*.jinja (validated ints/floats, table strings)."""
-        dt = spec.dt
-        et = spec.num_experts + spec.num_shared_experts
-        ctx = {
-            "spec_name": spec.name,
-            "E": spec.num_experts,
-            "K": spec.top_k,
-            "NUM_SHARED": spec.num_shared_experts,
-            "H": spec.hidden_dim,
-            "F": spec.ffn_dim,
-            "dtype": dt.name,
-            "t_store": dt.cuda_raw,
-            "ld_fn": dt.cuda_load,
-            "st_fn": dt.cuda_store,
-            "routing": spec.routing,
-            "renormalize": spec.renormalize,
-            "scaling": spec.routed_scaling_factor,
-            "n_group": spec.n_group,
-            "topk_group": spec.topk_group,
-            "VEC_H": vec_width(spec.hidden_dim, dt.itemsize),
-            "GROUP_WARPS": _group_warps(spec.num_experts, et),
-            "GROUP_UNIT_SLOTS": GROUP_UNIT_SLOTS,
-            "capacity": spec.capacity_factor is not None,
-            "capacity_drop": spec.capacity_drop,
-        }
-        ctx.update(cuda_tiles.render_context(spec))
-        return ctx
+    def plan(self, spec: MoESpec, target: str, tuning: dict, sms: int | None = None) -> CudaPlan:
+        """The `CudaPlan` of ``spec`` (pure; ``sms`` None: the arch's reference GPU)."""
+        return cuda_plan.plan(spec, target, tuning, sms)
+
+    def render(self, plan) -> Sources:
+        """The one .cu source of a `moegen.plan.KernelPlan`, rendered from the plan alone."""
+        files = render_files(self.templates, cuda_plan.render_context(plan.spec, plan.detail))
+        return Sources(backend=self.name, files=files, entry=next(iter(files)))
+
+    def sm_count(self, target: str) -> int | None:
+        """Multiprocessors of the current device when it is of ``target``'s arch, else None
+        (the plan then uses the arch's reference count)."""
+        try:
+            import cupy
+            if cupy.cuda.runtime.getDeviceCount() > 0:
+                dev = cupy.cuda.Device()
+                if target.rstrip("a") == f"sm_{dev.compute_capability}":
+                    return int(dev.attributes["MultiProcessorCount"])
+        except Exception as exc:  # noqa: BLE001 - no CuPy, driver or device: the arch table
+            log.debug("no device SM count: %s: %s", type(exc).__name__, exc)
+        return None
 
     # -- target and toolchain --------------------------------------------------------------
     def target(self, spec: MoESpec) -> str:
@@ -132,7 +115,6 @@ class CudaBackend:
     def toolchain(self) -> dict:
         """NVRTC version and CuPy version (both change the binary or how it loads)."""
         import cupy
-        from .cuda_nvrtc import nvrtc_version
         return {"nvrtc": ".".join(map(str, nvrtc_version())), "cupy": cupy.__version__}
 
     def options(self, spec: MoESpec, target: str) -> list[str]:
@@ -142,7 +124,6 @@ class CudaBackend:
     # -- compile and load ------------------------------------------------------------------
     def compile(self, sources: Sources, spec: MoESpec, target: str, key: str) -> Artifact:
         """Sources -> cubin bytes.  Raises CompileError with the NVRTC log and the source."""
-        from .cuda_nvrtc import compile_cubin, nvrtc_version
         t0 = time.perf_counter()
         cubin, text = compile_cubin(sources.text, self.options(spec, target),
                                     spec_name=spec.name, key=key, filename=sources.entry)
@@ -150,10 +131,11 @@ class CudaBackend:
                 "compile_seconds": round(time.perf_counter() - t0, 4), "compile_log": text[-4000:]}
         return Artifact(cubin, meta)
 
-    def load(self, artifact: Artifact, spec: MoESpec) -> "CudaModule":
-        """Load a cubin on the current device.  Raises (cupy.cuda.driver.CUDADriverError, ...)
-        when it cannot be loaded or lacks a kernel; the cache then rebuilds it."""
-        return CudaModule(spec, artifact.binary)
+    def load(self, artifact: Artifact, plan) -> "CudaModule":
+        """Load a cubin built from ``plan`` on the current device.  Raises
+        cupy.cuda.driver.CUDADriverError (or another CuPy error) when it cannot be loaded or
+        lacks a kernel, and a runtime error when there is no usable device."""
+        return CudaModule(plan.spec, plan.detail, artifact.binary)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,17 +169,14 @@ class CudaModule:
     device_kind = "cuda"
     stages = STAGES
 
-    def __init__(self, spec: MoESpec, cubin: bytes):
+    def __init__(self, spec: MoESpec, plan: CudaPlan, cubin: bytes):
         import cupy
         self.spec = spec
+        self.plan = plan
         self.xp = cupy
         self.layout = cuda_tiles.packed_layout(spec)
-        self.buckets = cuda_tiles.bucket_configs(spec)
+        self.buckets = list(plan.buckets)
         self.device = cupy.cuda.Device()
-        self.sms = int(self.device.attributes["MultiProcessorCount"])
-        warps = _group_warps(spec.num_experts, spec.num_experts + spec.num_shared_experts)
-        self._group_threads = 32 * warps
-        self._fused_threads = 32 * min(16, warps)      # = FUSED_WARPS in group.cu.jinja
         self._raw = _load_raw_module(cubin)
         self._functions: dict = {}
         self._workspaces: dict = {}
@@ -206,19 +185,7 @@ class CudaModule:
             self.function(name)
 
     def kernel_names(self) -> list[str]:
-        names = ["moe_route_logits_gemv", "moe_route_logits_tiled", "moe_route_select",
-                 "moe_group_single", "moe_route_select_group", "moe_group_count", "moe_group_scan", "moe_group_scatter",
-                 "moe_count_bad_ids", "moe_combine"]
-        if cuda_tiles.use_mma(self.spec):
-            names.append("moe_route_logits_mma")
-        if self.spec.capacity_factor is not None:
-            names += ["moe_capacity_select", "moe_group_single_masked", "moe_group_count_masked",
-                      "moe_group_scatter_masked"]
-            if self.spec.renormalize:
-                names.append("moe_capacity_renorm")
-        for cfg in self.buckets:
-            names += [cfg.ffn1_kernel, cfg.ffn2_kernel]
-        return list(dict.fromkeys(names))
+        return list(self.plan.kernels)
 
     def function(self, name: str):
         """The cupy.RawKernel ``name`` of this cubin (cached)."""
@@ -283,8 +250,9 @@ class CudaModule:
         with self._stream_of(ids):
             stream = self.xp.cuda.get_current_stream()
             self.xp.cuda.runtime.memsetAsync(bad.data.ptr, 0, 4, stream.ptr)
-            blocks = max(1, min(-(-n // 256), 4 * self.sms))
-            self.function("moe_count_bad_ids")((blocks,), (256,), (ids, np.int32(n), bad))
+            threads = self.plan.count_threads
+            blocks = max(1, min(-(-n // threads), 4 * self.plan.sms))
+            self.function("moe_count_bad_ids")((blocks,), (threads,), (ids, np.int32(n), bad))
             return int(bad.get(stream=stream)[0])
 
     def _bad_counter(self):
@@ -302,7 +270,7 @@ class CudaModule:
         key = (cfg.name, cap)
         ws = self._workspaces.get(key)
         if ws is None:
-            ws = self._workspaces[key] = Workspace(self.spec, cfg, cap, self.sms)
+            ws = self._workspaces[key] = Workspace(self.spec, self.plan, cfg, cap)
             log.debug("%s: workspace %s x %d tokens, %.1f MB", self.spec.name, cfg.name, cap,
                       ws.nbytes / 1e6)
         return ws.view(tokens)
@@ -341,10 +309,8 @@ class CudaModule:
             elif stage == "group":
                 self._group(ws, call)
             elif stage == "ffn1":
-                from .cuda_ffn import launch_ffn1
                 launch_ffn1(self, ws, call)
             elif stage == "ffn2":
-                from .cuda_ffn import launch_ffn2
                 if ws.cap_weights is not None:
                     # capacity + renormalize: ffn2 weighs the kept slots by the rescaled weights
                     call = dataclasses.replace(call, topk_weights=ws.cap_weights)
@@ -359,7 +325,7 @@ class CudaModule:
         rt.memsetAsync(arr.data.ptr, 0, arr.nbytes, self.xp.cuda.get_current_stream().ptr)
 
     def _route(self, ws, call) -> None:
-        T, p = call.tokens, ws.plan
+        T, p = call.tokens, ws.shapes
         if call.want_stats:
             self._memset(ws.router_sums)
         if T == 0:
@@ -367,27 +333,24 @@ class CudaModule:
         router = call.packed.router
         fn = self.function(p.route_kernel)
         if p.route_kernel == "moe_route_logits_gemv":
-            fn(p.route_grid, (ROUTE_WARPS * 32,), (call.x, router, ws.logits, np.int32(T)))
-        elif p.route_kernel == "moe_route_logits_mma":
-            fn(p.route_grid, (ROUTE_MMA_THREADS,),
-               (call.x, router, ws.logits, np.int32(T), np.int32(p.route_k_chunk)),
-               shared_mem=ROUTE_MMA_SMEM)
+            fn(p.route_grid, (p.route_block,), (call.x, router, ws.logits, np.int32(T)))
         else:
-            fn(p.route_grid, (RT_THREADS_DEFAULT,),
-               (call.x, router, ws.logits, np.int32(T), np.int32(p.route_k_chunk)))
+            fn(p.route_grid, (p.route_block,),
+               (call.x, router, ws.logits, np.int32(T), np.int32(p.route_k_chunk)),
+               shared_mem=p.route_smem)
         select = (ws.logits, np.int32(p.route_splits), _arg(call.router_bias), ws.topk_ids,
                   ws.topk_weights, ws.router_sums, np.int32(T), np.int32(1 if call.want_stats else 0))
         if p.fused_route_group:
             # few tokens: select + the whole group stage in one block (see run_stage("group"))
             self.function("moe_route_select_group")(
-                (1,), (self._fused_threads,),
+                (1,), (32 * self.plan.group.fused_warps,),
                 select + (np.int32(ws.bucket.bm), ws.counts, ws.offsets, ws.sorted_rows,
                           ws.tile_expert, ws.tile_row0, ws.num_tiles))
             return
-        self.function("moe_route_select")((p.select_blocks,), (ROUTE_WARPS * 32,), select)
+        self.function("moe_route_select")((p.select_blocks,), (self.plan.route.warps * 32,), select)
 
     def _group(self, ws, call) -> None:
-        T, p = call.tokens, ws.plan
+        T, p = call.tokens, ws.shapes
         if T == 0:
             for a in (ws.counts, ws.offsets, ws.num_tiles):
                 self._memset(a)
@@ -402,20 +365,20 @@ class CudaModule:
 
     def _group_pass(self, ws, ids, T: int, kept) -> None:
         """One group pass over every slot, or (``kept`` given) over the kept slots only."""
-        p, bm = ws.plan, ws.bucket.bm
+        p, g, bm = ws.shapes, self.plan.group, ws.bucket.bm
         outs = (ws.counts, ws.offsets, ws.sorted_rows, ws.tile_expert, ws.tile_row0, ws.num_tiles)
         masked = () if kept is None else (kept,)
         suffix = "" if kept is None else "_masked"
         if p.group_single:
-            self.function("moe_group_single" + suffix)((1,), (self._group_threads,),
+            self.function("moe_group_single" + suffix)((1,), (32 * g.warps,),
                                                        (ids, *masked, np.int32(T), np.int32(bm), *outs))
             return
-        blocks = -(-p.group_units // GROUP_BLOCK_UNITS)
-        threads = GROUP_BLOCK_UNITS * 32
+        blocks = -(-p.group_units // g.block_units)
+        threads = g.block_units * 32
         self.function("moe_group_count" + suffix)((blocks,), (threads,),
                                                   (ids, *masked, np.int32(T), ws.group_hist))
-        self.function("moe_group_scan")((1,), (1024,), (np.int32(T), np.int32(bm), ws.group_hist,
-                                                         ws.pad_off, *outs))
+        self.function("moe_group_scan")((1,), (g.scan_threads,),
+                                        (np.int32(T), np.int32(bm), ws.group_hist, ws.pad_off, *outs))
         self.function("moe_group_scatter" + suffix)((blocks,), (threads,),
                                                     (ids, *masked, np.int32(T), ws.group_hist,
                                                      ws.pad_off, ws.sorted_rows))
@@ -425,14 +388,15 @@ class CudaModule:
         kept slots and count the dropped ones, rescale the kept weights (renormalize), then
         group again over the kept slots only.  Capacity is an argument: no host sync."""
         spec, T = self.spec, call.tokens
+        threads = self.plan.capacity_threads
         cap = min(expert_capacity(spec, T), T * spec.top_k)     # beyond T·k nothing drops
         weights = call.topk_weights if call.topk_weights is not None else ws.topk_weights
         self.function("moe_capacity_select")(
-            (spec.num_experts,), (CAP_THREADS,),
+            (spec.num_experts,), (threads,),
             (ws.counts, ws.sorted_rows, weights, np.int32(ws.bucket.bm), np.int32(cap),
              ws.kept, ws.dropped))
         if ws.cap_weights is not None:
-            self.function("moe_capacity_renorm")((-(-T // CAP_THREADS),), (CAP_THREADS,),
+            self.function("moe_capacity_renorm")((-(-T // threads),), (threads,),
                                                  (weights, ws.kept, np.int32(T), ws.cap_weights))
         self._group_pass(ws, ids, T, ws.kept)
 
@@ -443,4 +407,4 @@ class CudaModule:
         args = (ws.y_slot, call.out, np.int32(T), np.int32(ws.bucket.ffn2_splits))
         if ws.kept is not None:
             args += (ws.kept,)                # capacity: dropped slots are skipped
-        self.function("moe_combine")((ws.plan.combine_blocks,), (256,), args)
+        self.function("moe_combine")((ws.shapes.combine_blocks,), (self.plan.combine_threads,), args)

@@ -39,27 +39,10 @@ def _grid_tiles(spec, cfg, tokens: int) -> int:
     return min(slots, cuda_tiles.max_tiles(spec, cfg, tokens))
 
 
-_SMS: dict[int, int] = {}
-
-
-def _sm_count(module) -> int:
-    """Multiprocessors of the current device (the module's own count when it has one)."""
-    sms = getattr(module, "sms", None)
-    if sms:
-        return int(sms)
-    import cupy
-    dev = cupy.cuda.Device().id
-    if dev not in _SMS:
-        _SMS[dev] = int(cupy.cuda.Device(dev).attributes["MultiProcessorCount"])
-    return _SMS[dev]
-
-
-def _grid(module, tile, m_tiles: int, n_tiles: int, splits: int) -> tuple[int, int, int]:
-    """Tensor-core kernels take a 1-D grid of M x N tiles (rasterised in groups for L2 reuse);
-    a persistent wgmma tile gets one CTA per SM instead, each walking the same order up to the
-    device-side tile count; SIMT kernels take M tiles on x and N tiles on y.  K splits on z."""
-    if tile.kind == "wgmma" and tile.persistent:
-        return (max(1, min(m_tiles * n_tiles, _sm_count(module))), 1, splits)
+def _grid(tile, m_tiles: int, n_tiles: int, splits: int) -> tuple[int, int, int]:
+    """Tensor-core kernels (mma, wgmma: one CTA per output tile) take a 1-D grid of M x N tiles,
+    rasterised in groups for L2 reuse; SIMT kernels take M tiles on x and N tiles on y.  K splits
+    on z."""
     if tile.kind in ("mma", "wgmma"):
         return (m_tiles * n_tiles, 1, splits)
     return (m_tiles, n_tiles, splits)
@@ -93,7 +76,7 @@ def launch_ffn1(module, ws, call) -> None:
                          f"got address {_address(call.x):#x}; pass a fresh contiguous copy")
     tile = cfg.ffn1
     n_cols = spec.ffn_dim if tile.kind == "simt" else module.layout.gate_rows
-    grid = _grid(module, tile, _grid_tiles(spec, cfg, tokens), -(-n_cols // tile.bn), 1)
+    grid = _grid(tile, _grid_tiles(spec, cfg, tokens), -(-n_cols // tile.bn), 1)
     smem = tile.smem_bytes(spec.dt.itemsize)
     fn = _kernel(module, cfg.ffn1_kernel, smem)
     fn(grid, (tile.threads, 1, 1),
@@ -113,7 +96,7 @@ def launch_ffn2(module, ws, call) -> None:
     tile = cfg.ffn2
     slot_count = tokens * (spec.top_k + spec.num_shared_experts)
     weights = call.topk_weights if call.topk_weights is not None else ws.topk_weights
-    grid = _grid(module, tile, _grid_tiles(spec, cfg, tokens), -(-spec.hidden_dim // tile.bn), cfg.ffn2_splits)
+    grid = _grid(tile, _grid_tiles(spec, cfg, tokens), -(-spec.hidden_dim // tile.bn), cfg.ffn2_splits)
     smem = tile.smem_bytes(spec.dt.itemsize)
     fn = _kernel(module, cfg.ffn2_kernel, smem)
     fn(grid, (tile.threads, 1, 1),

@@ -44,7 +44,6 @@ MMA_INTERLEAVE = 8
 MMA_BK = 64          # one 128-byte swizzled smem row of 16-bit elements
 SIMT_BK = 16
 SIMT_THREADS = 256
-SMS = 132            # H100 SXM; only used to size split-K, a guess elsewhere is harmless
 
 
 @dataclass(frozen=True)
@@ -58,7 +57,6 @@ class GemmTile:
     warps_n: int
     stages: int
     min_blocks: int = 1      # __launch_bounds__ residency hint (also caps registers)
-    persistent: bool = False  # wgmma: launch one CTA per SM that walks the tiles (else one per tile)
 
     @property
     def threads(self) -> int:
@@ -104,10 +102,10 @@ def use_mma(spec: MoESpec) -> bool:
     return bool(spec.dt.cuda_mma) and spec.hidden_dim % 8 == 0 and spec.ffn_dim % 8 == 0
 
 
-def use_wgmma(spec: MoESpec) -> bool:
-    """Hopper warpgroup MMA for the prefill bucket: needs the sm_90a target (wgmma is not in
-    plain sm_90) and the tensor-core path."""
-    return use_mma(spec) and spec.arch == "sm_90a"
+def use_wgmma(spec: MoESpec, target: str | None = None) -> bool:
+    """Hopper warpgroup MMA for the prefill bucket: needs the sm_90a target (``target``, else
+    ``spec.arch``; wgmma is not in plain sm_90) and the tensor-core path."""
+    return use_mma(spec) and (target or spec.arch) == "sm_90a"
 
 
 def preferred_arch(compute_capability: str) -> str:
@@ -121,11 +119,16 @@ def x_alignment(spec: MoESpec) -> int:
     return 16 if use_mma(spec) else spec.dt.itemsize
 
 
+def interleave(spec: MoESpec) -> int:
+    """Gate/up interleave of the packed w13: MMA_INTERLEAVE rows for gated specs whose F is a
+    multiple of it, else 0 (W1 rows then W3 rows)."""
+    return MMA_INTERLEAVE if (spec.gated and spec.ffn_dim % MMA_INTERLEAVE == 0) else 0
+
+
 def packed_layout(spec: MoESpec) -> PackedLayout:
     """The packed weight layout the CUDA GEMMs read: w13 [G, H] and w2 [H, F] (K contiguous, the
     B operand of mma.sync "row.col"), gate/up interleaved by 8 rows on the tensor-core path."""
-    inter = MMA_INTERLEAVE if (spec.gated and spec.ffn_dim % MMA_INTERLEAVE == 0) else 0
-    return PackedLayout(spec, w13_order="nk", w2_order="nk", gate_up_interleave=inter,
+    return PackedLayout(spec, w13_order="nk", w2_order="nk", gate_up_interleave=interleave(spec),
                         router_order="eh", align_bytes=128)
 
 
@@ -135,7 +138,7 @@ def _experts_touched(spec: MoESpec, tokens: int) -> float:
     return E * (1.0 - (1.0 - k / E) ** tokens) + spec.num_shared_experts
 
 
-def _splits(spec: MoESpec, tile: GemmTile, tokens: int) -> int:
+def _splits(spec: MoESpec, tile: GemmTile, tokens: int, sms: int) -> int:
     """Split-K of ffn2 so that ~2 CTAs per SM stream weights at ``tokens`` tokens (the smallest
     count of the bucket), each split still covering at least 4 K tiles (fewer would be all
     prologue)."""
@@ -143,7 +146,7 @@ def _splits(spec: MoESpec, tile: GemmTile, tokens: int) -> int:
     slots = tokens * (spec.top_k + spec.num_shared_experts)
     m_tiles = max(1.0, _experts_touched(spec, tokens), slots / tile.bm)
     ctas = n_tiles * m_tiles
-    want = math.ceil(2 * SMS / ctas)
+    want = math.ceil(2 * sms / ctas)
     most = max(1, spec.ffn_dim // (4 * tile.bk))
     return int(max(1, min(want, most, 16)))
 
@@ -167,29 +170,63 @@ MMA_TILES: dict[int, tuple[GemmTile, GemmTile]] = {
 }
 
 # Prefill tiles on sm_90a: two warpgroups of 64 x 256 (wgmma m64n256k16), 4 stages of 48 KB,
-# one CTA per tile: the persistent launch (one CTA per SM walking the tiles, next tile's loads
-# in flight during the epilogue) measured 3-13% slower on H100 (Mixtral T=16384: 23.4 vs 21.7 ms).
-_PREFILL_WGMMA = GemmTile("wgmma", 128, 256, MMA_BK, 2, 4, 4, persistent=False)
+# one CTA per tile (a launch of one CTA per SM walking the tiles, next tile's loads in flight
+# during the epilogue, measured 3-13% slower on H100: Mixtral T=16384, 23.4 vs 21.7 ms).
+_PREFILL_WGMMA = GemmTile("wgmma", 128, 256, MMA_BK, 2, 4, 4)
 WGMMA_TILES: dict[int, tuple[GemmTile, GemmTile]] = {
     128: (_PREFILL_WGMMA, _PREFILL_WGMMA),
 }
+# Further tensor-core tiles `moegen tune` may try per bucket height (after the default).
+ALT_TILES: dict[int, tuple[GemmTile, ...]] = {
+    16: (GemmTile("mma", 16, 128, MMA_BK, 1, 4, 4, min_blocks=2),),
+    64: (GemmTile("mma", 64, 64, MMA_BK, 2, 2, 4, min_blocks=2),),
+    128: (_PREFILL_MMA, GemmTile("mma", 128, 128, MMA_BK, 2, 4, 4)),
+}
 
 
-def _tiles(spec: MoESpec, bm: int) -> tuple[GemmTile, GemmTile]:
+def _default_tiles(spec: MoESpec, target: str | None, bm: int) -> tuple[GemmTile, GemmTile]:
     if not use_mma(spec):
         t = GemmTile("simt", bm, 64, SIMT_BK, 1, 1, 1)
         return t, t
-    if use_wgmma(spec) and bm in WGMMA_TILES:
+    if use_wgmma(spec, target) and bm in WGMMA_TILES:
         return WGMMA_TILES[bm]
     return MMA_TILES[bm]
 
 
-def bucket_configs(spec: MoESpec) -> list[BucketConfig]:
-    """The token-count buckets of ``spec``, sorted by ``max_tokens``; the last is unbounded.
+def tile_choices(spec: MoESpec, target: str | None) -> dict[str, tuple[str, ...]]:
+    """``tile_bm<BM>`` -> the tags of the tiles a tensor-core bucket may use (ffn1 and ffn2
+    alike), the cost model's choice first.  Empty for SIMT specs (one tile shape only)."""
+    if not use_mma(spec):
+        return {}
+    out = {}
+    for _, bm, _ in _bucket_limits(spec):
+        default = _default_tiles(spec, target, bm)[0]
+        tags = [default.tag] + [t.tag for t in ALT_TILES.get(bm, ()) if t.tag != default.tag]
+        out[f"tile_bm{bm}"] = tuple(tags)
+    return out
+
+
+def _tiles(spec: MoESpec, target: str | None, bm: int, tuning: dict) -> tuple[GemmTile, GemmTile]:
+    chosen = tuning.get(f"tile_bm{bm}")
+    if chosen is not None:
+        for t in (*_default_tiles(spec, target, bm), *ALT_TILES.get(bm, ())):
+            if t.tag == chosen:
+                return t, t
+        raise ValueError(f"tile_bm{bm} must be one of {list(tile_choices(spec, target).get(f'tile_bm{bm}', ()))}, "
+                         f"got {chosen!r}")
+    return _default_tiles(spec, target, bm)
+
+
+def bucket_configs(spec: MoESpec, target: str | None, sms: int,
+                   tuning: dict | None = None) -> list[BucketConfig]:
+    """The token-count buckets of ``spec`` for ``target`` (None: ``spec.arch``) on a GPU of
+    ``sms`` multiprocessors, sorted by ``max_tokens``; the last is unbounded.  ``tuning`` may
+    pick a bucket's tile by tag (`tile_choices`).
 
     A bucket's bound is the token count at which the average rows per expert
     (T·(k + shared)/E) reaches its limit; buckets that would hold no token count are dropped.
     """
+    tuning = tuning or {}
     slots = spec.top_k + spec.num_shared_experts
     out: list[BucketConfig] = []
     prev = 0
@@ -199,10 +236,10 @@ def bucket_configs(spec: MoESpec) -> list[BucketConfig]:
         max_tokens = None if last else int(rows * spec.num_experts // slots)
         if max_tokens is not None and max_tokens <= prev:
             continue
-        f1, f2 = _tiles(spec, bm)
+        f1, f2 = _tiles(spec, target, bm, tuning)
         # The unbounded (prefill) bucket has M tiles enough to fill the GPU: no split-K, whose
         # partial sums would cost splits x T·k·H extra bytes.
-        splits = 1 if last else _splits(spec, f2, prev + 1)
+        splits = 1 if last else _splits(spec, f2, prev + 1, sms)
         out.append(BucketConfig(
             name=name, max_tokens=max_tokens, bm=bm, ffn1=f1, ffn2=f2, ffn2_splits=splits,
             ffn1_kernel=f"moe_ffn1_{f1.tag}", ffn2_kernel=f"moe_ffn2_{f2.tag}_k{splits}"))
@@ -237,17 +274,16 @@ def workspace_sizes(spec: MoESpec, cfg: BucketConfig, max_tokens: int) -> dict:
             "y_slot": cfg.ffn2_splits * slots * spec.hidden_dim}
 
 
-def render_context(spec: MoESpec) -> dict:
-    """Template variables of templates/cuda/ffn.cu.jinja, under the one key ``ffn``.
-
-    Validated ints and table strings only.
+def render_context(spec: MoESpec, buckets, mma: bool, inter: int) -> dict:
+    """Template variables of templates/cuda/ffn.cu.jinja, under the one key ``ffn``, from the
+    plan's buckets.  Validated ints and table strings only.
     """
-    layout = packed_layout(spec)
+    layout = PackedLayout(spec, w13_order="nk", w2_order="nk", gate_up_interleave=inter,
+                          router_order="eh", align_bytes=128)
     off = layout.offsets
     dt = spec.dt
-    mma = use_mma(spec)
     kernels, seen = [], set()
-    for cfg in bucket_configs(spec):
+    for cfg in buckets:
         for stage, tile, name, splits in ((1, cfg.ffn1, cfg.ffn1_kernel, 1),
                                           (2, cfg.ffn2, cfg.ffn2_kernel, cfg.ffn2_splits)):
             if name in seen:
@@ -258,16 +294,9 @@ def render_context(spec: MoESpec) -> dict:
                             "wn": tile.warps_n, "stages": tile.stages, "splits": splits,
                             "threads": tile.threads, "min_blocks": tile.min_blocks})
     return {"ffn": {
-        "elem": dt.cuda_raw,
-        "load": dt.cuda_load,
-        "store": dt.cuda_store,
         "mma_type": dt.cuda_mma if mma else "",
+        "simt_threads": SIMT_THREADS,
         "wgmma_ns": sorted({k["bn"] for k in kernels if k["kind"] == "wgmma"}),
-        "num_experts": spec.num_experts,
-        "top_k": spec.top_k,
-        "slots": spec.top_k + spec.num_shared_experts,
-        "hidden_dim": spec.hidden_dim,
-        "ffn_dim": spec.ffn_dim,
         "gate_rows": layout.gate_rows,
         "gated": spec.gated,
         "bias": spec.bias,

@@ -10,30 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from ..spec import MoESpec
 from . import cuda_tiles
-
-# Route: GEMV for up to this many tokens, the tiled GEMM (with split-K over H) above.
-GEMV_MAX_TOKENS = 16
-GEMV_TOKENS = 4            # = GEMV_TOKENS in route.cu.jinja
-ROUTE_WARPS = 8            # = ROUTE_WARPS
-RT_TM = RT_TN = 64         # = RT_TM, RT_TN
-RT_TK = 32                 # = RT_TK
-RT_THREADS_DEFAULT = 256   # = RT_THREADS
-ROUTE_MMA_THREADS = 128    # = RouteTile::kThreads (route_mma.cu.jinja)
-ROUTE_MMA_SMEM = 3 * (RT_TM + RT_TN) * 128    # = RouteTile::kSmem: 3 stages of 64-wide k tiles
-ROUTE_MMA_BK = 64          # = RouteTile::kBK
-ROUTE_MAX_SPLITS = 8       # split-K of the router GEMM (partials summed by the select kernel)
-ROUTER_TENSOR_CORES = True # router GEMM on mma.sync when the cubin has the main loop (fp16/bf16)
-# Route + group in one single-block launch up to this many tokens (0 disables the fusion).
-FUSED_MAX_TOKENS = 16       # ~1 token per warp of the fused block
-# Group: one block up to this many slots, the three-launch path above.
-GROUP_SINGLE_MAX_SLOTS = 8192
-GROUP_UNIT_SLOTS = 512     # = GROUP_UNIT_SLOTS
-GROUP_BLOCK_UNITS = 8      # = GROUP_BLOCK_UNITS
-COMBINE_THREADS = 256      # = COMBINE_THREADS
-CAP_THREADS = 256          # = CAP_THREADS (capacity.cu.jinja)
-
+from .cuda_plan import CudaPlan
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
@@ -45,25 +26,17 @@ def next_pow2(n: int) -> int:
 
 def storage_dtype(spec: MoESpec):
     """The CuPy dtype holding the spec's storage bits (CuPy has no bfloat16: uint16 then)."""
-    import numpy as np
     return np.dtype(np.uint16) if spec.dtype == "bfloat16" else np.dtype(spec.dtype)
 
 
-def vec_width(n: int, itemsize: int) -> int:
-    """Elements per access: the widest of 16, 8, 4, 2 bytes (or one element) dividing a row of
-    n elements, so a vector never straddles two rows."""
-    v = 16 // itemsize
-    while v > 1 and n % v:
-        v //= 2
-    return v
-
-
 @dataclass
-class Plan:
+class LaunchShapes:
     """Launch shapes of one token count (host-side integers only)."""
     tokens: int
     route_kernel: str          # moe_route_logits_{gemv,tiled,mma}
     route_grid: tuple
+    route_block: int
+    route_smem: int
     route_splits: int
     route_k_chunk: int
     select_blocks: int
@@ -73,32 +46,35 @@ class Plan:
     combine_blocks: int
 
 
-def make_plan(spec: MoESpec, tokens: int, sms: int) -> Plan:
-    """Launch shapes for ``tokens`` tokens on a GPU of ``sms`` multiprocessors."""
+def launch_shapes(spec: MoESpec, plan: CudaPlan, tokens: int) -> LaunchShapes:
+    """Launch shapes for ``tokens`` tokens, from the plan's constants and SM count."""
     E, H = spec.num_experts, spec.hidden_dim
+    r, g, sms = plan.route, plan.group, plan.sms
     kt = spec.top_k + spec.num_shared_experts
-    vec = vec_width(H, spec.dt.itemsize)
-    if tokens <= GEMV_MAX_TOKENS:
-        kernel, grid, splits, chunk = "moe_route_logits_gemv", (_cdiv(E, ROUTE_WARPS), max(1, _cdiv(tokens, GEMV_TOKENS)), 1), 1, H
+    if tokens <= r.gemv_max_tokens:
+        kernel, block, smem = "moe_route_logits_gemv", r.warps * 32, 0
+        grid, splits, chunk = (_cdiv(E, r.warps), max(1, _cdiv(tokens, r.gemv_tokens)), 1), 1, H
     else:
-        # tensor cores when the expert GEMMs have their main loop in the cubin (fp16/bf16,
-        # 16-byte rows); split-K over H when the token x expert tiles cannot fill the GPU
-        mma = ROUTER_TENSOR_CORES and cuda_tiles.use_mma(spec)
-        step = ROUTE_MMA_BK if mma else RT_TK
-        tiles = _cdiv(tokens, RT_TM) * _cdiv(E, RT_TN)
-        want = min(ROUTE_MAX_SPLITS, max(1, _cdiv(2 * sms, tiles)), max(1, H // 256))
+        # split-K over H when the token x expert tiles cannot fill the GPU
+        step = r.mma_bk if r.tensor_cores else r.tile_k
+        tiles = _cdiv(tokens, r.tile_m) * _cdiv(E, r.tile_n)
+        want = min(r.max_splits, max(1, _cdiv(2 * sms, tiles)), max(1, H // 256))
         chunk = _cdiv(_cdiv(H, want), step) * step
         splits = _cdiv(H, chunk)
-        kernel = "moe_route_logits_mma" if mma else "moe_route_logits_tiled"
-        grid = (_cdiv(tokens, RT_TM), _cdiv(E, RT_TN), splits)
+        if r.tensor_cores:
+            kernel, block, smem = "moe_route_logits_mma", r.mma_threads, r.mma_smem
+        else:
+            kernel, block, smem = "moe_route_logits_tiled", r.threads, 0
+        grid = (_cdiv(tokens, r.tile_m), _cdiv(E, r.tile_n), splits)
     slots = tokens * kt
-    return Plan(tokens=tokens, route_kernel=kernel, route_grid=grid, route_splits=splits,
-                route_k_chunk=chunk,
-                select_blocks=max(1, min(_cdiv(tokens, ROUTE_WARPS), 4 * sms)),
-                fused_route_group=0 < tokens <= FUSED_MAX_TOKENS and slots <= GROUP_SINGLE_MAX_SLOTS,
-                group_single=slots <= GROUP_SINGLE_MAX_SLOTS,
-                group_units=_cdiv(slots, GROUP_UNIT_SLOTS),
-                combine_blocks=max(1, _cdiv(tokens * (H // vec), COMBINE_THREADS)))
+    return LaunchShapes(
+        tokens=tokens, route_kernel=kernel, route_grid=grid, route_block=block, route_smem=smem,
+        route_splits=splits, route_k_chunk=chunk,
+        select_blocks=max(1, min(_cdiv(tokens, r.warps), 4 * sms)),
+        fused_route_group=0 < tokens <= g.fused_max_tokens and slots <= g.single_max_slots,
+        group_single=slots <= g.single_max_slots,
+        group_units=_cdiv(slots, g.unit_slots),
+        combine_blocks=max(1, _cdiv(tokens * (H // plan.vec_h), plan.combine_threads)))
 
 
 class WorkspaceView:
@@ -109,20 +85,20 @@ class WorkspaceView:
     tile_expert / tile_row0 [max_tiles] int32, num_tiles [1] int32, h [max_tiles·bm, F] storage,
     y_slot [ffn2_splits, T·K_TOTAL, H] storage (split stride T·K_TOTAL·H), logits (route scratch),
     group_hist / pad_off (group scratch).  Also ``bucket`` (`cuda_tiles.BucketConfig`),
-    ``max_tiles`` and ``plan``.
+    ``max_tiles`` and ``shapes`` (`LaunchShapes`).
     Capacity specs only (else None): kept [T·K] uint8 (1 = the slot survived capacity),
     dropped [E] int32 (slots each expert dropped; `LayerStats` sums it), and with renormalize
     cap_weights [T, K] float32 (the kept weights rescaled, read by ffn2).
     """
 
-    def __init__(self, ws: "Workspace", tokens: int, plan: Plan):
+    def __init__(self, ws: "Workspace", tokens: int, shapes: LaunchShapes):
         spec, cfg = ws.spec, ws.bucket
         K, E, H, F = spec.top_k, spec.num_experts, spec.hidden_dim, spec.ffn_dim
         kt = K + spec.num_shared_experts
         tiles = cuda_tiles.max_tiles(spec, cfg, tokens)
         self.tokens = tokens
         self.bucket = cfg
-        self.plan = plan
+        self.shapes = shapes
         self.max_tiles = tiles
         self.topk_ids = ws.topk_ids[:tokens * K].reshape(tokens, K)
         self.topk_weights = ws.topk_weights[:tokens * K].reshape(tokens, K)
@@ -138,7 +114,6 @@ class WorkspaceView:
         self.logits = ws.logits
         self.group_hist = ws.group_hist
         self.pad_off = ws.pad_off
-        self.bad_ids = ws.bad_ids
         self.kept = ws.kept[:tokens * K] if ws.kept is not None else None
         self.dropped = ws.dropped
         self.cap_weights = (ws.cap_weights[:tokens * K].reshape(tokens, K)
@@ -148,9 +123,9 @@ class WorkspaceView:
 class Workspace:
     """Flat device buffers for up to ``capacity`` tokens of one bucket (allocated here, once)."""
 
-    def __init__(self, spec: MoESpec, bucket, capacity: int, sms: int):
-        import cupy
-        self.spec, self.bucket, self.capacity, self.sms = spec, bucket, capacity, sms
+    def __init__(self, spec: MoESpec, plan: CudaPlan, bucket, capacity: int):
+        import cupy  # optional heavy package: only a cuda module on a GPU allocates
+        self.spec, self.plan, self.bucket, self.capacity = spec, plan, bucket, capacity
         K, E = spec.top_k, spec.num_experts
         kt = K + spec.num_shared_experts
         et = E + spec.num_shared_experts
@@ -168,10 +143,9 @@ class Workspace:
         self.tile_row0 = cupy.empty(sizes["max_tiles"], i32)
         self.h = cupy.empty(sizes["h"], store)
         self.y_slot = cupy.empty(sizes["y_slot"], f32 if spec.dtype == "float32" else store)
-        self.logits = cupy.empty(ROUTE_MAX_SPLITS * capacity * E, f32)
-        self.group_hist = cupy.empty(max(1, _cdiv(capacity * kt, GROUP_UNIT_SLOTS)) * et, i32)
+        self.logits = cupy.empty(plan.route.max_splits * capacity * E, f32)
+        self.group_hist = cupy.empty(max(1, _cdiv(capacity * kt, plan.group.unit_slots)) * et, i32)
         self.pad_off = cupy.empty(et, i32)
-        self.bad_ids = cupy.zeros(1, i32)
         cap = spec.capacity_factor is not None
         self.kept = cupy.empty(capacity * K, cupy.uint8) if cap else None
         self.dropped = cupy.zeros(E, i32) if cap else None
@@ -183,7 +157,7 @@ class Workspace:
         return sum(int(getattr(self, n).nbytes) for n in (
             "topk_ids", "topk_weights", "counts", "offsets", "router_sums", "num_tiles",
             "sorted_rows", "tile_expert", "tile_row0", "h", "y_slot", "logits", "group_hist",
-            "pad_off", "bad_ids", "kept", "dropped", "cap_weights")
+            "pad_off", "kept", "dropped", "cap_weights")
             if getattr(self, n) is not None)
 
     def view(self, tokens: int) -> WorkspaceView:
@@ -192,7 +166,7 @@ class Workspace:
         if v is None:
             if len(self._views) >= 256:      # bound the cache of Python view objects
                 self._views.clear()
-            v = self._views[tokens] = WorkspaceView(self, tokens, make_plan(self.spec, tokens, self.sms))
+            v = self._views[tokens] = WorkspaceView(self, tokens, launch_shapes(self.spec, self.plan, tokens))
         return v
 
 

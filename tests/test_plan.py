@@ -1,0 +1,215 @@
+"""KernelPlan: one pure plan that the render, the workspaces and the launches all read.
+
+A tile or launch constant changed in the plan shows up in the rendered source, in the
+workspace sizes and in the grid/block the module launches (checked without a GPU: the
+workspace is allocated through NumPy standing in for CuPy's allocation calls, and the launch
+records its grid instead of running)."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from moegen.backends import cuda_ffn, cuda_tiles
+from moegen.backends.base import Call
+from moegen.backends.cuda_plan import ARCH_SMS, CudaPlan
+from moegen.backends.cuda_workspace import Workspace, launch_shapes
+from moegen.plan import KernelPlan, make_plan, plan_text
+from moegen.render import render
+from moegen.spec import MoESpec
+
+SPEC = MoESpec(8, 2, 256, 512, dtype="bfloat16", backend="cuda", arch="sm_90")
+
+
+def test_make_plan_is_frozen_and_deterministic():
+    a, b = make_plan(SPEC, "sm_90", {}), make_plan(SPEC, "sm_90", None)
+    assert a == b and isinstance(a.detail, CudaPlan)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        a.detail.sms = 1
+    assert a.to_dict() == b.to_dict()
+
+
+def test_plan_text_lists_every_constant():
+    text = plan_text(make_plan(SPEC, "sm_90", {}))
+    for needle in ("spec", "moe_e8_k2_h256_f512_bf16_swiglu", "target", "sm_90", "sms", "132",
+                   "route.gemv_tokens", "group.warps", "buckets[bm16].ffn1.bn",
+                   "buckets[bm16].ffn2_splits", "combine_threads", "kernels"):
+        assert needle in text, needle
+    assert str(make_plan(SPEC, "sm_90", {})) == text
+
+
+def test_sm_count_is_a_plan_input_used_by_tiles_and_launches():
+    assert make_plan(SPEC, "sm_90", {}).detail.sms == ARCH_SMS["sm_90"] == 132
+    # split-K of the decode ffn2 is sized for the plan's SMs, and so are the route launches
+    big = MoESpec(8, 2, 4096, 14336, dtype="bfloat16", backend="cuda", arch="sm_90")
+    few = make_plan(big, "sm_90", {}, sms=2).detail
+    many = make_plan(big, "sm_90", {}, sms=132).detail
+    assert few.buckets[0].ffn2_splits < many.buckets[0].ffn2_splits
+    assert launch_shapes(big, few, 5000).select_blocks == 4 * 2
+    assert launch_shapes(big, many, 5000).select_blocks == 4 * 132
+    assert launch_shapes(big, few, 100).route_splits < launch_shapes(big, many, 100).route_splits
+
+
+def _fake_cupy(monkeypatch):
+    """CuPy's allocation calls answered by NumPy (sizes and shapes only; nothing runs)."""
+    fake = types.SimpleNamespace(empty=np.empty, zeros=np.zeros, int32=np.int32,
+                                 float32=np.float32, uint8=np.uint8)
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+
+
+class _Recorder:
+    """Stands in for a cupy.RawKernel: records the launch instead of running it."""
+    max_dynamic_shared_size_bytes = 0
+
+    def __init__(self, name, log):
+        self.name, self.log = name, log
+
+    def __call__(self, grid, block, args, shared_mem=0):
+        self.log.append((self.name, tuple(grid), tuple(block), shared_mem))
+
+
+def _launch(plan: KernelPlan, tokens: int, monkeypatch):
+    """(workspace view, recorded ffn1/ffn2 launches) of ``tokens`` tokens under ``plan``."""
+    _fake_cupy(monkeypatch)
+    cp = plan.detail
+    cfg = cuda_tiles.bucket_for(cp.buckets, tokens)
+    ws = Workspace(plan.spec, cp, cfg, 64).view(tokens)
+    log: list = []
+    module = types.SimpleNamespace(spec=plan.spec, layout=cuda_tiles.packed_layout(plan.spec),
+                                   function=lambda name: _Recorder(name, log))
+    call = Call(x=0, packed=types.SimpleNamespace(buffer=0), out=None, tokens=tokens,
+                topk_weights=0)
+    cuda_ffn.launch_ffn1(module, ws, call)
+    cuda_ffn.launch_ffn2(module, ws, call)
+    return ws, log
+
+
+def test_a_tile_changed_in_the_plan_reaches_render_workspace_and_launch(monkeypatch):
+    base = make_plan(SPEC, "sm_90", {})
+    bucket = base.detail.buckets[0]
+    assert bucket.bm == 16 and bucket.ffn2.bn == 64
+    # the decode bucket gets 32-row tiles 128 wide, and 3 K splits
+    tile = cuda_tiles.GemmTile("mma", 32, 128, 64, 2, 4, 3, min_blocks=1)
+    new_bucket = dataclasses.replace(bucket, bm=32, ffn1=tile, ffn2=tile, ffn2_splits=3,
+                                     ffn1_kernel=f"moe_ffn1_{tile.tag}",
+                                     ffn2_kernel=f"moe_ffn2_{tile.tag}_k3")
+    detail = dataclasses.replace(base.detail, buckets=(new_bucket, *base.detail.buckets[1:]),
+                                 route=dataclasses.replace(base.detail.route, tile_m=32))
+    changed = dataclasses.replace(base, detail=detail)
+
+    # render
+    old_src, new_src = render(base).text, render(changed).text
+    assert "ffn2_mma<32, 128, 2, 4, 3, 3>(" in new_src and "ffn2_mma<32, 128" not in old_src
+    assert "moe_ffn2_mma_bm32_bn128_bk64_w2x4_s3_k3(" in new_src
+    assert "constexpr int kRouteBM = 32;" in new_src and "constexpr int kRouteBM = 64;" in old_src
+
+    # workspace and launch
+    T = 10
+    ws0, log0 = _launch(base, T, monkeypatch)
+    ws1, log1 = _launch(changed, T, monkeypatch)
+    assert ws0.y_slot.shape == (bucket.ffn2_splits, T * 2, 256)
+    assert ws1.y_slot.shape == (3, T * 2, 256)
+    assert ws1.sorted_rows.size == ws1.max_tiles * 32 and ws0.sorted_rows.size == ws0.max_tiles * 16
+    (n1, grid1, block1, smem1), (n2, grid2, block2, smem2) = log1
+    assert n1 == new_bucket.ffn1_kernel and n2 == new_bucket.ffn2_kernel
+    assert block1 == block2 == (tile.threads, 1, 1) == (256, 1, 1)
+    assert smem2 == tile.smem_bytes(2) == 3 * (32 + 128) * 64 * 2
+    m_tiles = min(T * 2, -(-T * 2 // 32) + 8)
+    assert grid2 == (m_tiles * -(-256 // 128), 1, 3)
+    assert log0[1][1] == (min(T * 2, -(-T * 2 // 16) + 8) * -(-256 // 64), 1, bucket.ffn2_splits)
+    # route launches follow the plan's route tile
+    assert launch_shapes(SPEC, detail, 100).route_grid[0] == -(-100 // 32)
+    assert launch_shapes(SPEC, base.detail, 100).route_grid[0] == -(-100 // 64)
+
+
+def test_tuning_a_bucket_tile_changes_plan_render_and_names():
+    alt = "mma_bm64_bn64_bk64_w2x2_s4"
+    tuned = make_plan(SPEC, "sm_90", {"tile_bm64": alt})
+    mid = [b for b in tuned.detail.buckets if b.bm == 64][0]
+    assert mid.ffn1.tag == alt and mid.ffn1_kernel in tuned.detail.kernels
+    assert f"moe_ffn1_{alt}(" in render(tuned).text
+    assert tuned.tuning == (("tile_bm64", alt),)
+    with pytest.raises(ValueError, match="tile_bm64"):
+        make_plan(SPEC, "sm_90", {"tile_bm64": "mma_bm64_bn7"})
+
+
+def test_unresolved_spec_is_refused():
+    with pytest.raises(ValueError, match="backend='auto'"):
+        make_plan(MoESpec(8, 2, 64))
+
+
+@pytest.mark.nvrtc
+def test_every_tile_candidate_compiles():
+    """Every tile `moegen tune` may pick compiles through NVRTC, without spills."""
+    from moegen.backends.cuda import CudaBackend
+    from moegen.tuning import candidates
+    be = CudaBackend()
+    if not be.can_compile():
+        pytest.skip("CuPy/NVRTC not installed")
+    for arch in ("sm_90", "sm_90a"):
+        spec = SPEC.replace(arch=arch)
+        allowed = be.tunables(spec)
+        # every alternative tile once (one bucket changed at a time)
+        choices = [{name: v} for name, values in allowed.items() for v in values[1:]]
+        assert len(choices) >= 3 and len(candidates(allowed)) > len(choices)
+        for choice in choices:
+            plan = make_plan(spec, arch, choice)
+            art = be.compile(render(plan), spec, arch, "t" * 64)
+            for name in plan.detail.kernels:
+                assert name.encode() in art.binary, (choice, name)
+
+
+def _dry_module(plan: KernelPlan, log: list):
+    """A CudaModule whose kernels record their launches (no cubin, no GPU)."""
+    import contextlib
+    from moegen.backends.cuda import CudaModule
+    m = CudaModule.__new__(CudaModule)
+    m.spec, m.plan = plan.spec, plan.detail
+    m.layout, m.buckets = cuda_tiles.packed_layout(plan.spec), list(plan.detail.buckets)
+    m._workspaces, m._functions, m._external_streams = {}, {}, {}
+
+    def function(name):
+        assert name in plan.detail.kernels, f"{name} is not a kernel of the plan"
+        return _Recorder(name, log)
+
+    m.function = function
+    m._memset = lambda a: None
+    m._stream_of = lambda a: contextlib.nullcontext()
+    return m
+
+
+@pytest.mark.parametrize("spec", [
+    SPEC.replace(arch="sm_90a"),
+    MoESpec(16, 2, 64, 64, dtype="float16", backend="cuda", arch="sm_90", capacity_factor=1.0,
+            num_shared_experts=2),
+    MoESpec(4, 1, 33, 17, backend="cuda", arch="sm_80", capacity_factor=0.5, renormalize=False)],
+    ids=lambda s: s.name)
+def test_every_stage_launches_the_plans_kernels_with_the_plans_blocks(spec, monkeypatch):
+    _fake_cupy(monkeypatch)
+    plan = make_plan(spec, spec.arch, {})
+    cp, log = plan.detail, []
+    m = _dry_module(plan, log)
+    for T in (0, 3, 17, 100, 9000):          # 9000 slots: past the one-block group
+        ws = m.workspace(T)
+        call = Call(x=0, packed=types.SimpleNamespace(buffer=0, router=0), out=0, tokens=T)
+        for stage in m.stages:
+            m.run_stage(stage, ws, call)
+    blocks = {name: block for name, _, block, _ in log}
+    want = {"moe_route_logits_gemv": (32 * cp.route.warps,), "moe_route_select": (32 * cp.route.warps,),
+            "moe_route_select_group": (32 * cp.group.fused_warps,),
+            "moe_group_single": (32 * cp.group.warps,), "moe_group_scan": (cp.group.scan_threads,),
+            "moe_group_count": (32 * cp.group.block_units,), "moe_combine": (cp.combine_threads,)}
+    want["moe_route_logits_mma" if cp.tensor_cores else "moe_route_logits_tiled"] = \
+        (cp.route.mma_threads if cp.tensor_cores else cp.route.threads,)
+    if spec.capacity_factor is not None:
+        want["moe_capacity_select"] = (cp.capacity_threads,)
+    for b in cp.buckets:
+        want[b.ffn1_kernel] = (b.ffn1.threads, 1, 1)
+    assert {k: blocks.get(k) for k in want} == want
+    smem = {name: s for name, _, _, s in log}
+    if cp.tensor_cores:
+        assert smem["moe_route_logits_mma"] == cp.route.mma_smem
