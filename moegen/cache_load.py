@@ -39,6 +39,7 @@ RESOURCE_MARKERS = (
     "No space left on device", "Disk quota exceeded", "Too many open files",
     "Permission denied", "Read-only file system", "Operation not permitted",
     "libcuda.so", "libnvrtc", "CUDA driver version is insufficient",
+    "built for ISA tier",       # a good binary for another CPU (the c backend refuses it)
 )
 
 

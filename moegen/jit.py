@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from . import __version__, settings, tuning as tuning_records
 from .backends import get_backend, cuda_usable
 from .backends.base import Artifact, Sources
-from .cache import CACHE_FORMAT, default_cache, digest
+from .cache import CACHE_FORMAT, default_cache, digest, is_bad_binary
 from .errors import BackendUnavailable, CompileError, DeviceError
 from .kernel import MoEKernel
 from .plan import ContextPlan, KernelPlan, make_plan
@@ -279,25 +279,6 @@ def _load_module(be, artifact: Artifact, plan: KernelPlan):
     if isinstance(plan.detail, ContextPlan):
         return be.load(artifact, plan.spec)          # backend without a plan of its own yet
     return be.load(artifact, plan)
-
-
-# CUDA driver results that mean the bytes are not a loadable module (anything else, such as
-# no device, an old driver or out of memory, says nothing about the binary).
-_BAD_IMAGE_ERRORS = ("CUDA_ERROR_INVALID_IMAGE", "CUDA_ERROR_INVALID_PTX",
-                     "CUDA_ERROR_INVALID_SOURCE", "CUDA_ERROR_NOT_FOUND")
-
-
-def is_bad_binary(exc: BaseException) -> bool:
-    """True when a load failure says the cached bytes are bad (drop and rebuild them): a
-    dlopen that rejects the file (an OSError without errno), or a CUDA driver error of an
-    invalid image or a missing kernel.  A missing or busy device, a driver error, a full
-    TMPDIR (ENOSPC) or any other resource error is not."""
-    if isinstance(exc, OSError):
-        return exc.errno is None
-    name = type(exc).__name__
-    if name == "CUDADriverError":
-        return any(code in str(exc) for code in _BAD_IMAGE_ERRORS)
-    return False
 
 
 def _unusable(be, plan: KernelPlan, info: BuildInfo, exc: BaseException) -> Exception:

@@ -158,9 +158,6 @@ def test_drop_if_bad_keeps_an_entry_for_enospc_and_drops_a_bad_image(tmp_path, c
     assert kc.get(NAME, KEY) is None
 
 
-@pytest.mark.xfail(strict=True, reason="needs moegen/jit.py (helper plan) to keep the entry on "
-                                       "a resource error (issue 9 item 13): remove this mark "
-                                       "when that change is merged")
 def test_compile_keeps_a_good_kernel_when_tmpdir_is_full(tmp_path, monkeypatch):
     monkeypatch.setenv("MOEGEN_CACHE_DIR", str(tmp_path / "cache"))
     spec = moegen.MoESpec(num_experts=4, top_k=2, hidden_dim=64, ffn_dim=128, backend="c")
