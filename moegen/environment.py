@@ -8,6 +8,9 @@ import sys
 
 from . import __version__, settings
 
+# How to get the cuda backend's Python packages (CuPy, NVRTC); named wherever CuPy is missing.
+CUDA_EXTRA_HINT = "pip install 'moegen[cuda]'"
+
 
 def _try(fn):
     try:
@@ -38,7 +41,7 @@ def describe_environment() -> dict[str, dict]:
         import cupy
         cu["cupy"] = cupy.__version__
     except Exception as exc:  # noqa: BLE001
-        cu["cupy"] = f"not installed ({type(exc).__name__})"
+        cu["cupy"] = f"not installed ({type(exc).__name__}); {CUDA_EXTRA_HINT}"
     be = _try(lambda: get_backend("cuda"))
     if not isinstance(be, str):
         cu["can_compile"] = _try(be.can_compile)

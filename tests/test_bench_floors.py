@@ -1,13 +1,13 @@
-"""Floor arithmetic of moegen.bench.floors, by hand and against TARGETS.md's table."""
+"""Floor arithmetic of moegen.profiling.floors, by hand and against TARGETS.md's table."""
 
 import math
 
 import pytest
 
 from moegen import MoESpec
-from moegen.bench import floors
-from moegen.bench.matrix import SHAPES, TARGET_TOKENS
-from moegen.bench.timing import plan_repeats, summarize
+from moegen.profiling import floors
+from moegen.bench.shapes import SHAPES, TARGET_TOKENS
+from moegen.profiling.timing import plan_repeats, summarize
 
 
 @pytest.mark.parametrize("E,k,T,want", [(8, 2, 0, 0.0), (8, 2, 1, 2.0), (4, 1, 2, 1.75),

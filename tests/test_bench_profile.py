@@ -5,9 +5,10 @@ import pytest
 
 import moegen
 from moegen import MoESpec
-from moegen.bench import ceilings, matrix, report
-from moegen.bench.problems import make_inputs, make_weights
-from moegen.bench.profile import profile_kernel, workspace_bytes
+from moegen.bench import matrix, report
+from moegen.profiling import ceilings
+from moegen.profiling.problems import make_inputs, make_weights
+from moegen.profiling.profile import profile_kernel, workspace_bytes
 from moegen.jit import clear_memo
 
 SPEC = MoESpec(8, 2, 40, 24, dtype="float32", backend="c")

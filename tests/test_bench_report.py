@@ -69,21 +69,30 @@ def test_dumps_keeps_non_finite_errors_visible():
 
 
 def test_table_rows_line_up_with_the_header():
-    cols = report.columns(["naive", "grouped_mm"])
-    head = report.header(cols).splitlines()
-    line = report.row(_point(), ["naive", "grouped_mm"], cols)
-    assert len(head[0]) == len(head[1]) == len(line)
+    text = report.matrix_table([_point()], ["naive", "grouped_mm"])
+    head, rule, line = text.splitlines()
+    assert len(head) == len(rule) == len(line) and set(rule) <= {"-", " "}
     cells = line.split()
     assert cells[:2] == ["seed-small", "4"]
     assert "4.00" in cells          # naive 8 ms / moegen 2 ms
     assert cells[-2:] == ["-", "-"]  # grouped_mm not measured
+    assert head.split()[-2:] == ["ms", "x"] and "grouped_mm" in head
+
+
+def test_matrix_table_takes_its_columns_from_the_points():
+    p = _point()
+    p["baselines"]["vllm"] = {"ms": 4.0, "min_ms": 4.0, "repeats": 3, "err": 0.0, "note": ""}
+    head = report.matrix_table([p]).splitlines()[0]
+    assert head.index("naive ms") < head.index("vllm ms")
 
 
 def test_row_of_a_skipped_point_says_why():
-    cols = report.columns([])
-    line = report.row(_point(moegen=None, skipped="weights need 99 GB"), [], cols)
-    assert "(skipped: weights need 99 GB)" in line
+    text = report.matrix_table([_point(moegen=None, skipped="weights need 99 GB")], [])
+    head, _, line = text.splitlines()
+    assert head.split()[-1] == "skipped" and line.endswith("weights need 99 GB")
     assert line.split()[3] == "-"
+    assert "skipped (weights need 99 GB)" in report.point_line(
+        _point(moegen=None, skipped="weights need 99 GB"))
 
 
 @pytest.mark.parametrize("v,want", [(None, "-"), (float("nan"), "-"), (0.01234, "0.0123"),

@@ -255,7 +255,7 @@ def build(spec: MoESpec, logical: dict, kind: str, device: str,
           names=("naive", "grouped_mm", "numpy", "triton")) -> tuple[list[Baseline], list[str]]:
     """The baselines among ``names`` that can run here, and a note for each that cannot.
 
-    ``logical``: the logical weights (`moegen.bench.problems.Weights.logical`) of library
+    ``logical``: the logical weights (`moegen.profiling.problems.Weights.logical`) of library
     ``kind``; ``device``: "cpu" or "cuda".
     """
     out, notes = [], []

@@ -10,7 +10,7 @@ The JSON report (``--json``) is one object::
 and each point::
 
     {"shape": "seed-small", "spec": "moe_e8_k2_...", "E", "k", "H", "F", "dtype", "backend",
-     "tokens", "floor_ms", "floor_bound", "moegen": profile dict (moegen.bench.profile) or None,
+     "tokens", "floor_ms", "floor_bound", "moegen": profile dict (moegen.profiling.profile) or None,
      "moegen_err": rel. error vs the float64 reference (first rows) or None,
      "baselines": {name: {"ms", "min_ms", "repeats", "err", "note"}}, "skipped": None or why}
 
@@ -28,6 +28,8 @@ import platform
 import subprocess
 import sys
 from typing import Any
+
+from ..console import table
 
 SCHEMA = "moegen-bench/1"
 
@@ -191,18 +193,9 @@ def fmt_ms(v) -> str:
     return fmt(v, ".4f" if v < 0.1 else ".3f" if v < 100 else ".1f")
 
 
-def columns(baselines: list[str]) -> list[tuple[str, int]]:
-    """Matrix table columns (title, width) for the given baseline names."""
-    cols = [("shape", 14), ("T", 6), ("floor ms", 9), ("moegen ms", 10), ("frac", 5),
-            ("err", 8)]
-    for b in baselines:
-        cols += [(f"{b} ms", max(9, len(b) + 3)), ("x", 6)]
-    return cols
-
-
-def header(cols) -> str:
-    top = "  ".join(t.rjust(w) if i else t.ljust(w) for i, (t, w) in enumerate(cols))
-    return top + "\n" + "  ".join("-" * w for _, w in cols)
+def baseline_names(points: list[dict]) -> list[str]:
+    """The baseline and contender columns of a run, in the order they were measured."""
+    return list(dict.fromkeys(b for p in points for b in (p.get("baselines") or {})))
 
 
 def _matrix_cells(point: dict, baselines: list[str]) -> list[str]:
@@ -217,18 +210,25 @@ def _matrix_cells(point: dict, baselines: list[str]) -> list[str]:
     return cells
 
 
-def _align(cells: list[str], cols) -> str:
-    """A text-table line: the first column left-aligned, the rest right-aligned."""
-    return "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, (_, w)) in enumerate(zip(cells, cols)))
+def matrix_table(points: list[dict], baselines: list[str] | None = None) -> str:
+    """The matrix: floor, moegen, its error, and per baseline its ms and ``x`` = baseline time
+    / moegen time (> 1: moegen faster); a skipped point says why in the last column."""
+    baselines = baseline_names(points) if baselines is None else baselines
+    head = ["shape", "T", "floor ms", "moegen ms", "frac", "err"]
+    for b in baselines:
+        head += [f"{b} ms", "x"]
+    skipped = any(p.get("skipped") for p in points)
+    rows = [_matrix_cells(p, baselines) + ([p.get("skipped") or ""] if skipped else [])
+            for p in points]
+    return table(head + (["skipped"] if skipped else []), rows, right=range(1, len(head)))
 
 
-def row(point: dict, baselines: list[str], cols) -> str:
-    """One table line for a point (``x`` = baseline time / moegen time: >1 means moegen is
-    faster)."""
-    line = _align(_matrix_cells(point, baselines), cols)
+def point_line(point: dict) -> str:
+    """One progress line for a finished point."""
+    m = point.get("moegen") or {}
     if point.get("skipped"):
-        line += f"  (skipped: {point['skipped']})"
-    return line
+        return f"{point['shape']} T={point['tokens']}: skipped ({point['skipped']})"
+    return f"{point['shape']} T={point['tokens']}: moegen {fmt_ms(m.get('total_ms'))} ms"
 
 
 def stage_table(points: list[dict]) -> str:
@@ -237,10 +237,9 @@ def stage_table(points: list[dict]) -> str:
     if not measured:
         return ""
     stages = list(dict.fromkeys(s for p in measured for s in p["moegen"]["stages"]))
-    cols = [("shape", 14), ("T", 6)] + [(s, 9) for s in stages] + [
-        ("sum", 9), ("call", 9), ("b2b", 9), ("graph", 9), ("GB/s", 8), ("TFLOP/s", 8),
-        ("ws MiB", 7), ("alloc/call", 10)]
-    lines = [header(cols)]
+    head = ["shape", "T"] + stages + ["sum", "call", "b2b", "graph", "GB/s", "TFLOP/s",
+                                      "ws MiB", "alloc/call"]
+    rows = []
     for p in measured:
         m = p["moegen"]
         mem = m.get("memory") or {}
@@ -253,8 +252,8 @@ def stage_table(points: list[dict]) -> str:
             fmt_ms(m.get("graph_ms")), fmt(m.get("gbps"), ".1f"), fmt(m.get("tflops"), ".2f"),
             fmt(mem["workspace_bytes"] / 2 ** 20 if "workspace_bytes" in mem else None, ".1f"),
             allocs]
-        lines.append(_align(cells, cols))
-    return "\n".join(lines)
+        rows.append(cells)
+    return table(head, rows, right=range(1, len(head)))
 
 
 def markdown(points: list[dict], baselines: list[str]) -> str:
@@ -353,15 +352,10 @@ def targets_summary(points: list[dict]) -> str:
 
 def startup_table(rows: list[dict]) -> str:
     """Table of `moegen.bench.startup` rows."""
-    cols = [("backend", 8), ("spec", 34), ("import ms", 10), ("warm callable ms", 17),
-            ("cold compile s", 15), ("note", 0)]
-    lines = [header(cols[:-1])]
-    for r in rows:
-        cells = [r["backend"], r["spec"], fmt(r.get("import_ms"), ".1f"),
-                 fmt(r.get("warm_callable_ms"), ".1f"), fmt(r.get("cold_compile_s"), ".2f")]
-        line = "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, (_, w)) in enumerate(zip(cells, cols)))
-        lines.append(line + (f"  {r['note']}" if r.get("note") else ""))
-    return "\n".join(lines)
+    return table(["backend", "spec", "import ms", "warm callable ms", "cold compile s", "note"],
+                 [(r["backend"], r["spec"], fmt(r.get("import_ms"), ".1f"),
+                   fmt(r.get("warm_callable_ms"), ".1f"), fmt(r.get("cold_compile_s"), ".2f"),
+                   r.get("note") or "") for r in rows], right=(2, 3, 4))
 
 
 def command_line() -> str:

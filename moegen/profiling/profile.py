@@ -7,7 +7,7 @@ Used by `MoEKernel.profile` and by ``moegen bench``.  For one token count it rep
 * the whole call from Python (``kernel(x, weights, out=out)``: validation + launches), timed one
   call at a time, and the back-to-back throughput of many calls; on a GPU also a CUDA-graph
   replay of one call when capture works;
-* tokens/s, achieved GB/s and TFLOP/s, and the fraction of the floor (`moegen.bench.floors`)
+* tokens/s, achieved GB/s and TFLOP/s, and the fraction of the floor (`moegen.profiling.floors`)
   for ceilings measured on this machine in this run;
 * memory: workspace bytes, device bytes in use, and allocations made by calls after the first
   (a CuPy MemoryHook / torch allocator counters on GPU; tracemalloc on CPU, as bytes).
@@ -64,7 +64,7 @@ def profile_kernel(kernel, x, weights, *, repeats: int | None = None, warmup: in
         rotate: how many x buffers to cycle through when one x is given (copies of x).
         budget_s: time budget of each measurement when ``repeats`` is None.
         router_bias: passed to every call.
-        ceilings: a `moegen.bench.ceilings.Ceilings`; None measures this device's once.
+        ceilings: a `moegen.profiling.ceilings.Ceilings`; None measures this device's once.
         memory: also measure allocations per call (slows CPU calls under tracemalloc).
         graph: time a CUDA-graph replay (GPU only); None = on for GPU.
     Returns a dict (see `moegen.bench.report.PROFILE_KEYS`); times in ms.

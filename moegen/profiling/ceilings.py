@@ -1,6 +1,6 @@
 """Ceilings measured on this machine, in this run: copy bandwidth and matrix peak.
 
-The floor of a call (`moegen.bench.floors`) divides by these, so a fraction of the floor is only
+The floor of a call (`moegen.profiling.floors`) divides by these, so a fraction of the floor is only
 meaningful against ceilings taken on the same machine in the same run.
 
 * GPU: a large device-to-device copy (CuPy, cudaMemcpyAsync) and a large matrix product in the
