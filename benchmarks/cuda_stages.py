@@ -22,12 +22,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # run from a checkout
 
-SHAPES = {
-    "seed-small": dict(num_experts=8, top_k=2, hidden_dim=512, ffn_dim=2048),
-    "mixtral-8x7b": dict(num_experts=8, top_k=2, hidden_dim=4096, ffn_dim=14336),
-    "qwen3-30b-a3b": dict(num_experts=128, top_k=8, hidden_dim=2048, ffn_dim=768),
-    "deepseek-v3": dict(num_experts=256, top_k=8, hidden_dim=7168, ffn_dim=2048),
-}
+from moegen.bench.shapes import SHAPES, shape_fields  # noqa: E402
+
 REPS = 20
 
 
@@ -135,7 +131,7 @@ def bench(shapes, tokens, out_json=None):
     from moegen.spec import MoESpec
     rows = []
     for sname in shapes:
-        spec = MoESpec(**SHAPES[sname], dtype="bfloat16")
+        spec = MoESpec(**shape_fields(sname), dtype="bfloat16")
         kernel, secs = build(spec)
         w = device_weights(kernel)
         mod = kernel.module

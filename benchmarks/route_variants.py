@@ -18,11 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # run from a checkout
 
-SHAPES = {
-    "seed-small": dict(num_experts=8, top_k=2, hidden_dim=512, ffn_dim=2048),
-    "qwen3-30b-a3b": dict(num_experts=128, top_k=8, hidden_dim=2048, ffn_dim=768),
-    "deepseek-v3": dict(num_experts=256, top_k=8, hidden_dim=7168, ffn_dim=2048),
-}
+from moegen.bench.shapes import shape_fields  # noqa: E402
+
+SHAPES = {name: shape_fields(name) for name in ("seed-small", "qwen3-30b-a3b", "deepseek-v3")}
 
 
 def variants(shape: dict) -> dict[str, dict]:
