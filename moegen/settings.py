@@ -95,12 +95,16 @@ def cuda_arch() -> str | None:
     return os.environ.get("MOEGEN_CUDA_ARCH") or None
 
 
+_LOG_LEVELS = {"DEBUG": logging.DEBUG, "INFO": logging.INFO, "WARNING": logging.WARNING,
+               "ERROR": logging.ERROR, "CRITICAL": logging.CRITICAL}
+
+
 def log_level() -> int:
-    raw = os.environ.get("MOEGEN_LOG_LEVEL", "WARNING").upper()
-    level = logging.getLevelName(raw)
-    if not isinstance(level, int):
-        raise ValueError(f"MOEGEN_LOG_LEVEL must be a logging level name (DEBUG, INFO, WARNING, "
-                         f"ERROR), got {raw!r}")
+    raw = os.environ.get("MOEGEN_LOG_LEVEL", "") or "WARNING"
+    level = _LOG_LEVELS.get(raw.strip().upper())
+    if level is None:
+        raise ValueError(f"MOEGEN_LOG_LEVEL must be one of {', '.join(_LOG_LEVELS)}, "
+                         f"got {raw[:40]!r}")
     return level
 
 

@@ -94,7 +94,7 @@ def test_matrix_on_cpu_checks_errors_and_baselines(kernel, tmp_path):
 def test_matrix_skips_a_shape_that_fails_to_compile(monkeypatch):
     def boom(spec):
         raise RuntimeError("no compiler today")
-    monkeypatch.setattr(moegen, "compile", boom)
+    monkeypatch.setattr(moegen.jit, "compile", boom)
     cfg = matrix.Config(shapes=[("tiny", SPEC)], tokens=[1, 2], ceilings=CEIL, baselines=())
     points, _ = matrix.run(cfg)
     assert [p["skipped"] for p in points] == ["compile failed: RuntimeError: no compiler today"] * 2

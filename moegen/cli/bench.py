@@ -13,7 +13,6 @@ reference exceeded its dtype's tolerance.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import sys
@@ -31,12 +30,11 @@ from ..bench.plot import PlotUnavailable, plot
 from ..bench.shapes import CPU_TOKENS, SHAPES, TARGET_TOKENS
 from ..console import Progress
 from ..dtypes import DTYPES
-from ..environment import CUDA_EXTRA_HINT
 from ..errors import SpecError
 from ..jit import resolve
 from ..profiling.ceilings import fixed
 from ..spec import MoESpec
-from .options import parse_ints, parse_strs
+from .options import parse_ints, parse_strs, require_gpu
 
 log = logging.getLogger("moegen.bench")
 
@@ -103,7 +101,7 @@ def bench(matrix, shapes, experts, topk, hidden, ffn, tokens, dtype, activation,
           instructions, no_progress, contender_files):
     """Benchmark moegen against its floor and baselines (see `moegen.bench`)."""
     if backend == "cuda":
-        _need_gpu()
+        require_gpu("moegen bench", "--backend c benchmarks the CPU")
     if instructions and ins.available():
         raise click.UsageError(f"--instructions needs callgrind: {ins.available()}")
     grid_given = any(v is not None for v in (experts, topk, hidden, ffn))
@@ -224,15 +222,6 @@ def _instructions(specs, tokens, names) -> list[dict]:
         click.echo(ins.table(got))
         rows += [dict(r, shape=label) for r in got]
     return rows
-
-
-def _need_gpu() -> None:
-    """``--backend cuda`` times kernels on a GPU: say so in one line when there is none."""
-    if importlib.util.find_spec("cupy") is None:
-        raise click.UsageError(f"--backend cuda needs CuPy, which is not installed: {CUDA_EXTRA_HINT}")
-    if not cuda_usable():
-        raise click.UsageError("--backend cuda: no usable GPU is present (moegen bench times "
-                               "kernels on the device; --backend c benchmarks the CPU)")
 
 
 def _set_threads(n: int) -> None:

@@ -1,18 +1,18 @@
-"""What the commands share: the list parsers, the spec options, the spec grid, the error wrapper.
+"""What the commands share: the list parsers, the spec options, the spec grid, the GPU check.
 
 Imports nothing from the command modules, so every command module can import it.
 """
 
 from __future__ import annotations
 
-import functools
+import importlib.util
 import itertools
-import logging
 import re
 
 import click
 
-from ..errors import MoegenError
+from ..backends import cuda_usable
+from ..environment import CUDA_EXTRA_HINT
 from ..spec import ACTIVATIONS, BACKENDS, CAPACITY_DROP, ROUTINGS, MoESpec
 
 _INT = re.compile(r"[+-]?[0-9]+", re.ASCII)
@@ -156,21 +156,12 @@ def parse_spec_args(args, prog_name: str) -> MoESpec | None:
     return holder.get("spec")
 
 
-def handle_errors(fn):
-    """Turn moegen's errors into one line and exit status 1 (never a traceback for user errors)."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except (MoegenError, ValueError, TypeError, OSError) as exc:
-            fail(exc)
-    return wrapper
-
-
-def fail(exc: BaseException):
-    """Print ``error: <exc>`` (one line; the dump of a compile error only at -vv) and exit 1."""
-    click.secho(f"error: {exc}", fg="red", err=True)
-    dump = getattr(exc, "dump", None)
-    if callable(dump) and logging.getLogger("moegen").isEnabledFor(logging.DEBUG):
-        click.echo(dump(), err=True)
-    raise SystemExit(1) from None
+def require_gpu(command: str, instead: str) -> None:
+    """One ``Error:`` line (exit status 1) when a command that runs kernels on the GPU cannot: CuPy missing
+    (names the extra to install) or no usable GPU."""
+    if importlib.util.find_spec("cupy") is None:
+        raise click.ClickException(f"{command} --backend cuda needs CuPy, which is not installed: "
+                               f"{CUDA_EXTRA_HINT}")
+    if not cuda_usable():
+        raise click.ClickException(f"{command} --backend cuda: no usable GPU is present ({command} "
+                               f"runs kernels on the device; {instead})")

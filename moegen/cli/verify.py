@@ -6,7 +6,7 @@ import click
 
 from ..console import table
 from ..verify import verify_spec
-from .options import int_list, one_spec, pop_spec_kwargs, spec_options
+from .options import int_list, one_spec, pop_spec_kwargs, require_gpu, spec_options
 
 
 @click.command()
@@ -17,6 +17,9 @@ from .options import int_list, one_spec, pop_spec_kwargs, spec_options
 def verify(tokens, seed, **kwargs):
     """Run a compiled kernel against the float64 reference on random data."""
     spec = one_spec(pop_spec_kwargs(kwargs))
+    if spec.backend == "cuda":
+        require_gpu("moegen verify", "`moegen build --backend cuda --arch sm_90` compiles "
+                    "without one")
     rows = verify_spec(spec, tokens, seed=seed)
     click.echo(table(["T", "rel_error", "tolerance", "ids", "result"],
                      [(r["tokens"], f"{r['rel_error']:.3e}", f"{r['tolerance']:.0e}",
