@@ -33,8 +33,10 @@ def test_wheel_installs_and_compiles_from_its_own_templates(tmp_path):
     # No --system-site-packages: the wheel's declared dependencies must be enough.
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     py = venv / "bin" / "python"
+    # Without PYTHONPATH: a checkout on it (with its egg-info) would count as installed.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     inst = subprocess.run([str(py), "-m", "pip", "install", "-q", str(wheel)],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env=env)
     assert inst.returncode == 0, inst.stdout + inst.stderr
     script = textwrap.dedent("""
         import moegen, moegen.render, sys
@@ -51,7 +53,6 @@ def test_wheel_installs_and_compiles_from_its_own_templates(tmp_path):
         assert err < 1e-5, err
         print("OK", root)
     """)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["MOEGEN_CACHE_DIR"] = str(tmp_path / "cache")
     r = subprocess.run([str(py), "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr

@@ -20,13 +20,8 @@ import warnings
 import click
 
 from .. import __version__, settings
+from . import bench, build, cache, env, tune, verify
 from .errors import one_line
-from .bench import bench
-from .build import build, render
-from .cache import cache
-from .env import env
-from .tune import tune
-from .verify import verify
 
 _FORMAT = "%(levelname)s %(name)s: %(message)s"
 
@@ -123,5 +118,7 @@ def main(ctx, verbose):
     _configure_logging(verbose)
 
 
-for _cmd in (build, render, verify, tune, bench, cache, env):
+# The package's attributes stay the command modules (moegen.cli.build is the module).
+for _cmd in (build.build, build.render, verify.verify, tune.tune, bench.bench, cache.cache,
+             env.env):
     main.add_command(_cmd)
