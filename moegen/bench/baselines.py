@@ -31,13 +31,15 @@ log = logging.getLogger("moegen.bench")
 class Baseline:
     """One baseline: ``run(x, ids, wts)`` returns y [T, H] (its own kind), timed with its
     ``route(x)`` before it when ``route`` is set.  ``device``: "cpu" or "cuda"; ``torch``:
-    whether it launches torch work (time it with torch events)."""
+    whether it launches torch work (time it with torch events); ``graph``: on CUDA also time
+    a replay of it captured in a torch CUDA graph (the contenders)."""
     name: str
     device: str
     run: Callable[[Any, Any, Any], Any]
     route: Callable[[Any], Any] | None
     torch: bool
     note: str = ""
+    graph: bool = False
 
     def timed(self, x, ids, wts):
         if self.route is not None:

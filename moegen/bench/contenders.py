@@ -97,5 +97,5 @@ def build(files: dict[str, Callable], spec: MoESpec, logical: dict, kind: str,
             seen.add(name)
             run = _checked(name, fn, spec.hidden_dim)
             out.append(Baseline(name, device, lambda x, ids, wts, run=run: run(x, ids, wts, wg),
-                                None, True, f"contender from {Path(path).name}"))
+                                None, True, f"contender from {Path(path).name}", graph=True))
     return out, []
