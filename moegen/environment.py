@@ -7,6 +7,8 @@ import shutil
 import sys
 
 from . import __version__, settings
+from .backends import get_backend
+from .cache import KernelCache
 
 # How to get the cuda backend's Python packages (CuPy, NVRTC); named wherever CuPy is missing.
 CUDA_EXTRA_HINT = "pip install 'moegen[cuda]'"
@@ -20,7 +22,6 @@ def _try(fn):
 
 
 def describe_environment() -> dict[str, dict]:
-    from .backends import get_backend
     info: dict[str, dict] = {
         "moegen": {"version": __version__, "python": sys.version.split()[0],
                    "platform": platform.platform(), "machine": platform.machine()},
@@ -50,7 +51,6 @@ def describe_environment() -> dict[str, dict]:
         cu["device"] = _try(_gpu_name)
     info["cuda backend"] = cu
 
-    from .cache import KernelCache
     cache = _try(KernelCache)
     info["cache"] = {"directory": str(settings.cache_dir()),
                      "prebuilt": [str(p) for p in settings.prebuilt_dirs()] or "none",

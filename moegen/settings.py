@@ -23,6 +23,8 @@ import logging
 import os
 from pathlib import Path
 
+import platformdirs
+
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"", "0", "false", "no", "off"}
 
@@ -43,11 +45,7 @@ def cache_dir() -> Path:
     raw = os.environ.get("MOEGEN_CACHE_DIR")
     if raw:
         return Path(raw).expanduser()
-    try:
-        import platformdirs
-        return Path(platformdirs.user_cache_dir("moegen", appauthor=False))
-    except ImportError:  # pragma: no cover - platformdirs is a dependency
-        return Path.home() / ".cache" / "moegen"
+    return Path(platformdirs.user_cache_dir("moegen", appauthor=False))
 
 
 def prebuilt_dirs() -> list[Path]:

@@ -13,7 +13,6 @@ from click.testing import CliRunner
 from moegen.bench import contenders
 from moegen.bench import report
 from moegen.cli.bench import bench
-from moegen.jit import clear_memo
 
 pytest.importorskip("torch")
 
@@ -46,11 +45,8 @@ LOOP = textwrap.dedent('''
 
 
 @pytest.fixture
-def run(tmp_path, monkeypatch):
-    monkeypatch.setenv("MOEGEN_CACHE_DIR", str(tmp_path / "cache"))
-    clear_memo()
-    yield lambda *a: CliRunner().invoke(bench, list(a), catch_exceptions=False)
-    clear_memo()
+def run(tmp_cache):
+    return lambda *a: CliRunner().invoke(bench, list(a), catch_exceptions=False)
 
 
 def plugin(tmp_path, text, name="plug.py"):

@@ -16,7 +16,6 @@ from moegen.arch import is_arch, parse_arch
 from moegen.backends import cuda_usable
 from moegen.cli import main
 from moegen.errors import SpecError
-from moegen.jit import clear_memo
 from moegen.spec import MoESpec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,11 +23,8 @@ SMALL = ["--experts", "4", "--topk", "2", "--hidden", "16", "--ffn", "24"]
 
 
 @pytest.fixture
-def cache_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("MOEGEN_CACHE_DIR", str(tmp_path / "cache"))
-    clear_memo()
-    yield tmp_path / "cache"
-    clear_memo()
+def cache_dir(tmp_cache):
+    return tmp_cache
 
 
 def moegen(*args, env=None, no_cupy=False, tmp=None):

@@ -10,16 +10,10 @@ from click.testing import CliRunner
 import moegen
 from moegen import verify as verify_mod
 from moegen.cli import main
-from moegen.jit import clear_memo
 from moegen.spec import MoESpec
 
 
-@pytest.fixture(autouse=True)
-def cache_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("MOEGEN_CACHE_DIR", str(tmp_path / "cache"))
-    clear_memo()
-    yield
-    clear_memo()
+pytestmark = pytest.mark.usefixtures("tmp_cache")
 
 
 @pytest.mark.parametrize("args", [

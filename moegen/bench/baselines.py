@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ..reference import gelu
 from ..spec import MoESpec
 
 log = logging.getLogger("moegen.bench")
@@ -189,7 +190,6 @@ def numpy_loop(spec: MoESpec, w: dict):
     """A NumPy float32 loop over the experts the routing hit (CPU).  Exact (erf) GELU comes
     from `moegen.reference.gelu`, which is slow; the benchmark shapes use SwiGLU."""
     if spec.act.fn == "gelu":
-        from ..reference import gelu
         act = lambda g: gelu(g).astype(np.float32)  # noqa: E731
     else:
         act = _NP_ACT[spec.act.fn]

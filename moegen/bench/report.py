@@ -32,6 +32,8 @@ import subprocess
 import sys
 from typing import Any
 
+from .. import __version__
+from ..backends.cuda_nvrtc import nvrtc_version
 from ..console import table
 
 SCHEMA = "moegen-bench/1"
@@ -79,7 +81,6 @@ def _git_commit() -> str | None:
 
 def machine_info(device: str) -> dict:
     """Machine, library and (for "cuda") card, driver and CUDA versions."""
-    from .. import __version__
     info: dict[str, Any] = {
         "platform": platform.platform(), "python": platform.python_version(),
         "cpu": _cpu_model(), "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
@@ -108,7 +109,6 @@ def machine_info(device: str) -> dict:
         except Exception as exc:  # noqa: BLE001 - keep the report, say what failed
             info["card_error"] = f"{type(exc).__name__}: {exc}"
         try:
-            from ..backends.cuda_nvrtc import nvrtc_version
             info["nvrtc"] = ".".join(map(str, nvrtc_version()))
         except Exception:  # noqa: BLE001
             pass

@@ -17,6 +17,7 @@ Inputs are rotated over several x buffers so that repeats do not time a warm cac
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import tracemalloc
@@ -146,9 +147,7 @@ def _graph_replay(kernel, x, weights, out, router_bias, repeats) -> tuple[float 
     """ms per replay of a CUDA graph holding one call, replayed back to back; (None, why)
     when capture fails (a call that allocates or synchronises cannot be captured)."""
     try:
-        import contextlib
-
-        import cupy
+        import cupy  # only for a CUDA kernel
         stream = cupy.cuda.Stream(non_blocking=True)
         torch_ctx = contextlib.nullcontext()
         if type(x).__module__.startswith("torch"):
