@@ -74,7 +74,7 @@ class Progress:
         if self._bar is not None:
             self._bar.update(self._task, advance=1, msg=msg)
         elif self.enabled:
-            click.echo(f"[{self.label} {self.done}/{self.total}] {msg} "
+            click.echo(f"[{self.done}/{self.total}] {msg} "
                        f"({time.perf_counter() - self.t0:.0f}s)", err=True)
 
     def write(self, line: str) -> None:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 from .archive import export_archive, extract_archive, import_archive, read_archive
+from .console import Progress, table
 from .model_config import ModelConfigWarning, parse_model_config
 from .spec import MoESpec
 
@@ -82,35 +83,8 @@ def _run_one(build: Callable, spec: MoESpec) -> BuildResult:
                        target=getattr(info, "target", spec.arch or ""))
 
 
-class _Progress:
-    """tqdm on stderr when installed, else one counter line per finished variant."""
-
-    def __init__(self, total: int, enabled: bool):
-        self.total, self.done, self.bar = total, 0, None
-        self.enabled = enabled and total > 0
-        if self.enabled:
-            try:
-                from tqdm.auto import tqdm
-                self.bar = tqdm(total=total, unit="kernel", desc="moegen build", file=sys.stderr,
-                                dynamic_ncols=True)
-            except ImportError:
-                self.bar = None
-
-    def update(self, r: BuildResult) -> None:
-        self.done += 1
-        if not self.enabled:
-            return
-        state = "FAILED" if not r.ok else ("built" if r.built else "cached")
-        if self.bar is not None:
-            self.bar.set_postfix_str(f"{r.name} {state}", refresh=False)
-            self.bar.update(1)
-        else:
-            print(f"[{self.done}/{self.total}] {state:<6} {r.name} {r.target} "
-                  f"({r.seconds:.1f} s)", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+def _state(r: BuildResult) -> str:
+    return "FAILED" if not r.ok else ("built" if r.built else "cached")
 
 
 def build_many(specs: Iterable[MoESpec], archs: Iterable[str] | None = None, jobs: int = 1,
@@ -132,14 +106,14 @@ def build_many(specs: Iterable[MoESpec], archs: Iterable[str] | None = None, job
     if build is None:
         from .jit import build
     variants = expand_variants(specs, archs)
-    bar = _Progress(len(variants), progress)
+    bar = Progress(len(variants), "moegen build", progress)
     t0 = time.perf_counter()
     results: list[BuildResult | None] = [None] * len(variants)
     try:
         if jobs <= 1 or len(variants) <= 1:
             for i, spec in enumerate(variants):
                 results[i] = _run_one(build, spec)
-                bar.update(results[i])
+                bar.advance(f"{_state(results[i])} {results[i].name}")
         else:
             _run_pool(build, variants, jobs, results, bar)
     finally:
@@ -165,7 +139,7 @@ def _run_pool(build, variants, jobs, results, bar) -> None:
                 except Exception as exc:  # noqa: BLE001 - e.g. an unpicklable build function
                     results[i] = BuildResult(variants[i], variants[i].name, False,
                                              error=f"{type(exc).__name__}: {exc}")
-                bar.update(results[i])
+                bar.advance(f"{_state(results[i])} {results[i].name}")
         except KeyboardInterrupt:
             for fut in futures:
                 fut.cancel()
@@ -175,14 +149,10 @@ def _run_pool(build, variants, jobs, results, bar) -> None:
 def format_summary(results: list[BuildResult], seconds: float | None = None) -> str:
     """A table of the results (status, name, backend, target, entry, seconds, error) and a
     totals line."""
-    rows = [("status", "name", "backend", "target", "entry", "seconds")]
-    for r in results:
-        status = "FAILED" if not r.ok else ("built" if r.built else "cached")
-        rows.append((status, r.name, r.backend or "-", r.target or "-",
-                     r.entry[len(r.name) + 1:] if r.entry else "-", f"{r.seconds:.2f}"))
-    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines = [table(("status", "name", "backend", "target", "entry", "seconds"),
+                   [(_state(r), r.name, r.backend or "-", r.target or "-",
+                     r.entry[len(r.name) + 1:] if r.entry else "-", f"{r.seconds:.2f}")
+                    for r in results], right=[5])]
     failed = [r for r in results if not r.ok]
     built = sum(r.ok and r.built for r in results)
     total = f" in {seconds:.1f} s" if seconds is not None else ""
