@@ -96,7 +96,8 @@ def build_many(specs: Iterable[MoESpec], archs: Iterable[str] | None = None, job
         archs: CUDA targets to cross cuda/auto specs with (e.g. ``["sm_90", "sm_90a"]``).
         jobs: parallel worker processes (spawned, so CUDA state is never forked); 1 builds
             in this process.
-        progress: show a progress bar (tqdm, else a counter) and the summary table on stderr.
+        progress: show a progress bar (rich on a terminal, else a line per variant) and the
+            summary table on stderr.
         build: the function building one spec (default `moegen.jit.build`); it must be
             picklable (a module-level function) when ``jobs > 1``.
 

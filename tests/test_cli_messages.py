@@ -58,6 +58,7 @@ def test_cuda_build_without_cupy_names_the_extra(tmp_path, cache_dir):
 
 
 @pytest.mark.parametrize("cmd", [["verify", "--backend", "cuda", *SMALL],
+                                 ["tune", "--backend", "cuda", *SMALL],
                                  ["bench", "--backend", "cuda", *SMALL, "--no-progress"]])
 def test_gpu_commands_without_cupy_name_the_extra(tmp_path, cache_dir, cmd):
     rc, out, err = moegen(*cmd, no_cupy=True, tmp=tmp_path)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from ..tuning import tune as tune_spec
-from .options import int_list, one_spec, pop_spec_kwargs, spec_options
+from .options import int_list, one_spec, pop_spec_kwargs, require_gpu, spec_options
 
 
 @click.command()
@@ -22,6 +22,8 @@ def tune(tokens, budget, dry_run, **kwargs):
     target) use the stored choice.
     """
     spec = one_spec(pop_spec_kwargs(kwargs))
+    if spec.backend == "cuda":
+        require_gpu("moegen tune", "tuning times kernels on the device")
 
     def progress(i, n, choice, ms):
         label = ", ".join(f"{k}={v}" for k, v in choice.items())
