@@ -225,3 +225,16 @@ def test_bench_names_no_option_it_lacks(tmp_path, cache_dir):
         pytest.skip("a usable GPU is present")
     r = CliRunner().invoke(main, ["bench", "--backend", "cuda", *SMALL, "--no-progress"])
     assert r.exit_code == 1 and "--arch" not in r.output, r.output
+
+
+def test_warnings_reach_each_command_run_in_one_process(tmp_path, cache_dir):
+    """The CLI's log handler follows the current stderr and forgets what it printed between
+    commands, so a second command in the same process still shows its warning."""
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"model_type": "gpt_oss", "hidden_size": 32, "intermediate_size": 16,
+                               "num_local_experts": 4, "num_experts_per_tok": 2,
+                               "hidden_act": "silu", "torch_dtype": "float32"}))
+    for _ in range(2):
+        r = CliRunner().invoke(main, ["build", "--from-config", str(cfg), "--backend", "c"])
+        assert r.exit_code == 0, r.output
+        assert r.output.count("clamped SwiGLU") == 1, r.output

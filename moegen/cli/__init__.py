@@ -15,6 +15,7 @@ non-zero on failure; ``-v``/``-vv`` work before or after the subcommand.
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 
 import click
@@ -24,6 +25,18 @@ from . import bench, build, cache, env, tune, verify
 from .errors import one_line
 
 _FORMAT = "%(levelname)s %(name)s: %(message)s"
+
+
+class _Stderr(logging.StreamHandler):
+    """A handler writing to whatever ``sys.stderr`` is now (click's test runner swaps it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
 
 
 class _Once(logging.Filter):
@@ -49,14 +62,13 @@ def _configure_logging(verbose: int) -> None:
         level = min(level, logging.INFO if verbose == 1 else logging.DEBUG)
     root = logging.getLogger("moegen")
     root.setLevel(level)
-    handler = next((h for h in root.handlers if getattr(h, "_moegen_cli", False)), None)
+    handler = next((h for h in root.handlers if isinstance(h, _Stderr)), None)
     if handler is None:
-        handler = logging.StreamHandler()
-        handler._moegen_cli = True
+        handler = _Stderr()
         handler.setFormatter(logging.Formatter(_FORMAT))
-        handler.addFilter(_Once())
         root.addHandler(handler)
         root.propagate = False
+    handler.filters = [_Once()]           # once per command, not per process
 
     def show(message, category, filename, lineno, file=None, line=None):
         logging.getLogger("moegen.warnings").warning("%s", message)
