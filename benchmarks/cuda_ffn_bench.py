@@ -1,4 +1,4 @@
-"""Time the CUDA expert GEMMs (ffn1 + ffn2) at the TARGETS.md matrix points.
+"""Time the CUDA expert GEMMs (ffn1 + ffn2) at the benchmark matrix points (moegen.bench.shapes).
 
 For each shape and token count: random bf16 weights in the packed layout (generated on the GPU),
 random uniform top-k routing, the grouped layout built on the host (not timed), then
@@ -39,7 +39,7 @@ from moegen.render import render_template  # noqa: E402
 from moegen.spec import MoESpec  # noqa: E402
 
 TOKENS = TARGET_TOKENS
-COPY_BW = 3.02e12        # H100, TARGETS.md
+COPY_BW = 3.02e12        # H100 copy bandwidth (docs/PERF.md)
 MMA_PEAK = 694e12
 BASELINES = True
 

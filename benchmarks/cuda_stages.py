@@ -7,7 +7,7 @@
 Each stage is captured 20 times into a CUDA graph and the graph's replays are timed with CUDA
 events (median of 10), so the numbers are GPU time without Python launch cost.  The whole layer
 is timed both ways: a graph replay and a plain Python call.  Weights are random on the device
-(never zeros); the FLOP/byte floors of shared/TARGETS.md are printed beside the layer time.
+(never zeros); the FLOP/byte floors (docs/PERF.md) are printed beside the layer time.
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ def python_time_ms(fn, reps=50):
 
 
 def floor_ms(spec, T):
-    """max(bytes / 3.02 TB/s, FLOPs / 694 TFLOP/s) of shared/TARGETS.md."""
+    """max(bytes / 3.02 TB/s, FLOPs / 694 TFLOP/s) on an H100 (docs/PERF.md)."""
     E, k, H, F = spec.num_experts, spec.top_k, spec.hidden_dim, spec.ffn_dim
     touched = E * (1 - (1 - k / E) ** T)
     wbytes = touched * 3 * H * F * spec.dt.itemsize

@@ -1,4 +1,4 @@
-"""Floor arithmetic of moegen.profiling.floors, by hand and against TARGETS.md's table."""
+"""Floor arithmetic of moegen.profiling.floors, by hand and against the H100 floor table of docs/PERF.md."""
 
 import math
 
@@ -73,7 +73,7 @@ def test_fraction_of_floor():
     assert floors.fraction_of_floor(1.0, 0.0) is None
 
 
-# TARGETS.md's floor column (ms), computed there with 3.02 TB/s and 694 TFLOP/s.
+# The floor column (ms) of the H100 targets table, computed with 3.02 TB/s and 694 TFLOP/s.
 TARGETS_FLOORS = {
     "seed-small": (0.004, 0.015, 0.017, 0.017, 0.074, 0.297),
     "mixtral-8x7b": (0.233, 0.840, 0.934, 0.936, 4.157, 16.627),

@@ -11,7 +11,7 @@
 Every baseline consumes the routing moegen chose (``topk_ids``/``topk_weights``), so the work
 and the error are comparable; ``naive``, ``grouped_mm`` and ``numpy`` also compute their own
 routing inside the timed region (router GEMM, softmax, top-k), as a framework layer does, and
-discard it.  The ``triton`` column, like TARGETS.md's, is timed without routing.
+discard it.  The ``triton`` column is timed without routing, as vLLM runs it.
 """
 
 from __future__ import annotations

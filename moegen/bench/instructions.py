@@ -1,4 +1,4 @@
-"""Instructions per call on the CPU, counted by valgrind's callgrind (TARGETS.md, "CPU").
+"""Instructions per call on the CPU, counted by valgrind's callgrind (the CPU target of docs/PERF.md).
 
 Shared CPUs make wall times drift by several times between runs; instruction counts do not.
 One worker process runs under ``valgrind --tool=callgrind --instr-atstart=no``: it builds the

@@ -1,4 +1,4 @@
-"""The benchmark matrix of TARGETS.md (and custom grids): shapes x token counts, moegen and the
+"""The benchmark matrix (docs/PERF.md; and custom grids): shapes x token counts, moegen and the
 baselines in the same run, with a time budget so the whole GPU matrix fits one 10-minute call.
 
 For each shape: compile, draw weights on the device (`moegen.profiling.problems`), build the
@@ -58,7 +58,7 @@ class Config:
 
 
 def shape_specs(names, backend: str = "auto", dtype: str = "bfloat16") -> list[tuple[str, MoESpec]]:
-    """(label, spec) for named TARGETS.md shapes.  Raises ValueError for an unknown name."""
+    """(label, spec) for named benchmark shapes (`moegen.bench.shapes`).  Raises ValueError for an unknown name."""
     return [(n, MoESpec(**shape_fields(n), dtype=dtype, backend=backend)) for n in names]
 
 

@@ -331,7 +331,7 @@ def _target_checks(p: dict) -> list[tuple[str, bool, str]]:
 
 
 def _cpu_target_checks(p: dict) -> list[tuple[str, bool, str]]:
-    """TARGETS.md "CPU" target 1 for one point: >= 2x the PyTorch loop at T <= 128, not slower
+    """The CPU target (docs/PERF.md) for one point: >= 2x the PyTorch loop at T <= 128, not slower
     at T = 1024 (seed-small and qwen3-30b-a3b shapes)."""
     if p["shape"] not in ("seed-small", "qwen3-30b-a3b"):
         return []
@@ -348,7 +348,7 @@ def _cpu_target_checks(p: dict) -> list[tuple[str, bool, str]]:
 
 
 def targets_summary(points: list[dict]) -> str:
-    """How many TARGETS.md targets the measured points meet, with the misses listed: the GPU
+    """How many of the docs/PERF.md targets the measured points meet, with the misses listed: the GPU
     targets for cuda points, the CPU target for c points."""
     tally: dict[str, list] = {}
     for p in points:

@@ -1,4 +1,4 @@
-"""Startup costs, each measured in a fresh Python process (TARGETS.md target 5):
+"""Startup costs, each measured in a fresh Python process (the startup target of docs/PERF.md):
 
 * ``import_ms``: ``import moegen, moegen.jit`` (what ``moegen.compile`` needs);
 * ``warm_callable_ms``: ``moegen.compile(spec)`` after imports, with the spec already in the

@@ -1,7 +1,7 @@
 """``moegen bench``: time moegen against its floor and the baselines, in one run.
 
     moegen bench                                  seed-small on this machine's backend
-    moegen bench --matrix targets --json out.json --plot out.png     the TARGETS.md matrix
+    moegen bench --matrix targets --json out.json --plot out.png     the GPU target matrix
     moegen bench --matrix cpu                     seed-small, T in 1,16,128,1024, fp32 (C)
     moegen bench --experts 8,64 --topk 2 --hidden 1024 --ffn 4096 --tokens 1,64 --dtype bf16
     moegen bench --startup                        import / warm-start / cold-compile times
@@ -43,7 +43,7 @@ INSTRUCTIONS_MAX_TOKENS = 128
 
 @click.command("bench")
 @click.option("--matrix", type=click.Choice(["targets", "cpu"]), default=None,
-              help="targets: TARGETS.md shapes x T in 1,8,64,512,4096,16384 (bf16); "
+              help="targets: the benchmark shapes x T in 1,8,64,512,4096,16384 (bf16); "
                    "cpu: seed-small x T in 1,16,128,1024 (fp32).")
 @click.option("--shapes", default=None, help="Named shapes (comma-separated): seed-small, "
               "mixtral-8x7b, qwen3-30b-a3b, deepseek-v3.")
