@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-log = logging.getLogger("moegen.bench")
+log = logging.getLogger("moegen.profiling")
 
 
 @dataclass

@@ -30,7 +30,7 @@ from . import ceilings as ceilings_mod
 from . import floors
 from .timing import clock_for, summarize, time_calls
 
-log = logging.getLogger("moegen.bench")
+log = logging.getLogger("moegen.profiling")
 
 _CEILINGS: dict[str, ceilings_mod.Ceilings] = {}
 
