@@ -99,3 +99,19 @@ def test_the_skipped_lines_are_runnable_options():
                 assert r.exit_code == 0
                 for opt in (a for a in argv if a.startswith("--")):
                     assert opt in r.output, (cmd, opt)
+
+
+def test_quickstart_times_cuda_calls_with_events_on_the_launch_stream():
+    """A CUDA call returns before the GPU is done: the example's clock must be CUDA events
+    (recorded on CuPy's current stream, where the call launches), never host time."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    from moegen.profiling.timing import CpuClock, CupyClock
+    spec = importlib.util.spec_from_file_location("quickstart", ROOT / "examples" / "quickstart.py")
+    quickstart = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quickstart)
+    assert isinstance(quickstart.clock_of(SimpleNamespace(spec=SimpleNamespace(backend="c"))), CpuClock)
+    pytest.importorskip("cupy")
+    clock = quickstart.clock_of(SimpleNamespace(spec=SimpleNamespace(backend="cuda")))
+    assert isinstance(clock, CupyClock)
