@@ -5,9 +5,10 @@
     moegen bench --matrix cpu                     seed-small, T in 1,16,128,1024, fp32 (C)
     moegen bench --experts 8,64 --topk 2 --hidden 1024 --ffn 4096 --tokens 1,64 --dtype bf16
     moegen bench --startup                        import / warm-start / cold-compile times
+    moegen bench --contender vllm.py              plus the plugin's kernels as columns
 
-Rows print as points finish (flushed), a progress bar goes to stderr, the JSON report has every
-number (`moegen.bench.report`).  Exits 1 when a point failed or moegen's error vs the float64
+Progress goes to stderr (a bar on a terminal, else a line per finished point), the tables to
+stdout when the run is done, and the JSON report has every number (`moegen.bench.report`).  Exits 1 when a point failed or moegen's error vs the float64
 reference exceeded its dtype's tolerance.
 """
 
