@@ -238,3 +238,16 @@ def test_warnings_reach_each_command_run_in_one_process(tmp_path, cache_dir):
         r = CliRunner().invoke(main, ["build", "--from-config", str(cfg), "--backend", "c"])
         assert r.exit_code == 0, r.output
         assert r.output.count("clamped SwiGLU") == 1, r.output
+
+
+def test_a_closed_pipe_stops_quietly(cache_dir):
+    """``moegen env | head -1``: no traceback and no error line when the reader goes away."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), MOEGEN_CACHE_DIR=str(cache_dir))
+    p = subprocess.Popen([sys.executable, "-m", "moegen.cli", "render", "--experts", "8",
+                          "--topk", "2", "--hidden", "64", "--backend", "c"], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.readline()
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 141
+    assert err == "", err

@@ -15,6 +15,7 @@ non-zero on failure; ``-v``/``-vv`` work before or after the subcommand.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import warnings
 
@@ -109,6 +110,10 @@ class MoegenGroup(click.Group):
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort,
                 SystemExit, KeyboardInterrupt):
             raise
+        except BrokenPipeError:
+            # the reader went away (`moegen env | head`): stop quietly, as a shell tool does
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise SystemExit(141) from None
         except Exception as exc:  # noqa: BLE001 - classified below, else re-raised
             text = one_line(exc)
             if text is None:
