@@ -219,7 +219,8 @@ def _instructions(specs, tokens, names) -> list[dict]:
             got = ins.measure(spec, counted, contenders)
         except (RuntimeError, OSError) as exc:
             raise click.ClickException(f"instructions not counted: {exc}") from None
-        click.echo(f"instructions per call, {label} (callgrind, one thread):")
+        click.echo(f"instructions per call, {label} (callgrind, one thread, "
+                   f"{ins.counted_tier(spec)} build):")
         click.echo(ins.table(got))
         rows += [dict(r, shape=label) for r in got]
     return rows
