@@ -243,7 +243,8 @@ def test_warnings_reach_each_command_run_in_one_process(tmp_path, cache_dir):
 def test_a_closed_pipe_stops_quietly(cache_dir):
     """``moegen env | head -1``: no traceback and no error line when the reader goes away."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), MOEGEN_CACHE_DIR=str(cache_dir))
-    p = subprocess.Popen([sys.executable, "-m", "moegen.cli", "render", "--experts", "8",
+    # four C sources: far more than a pipe buffer holds, so the writer meets the closed pipe
+    p = subprocess.Popen([sys.executable, "-m", "moegen.cli", "render", "--experts", "8,16,32,64",
                           "--topk", "2", "--hidden", "64", "--backend", "c"], env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     p.stdout.readline()
