@@ -1,6 +1,6 @@
 """How long a fresh process takes to find a cached kernel, against the number of entries.
 
-DESIGN §5 asks for a warm lookup under 50 ms from a fresh process, flat in the number of
+The startup target (docs/PERF.md) asks for a warm lookup under 50 ms from a fresh process, flat in the number of
 entries: the lookup is one SQLite index probe (plus one value-file read), never a directory
 listing.  For each cache size this script fills a private cache with N entries, then starts
 fresh Python processes that each time

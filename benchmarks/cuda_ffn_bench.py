@@ -1,4 +1,4 @@
-"""Time the CUDA expert GEMMs (ffn1 + ffn2) at the TARGETS.md matrix points.
+"""Time the CUDA expert GEMMs (ffn1 + ffn2) at the benchmark matrix points (moegen.bench.shapes).
 
 For each shape and token count: random bf16 weights in the packed layout (generated on the GPU),
 random uniform top-k routing, the grouped layout built on the host (not timed), then
@@ -34,14 +34,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from moegen.backends import cuda_ffn, cuda_plan, cuda_tiles  # noqa: E402
 from moegen.plan import make_plan  # noqa: E402
 from moegen.backends.base import Call  # noqa: E402
+from moegen.bench.shapes import SHAPES, TARGET_TOKENS  # noqa: E402
 from moegen.layout import PackedWeights  # noqa: E402
 from moegen.render import render_template  # noqa: E402
 from moegen.spec import MoESpec  # noqa: E402
 
-SHAPES = {"seed-small": (8, 2, 512, 2048), "mixtral-8x7b": (8, 2, 4096, 14336),
-          "qwen3-30b-a3b": (128, 8, 2048, 768), "deepseek-v3": (256, 8, 7168, 2048)}
-TOKENS = (1, 8, 64, 512, 4096, 16384)
-COPY_BW = 3.02e12        # H100, TARGETS.md
+TOKENS = TARGET_TOKENS
+COPY_BW = 3.02e12        # H100 copy bandwidth (docs/PERF.md)
 MMA_PEAK = 694e12
 BASELINES = True
 

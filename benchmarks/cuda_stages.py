@@ -7,7 +7,7 @@
 Each stage is captured 20 times into a CUDA graph and the graph's replays are timed with CUDA
 events (median of 10), so the numbers are GPU time without Python launch cost.  The whole layer
 is timed both ways: a graph replay and a plain Python call.  Weights are random on the device
-(never zeros); the FLOP/byte floors of shared/TARGETS.md are printed beside the layer time.
+(never zeros); the FLOP/byte floors (docs/PERF.md) are printed beside the layer time.
 """
 
 from __future__ import annotations
@@ -22,12 +22,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # run from a checkout
 
-SHAPES = {
-    "seed-small": dict(num_experts=8, top_k=2, hidden_dim=512, ffn_dim=2048),
-    "mixtral-8x7b": dict(num_experts=8, top_k=2, hidden_dim=4096, ffn_dim=14336),
-    "qwen3-30b-a3b": dict(num_experts=128, top_k=8, hidden_dim=2048, ffn_dim=768),
-    "deepseek-v3": dict(num_experts=256, top_k=8, hidden_dim=7168, ffn_dim=2048),
-}
+from moegen.bench.shapes import SHAPES, shape_fields  # noqa: E402
+
 REPS = 20
 
 
@@ -119,7 +115,7 @@ def python_time_ms(fn, reps=50):
 
 
 def floor_ms(spec, T):
-    """max(bytes / 3.02 TB/s, FLOPs / 694 TFLOP/s) of shared/TARGETS.md."""
+    """max(bytes / 3.02 TB/s, FLOPs / 694 TFLOP/s) on an H100 (docs/PERF.md)."""
     E, k, H, F = spec.num_experts, spec.top_k, spec.hidden_dim, spec.ffn_dim
     touched = E * (1 - (1 - k / E) ** T)
     wbytes = touched * 3 * H * F * spec.dt.itemsize
@@ -135,7 +131,7 @@ def bench(shapes, tokens, out_json=None):
     from moegen.spec import MoESpec
     rows = []
     for sname in shapes:
-        spec = MoESpec(**SHAPES[sname], dtype="bfloat16")
+        spec = MoESpec(**shape_fields(sname), dtype="bfloat16")
         kernel, secs = build(spec)
         w = device_weights(kernel)
         mod = kernel.module

@@ -4,7 +4,7 @@
                                         [--tokens 1,64,4096] [--json out.json]
 
 For each shape and token count the route stage (``route`` or the fused ``route+group``) is
-timed alone through `moegen.bench.profile.profile_kernel` (CUDA events on a GPU, perf_counter
+timed alone through `moegen.profiling.profile.profile_kernel` (CUDA events on a GPU, perf_counter
 on a CPU; median, rotated inputs) for softmax_topk, topk_softmax and sigmoid_topk (grouped
 like DeepSeek-V3 where E allows it), and printed as a ratio to softmax_topk of the same run.
 """
@@ -18,11 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # run from a checkout
 
-SHAPES = {
-    "seed-small": dict(num_experts=8, top_k=2, hidden_dim=512, ffn_dim=2048),
-    "qwen3-30b-a3b": dict(num_experts=128, top_k=8, hidden_dim=2048, ffn_dim=768),
-    "deepseek-v3": dict(num_experts=256, top_k=8, hidden_dim=7168, ffn_dim=2048),
-}
+from moegen.bench.shapes import shape_fields  # noqa: E402
+
+SHAPES = {name: shape_fields(name) for name in ("seed-small", "qwen3-30b-a3b", "deepseek-v3")}
 
 
 def variants(shape: dict) -> dict[str, dict]:
@@ -51,8 +49,8 @@ def _free_device_memory() -> None:
 
 def main() -> int:
     import moegen
-    from moegen.bench.problems import make_inputs, make_weights
-    from moegen.bench.profile import profile_kernel
+    from moegen.profiling.problems import make_inputs, make_weights
+    from moegen.profiling.profile import profile_kernel
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backend", default="auto", choices=["auto", "c", "cuda"])

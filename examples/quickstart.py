@@ -7,10 +7,17 @@
 import argparse
 import time
 
-import numpy as np
-
 import moegen
 from moegen import reference
+from moegen.profiling.timing import clock_for, time_calls
+
+
+def clock_of(kernel):
+    """The clock that times this kernel's calls: CUDA events recorded on the stream the call
+    launches on (CuPy's current stream, as ``x`` is a CuPy array) for cuda, perf_counter on the
+    CPU.  A CUDA call returns before the GPU has finished, so host time alone would measure
+    only the launch."""
+    return clock_for("cpu" if kernel.spec.backend == "c" else "cuda")
 
 
 def main():
@@ -45,16 +52,9 @@ def main():
     print(stats)
 
     out = kernel.module.empty_like(moegen.arrays.describe(xd, "x"))
-    kernel(xd, weights, out=out)                       # warm-up
-    sync = getattr(kernel.module, "synchronize", lambda: None)
-    times = []
-    for _ in range(args.repeats):
-        sync()
-        t = time.perf_counter()
-        kernel(xd, weights, out=out)
-        sync()
-        times.append(time.perf_counter() - t)
-    ms = float(np.median(times)) * 1e3
+    timed = time_calls(lambda i: kernel(xd, weights, out=out), clock_of(kernel), warmup=2,
+                       repeats=args.repeats)
+    ms = timed["median"]
     print(f"T={args.tokens}: {ms:.3f} ms per call (median of {args.repeats}), "
           f"{args.tokens / ms * 1e3:,.0f} tokens/s, {spec.flops(args.tokens) / ms / 1e9:.2f} TFLOP/s")
     raise SystemExit(0 if ok else 1)

@@ -22,6 +22,7 @@ from typing import Callable, Iterable
 
 from .archive import export_archive, extract_archive, import_archive, read_archive
 from .jit import build as jit_build
+from .console import Progress, table
 from .model_config import ModelConfigWarning, parse_model_config
 from .spec import MoESpec
 
@@ -83,19 +84,8 @@ def _run_one(build: Callable, spec: MoESpec) -> BuildResult:
                        target=getattr(info, "target", spec.arch or ""))
 
 
-class _Progress:
-    """One counter line on stderr per finished variant."""
-
-    def __init__(self, total: int, enabled: bool):
-        self.total, self.done = total, 0
-        self.enabled = enabled and total > 0
-
-    def update(self, r: BuildResult) -> None:
-        self.done += 1
-        if self.enabled:
-            state = "FAILED" if not r.ok else ("built" if r.built else "cached")
-            print(f"[{self.done}/{self.total}] {state:<6} {r.name} {r.target} "
-                  f"({r.seconds:.1f} s)", file=sys.stderr, flush=True)
+def _state(r: BuildResult) -> str:
+    return "FAILED" if not r.ok else ("built" if r.built else "cached")
 
 
 def build_many(specs: Iterable[MoESpec], archs: Iterable[str] | None = None, jobs: int = 1,
@@ -107,7 +97,8 @@ def build_many(specs: Iterable[MoESpec], archs: Iterable[str] | None = None, job
         archs: CUDA targets to cross cuda/auto specs with (e.g. ``["sm_90", "sm_90a"]``).
         jobs: parallel worker processes (spawned, so CUDA state is never forked); 1 builds
             in this process.
-        progress: show a counter line per variant and the summary table on stderr.
+        progress: show a progress bar (rich on a terminal, else a line per variant) and the
+            summary table on stderr.
         build: the function building one spec (default `moegen.jit.build`); it must be
             picklable (a module-level function) when ``jobs > 1``.
 
@@ -116,15 +107,18 @@ def build_many(specs: Iterable[MoESpec], archs: Iterable[str] | None = None, job
     """
     build = jit_build if build is None else build
     variants = expand_variants(specs, archs)
-    bar = _Progress(len(variants), progress)
+    bar = Progress(len(variants), "moegen build", progress)
     t0 = time.perf_counter()
     results: list[BuildResult | None] = [None] * len(variants)
-    if jobs <= 1 or len(variants) <= 1:
-        for i, spec in enumerate(variants):
-            results[i] = _run_one(build, spec)
-            bar.update(results[i])
-    else:
-        _run_pool(build, variants, jobs, results, bar)
+    try:
+        if jobs <= 1 or len(variants) <= 1:
+            for i, spec in enumerate(variants):
+                results[i] = _run_one(build, spec)
+                bar.advance(f"{_state(results[i])} {results[i].name}")
+        else:
+            _run_pool(build, variants, jobs, results, bar)
+    finally:
+        bar.close()
     out = [r for r in results if r is not None]
     if progress:
         print(format_summary(out, time.perf_counter() - t0), file=sys.stderr, flush=True)
@@ -146,7 +140,7 @@ def _run_pool(build, variants, jobs, results, bar) -> None:
                 except Exception as exc:  # noqa: BLE001 - e.g. an unpicklable build function
                     results[i] = BuildResult(variants[i], variants[i].name, False,
                                              error=f"{type(exc).__name__}: {exc}")
-                bar.update(results[i])
+                bar.advance(f"{_state(results[i])} {results[i].name}")
         except KeyboardInterrupt:
             for fut in futures:
                 fut.cancel()
@@ -156,14 +150,10 @@ def _run_pool(build, variants, jobs, results, bar) -> None:
 def format_summary(results: list[BuildResult], seconds: float | None = None) -> str:
     """A table of the results (status, name, backend, target, entry, seconds, error) and a
     totals line."""
-    rows = [("status", "name", "backend", "target", "entry", "seconds")]
-    for r in results:
-        status = "FAILED" if not r.ok else ("built" if r.built else "cached")
-        rows.append((status, r.name, r.backend or "-", r.target or "-",
-                     r.entry[len(r.name) + 1:] if r.entry else "-", f"{r.seconds:.2f}"))
-    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines = [table(("status", "name", "backend", "target", "entry", "seconds"),
+                   [(_state(r), r.name, r.backend or "-", r.target or "-",
+                     r.entry[len(r.name) + 1:] if r.entry else "-", f"{r.seconds:.2f}")
+                    for r in results], right=[5])]
     failed = [r for r in results if not r.ok]
     built = sum(r.ok and r.built for r in results)
     total = f" in {seconds:.1f} s" if seconds is not None else ""

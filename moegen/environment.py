@@ -7,6 +7,11 @@ import shutil
 import sys
 
 from . import __version__, settings
+from .backends import get_backend
+from .cache import KernelCache
+
+# How to get the cuda backend's Python packages (CuPy, NVRTC); named wherever CuPy is missing.
+CUDA_EXTRA_HINT = "pip install 'moegen[cuda]'"
 
 
 def _try(fn):
@@ -17,7 +22,6 @@ def _try(fn):
 
 
 def describe_environment() -> dict[str, dict]:
-    from .backends import get_backend
     info: dict[str, dict] = {
         "moegen": {"version": __version__, "python": sys.version.split()[0],
                    "platform": platform.platform(), "machine": platform.machine()},
@@ -38,7 +42,7 @@ def describe_environment() -> dict[str, dict]:
         import cupy
         cu["cupy"] = cupy.__version__
     except Exception as exc:  # noqa: BLE001
-        cu["cupy"] = f"not installed ({type(exc).__name__})"
+        cu["cupy"] = f"not installed ({type(exc).__name__}); {CUDA_EXTRA_HINT}"
     be = _try(lambda: get_backend("cuda"))
     if not isinstance(be, str):
         cu["can_compile"] = _try(be.can_compile)
@@ -47,7 +51,6 @@ def describe_environment() -> dict[str, dict]:
         cu["device"] = _try(_gpu_name)
     info["cuda backend"] = cu
 
-    from .cache import KernelCache
     cache = _try(KernelCache)
     info["cache"] = {"directory": str(settings.cache_dir()),
                      "prebuilt": [str(p) for p in settings.prebuilt_dirs()] or "none",

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .backends.base import Sources
+from .render import render
 from .spec import MoESpec
 
 # (label, spec): the seed's 8×top-2×512 layer, a Mixtral-8x7B layer, a Qwen3-30B-A3B layer.
@@ -22,7 +23,6 @@ BACKENDS = ("c", "cuda")
 
 def expected_files() -> dict[str, str]:
     """Relative path -> rendered text of every checked-in render."""
-    from .render import render
     out = {}
     for _, spec in REFERENCE_SPECS:
         for be in BACKENDS:

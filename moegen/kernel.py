@@ -16,6 +16,7 @@ from . import arrays
 from .backends.base import Call
 from .layout import (PACK_KEYWORDS, PackedWeights, cupy_bf16_bits, logical_weights, on_gpu,
                      pack_device, pack_host)
+from .profiling import profile_kernel
 from .spec import MoESpec
 from .stats import LayerStats
 
@@ -288,6 +289,5 @@ class MoEKernel:
         return out
 
     def profile(self, x, weights: PackedWeights, **kwargs) -> dict:
-        """Per-stage time breakdown (see `moegen.bench.profile.profile_kernel`)."""
-        from .bench.profile import profile_kernel
+        """Per-stage time breakdown (see `moegen.profiling.profile.profile_kernel`)."""
         return profile_kernel(self, x, weights, **kwargs)

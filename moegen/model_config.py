@@ -3,17 +3,19 @@
 Supported families (``model_type``) and the fields read (experts, k, expert ffn size; routing):
 
 - mixtral: num_local_experts, num_experts_per_tok, intermediate_size; softmax, renormalised.
-- qwen2_moe, qwen3_moe: num_experts, num_experts_per_tok, moe_intermediate_size; softmax,
-  renormalised if norm_topk_prob.
+- qwen2_moe, qwen3_moe: num_experts (num_local_experts as transformers 5 writes Qwen3-MoE),
+  num_experts_per_tok, moe_intermediate_size; softmax, renormalised if norm_topk_prob.
 - deepseek_v2, deepseek_v3: n_routed_experts, num_experts_per_tok, moe_intermediate_size;
   scoring_func, topk_method, n_group, topk_group, routed_scaling_factor, norm_topk_prob, and
   n_shared_experts shared experts.
-- olmoe: num_experts, num_experts_per_tok, intermediate_size; softmax, norm_topk_prob.
+- olmoe: num_experts (or num_local_experts), num_experts_per_tok, intermediate_size; softmax,
+  norm_topk_prob.
 - gpt_oss: num_local_experts, experts_per_token, intermediate_size; top-k of the logits then
   softmax over them; expert biases.
 
 The hidden size is ``hidden_size``; the activation comes from ``hidden_act`` (all of these use
-gated MLPs: silu -> swiglu, gelu -> geglu); the dtype from ``torch_dtype``/``dtype``.
+gated MLPs: silu -> swiglu, gelu -> geglu); the dtype from ``torch_dtype`` or ``dtype`` (as
+transformers 5 writes it; ``"torch.bfloat16"`` is read too), bfloat16 when the config has none.
 Multimodal configs are searched through ``text_config``.  When ``model_type`` is missing or
 unknown, ``architectures`` (e.g. ``DeepseekV3ForCausalLM``) picks the family.
 
@@ -33,6 +35,9 @@ from typing import Any
 from .spec import MoESpec
 
 log = logging.getLogger("moegen.deploy")
+
+# A config.json is a few KiB; a larger file is not one (and is not read whole).
+MAX_CONFIG_BYTES = 4 << 20
 
 _DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
            "half": "float16", "float32": "float32", "fp32": "float32", "float": "float32"}
@@ -74,11 +79,12 @@ def parse_model_config(path_or_dict: str | Path | dict, *, dtype: str | None = N
     family, cfg = _family(config)
     fields = _PARSERS[family](cfg)
     dt = dtype or cfg.get("torch_dtype") or cfg.get("dtype") or config.get("torch_dtype") \
-        or "bfloat16"
-    if str(dt) not in _DTYPES:
+        or config.get("dtype") or "bfloat16"
+    dt = str(dt).removeprefix("torch.")
+    if dt not in _DTYPES:
         raise ValueError(f"model config: torch_dtype {dt!r} is not a moegen dtype "
                          f"(one of {sorted(set(_DTYPES.values()))})")
-    fields.update(dtype=_DTYPES[str(dt)], backend=backend)
+    fields.update(dtype=_DTYPES[dt], backend=backend)
     try:
         MoESpec(**fields)
     except ValueError as exc:
@@ -92,10 +98,19 @@ def _load(path_or_dict) -> dict:
     path = Path(path_or_dict)
     if path.is_dir():
         path = path / "config.json"
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ValueError(f"model config {path} must be at most {MAX_CONFIG_BYTES} bytes, "
+                         f"got {size}")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise ValueError(f"model config {path} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ValueError(f"model config {path} nests JSON too deeply to be a model "
+                         f"config") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"model config {path} is not UTF-8 text: {exc}") from None
     if not isinstance(data, dict):
         raise ValueError(f"model config {path} must hold a JSON object, got {type(data).__name__}")
     return data
@@ -150,12 +165,14 @@ def _base(cfg: dict, experts: tuple, topk: tuple, ffn: tuple) -> dict:
 
 def _mixtral(cfg: dict) -> dict:
     # Mixtral: softmax over all experts, top-k, then the k weights renormalised.
-    f = _base(cfg, ("num_local_experts",), ("num_experts_per_tok",), ("intermediate_size",))
+    f = _base(cfg, ("num_local_experts", "num_experts"), ("num_experts_per_tok",),
+              ("intermediate_size",))
     return dict(f, routing="softmax_topk", renormalize=True)
 
 
 def _qwen_moe(cfg: dict) -> dict:
-    f = _base(cfg, ("num_experts",), ("num_experts_per_tok",), ("moe_intermediate_size",))
+    f = _base(cfg, ("num_experts", "num_local_experts"), ("num_experts_per_tok",),
+              ("moe_intermediate_size",))
     f.update(routing="softmax_topk", renormalize=bool(cfg.get("norm_topk_prob", False)))
     shared = cfg.get("shared_expert_intermediate_size") or 0
     if shared:
@@ -201,7 +218,8 @@ def _deepseek(cfg: dict) -> dict:
 
 
 def _olmoe(cfg: dict) -> dict:
-    f = _base(cfg, ("num_experts",), ("num_experts_per_tok",), ("intermediate_size",))
+    f = _base(cfg, ("num_experts", "num_local_experts"), ("num_experts_per_tok",),
+              ("intermediate_size",))
     return dict(f, routing="softmax_topk", renormalize=bool(cfg.get("norm_topk_prob", False)))
 
 

@@ -23,6 +23,8 @@ import logging
 import os
 from pathlib import Path
 
+import platformdirs
+
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"", "0", "false", "no", "off"}
 
@@ -43,11 +45,7 @@ def cache_dir() -> Path:
     raw = os.environ.get("MOEGEN_CACHE_DIR")
     if raw:
         return Path(raw).expanduser()
-    try:
-        import platformdirs
-        return Path(platformdirs.user_cache_dir("moegen", appauthor=False))
-    except ImportError:  # pragma: no cover - platformdirs is a dependency
-        return Path.home() / ".cache" / "moegen"
+    return Path(platformdirs.user_cache_dir("moegen", appauthor=False))
 
 
 def prebuilt_dirs() -> list[Path]:
@@ -95,12 +93,16 @@ def cuda_arch() -> str | None:
     return os.environ.get("MOEGEN_CUDA_ARCH") or None
 
 
+_LOG_LEVELS = {"DEBUG": logging.DEBUG, "INFO": logging.INFO, "WARNING": logging.WARNING,
+               "ERROR": logging.ERROR, "CRITICAL": logging.CRITICAL}
+
+
 def log_level() -> int:
-    raw = os.environ.get("MOEGEN_LOG_LEVEL", "WARNING").upper()
-    level = logging.getLevelName(raw)
-    if not isinstance(level, int):
-        raise ValueError(f"MOEGEN_LOG_LEVEL must be a logging level name (DEBUG, INFO, WARNING, "
-                         f"ERROR), got {raw!r}")
+    raw = os.environ.get("MOEGEN_LOG_LEVEL", "") or "WARNING"
+    level = _LOG_LEVELS.get(raw.strip().upper())
+    if level is None:
+        raise ValueError(f"MOEGEN_LOG_LEVEL must be one of {', '.join(_LOG_LEVELS)}, "
+                         f"got {raw[:40]!r}")
     return level
 
 

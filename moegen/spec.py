@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 
 from . import dtypes
+from .arch import is_arch as _is_arch
 from .errors import SpecError
 
 
@@ -226,10 +227,3 @@ def _check_float(name, value, lo, hi):
 def _check_choice(name, value, choices):
     if value not in choices:
         raise SpecError(f"MoESpec.{name} must be one of {list(choices)}, got {value!r}")
-
-
-def _is_arch(arch: str) -> bool:
-    if not arch.startswith("sm_"):
-        return False
-    digits = arch[3:].rstrip("a")
-    return digits.isdigit() and len(arch) - len(digits) - 3 <= 1 and int(digits) >= 70

@@ -20,8 +20,8 @@ from pathlib import Path
 
 from . import jit, tuning
 from .backends import get_backend
-from .bench.problems import make_inputs, make_weights
-from .bench.profile import profile_kernel
+from .profiling.problems import make_inputs, make_weights
+from .profiling import profile_kernel
 from .cache import KernelCache
 from .spec import MoESpec
 

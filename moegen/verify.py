@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import arrays, reference
+from .jit import compile as compile_spec
 from .spec import MoESpec
 
 
@@ -30,13 +31,15 @@ def to_device(kernel, host_array):
 def check_tokens(kernel, tokens: int, seed: int = 0) -> dict:
     """Run the layer for ``tokens`` random tokens; compare with the reference.
 
-    Returns {tokens, rel_error, tolerance, ids_match, ok}.  Tokens whose k-th and (k+1)-th
+    Returns {tokens, rel_error, tolerance, ids_match, ok}.  The reference applies the spec's
+    expert capacity to the routing, as the kernel does.  Tokens whose k-th and (k+1)-th
     scores are within float32 rounding are routed like the kernel in the reference, so a
     legitimate near-tie never fails the check.
     """
     spec = kernel.spec
     x, w = reference.random_problem(spec, tokens, seed=seed)
-    weights = kernel.pack(**reference.weight_kwargs(spec, w))
+    # the reference router is [E, H]: say so, since with E == H its shape cannot
+    weights = kernel.pack(**reference.weight_kwargs(spec, w), router_layout="eh")
     xd = to_device(kernel, x)
     out = poison_like(kernel, xd)
     kernel(xd, weights, out=out)
@@ -52,6 +55,9 @@ def check_tokens(kernel, tokens: int, seed: int = 0) -> dict:
     if use_kernel.any():
         wk = np.asarray(_host(wts), dtype=np.float64)
         ref_w = np.where(use_kernel[:, None], wk, ref_w)
+    # the kernel drops the slots beyond each expert's capacity (capacity specs): so does the
+    # reference, from the same routing
+    ref_w, _, _ = reference.apply_capacity(spec, ids_ref, ref_w)
     y_ref = reference.experts(spec, x, w, ids_ref, ref_w)
     err = reference.rel_error(kernel.to_host(out), y_ref) if tokens else 0.0
     ids_match = float(np.mean(same | ties)) if tokens else 1.0
@@ -62,7 +68,6 @@ def check_tokens(kernel, tokens: int, seed: int = 0) -> dict:
 
 def verify_spec(spec: MoESpec, tokens, seed: int = 0) -> list[dict]:
     """Compile ``spec`` and check it at each token count (fresh inputs for each)."""
-    from .jit import compile as compile_spec
     kernel = compile_spec(spec)
     return [check_tokens(kernel, t, seed=seed + i) for i, t in enumerate(tokens)]
 

@@ -1,13 +1,13 @@
-"""Floor arithmetic of moegen.bench.floors, by hand and against TARGETS.md's table."""
+"""Floor arithmetic of moegen.profiling.floors, by hand and against the H100 floor table of docs/PERF.md."""
 
 import math
 
 import pytest
 
 from moegen import MoESpec
-from moegen.bench import floors
-from moegen.bench.matrix import SHAPES, TARGET_TOKENS
-from moegen.bench.timing import plan_repeats, summarize
+from moegen.profiling import floors
+from moegen.bench.shapes import SHAPES, TARGET_TOKENS
+from moegen.profiling.timing import plan_repeats, summarize
 
 
 @pytest.mark.parametrize("E,k,T,want", [(8, 2, 0, 0.0), (8, 2, 1, 2.0), (4, 1, 2, 1.75),
@@ -73,7 +73,7 @@ def test_fraction_of_floor():
     assert floors.fraction_of_floor(1.0, 0.0) is None
 
 
-# TARGETS.md's floor column (ms), computed there with 3.02 TB/s and 694 TFLOP/s.
+# The floor column (ms) of the H100 targets table, computed with 3.02 TB/s and 694 TFLOP/s.
 TARGETS_FLOORS = {
     "seed-small": (0.004, 0.015, 0.017, 0.017, 0.074, 0.297),
     "mixtral-8x7b": (0.233, 0.840, 0.934, 0.936, 4.157, 16.627),

@@ -8,7 +8,7 @@ from moegen import MoESpec
 from moegen import reference as R
 from moegen.bench import baselines as B
 from moegen.bench.matrix import check_rows_for, poison
-from moegen.bench.problems import device_pack, subset_error
+from moegen.profiling.problems import device_pack, subset_error
 from moegen.layout import PackedLayout, logical_weights, pack_host
 
 SPECS = [MoESpec(4, 2, 12, 8, dtype="bfloat16", bias=True, num_shared_experts=1),
@@ -108,7 +108,7 @@ def test_torch_weight_path_packs_and_runs_like_the_gpu_one(spec):
     torch baselines) run on CPU tensors: bytes equal pack_host's, baselines within tolerance."""
     torch = pytest.importorskip("torch")
     from moegen.arrays import host
-    from moegen.bench.problems import torch_logical
+    from moegen.profiling.problems import torch_logical
     logical = torch_logical(spec, 7, torch, device="cpu")
     if spec.gated:
         assert logical["w1"].data_ptr() == logical["w13"].data_ptr()     # views, no copy

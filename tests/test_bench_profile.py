@@ -5,9 +5,10 @@ import pytest
 
 import moegen
 from moegen import MoESpec
-from moegen.bench import ceilings, matrix, report
-from moegen.bench.problems import make_inputs, make_weights
-from moegen.bench.profile import profile_kernel, workspace_bytes
+from moegen.bench import matrix, report
+from moegen.profiling import ceilings
+from moegen.profiling.problems import make_inputs, make_weights
+from moegen.profiling.profile import profile_kernel, workspace_bytes
 from moegen.jit import clear_memo
 
 SPEC = MoESpec(8, 2, 40, 24, dtype="float32", backend="c")
@@ -93,7 +94,7 @@ def test_matrix_on_cpu_checks_errors_and_baselines(kernel, tmp_path):
 def test_matrix_skips_a_shape_that_fails_to_compile(monkeypatch):
     def boom(spec):
         raise RuntimeError("no compiler today")
-    monkeypatch.setattr(moegen, "compile", boom)
+    monkeypatch.setattr(moegen.jit, "compile", boom)
     cfg = matrix.Config(shapes=[("tiny", SPEC)], tokens=[1, 2], ceilings=CEIL, baselines=())
     points, _ = matrix.run(cfg)
     assert [p["skipped"] for p in points] == ["compile failed: RuntimeError: no compiler today"] * 2

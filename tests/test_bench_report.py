@@ -69,21 +69,30 @@ def test_dumps_keeps_non_finite_errors_visible():
 
 
 def test_table_rows_line_up_with_the_header():
-    cols = report.columns(["naive", "grouped_mm"])
-    head = report.header(cols).splitlines()
-    line = report.row(_point(), ["naive", "grouped_mm"], cols)
-    assert len(head[0]) == len(head[1]) == len(line)
+    text = report.matrix_table([_point()], ["naive", "grouped_mm"])
+    head, rule, line = text.splitlines()
+    assert len(head) == len(rule) == len(line) and set(rule) <= {"-", " "}
     cells = line.split()
     assert cells[:2] == ["seed-small", "4"]
     assert "4.00" in cells          # naive 8 ms / moegen 2 ms
     assert cells[-2:] == ["-", "-"]  # grouped_mm not measured
+    assert head.split()[-2:] == ["ms", "x"] and "grouped_mm" in head
+
+
+def test_matrix_table_takes_its_columns_from_the_points():
+    p = _point()
+    p["baselines"]["vllm"] = {"ms": 4.0, "min_ms": 4.0, "repeats": 3, "err": 0.0, "note": ""}
+    head = report.matrix_table([p]).splitlines()[0]
+    assert head.index("naive ms") < head.index("vllm ms")
 
 
 def test_row_of_a_skipped_point_says_why():
-    cols = report.columns([])
-    line = report.row(_point(moegen=None, skipped="weights need 99 GB"), [], cols)
-    assert "(skipped: weights need 99 GB)" in line
+    text = report.matrix_table([_point(moegen=None, skipped="weights need 99 GB")], [])
+    head, _, line = text.splitlines()
+    assert head.split()[-1] == "skipped" and line.endswith("weights need 99 GB")
     assert line.split()[3] == "-"
+    assert "skipped (weights need 99 GB)" in report.point_line(
+        _point(moegen=None, skipped="weights need 99 GB"))
 
 
 @pytest.mark.parametrize("v,want", [(None, "-"), (float("nan"), "-"), (0.01234, "0.0123"),
@@ -136,23 +145,33 @@ def test_plot_draws_a_png(tmp_path):
 
 
 def test_targets_summary_counts_and_lists_misses():
+    vllm = {"ms": 1.2, "min_ms": 1.1, "repeats": 3, "err": 0.0, "note": "", "graph_ms": 0.9}
     fast = _point(shape="mixtral-8x7b", tokens=8, backend="cuda",
-                  moegen=dict(_profile(total=1.0), frac_of_floor=0.97, memory={"allocs_per_call": 0}),
-                  baselines={"grouped_mm": {"ms": 1.5, "min_ms": 1.4, "repeats": 3, "err": 0.0, "note": ""}})
+                  moegen=dict(_profile(total=1.0), frac_of_floor=0.97, graph_ms=0.8,
+                              memory={"allocs_per_call": 0}),
+                  baselines={"grouped_mm": {"ms": 1.5, "min_ms": 1.4, "repeats": 3, "err": 0.0, "note": ""},
+                             "vllm": vllm})
     slow = _point(shape="mixtral-8x7b", tokens=16384, backend="cuda",
-                  moegen=dict(_profile(total=20.0), frac_of_floor=0.8, memory={"allocs_per_call": 2}),
-                  baselines={"grouped_mm": {"ms": 19.0, "min_ms": 18.0, "repeats": 3, "err": 0.0, "note": ""}})
+                  moegen=dict(_profile(total=20.0), frac_of_floor=0.8, graph_ms=19.5,
+                              memory={"allocs_per_call": 2}),
+                  baselines={"grouped_mm": {"ms": 19.0, "min_ms": 18.0, "repeats": 3, "err": 0.0, "note": ""},
+                             "vllm": dict(vllm, ms=21.0, graph_ms=19.0)})
     tiny = _point(shape="seed-small", tokens=1, backend="cuda",
-                  moegen=dict(_profile(total=0.015), graph_ms=None),
+                  moegen=dict(_profile(total=0.035), graph_ms=None),
                   baselines={})
-    text = report.targets_summary([fast, slow, tiny, _point(moegen=None, skipped="x")])
+    qwen = _point(shape="qwen3-30b-a3b", tokens=4096, backend="cuda",
+                  moegen=dict(_profile(total=1.0), frac_of_floor=0.76), baselines={})
+    text = report.targets_summary([fast, slow, tiny, qwen, _point(moegen=None, skipped="x")])
     lines = dict(line.split(": ", 1) for line in text.splitlines())
-    assert lines["target 1 faster than grouped_mm"].startswith("1/2 met; misses: mixtral-8x7b T=16384")
-    assert lines["target 2 weight-bound >= 0.95 of floor"] == "1/1 met"
-    assert lines["target 3 compute-bound >= 0.85 of floor"].startswith("0/1 met")
-    assert lines["target 4 seed-small call < 20 us"] == "1/1 met"
-    assert lines["target 4 seed-small graph replay < 10 us"].startswith("0/1 met")
-    assert lines["target 6 no allocation per call"] == "2/3 met; misses: mixtral-8x7b T=16384 (2)"
+    assert lines["target 1 eager faster than grouped_mm"].startswith("1/2 met; misses: mixtral-8x7b T=16384")
+    assert lines["target 1 eager faster than vllm"] == "2/2 met"           # a contender column
+    assert lines["target 1 graph faster than vllm"].startswith("1/2 met; misses: mixtral-8x7b T=16384")
+    assert lines["target 2 weight-bound >= 0.92 of floor"] == "1/1 met"
+    assert lines["target 2 compute-bound >= 0.85 of floor"].startswith("0/1 met")
+    assert lines["target 2 qwen3 prefill >= 0.75 of floor"] == "1/1 met"
+    assert lines["target 3 seed-small T=1 eager <= 40 us"] == "1/1 met"
+    assert lines["target 3 seed-small T=1 graph <= 15 us"].startswith("0/1 met")
+    assert lines["target 4 no allocation per call"] == "3/4 met; misses: mixtral-8x7b T=16384 (2)"
 
 
 def test_cpu_targets_summary():

@@ -75,7 +75,7 @@ def test_env_reports_sections(run):
 
 
 def test_grid_options_expand(run):
-    from moegen.cli import specs_from_options
+    from moegen.cli.options import specs_from_options
     o = dict(experts=[8, 64], topk=[2], hidden=[64], ffn=None, dtype=["bf16", "fp16"],
              activation=["swiglu"], routing="softmax_topk", renormalize=True, bias=False,
              n_group=1, topk_group=1, routed_scaling_factor=1.0, shared_experts=0,

@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import sys
 import time
-import types
 
-import click
 import pytest
 from click.testing import CliRunner
 
 import moegen.cache as cache_mod
 from moegen.backends.base import Artifact
 from moegen.cache import KernelCache, digest
-from moegen.cli_cache import build_many, cache, parse_size
+from moegen.cli.cache import cache, parse_size
 from moegen.spec import MoESpec
 
 SPEC = MoESpec(num_experts=8, top_k=2, hidden_dim=64, backend="c")
@@ -33,9 +30,7 @@ def env(tmp_path, monkeypatch):
     for var in ("MOEGEN_OFFLINE", "MOEGEN_ALWAYS_COMPILE", "MOEGEN_PREBUILT_DIR"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("MOEGEN_CACHE_DIR", str(tmp_path / "cache"))
-    fake = types.ModuleType("moegen.jit")
-    fake.key_parts = fake_key_parts
-    monkeypatch.setitem(sys.modules, "moegen.jit", fake)
+    monkeypatch.setattr("moegen.jit.key_parts", fake_key_parts)
 
 
 def run(*args, input=None):
@@ -171,20 +166,6 @@ def test_import_rejects_bad_archive(tmp_path):
     (tmp_path / "bad.tar.gz").write_bytes(b"\x1f\x8b garbage")
     r = CliRunner().invoke(cache, ["import", str(tmp_path / "bad.tar.gz")])
     assert r.exit_code == 1 and "rejected" in r.output
-
-
-def _fake_build(spec):
-    if spec.hidden_dim == 13:
-        raise RuntimeError("no")
-    return types.SimpleNamespace(name=spec.name, key="k", built=True, seconds=0.0,
-                                 entry=spec.name + ".k", backend="c", target="x86-64-v3")
-
-
-def test_build_many_helper_exits_non_zero_on_failure(capsys):
-    good = build_many([SPEC], jobs=1, progress=False, build=_fake_build)
-    assert good[0].ok and "1 variants: 1 built" in capsys.readouterr().err
-    with pytest.raises(click.ClickException, match="1 of 2 variants failed.*h13"):
-        build_many([SPEC, SPEC.replace(hidden_dim=13)], progress=False, build=_fake_build)
 
 
 def test_registered_on_main_cli():

@@ -1,4 +1,5 @@
-"""The wheel ships the templates: install it into a fresh venv and compile from there."""
+"""The wheel ships the templates and declares its dependencies: install it with them into a
+fresh venv that cannot see this interpreter's packages, then compile from there."""
 
 import os
 import subprocess
@@ -29,12 +30,17 @@ def test_wheel_installs_and_compiles_from_its_own_templates(tmp_path):
     assert any(n.startswith("moegen/templates/cuda/") and n.endswith(".jinja") for n in names)
 
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    # No --system-site-packages: the wheel's declared dependencies must be enough.
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     py = venv / "bin" / "python"
-    subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall",
-                    str(wheel)], check=True)
+    # Without PYTHONPATH: a checkout on it (with its egg-info) would count as installed.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    inst = subprocess.run([str(py), "-m", "pip", "install", "-q", str(wheel)],
+                          capture_output=True, text=True, env=env)
+    assert inst.returncode == 0, inst.stdout + inst.stderr
     script = textwrap.dedent("""
         import moegen, moegen.render, sys
+        assert not sys.flags.no_site and sys.prefix != sys.base_prefix
         from moegen import MoESpec, reference as R
         assert "site-packages" in moegen.__file__, moegen.__file__
         root = str(moegen.render.template_root())
@@ -47,8 +53,13 @@ def test_wheel_installs_and_compiles_from_its_own_templates(tmp_path):
         assert err < 1e-5, err
         print("OK", root)
     """)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["MOEGEN_CACHE_DIR"] = str(tmp_path / "cache")
     r = subprocess.run([str(py), "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "OK" in r.stdout
+    # the console script of the wheel (the moegen.cli package) builds from the same install
+    cli = subprocess.run([str(venv / "bin" / "moegen"), "build", "--backend", "c", "--experts",
+                          "4", "--topk", "2", "--hidden", "16", "--ffn", "24"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert cli.returncode == 0, cli.stdout + cli.stderr
+    assert "cached:" in cli.stdout or "compiled:" in cli.stdout

@@ -1,13 +1,12 @@
-"""Benchmarks and profiling of moegen kernels (``moegen bench``, ``MoEKernel.profile``).
+"""Benchmarks of moegen kernels beside baselines (``moegen bench``).  The per-kernel profiling
+core (floors, ceilings, timing, problems, profile_kernel) is `moegen.profiling`.
 
-    floors      the DESIGN §7 / TARGETS.md floor arithmetic (pure)
-    ceilings    copy bandwidth and matrix peak measured on this machine, in this run
-    timing      CUDA-event / perf_counter clocks and repeat planning
-    problems    random weights and inputs made and packed on the kernel's device
-    profile     profile_kernel: per-stage times, totals, floor fraction, memory
+    shapes      the named benchmark shapes and token counts
     baselines   HF-style loop, torch._grouped_mm, NumPy loop, vLLM Triton (when importable)
-    matrix      the TARGETS.md matrix runner (and custom grids) under a time budget
+    contenders  plugin files (``--contender FILE``) timed as extra columns
+    matrix      the benchmark matrix runner (and custom grids) under a time budget
     startup     import / warm-start / cold-compile times in fresh processes
+    instructions  instruction counts per call under callgrind (CPU)
     report      tables and the JSON report schema
     plot        time vs tokens per shape (matplotlib, optional)
 """

@@ -11,7 +11,7 @@
 Every baseline consumes the routing moegen chose (``topk_ids``/``topk_weights``), so the work
 and the error are comparable; ``naive``, ``grouped_mm`` and ``numpy`` also compute their own
 routing inside the timed region (router GEMM, softmax, top-k), as a framework layer does, and
-discard it.  The ``triton`` column, like TARGETS.md's, is timed without routing.
+discard it.  The ``triton`` column is timed without routing, as vLLM runs it.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ..reference import gelu
 from ..spec import MoESpec
 
 log = logging.getLogger("moegen.bench")
@@ -31,13 +32,15 @@ log = logging.getLogger("moegen.bench")
 class Baseline:
     """One baseline: ``run(x, ids, wts)`` returns y [T, H] (its own kind), timed with its
     ``route(x)`` before it when ``route`` is set.  ``device``: "cpu" or "cuda"; ``torch``:
-    whether it launches torch work (time it with torch events)."""
+    whether it launches torch work (time it with torch events); ``graph``: on CUDA also time
+    a replay of it captured in a torch CUDA graph (the contenders)."""
     name: str
     device: str
     run: Callable[[Any, Any, Any], Any]
     route: Callable[[Any], Any] | None
     torch: bool
     note: str = ""
+    graph: bool = False
 
     def timed(self, x, ids, wts):
         if self.route is not None:
@@ -187,7 +190,6 @@ def numpy_loop(spec: MoESpec, w: dict):
     """A NumPy float32 loop over the experts the routing hit (CPU).  Exact (erf) GELU comes
     from `moegen.reference.gelu`, which is slow; the benchmark shapes use SwiGLU."""
     if spec.act.fn == "gelu":
-        from ..reference import gelu
         act = lambda g: gelu(g).astype(np.float32)  # noqa: E731
     else:
         act = _NP_ACT[spec.act.fn]
@@ -255,7 +257,7 @@ def build(spec: MoESpec, logical: dict, kind: str, device: str,
           names=("naive", "grouped_mm", "numpy", "triton")) -> tuple[list[Baseline], list[str]]:
     """The baselines among ``names`` that can run here, and a note for each that cannot.
 
-    ``logical``: the logical weights (`moegen.bench.problems.Weights.logical`) of library
+    ``logical``: the logical weights (`moegen.profiling.problems.Weights.logical`) of library
     ``kind``; ``device``: "cpu" or "cuda".
     """
     out, notes = [], []

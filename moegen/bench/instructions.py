@@ -1,4 +1,4 @@
-"""Instructions per call on the CPU, counted by valgrind's callgrind (TARGETS.md, "CPU").
+"""Instructions per call on the CPU, counted by valgrind's callgrind (the CPU target of docs/PERF.md).
 
 Shared CPUs make wall times drift by several times between runs; instruction counts do not.
 One worker process runs under ``valgrind --tool=callgrind --instr-atstart=no``: it builds the
@@ -20,7 +20,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ..backends import get_backend
+from ..console import table as render_table
 from ..spec import MoESpec
+from .report import fmt
 
 _MARKS_C = r"""
 #include <valgrind/callgrind.h>
@@ -64,6 +67,17 @@ for T in cfg["tokens"]:
 """
 
 
+# valgrind (3.19 and others) cannot decode AVX-512 ("vex amd64->IR: ... VEX.L=0"), so the
+# counted binary is built for the best tier valgrind runs: AVX2 + FMA.
+COUNTED_TIER = "x86-64-v3"
+
+
+def counted_tier(spec: MoESpec) -> str:
+    """The ISA tier the counted kernel is built for: this machine's, capped at x86-64-v3."""
+    tier = get_backend("c").target(spec)
+    return COUNTED_TIER if tier.startswith("avx512") else tier
+
+
 def available() -> str | None:
     """None when valgrind, callgrind.h and a C compiler are here; else why not."""
     if shutil.which("valgrind") is None:
@@ -101,7 +115,7 @@ def parse_dumps(directory: Path) -> dict[str, int]:
 def measure(spec: MoESpec, tokens, contenders=("moegen", "naive", "numpy"), calls: int = 1,
             timeout: float = 1800) -> list[dict]:
     """Instructions per call of each contender at each token count (rows of T, contender,
-    instructions).  Raises RuntimeError with the reason when callgrind cannot run here or the
+    instructions; the moegen kernel is built for `counted_tier`).  Raises RuntimeError with the reason when callgrind cannot run here or the
     worker fails.  The spec must use the c backend; its kernel is compiled (or found in the
     cache) by the worker."""
     why = available()
@@ -114,7 +128,7 @@ def measure(spec: MoESpec, tokens, contenders=("moegen", "naive", "numpy"), call
         cfg = {"spec": spec.to_dict(), "tokens": list(tokens), "contenders": list(contenders),
                "calls": calls, "marks": str(_build_marks(tmp))}
         env = dict(os.environ, MOEGEN_NUM_THREADS="1", OMP_NUM_THREADS="1",
-                   OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
+                   OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1", MOEGEN_ISA=counted_tier(spec))
         cmd = ["valgrind", "--tool=callgrind", "--instr-atstart=no",
                f"--callgrind-out-file={tmp}/callgrind.out.%p", sys.executable, "-c", _WORKER,
                json.dumps(cfg)]
@@ -136,16 +150,13 @@ def measure(spec: MoESpec, tokens, contenders=("moegen", "naive", "numpy"), call
 
 def table(rows: list[dict]) -> str:
     """T x contender table of instructions per call, with each baseline's ratio to moegen."""
-    from .report import fmt
     names = list(dict.fromkeys(r["contender"] for r in rows))
+    others = [n for n in names if n != "moegen"]
     by = {(r["tokens"], r["contender"]): r["instructions"] for r in rows}
-    head = ["T".rjust(6)] + [f"{n} Ir".rjust(14) for n in names] + [
-        f"{n}/moegen".rjust(len(n) + 8) for n in names if n != "moegen"]
-    lines = ["  ".join(head), "  ".join("-" * len(h) for h in head)]
+    out = []
     for T in dict.fromkeys(r["tokens"] for r in rows):
         m = by.get((T, "moegen"))
-        cells = [str(T).rjust(6)] + [fmt(by.get((T, n)), ".4g").rjust(14) for n in names]
-        cells += [fmt(by[(T, n)] / m if m and by.get((T, n)) else None, ".2f").rjust(len(n) + 8)
-                  for n in names if n != "moegen"]
-        lines.append("  ".join(cells))
-    return "\n".join(lines)
+        out.append([T] + [fmt(by.get((T, n)), ".4g") for n in names]
+                   + [fmt(by[(T, n)] / m if m and by.get((T, n)) else None, ".2f") for n in others])
+    head = ["T"] + [f"{n} Ir" for n in names] + [f"{n}/moegen" for n in others]
+    return render_table(head, out, right=range(len(head)))

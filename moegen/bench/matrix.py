@@ -1,7 +1,7 @@
-"""The benchmark matrix of TARGETS.md (and custom grids): shapes x token counts, moegen and the
+"""The benchmark matrix (docs/PERF.md; and custom grids): shapes x token counts, moegen and the
 baselines in the same run, with a time budget so the whole GPU matrix fits one 10-minute call.
 
-For each shape: compile, draw weights on the device (`moegen.bench.problems`), build the
+For each shape: compile, draw weights on the device (`moegen.profiling.problems`), build the
 baselines; for each token count: rotated random inputs, `profile_kernel`, the baselines on the
 same inputs and routing, and the error of each against the float64 reference on the first
 rows.  Each finished point goes to ``on_point`` at once (the CLI prints it and flushes).
@@ -19,24 +19,20 @@ from typing import Callable
 
 import numpy as np
 
+from .. import jit
+from ..jit import resolve
 from ..spec import MoESpec
+from ..profiling import ceilings as ceilings_mod
+from ..profiling import floors
+from ..profiling.profile import profile_kernel
+from ..profiling.timing import clock_for, time_calls
+from ..profiling.problems import make_inputs, make_weights, subset_reference, subset_rel_error
 from . import baselines as baselines_mod
-from . import floors
-from .problems import make_inputs, make_weights, subset_reference, subset_rel_error
-from .profile import profile_kernel
-from .timing import clock_for, time_calls
+from . import contenders as contenders_mod
+from .shapes import shape_fields
 
 log = logging.getLogger("moegen.bench")
 
-# TARGETS.md: name -> (E, k, H, F); SwiGLU, softmax top-k with renormalisation.
-SHAPES: dict[str, tuple[int, int, int, int]] = {
-    "seed-small": (8, 2, 512, 2048),
-    "mixtral-8x7b": (8, 2, 4096, 14336),
-    "qwen3-30b-a3b": (128, 8, 2048, 768),
-    "deepseek-v3": (256, 8, 7168, 2048),
-}
-TARGET_TOKENS = (1, 8, 64, 512, 4096, 16384)
-CPU_TOKENS = (1, 16, 128, 1024)
 
 
 @dataclass
@@ -58,18 +54,12 @@ class Config:
     graph: bool | None = None
     ceilings: object = None
     notes: list[str] = field(default_factory=list)
+    contenders: dict = field(default_factory=dict)   # file -> its contenders() function
 
 
 def shape_specs(names, backend: str = "auto", dtype: str = "bfloat16") -> list[tuple[str, MoESpec]]:
-    """(label, spec) for named TARGETS.md shapes.  Raises ValueError for an unknown name."""
-    out = []
-    for n in names:
-        if n not in SHAPES:
-            raise ValueError(f"shape must be one of {list(SHAPES)}, got {n!r}")
-        E, k, H, F = SHAPES[n]
-        out.append((n, MoESpec(num_experts=E, top_k=k, hidden_dim=H, ffn_dim=F, dtype=dtype,
-                               backend=backend)))
-    return out
+    """(label, spec) for named benchmark shapes (`moegen.bench.shapes`).  Raises ValueError for an unknown name."""
+    return [(n, MoESpec(**shape_fields(n), dtype=dtype, backend=backend)) for n in names]
 
 
 def grid_specs(experts, topk, hidden, ffn, dtypes, backend: str = "auto",
@@ -89,7 +79,6 @@ def grid_specs(experts, topk, hidden, ffn, dtypes, backend: str = "auto",
 
 
 def device_of(spec: MoESpec) -> str:
-    from ..jit import resolve
     return "cpu" if resolve(spec).backend == "c" else "cuda"
 
 
@@ -161,8 +150,6 @@ def check_rows_for(spec: MoESpec, rows: int, host_bytes: float = 0.8e9) -> int:
 def run(cfg: Config, on_point: Callable[[dict], None] = lambda p: None,
         progress: Callable[[str], None] = lambda s: None) -> tuple[list[dict], dict]:
     """Run the matrix.  Returns (points, ceilings by device as dicts); notes go to cfg.notes."""
-    import moegen
-    from . import ceilings as ceilings_mod
     t_start = time.perf_counter()
     n_total = len(cfg.shapes) * len(cfg.tokens)
     done = 0
@@ -191,7 +178,7 @@ def run(cfg: Config, on_point: Callable[[dict], None] = lambda p: None,
         peak = ceil.peak_for(spec.dtype)
         floors_of = {T: floors.floor(spec, T, ceil.bandwidth, peak) for T in cfg.tokens}
         try:
-            kernel = moegen.compile(spec)
+            kernel = jit.compile(spec)
         except Exception as exc:  # noqa: BLE001 - one bad shape must not end the matrix
             why = f"compile failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
             log.warning("%s: %s", label, why)
@@ -202,7 +189,7 @@ def run(cfg: Config, on_point: Callable[[dict], None] = lambda p: None,
             continue
         spec = kernel.spec
         wbytes = floors.expert_weight_bytes(spec) * (spec.num_experts + spec.num_shared_experts)
-        want_base = bool(cfg.baselines)
+        want_base = bool(cfg.baselines or cfg.contenders)
         free = free_device_bytes(device)
         why_skip = None
         if free is not None:
@@ -230,6 +217,9 @@ def run(cfg: Config, on_point: Callable[[dict], None] = lambda p: None,
         bases, notes = ([], [])
         if want_base:
             bases, notes = baselines_mod.build(spec, weights.logical, weights.kind, device, cfg.baselines)
+            extra, more = contenders_mod.build(cfg.contenders, spec, weights.logical, weights.kind,
+                                               device)
+            bases, notes = bases + extra, notes + more
         for n in notes:
             if n not in cfg.notes:
                 cfg.notes.append(n)
@@ -251,7 +241,7 @@ def run(cfg: Config, on_point: Callable[[dict], None] = lambda p: None,
             _free_device(device)
             emit(p)
         del weights, bases, kernel
-        moegen.jit.clear_memo()          # drop the kernel's workspaces with it
+        jit.clear_memo()                 # drop the kernel's workspaces with it
         _free_device(device)
     return points, {d: c.as_dict() for d, c in ceils.items()}
 
@@ -297,5 +287,31 @@ def _measure_baseline(b, src, routes, spec, ref, cfg: Config, device, budget, T)
     err = None
     if ref is not None:
         err = subset_rel_error(spec, b.run(src[0], *rts[0]), ref)
-    return {"ms": res["median"], "min_ms": res["min"], "repeats": res["n"],
-            "err": err if err is None or math.isfinite(err) else float("inf"), "note": b.note}
+    out = {"ms": res["median"], "min_ms": res["min"], "repeats": res["n"],
+           "err": err if err is None or math.isfinite(err) else float("inf"), "note": b.note}
+    if b.graph and device == "cuda" and cfg.graph is not False:
+        out["graph_ms"], why = _graph_ms(b, src[0], *rts[0], cfg.repeats or 20)
+        if why:
+            out["note"] = f"{b.note}; no graph time: {why}".lstrip("; ")
+    return out
+
+
+def _graph_ms(b, x, ids, wts, repeats: int) -> tuple[float | None, str]:
+    """Median ms of replaying ``b.run(x, ids, wts)`` captured in a torch CUDA graph (warmed up
+    on a side stream first, as capture requires), or (None, why) when it does not capture."""
+    import torch  # contenders are torch code; only reached on CUDA with torch present
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                b.run(x, ids, wts)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            b.run(x, ids, wts)
+        res = time_calls(lambda i: graph.replay(), clock_for("cuda", prefer_torch=True),
+                         warmup=2, repeats=repeats)
+        return res["median"], ""
+    except Exception as exc:  # noqa: BLE001 - a contender that cannot be captured: say why
+        return None, f"{type(exc).__name__}: {str(exc)[:120]}"

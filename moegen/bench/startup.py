@@ -1,4 +1,4 @@
-"""Startup costs, each measured in a fresh Python process (TARGETS.md target 5):
+"""Startup costs, each measured in a fresh Python process (the startup target of docs/PERF.md):
 
 * ``import_ms``: ``import moegen, moegen.jit`` (what ``moegen.compile`` needs);
 * ``warm_callable_ms``: ``moegen.compile(spec)`` after imports, with the spec already in the
@@ -15,6 +15,8 @@ import subprocess
 import sys
 import tempfile
 
+from ..backends import cuda_usable, get_backend
+from ..jit import build
 from ..spec import MoESpec
 
 _IMPORT = """
@@ -55,7 +57,6 @@ def _run(code: str, *args: str, env: dict | None = None, timeout: float = 300) -
 def default_spec(backend: str) -> MoESpec:
     """seed-small: fp32 for c, bf16 for cuda (sm_90 when no GPU is visible to say)."""
     if backend == "cuda":
-        from ..backends import cuda_usable
         arch = None if cuda_usable() else "sm_90"
         return MoESpec(num_experts=8, top_k=2, hidden_dim=512, ffn_dim=2048, dtype="bfloat16",
                        backend="cuda", arch=arch)
@@ -64,7 +65,6 @@ def default_spec(backend: str) -> MoESpec:
 
 def backends_here() -> list[tuple[str, bool]]:
     """(backend, can run here) for each backend that can at least compile here."""
-    from ..backends import get_backend
     out = []
     for name in ("c", "cuda"):
         try:
@@ -79,7 +79,6 @@ def backends_here() -> list[tuple[str, bool]]:
 def measure(backends: list[str] | None = None, repeats: int = 3, timeout: float = 300) -> list[dict]:
     """One row per backend: import_ms (best of ``repeats``), warm_callable_ms (best of
     ``repeats``), cold_compile_s (one fresh cache), and a note for what could not run."""
-    import moegen
     rows = []
     for name, runs in backends_here():
         if backends and name not in backends:
@@ -95,7 +94,7 @@ def measure(backends: list[str] | None = None, repeats: int = 3, timeout: float 
                 row["cold_compile_s"] = _run(_COLD, json.dumps(spec.to_dict()), env=env,
                                              timeout=timeout)["s"]
             if runs:
-                moegen.build(spec)          # make sure the user's cache holds it
+                build(spec)                 # make sure the user's cache holds it
                 row["warm_callable_ms"] = min(_run(_WARM, json.dumps(spec.to_dict()),
                                                    timeout=timeout)["ms"] for _ in range(repeats))
             else:

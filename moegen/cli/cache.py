@@ -1,9 +1,10 @@
 """``moegen cache ...``: look at, check, clean and move the kernel cache (a thin layer over
-`moegen.cache` and `moegen.deploy`).  Registered on the main CLI by `moegen.cli`.
+`moegen.cache` and `moegen.deploy`, which hold the logic).  Registered by `moegen.cli`.
 
     moegen cache ls [--json]                    every entry of every layer
     moegen cache info [--json]                  directories, trust, layers, totals, settings
     moegen cache explain SPEC-OPTIONS [--json]  a spec's key parts, key, and matching entries
+    moegen cache explain ENTRY [--json]         what an entry `cache ls` lists was built from
     moegen cache verify [--repair]              check every entry; exit 1 on problems
     moegen cache clear [--yes]                  empty the writable cache
     moegen cache prune [--older-than DAYS] [--max-size SIZE]
@@ -23,12 +24,16 @@ from pathlib import Path
 
 import click
 
-from . import settings
-from .errors import MoegenError
+from .. import jit, settings
+from ..cache import default_cache, digest
+from ..cache_format import entry_name
+from ..console import table
+from ..deploy import export_archive, extract_archive, import_archive
+from ..errors import MoegenError
+from .options import parse_spec_args
 
 
 def _cache():
-    from .cache import default_cache
     return default_cache()
 
 
@@ -48,12 +53,6 @@ def _when(ts: float) -> str:
     if not ts:
         return "-"
     return _dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M")
-
-
-def _table(rows: list[tuple]) -> str:
-    rows = [tuple(str(c) for c in r) for r in rows]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
 def _entry_dict(e) -> dict:
@@ -82,9 +81,9 @@ def ls_cmd(as_json):
     if not entries:
         click.echo("no entries")
         return
-    click.echo(_table([("entry", "backend", "target", "size", "built", "layer")] +
-                      [(e.entry, e.backend, e.target, _size(e.size), _when(e.created), e.layer)
-                       for e in entries]))
+    click.echo(table(("entry", "backend", "target", "size", "built", "layer"),
+                     [(e.entry, e.backend, e.target, _size(e.size), _when(e.created), e.layer)
+                      for e in entries], right=[3]))
     click.echo(f"{len(entries)} entries, {_size(sum(e.size for e in entries))}")
 
 
@@ -124,21 +123,6 @@ def info_cmd(as_json):
     click.echo(f"always compile:  {info['always_compile']}")
 
 
-def parse_spec_args(args: tuple[str, ...]):
-    """One MoESpec from the main CLI's spec options (``--experts 8 --topk 2 --hidden 512``...)."""
-    from . import cli as main_cli
-
-    holder = {}
-
-    @click.command()
-    @main_cli.spec_options
-    def collect(**kwargs):
-        holder["spec"] = main_cli._one_spec(main_cli._pop_spec_kwargs(kwargs))
-
-    collect.main(args=list(args), prog_name="moegen cache explain", standalone_mode=False)
-    return holder["spec"]
-
-
 def _short(value, width: int = 96) -> str:
     text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
     return text if len(text) <= width else text[:width - 3] + "..."
@@ -151,14 +135,17 @@ def _short(value, width: int = 96) -> str:
 def explain_cmd(spec_args, as_json):
     """Show what goes into a spec's cache key and which entry matches.
 
-    SPEC_ARGS are the spec options of `moegen build` (e.g. --experts 8 --topk 2 --hidden 512).
+    SPEC_ARGS are the spec options of `moegen build` (e.g. --experts 8 --topk 2 --hidden 512),
+    or one entry name as `moegen cache ls` prints it (or a spec name: every entry of it).
     """
-    from .cache import digest
-    from .cache_format import entry_name
+    if len(spec_args) == 1 and not spec_args[0].startswith("-"):
+        _explain_entry(spec_args[0], as_json)
+        return
     try:
-        spec = parse_spec_args(spec_args)
-        from .jit import key_parts
-        parts = key_parts(spec)
+        spec = parse_spec_args(spec_args, "moegen cache explain")
+        if spec is None:        # --help
+            return
+        parts = jit.key_parts(spec)
         key = digest(parts)
         kc = _cache()
         same_name = [e for e in kc.entries() if e.name == spec.name]
@@ -195,6 +182,30 @@ def explain_cmd(spec_args, as_json):
         diff = _meta_diff(e.meta, parts)
         click.echo(f"  other entry {e.entry} [{e.layer}] differs in: "
                    f"{diff or 'key parts not recorded'}")
+
+
+def _explain_entry(name: str, as_json: bool) -> None:
+    """The recorded build inputs of the entries called ``name`` (entry or spec name)."""
+    try:
+        found = [e for e in _cache().entries() if name in (e.entry, e.name)]
+    except (MoegenError, OSError) as exc:
+        _fail(exc)
+    if not found:
+        raise click.ClickException(f"no cache entry named {_short(name, 80)!r} "
+                                   "(`moegen cache ls` lists the entries)")
+    if as_json:
+        click.echo(json.dumps([dict(_entry_dict(e), meta=e.meta) for e in found], indent=1,
+                              default=str))
+        return
+    for e in found:
+        click.echo(f"entry:  {e.entry} [{e.layer}]")
+        click.echo(f"spec:   {e.name}")
+        click.echo(f"key:    {e.key}")
+        click.echo(f"size:   {_size(e.size)}, built {_when(e.created)}")
+        click.echo("recorded build inputs:")
+        for k in sorted(e.meta):
+            if k != "created":
+                click.echo(f"  {k:<14} {_short(e.meta[k])}")
 
 
 def _meta_diff(meta: dict, parts: dict) -> str:
@@ -282,7 +293,6 @@ def prune_cmd(older_than, max_size):
                                       "(`moegen keygen`)")
 def export_cmd(archive, names, sign_key):
     """Write cached kernels to ARCHIVE (.tar.gz with a sha256 manifest)."""
-    from .deploy import export_archive
     try:
         manifest = export_archive(_cache(), archive, names=list(names) or None, sign_key=sign_key)
     except (MoegenError, OSError) as exc:
@@ -306,8 +316,7 @@ def export_cmd(archive, names, sign_key):
               help="refuse an archive whose entries are larger than this in all")
 def import_cmd(archive, prebuilt_dir, replace, pubkeys, max_entry_size, max_total_size):
     """Check ARCHIVE completely, then add its kernels to the cache (or a prebuilt layer)."""
-    from .deploy import extract_archive, import_archive
-    from .signing import load_public_key  # cryptography: ~50 ms, only for --verify
+    from ..signing import load_public_key  # cryptography: ~50 ms, only for --verify
     limits = {"max_entry": parse_size(max_entry_size), "max_total": parse_size(max_total_size)}
     try:
         keys = [load_public_key(p) for p in pubkeys] or None
@@ -331,26 +340,9 @@ def keygen(out):
     Sign archives with `moegen cache export --sign OUT`; check them with `moegen cache import
     --verify OUT.pub` or MOEGEN_TRUSTED_KEYS=OUT.pub (prebuilt layers too).
     """
-    from .signing import keygen as write_keys  # cryptography: ~50 ms, only for keygen
+    from ..signing import keygen as write_keys  # cryptography: ~50 ms, only for keygen
     try:
         private, public = write_keys(out)
     except MoegenError as exc:
         _fail(exc)
     click.echo(f"private key: {private} (keep it secret)\npublic key:  {public}")
-
-
-def build_many(specs, archs=None, jobs: int = 1, progress: bool = True, *, build=None):
-    """`moegen.deploy.build_many` for the CLI: prints the summary table (stderr) and raises
-    ClickException (exit status 1) naming the failed variants; returns the results otherwise."""
-    from .deploy import build_many as _build_many
-    results = _build_many(specs, archs, jobs, progress=progress, build=build)
-    failed = [r for r in results if not r.ok]
-    if not progress:
-        from .deploy import format_summary
-        click.echo(format_summary(results), err=True)
-    if failed:
-        raise click.ClickException(f"{len(failed)} of {len(results)} variants failed to build: "
-                                   + ", ".join(f"{r.name} [{r.target or r.backend}]"
-                                               for r in failed[:10])
-                                   + (" ..." if len(failed) > 10 else ""))
-    return results

@@ -1,84 +1,50 @@
 """``moegen bench``: time moegen against its floor and the baselines, in one run.
 
     moegen bench                                  seed-small on this machine's backend
-    moegen bench --matrix targets --json out.json --plot out.png     the TARGETS.md matrix
+    moegen bench --matrix targets --json out.json --plot out.png     the GPU target matrix
     moegen bench --matrix cpu                     seed-small, T in 1,16,128,1024, fp32 (C)
     moegen bench --experts 8,64 --topk 2 --hidden 1024 --ffn 4096 --tokens 1,64 --dtype bf16
     moegen bench --startup                        import / warm-start / cold-compile times
+    moegen bench --contender vllm.py              plus the plugin's kernels as columns
 
-Rows print as points finish (flushed), a progress bar goes to stderr, the JSON report has every
-number (`moegen.bench.report`).  Exits 1 when a point failed or moegen's error vs the float64
+Progress goes to stderr (a bar on a terminal, else a line per finished point), the tables to
+stdout when the run is done, and the JSON report has every number (`moegen.bench.report`).  Exits 1 when a point failed or moegen's error vs the float64
 reference exceeded its dtype's tolerance.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 
 import click
 
-from .spec import MoESpec
+from ..backends import cuda_usable
+from ..bench import contenders as contenders_mod
+from ..bench import instructions as ins
+from ..bench import matrix as mx
+from ..bench import report
+from ..bench import startup as st
+from ..bench.plot import PlotUnavailable, plot
+from ..bench.shapes import CPU_TOKENS, SHAPES, TARGET_TOKENS
+from ..console import Progress
+from ..dtypes import DTYPES
+from ..errors import SpecError
+from ..jit import resolve
+from ..profiling.ceilings import fixed
+from ..spec import MoESpec
+from .options import parse_ints, parse_strs, require_gpu
 
 log = logging.getLogger("moegen.bench")
 
 INSTRUCTIONS_MAX_TOKENS = 128
 
 
-def _ints(value, name):
-    if value is None:
-        return None
-    try:
-        out = [int(v) for v in str(value).split(",") if v.strip()]
-    except ValueError:
-        raise click.BadParameter(f"{name} must be comma-separated integers, got {value!r}") from None
-    if not out:
-        raise click.BadParameter(f"{name} must list at least one integer")
-    return out
-
-
-def _strs(value):
-    return None if value is None else [v.strip() for v in str(value).split(",") if v.strip()]
-
-
-class _Progress:
-    """tqdm on stderr when installed and stderr is a terminal, else one short stderr line per
-    point (a captured log stays small and readable)."""
-
-    def __init__(self, total: int, enabled: bool):
-        self.bar = None
-        self.enabled = enabled
-        self.t0 = time.perf_counter()
-        if enabled and sys.stderr.isatty():
-            try:
-                from tqdm import tqdm
-                self.bar = tqdm(total=total, file=sys.stderr, unit="pt", dynamic_ncols=True)
-            except ImportError:
-                pass
-
-    def __call__(self, msg: str) -> None:
-        if self.bar is not None:
-            self.bar.set_postfix_str(msg.split(" ", 1)[-1])
-            self.bar.update(1)
-        elif self.enabled:
-            click.echo(f"[bench] {msg} ({time.perf_counter() - self.t0:.0f}s)", err=True)
-
-    def write(self, line: str) -> None:
-        if self.bar is not None:
-            self.bar.write(line, file=sys.stdout)
-        else:
-            click.echo(line)
-        sys.stdout.flush()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 @click.command("bench")
 @click.option("--matrix", type=click.Choice(["targets", "cpu"]), default=None,
-              help="targets: TARGETS.md shapes x T in 1,8,64,512,4096,16384 (bf16); "
+              help="targets: the benchmark shapes x T in 1,8,64,512,4096,16384 (bf16); "
                    "cpu: seed-small x T in 1,16,128,1024 (fp32).")
 @click.option("--shapes", default=None, help="Named shapes (comma-separated): seed-small, "
               "mixtral-8x7b, qwen3-30b-a3b, deepseek-v3.")
@@ -126,15 +92,19 @@ class _Progress:
 @click.option("--instructions", is_flag=True, help="CPU: also count instructions per call of "
               "moegen and the CPU baselines under valgrind's callgrind (one thread; slow).")
 @click.option("--no-progress", is_flag=True, help="No progress bar or progress lines.")
+@click.option("--contender", "contender_files", multiple=True, type=click.Path(dir_okay=False),
+              help="A plugin file defining contenders(E, k, H, F, w13, w2, wg) -> {name: "
+                   "fn(x, topk_w, topk_ids, wg) -> y}; each name becomes a column (repeatable; "
+                   "see moegen.bench.contenders).")
 def bench(matrix, shapes, experts, topk, hidden, ffn, tokens, dtype, activation, backend,
           baselines, no_baselines, budget, time_limit, repeats, warmup, rotate, check_rows,
           bandwidth, peak, no_memory, no_graph, threads, seed, json_path, md_path, plot_path, startup,
-          instructions, no_progress):
+          instructions, no_progress, contender_files):
     """Benchmark moegen against its floor and baselines (see `moegen.bench`)."""
-    from .bench import matrix as mx
-    from .bench import report
-    from .errors import SpecError
-
+    if backend == "cuda":
+        require_gpu("moegen bench", "--backend c benchmarks the CPU")
+    if instructions and ins.available():
+        raise click.UsageError(f"--instructions needs callgrind: {ins.available()}")
     grid_given = any(v is not None for v in (experts, topk, hidden, ffn))
     only_startup = startup and not (matrix or shapes or grid_given or tokens)
     try:
@@ -142,6 +112,10 @@ def bench(matrix, shapes, experts, topk, hidden, ffn, tokens, dtype, activation,
                                   activation, backend, grid_given)
     except (ValueError, SpecError) as exc:
         raise click.UsageError(str(exc)) from None
+    try:
+        plugins = {f: contenders_mod.load(f) for f in contender_files}
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--contender") from None
     if (bandwidth is None) != (peak is None):
         raise click.UsageError("give both --bandwidth and --peak, or neither")
     for name, v in (("--budget", budget), ("--rotate", rotate), ("--warmup", warmup + 1),
@@ -156,12 +130,10 @@ def bench(matrix, shapes, experts, topk, hidden, ffn, tokens, dtype, activation,
 
     startup_rows = None
     if startup:
-        from .bench import startup as st
         startup_rows = st.measure()
         click.echo(report.startup_table(startup_rows))
     if only_startup:
         if json_path:
-            from .backends import cuda_usable
             machine = report.machine_info("cuda" if cuda_usable() else "cpu")
             _write(json_path, report.make_report(report.command_line(), machine, {}, [], [],
                                                  startup_rows))
@@ -170,35 +142,28 @@ def bench(matrix, shapes, experts, topk, hidden, ffn, tokens, dtype, activation,
     device = mx.device_of(specs[0][1])
     ceil = None
     if bandwidth is not None:
-        from .bench.ceilings import fixed
         ceil = fixed(device, bandwidth, peak)
-    names = () if no_baselines else tuple(_strs(baselines) or ())
+    names = () if no_baselines else tuple(parse_strs(baselines) or ())
     if time_limit is None and matrix == "targets":
         time_limit = 480.0
     cfg = mx.Config(shapes=specs, tokens=token_list, baselines=names, budget_s=budget,
                     time_limit_s=time_limit, warmup=warmup, rotate=rotate, check_rows=check_rows,
                     seed=seed, repeats=repeats, memory=not no_memory,
-                    graph=False if no_graph else None, ceilings=ceil)
-    shown = [b for b in ("naive", "grouped_mm", "numpy", "triton") if b in names and
-             (b != "numpy" or device == "cpu") and (b != "triton" or device == "cuda")]
-    cols = report.columns(shown)
-    progress = _Progress(len(specs) * len(token_list), enabled=not no_progress)
-    progress.write(f"moegen bench: {len(specs)} shape(s) x {len(token_list)} token count(s) on "
-                   f"{device}; 'x' = baseline ms / moegen ms (> 1: moegen faster)")
-    progress.write(report.header(cols))
+                    graph=False if no_graph else None, ceilings=ceil, contenders=plugins)
+    click.echo(f"moegen bench: {len(specs)} shape(s) x {len(token_list)} token count(s) on "
+               f"{device}; 'x' = baseline ms / moegen ms (> 1: moegen faster)")
     t0 = time.perf_counter()
-    try:
-        points, ceils = mx.run(cfg, on_point=lambda p: progress.write(report.row(p, shown, cols)),
-                               progress=progress)
-    finally:
-        progress.close()
+    with Progress(len(specs) * len(token_list), "bench", enabled=not no_progress) as progress:
+        points, ceils = mx.run(cfg, on_point=lambda p: progress.advance(report.point_line(p)))
+    shown = report.baseline_names(points)
+    click.echo(report.matrix_table(points, shown))
     click.echo("")
     click.echo(report.stage_table(points))
     for d, c in ceils.items():
         peaks = ", ".join(f"{k} {v / 1e12:.2f} TFLOP/s" for k, v in c["peak"].items())
         click.echo(f"ceilings ({d}, {'measured' if c['measured'] else 'given'}): copy "
                    f"{c['bandwidth'] / 1e9:.1f} GB/s; matrix {peaks}")
-    if any(lbl in mx.SHAPES for lbl, _ in specs):
+    if any(lbl in SHAPES for lbl, _ in specs):
         summary = report.targets_summary(points)
         if summary:
             click.echo(summary)
@@ -216,7 +181,6 @@ def bench(matrix, shapes, experts, topk, hidden, ffn, tokens, dtype, activation,
             fh.write(report.markdown(points, shown) + "\n")
         click.echo(f"wrote {md_path}")
     if plot_path:
-        from .bench.plot import PlotUnavailable, plot
         try:
             plot(points, plot_path, title=f"moegen bench on {device}")
             click.echo(f"wrote {plot_path}")
@@ -240,8 +204,6 @@ def bench(matrix, shapes, experts, topk, hidden, ffn, tokens, dtype, activation,
 def _instructions(specs, tokens, names) -> list[dict]:
     """Callgrind instruction counts per c-backend spec (rows gain a ``shape``); a note when
     callgrind cannot run here."""
-    from .bench import instructions as ins
-    from .jit import resolve
     contenders = ("moegen",) + tuple(n for n in ("naive", "grouped_mm", "numpy") if n in names)
     # callgrind runs ~100x slower than the CPU: seed-small at T = 128 already takes minutes
     counted = [t for t in tokens if t <= INSTRUCTIONS_MAX_TOKENS]
@@ -256,9 +218,9 @@ def _instructions(specs, tokens, names) -> list[dict]:
         try:
             got = ins.measure(spec, counted, contenders)
         except (RuntimeError, OSError) as exc:
-            click.echo(f"instructions not counted: {exc}", err=True)
-            return rows
-        click.echo(f"instructions per call, {label} (callgrind, one thread):")
+            raise click.ClickException(f"instructions not counted: {exc}") from None
+        click.echo(f"instructions per call, {label} (callgrind, one thread, "
+                   f"{ins.counted_tier(spec)} build):")
         click.echo(ins.table(got))
         rows += [dict(r, shape=label) for r in got]
     return rows
@@ -266,11 +228,10 @@ def _instructions(specs, tokens, names) -> list[dict]:
 
 def _set_threads(n: int) -> None:
     """Same threads for moegen (read per call) and torch; OpenMP/BLAS pools loaded later too."""
-    import os
     os.environ["MOEGEN_NUM_THREADS"] = str(n)
     os.environ.setdefault("OMP_NUM_THREADS", str(n))
     try:
-        import torch
+        import torch  # optional and heavy: only to set its thread count
         torch.set_num_threads(n)
     except ImportError:
         pass
@@ -279,39 +240,35 @@ def _set_threads(n: int) -> None:
 def _plan(matrix, shapes, experts, topk, hidden, ffn, tokens, dtype, activation, backend,
           grid_given):
     """(list of (label, spec), token counts) from the options."""
-    from .bench import matrix as mx
-    from .jit import resolve
     probe = resolve(MoESpec(num_experts=8, top_k=2, hidden_dim=512, ffn_dim=2048, backend=backend))
     on_gpu = probe.backend == "cuda"
-    dtypes = _strs(dtype) or (["bfloat16"] if on_gpu or matrix == "targets" else ["float32"])
+    dtypes = parse_strs(dtype) or (["bfloat16"] if on_gpu or matrix == "targets" else ["float32"])
     if matrix == "cpu" and dtype is None:
         dtypes = ["float32"]
-    token_list = _ints(tokens, "--tokens")
+    token_list = parse_ints(tokens, "--tokens", minimum=0)
     if token_list is None:
-        token_list = list(mx.TARGET_TOKENS if (matrix == "targets" or (on_gpu and matrix != "cpu"))
-                          else mx.CPU_TOKENS)
-    if any(t < 0 for t in token_list):
-        raise ValueError(f"--tokens must be >= 0, got {token_list}")
+        token_list = list(TARGET_TOKENS if (matrix == "targets" or (on_gpu and matrix != "cpu"))
+                          else CPU_TOKENS)
     specs = []
-    names = _strs(shapes)
+    names = parse_strs(shapes)
     if names is None and not grid_given:
-        names = list(mx.SHAPES) if matrix == "targets" else ["seed-small"]
+        names = list(SHAPES) if matrix == "targets" else ["seed-small"]
     for dt in dtypes:
         if names:
             specs += [(lbl if len(dtypes) == 1 else f"{lbl}-{s.dt.short}", s)
                       for lbl, s in mx.shape_specs(names, backend, dt)]
     if grid_given:
-        E, k, H, F = mx.SHAPES["seed-small"]
-        specs += mx.grid_specs(_ints(experts, "--experts") or [E], _ints(topk, "--topk") or [k],
-                               _ints(hidden, "--hidden") or [H],
-                               _ints(ffn, "--ffn") or [None], dtypes, backend, activation)
+        E, k, H, F = SHAPES["seed-small"]
+        specs += mx.grid_specs(parse_ints(experts, "--experts") or [E],
+                               parse_ints(topk, "--topk") or [k],
+                               parse_ints(hidden, "--hidden") or [H],
+                               parse_ints(ffn, "--ffn") or [None], dtypes, backend, activation)
     if activation != "swiglu":
         specs = [(lbl, s.replace(activation=activation)) for lbl, s in specs]
     return specs, token_list
 
 
 def _failures(points) -> list[str]:
-    from .dtypes import DTYPES
     out = []
     for p in points:
         where = f"{p['shape']} T={p['tokens']}"
@@ -325,7 +282,6 @@ def _failures(points) -> list[str]:
 
 
 def _write(path, rep) -> None:
-    from .bench import report
     problems = report.validate(rep)
     if problems:
         log.warning("report does not match its schema: %s", problems[:5])

@@ -1,4 +1,4 @@
-"""The performance floor of one call (DESIGN §7, TARGETS.md): pure arithmetic, no device.
+"""The performance floor of one call (docs/PERF.md, "floors"): pure arithmetic, no device.
 
 A call of the layer on ``T`` tokens must at least
 

@@ -1,14 +1,14 @@
 """Ceilings measured on this machine, in this run: copy bandwidth and matrix peak.
 
-The floor of a call (`moegen.bench.floors`) divides by these, so a fraction of the floor is only
+The floor of a call (`moegen.profiling.floors`) divides by these, so a fraction of the floor is only
 meaningful against ceilings taken on the same machine in the same run.
 
 * GPU: a large device-to-device copy (CuPy, cudaMemcpyAsync) and a large matrix product in the
-  spec's dtype (PyTorch when installed, as TARGETS.md measured it, else CuPy/cuBLAS), timed
+  spec's dtype (PyTorch when installed, else CuPy/cuBLAS), timed
   with CUDA events, best of several.
 * CPU: a large NumPy copy (``np.copyto``) and a NumPy float32 matmul (BLAS), perf_counter.
 
-Copy bandwidth counts bytes read + bytes written, like TARGETS.md's 3.02 TB/s.
+Copy bandwidth counts bytes read + bytes written, like the 3.02 TB/s H100 figure of docs/PERF.md.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-log = logging.getLogger("moegen.bench")
+log = logging.getLogger("moegen.profiling")
 
 
 @dataclass
@@ -52,7 +52,7 @@ class Ceilings:
 
 
 def fixed(device: str, bandwidth: float, peak: float, dtypes=("float32", "float16", "bfloat16")) -> Ceilings:
-    """Ceilings given by the user (e.g. TARGETS.md's 3.02e12 B/s and 694e12 FLOP/s)."""
+    """Ceilings given by the user (e.g. an H100's 3.02e12 B/s and 694e12 FLOP/s)."""
     if not bandwidth > 0 or not peak > 0:
         raise ValueError(f"bandwidth and peak must be > 0, got {bandwidth}, {peak}")
     return Ceilings(device, float(bandwidth), {d: float(peak) for d in dtypes},

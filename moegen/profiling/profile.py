@@ -7,7 +7,7 @@ Used by `MoEKernel.profile` and by ``moegen bench``.  For one token count it rep
 * the whole call from Python (``kernel(x, weights, out=out)``: validation + launches), timed one
   call at a time, and the back-to-back throughput of many calls; on a GPU also a CUDA-graph
   replay of one call when capture works;
-* tokens/s, achieved GB/s and TFLOP/s, and the fraction of the floor (`moegen.bench.floors`)
+* tokens/s, achieved GB/s and TFLOP/s, and the fraction of the floor (`moegen.profiling.floors`)
   for ceilings measured on this machine in this run;
 * memory: workspace bytes, device bytes in use, and allocations made by calls after the first
   (a CuPy MemoryHook / torch allocator counters on GPU; tracemalloc on CPU, as bytes).
@@ -17,6 +17,7 @@ Inputs are rotated over several x buffers so that repeats do not time a warm cac
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import tracemalloc
@@ -29,7 +30,7 @@ from . import ceilings as ceilings_mod
 from . import floors
 from .timing import clock_for, summarize, time_calls
 
-log = logging.getLogger("moegen.bench")
+log = logging.getLogger("moegen.profiling")
 
 _CEILINGS: dict[str, ceilings_mod.Ceilings] = {}
 
@@ -64,7 +65,7 @@ def profile_kernel(kernel, x, weights, *, repeats: int | None = None, warmup: in
         rotate: how many x buffers to cycle through when one x is given (copies of x).
         budget_s: time budget of each measurement when ``repeats`` is None.
         router_bias: passed to every call.
-        ceilings: a `moegen.bench.ceilings.Ceilings`; None measures this device's once.
+        ceilings: a `moegen.profiling.ceilings.Ceilings`; None measures this device's once.
         memory: also measure allocations per call (slows CPU calls under tracemalloc).
         graph: time a CUDA-graph replay (GPU only); None = on for GPU.
     Returns a dict (see `moegen.bench.report.PROFILE_KEYS`); times in ms.
@@ -146,9 +147,7 @@ def _graph_replay(kernel, x, weights, out, router_bias, repeats) -> tuple[float 
     """ms per replay of a CUDA graph holding one call, replayed back to back; (None, why)
     when capture fails (a call that allocates or synchronises cannot be captured)."""
     try:
-        import contextlib
-
-        import cupy
+        import cupy  # only for a CUDA kernel
         stream = cupy.cuda.Stream(non_blocking=True)
         torch_ctx = contextlib.nullcontext()
         if type(x).__module__.startswith("torch"):
