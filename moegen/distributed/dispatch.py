@@ -164,3 +164,18 @@ class CudaDispatch:
             self._fn["ep_combine"](self._blocks(n), (_CUDA_THREADS,),
                                    (np.uint64(ret), np.uint64(pos), np.uint64(shared or 0),
                                     np.int32(tokens), np.uint64(out)))
+
+
+def prebuild(spec: MoESpec, ranks: int) -> None:
+    """Compile into the cache every binary an expert-parallel layer of ``spec`` over ``ranks``
+    ranks loads (the router's kernel, a rank's expert kernel, the shared experts' kernel, the
+    dispatch kernels), so spawned ranks only read the cache."""
+    from .. import build
+    from ..jit import resolve
+    from .experts import expert_spec
+    spec = resolve(spec)
+    build(spec)
+    build(expert_spec(spec, spec.num_experts // ranks, 1))
+    if spec.num_shared_experts:
+        build(expert_spec(spec, spec.num_shared_experts, spec.num_shared_experts))
+    build_dispatch(spec, ranks)

@@ -1,0 +1,183 @@
+"""Expert parallelism (moegen.distributed) on the CPU: gloo, the c backend, 2 and 4 spawned ranks.
+
+Each rank holds its own tokens (different counts per rank, one rank with none); the EP layer's
+output must equal, bit for bit, the single-process layer run on all ranks' tokens concatenated
+in rank order, and its global statistics the single-process statistics.  All cases of one rank
+count run in one spawn of the group (starting processes costs more than the cases).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import moegen  # noqa: E402
+from moegen import MoESpec, reference as R  # noqa: E402
+from moegen.distributed.dispatch import prebuild  # noqa: E402
+from moegen.distributed.launch import launch  # noqa: E402
+from moegen.distributed.placement import Placement  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("module_cache")
+
+_BASE = dict(hidden_dim=64, ffn_dim=96, backend="c")
+# name -> (spec, tokens per rank (first R used), router bias rule, chunks)
+CASES = {
+    "fp32_softmax_e8k2": (MoESpec(8, 2, dtype="float32", **_BASE), [13, 7, 20, 5], None, 1),
+    "bf16_sigmoid_e16k4": (MoESpec(16, 4, dtype="bfloat16", routing="sigmoid_topk", **_BASE),
+                           [9, 16, 3, 11], None, 1),
+    "bf16_shared_e8k2": (MoESpec(8, 2, dtype="bfloat16", num_shared_experts=1, **_BASE),
+                         [12, 5, 8, 1], None, 1),
+    # the last rank's experts and expert 0 never chosen: experts and a rank that receive no
+    # rows; rank 1 has no tokens at all
+    "idle_rank_and_experts": (MoESpec(8, 2, dtype="float32", **_BASE), [10, 0, 6, 9], "idle", 1),
+    "chunks2_bf16": (MoESpec(8, 2, dtype="bfloat16", num_shared_experts=1, **_BASE),
+                     [17, 6, 9, 4], None, 2),
+    # H and F beyond the c kernel's k-chunk (512): rows of an expert are not batch-invariant
+    # there, yet each expert still sees exactly the single-process rows in the same order
+    "wide_fp32_e8k2": (MoESpec(8, 2, hidden_dim=640, ffn_dim=640, dtype="float32", backend="c"),
+                       [150, 90, 40, 70], None, 1),
+}
+
+
+def _torch_of(a: np.ndarray):
+    a = np.ascontiguousarray(a)
+    if a.dtype.name == "bfloat16":
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
+
+
+def _bits(a) -> np.ndarray:
+    """The raw bits of an array (bf16 and fp32 alike), so -0.0 differs from 0.0."""
+    if isinstance(a, torch.Tensor):
+        a = a.view(torch.int16).numpy() if a.dtype == torch.bfloat16 else a.numpy()
+    a = np.ascontiguousarray(a)
+    return a.view(np.int16 if a.dtype.itemsize == 2 else np.int32)
+
+
+def _bias(spec, rule, ranks):
+    if rule is None:
+        return None
+    b = np.zeros(spec.num_experts, np.float32)
+    b[Placement(spec.num_experts, ranks).experts_of(ranks - 1)] = -1e4
+    b[0] = -1e4
+    return b
+
+
+def _cases_on_rank(rank: int, ranks: int) -> dict:
+    from moegen.distributed import ExpertParallelMoE
+    out = {}
+    for name, (spec, tokens, rule, chunks) in CASES.items():
+        tokens = tokens[:ranks]
+        x, w = R.random_problem(spec, sum(tokens), seed=7)
+        kw = R.weight_kwargs(spec, w)
+        bias = _bias(spec, rule, ranks)
+        layer = ExpertParallelMoE(spec, max_tokens=8, chunks=chunks, **kw)
+        lo = sum(tokens[:rank])
+        xs = _torch_of(x[lo:lo + tokens[rank]])
+        y, st = layer(xs, router_bias=None if bias is None else torch.from_numpy(bias),
+                      return_stats=True)
+        y2 = layer(xs, router_bias=None if bias is None else torch.from_numpy(bias))
+        kernel = moegen.compile(spec)
+        ref, ref_st = kernel(x, kernel.pack(**kw), router_bias=bias, return_stats=True)
+        out[name] = {"equal": np.array_equal(_bits(y), _bits(ref[lo:lo + tokens[rank]])),
+                     "repeat_equal": np.array_equal(_bits(y), _bits(y2)),
+                     "shape": tuple(y.shape), "counts": st.tokens_per_expert.tolist(),
+                     "ref_counts": ref_st.tokens_per_expert.tolist(), "tokens": st.tokens,
+                     "aux": st.aux_loss, "ref_aux": ref_st.aux_loss,
+                     "z": st.z_loss, "ref_z": ref_st.z_loss, "repr": repr(layer)}
+    # every rank must refuse a layer whose ranks disagree, naming the odd one out
+    spec = MoESpec(8, 2, dtype="float32", **_BASE)
+    _, w = R.random_problem(spec, 1, seed=1)
+    mine = spec.replace(activation="geglu") if rank == ranks - 1 else spec
+    try:
+        ExpertParallelMoE(mine, **R.weight_kwargs(mine, w))
+        out["mismatch"] = None
+    except ValueError as exc:
+        out["mismatch"] = str(exc)
+    return out
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=["2ranks", "4ranks"])
+def results(request):
+    ranks = request.param
+    for spec, *_ in CASES.values():
+        prebuild(spec, ranks)
+    return ranks, launch(_cases_on_rank, ranks, args=(ranks,), backend="gloo")
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bitwise_equal_to_single_process(results, case):
+    ranks, per_rank = results
+    for rank, res in enumerate(per_rank):
+        r = res[case]
+        assert r["equal"], f"{case}: rank {rank} of {ranks} differs from the single-process layer"
+        assert r["repeat_equal"], f"{case}: rank {rank}: a second call gave other bits"
+        assert r["shape"] == (CASES[case][1][rank], CASES[case][0].hidden_dim)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_global_stats_equal_single_process(results, case):
+    ranks, per_rank = results
+    for res in per_rank:
+        r = res[case]
+        assert r["counts"] == r["ref_counts"]
+        assert r["tokens"] == sum(CASES[case][1][:ranks])
+        assert r["aux"] == pytest.approx(r["ref_aux"], rel=1e-5)
+        assert r["z"] == pytest.approx(r["ref_z"], rel=1e-5)
+
+
+def test_idle_rank_receives_nothing(results):
+    ranks, per_rank = results
+    counts = np.array(per_rank[0]["idle_rank_and_experts"]["counts"])
+    last = Placement(8, ranks).experts_of(ranks - 1)
+    assert counts[0] == 0 and not counts[last.start:last.stop].any()
+    assert counts.sum() == 2 * sum(CASES["idle_rank_and_experts"][1][:ranks])
+
+
+def test_placement_in_repr(results):
+    ranks, per_rank = results
+    text = per_rank[0]["bf16_shared_e8k2"]["repr"]
+    for rank in range(ranks):
+        ex = Placement(8, ranks).experts_of(rank)
+        assert f"rank {rank}: experts {ex.start}-{ex.stop - 1} + 1 shared (replicated)" in text
+
+
+def test_mismatched_rank_named(results):
+    ranks, per_rank = results
+    for res in per_rank:
+        assert res["mismatch"] is not None
+        assert f"rank {ranks - 1} passed a different spec" in res["mismatch"]
+
+
+def test_c_expert_rows_batch_invariant_at_small_widths(problem):
+    """Why the shared experts (run on a rank's own tokens) match: below the c kernel's k-chunk a
+    token's expert output does not depend on which other rows share its GEMM."""
+    spec = MoESpec(8, 2, dtype="bfloat16", num_shared_experts=1, **_BASE)
+    x, w = problem(spec, 300)
+    kernel = moegen.compile(spec)
+    pw = kernel.pack(**R.weight_kwargs(spec, w))
+    whole = _bits(kernel(x, pw))
+    for lo, hi in ((0, 1), (5, 37), (37, 300)):
+        assert np.array_equal(_bits(kernel(np.ascontiguousarray(x[lo:hi]), pw)), whole[lo:hi])
+
+
+def test_placement_blocks():
+    p = Placement(16, 4, shared=2)
+    assert p.experts_per_rank == 4 and list(p.experts_of(2)) == [8, 9, 10, 11]
+    assert p.owner(11) == 2 and p.owner(0) == 0
+    assert str(p).splitlines()[3] == "rank 3: experts 12-15 + 2 shared (replicated)"
+    with pytest.raises(ValueError, match="must divide num_experts=16.*got 3 ranks"):
+        Placement(16, 3)
+    with pytest.raises(ValueError, match=r"expert must be in \[0, 16\), got 16"):
+        p.owner(16)
+
+
+def test_import_moegen_does_not_import_torch():
+    code = ("import sys, moegen, moegen.distributed; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
