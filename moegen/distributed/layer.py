@@ -283,7 +283,7 @@ class ExpertParallelMoE:
             arrays.check(binfo, "router_bias", shape=(spec.num_experts,), dtype="float32",
                          device_kind=self.route_kernel.module.device_kind)
         out = torch.empty_like(xs)
-        if T > self._buf.tokens:
+        if T > self._buf.tokens:     # more tokens than ever before: the one reallocation
             self._buf = _Buffers(self, T, max(T * k, self._buf.recv_rows))
         b = self._buf
         with self._stream():
@@ -319,8 +319,9 @@ class ExpertParallelMoE:
                 for h in handles[c]:
                     h.wait()
                 y = self._run_routed(b, starts[c], sum(recv[c]))
+                t0 = self._tick(profile, "experts", t0)
                 back.append(self._return(b, y, bounds[c] * k, send[c], recv[c], profile))
-            t0 = self._tick(profile, "experts", t0)
+                t0 = self._tick(profile, "return", t0)
             for h in back:
                 h.wait()
             t0 = self._tick(profile, "return", t0)
