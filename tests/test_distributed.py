@@ -197,3 +197,21 @@ def test_ep_bench_reports_every_stage():
     assert "2 ranks (gloo), 16 tokens per rank" in table and "combine" in table
     with pytest.raises(ValueError, match="backend must be 'gloo' for a c-backend spec, got 'nccl'"):
         run_ep_bench(spec, 2, 16, backend="nccl")
+
+
+@pytest.mark.nvrtc
+@pytest.mark.parametrize("dtype,ranks,shared", [("bfloat16", 8, 1), ("float32", 2, 0),
+                                                ("float16", 4, 2)])
+def test_cuda_dispatch_compiles(dtype, ranks, shared):
+    """The cuda dispatch template renders and NVRTC compiles it to an sm_90a cubin (no GPU)."""
+    from moegen.backends import get_backend
+    from moegen.distributed.dispatch import render_dispatch
+    be = get_backend("cuda")
+    if not be.can_compile():
+        pytest.skip("CuPy/NVRTC not installed")
+    spec = MoESpec(64, 8, 1000, 256, dtype=dtype, num_shared_experts=shared, backend="cuda",
+                   arch="sm_90a")
+    art = be.compile(render_dispatch(spec, ranks), spec, "sm_90a", "test-key")
+    assert art.binary[:4] == b"\x7fELF"
+    for name in (b"ep_plan", b"ep_pack", b"ep_slot_rows", b"ep_combine"):
+        assert name in art.binary

@@ -82,6 +82,9 @@ class _Buffers:
         self.ret_rows = torch.empty((n, H), dtype=f32, device=dev)
         self.shared_rows = (torch.empty((max(1, tokens * S), H), dtype=f32, device=dev)
                             if S and layer.device.type == "cuda" else None)
+        # the shared experts' routing: every token to shared experts 0..S-1 with weight 1
+        self.shared_ids = torch.arange(S, dtype=i32, device=dev).repeat(max(1, tokens), 1)
+        self.shared_w = torch.ones((max(1, tokens), S), dtype=f32, device=dev)
         self.grow_recv(layer, recv_rows)
 
     def grow_recv(self, layer, rows: int) -> None:
@@ -173,7 +176,6 @@ class ExpertParallelMoE:
                                                           **sw))
         self.kernels = dispatch_kernels(spec, self.ranks)
         self._buf = _Buffers(self, max_tokens, max_tokens * spec.top_k)
-        self._shared_ones = {}
         self.timings: dict[str, float] = {}
 
     # -- construction helpers --------------------------------------------------------------------
@@ -276,7 +278,7 @@ class ExpertParallelMoE:
         torch = _torch()
         xs = self._check_x(x)
         T, spec = xs.shape[0], self.spec
-        k, H, R = spec.top_k, spec.hidden_dim, self.ranks
+        k, H = spec.top_k, spec.hidden_dim
         binfo = None
         if router_bias is not None:
             binfo = arrays.describe(router_bias, "router_bias")
@@ -402,15 +404,10 @@ class ExpertParallelMoE:
     def _run_shared(self, xs, T: int) -> int:
         """The shared experts on this rank's tokens; returns the pointer of their fp32 rows
         [T·S, H] (row t·S + j: token t, shared expert j)."""
-        torch, S = _torch(), self.spec.num_shared_experts
+        S, b = self.spec.num_shared_experts, self._buf
         if T == 0:
             return 0
-        ones = self._shared_ones.get(T)
-        if ones is None:
-            ids = torch.arange(S, dtype=torch.int32, device=self.device).repeat(T, 1)
-            ones = self._shared_ones[T] = (ids, torch.ones((T, S), dtype=torch.float32,
-                                                           device=self.device))
-        ws = self.shared.run(xs, ones[0], ones[1], T * S)
+        ws = self.shared.run(xs, b.shared_ids[:T], b.shared_w[:T], T * S)
         if self.device.type == "cuda":
             y, splits = self.shared.split_rows(ws)
             self.kernels.slot_rows(_ptr(y), splits, T * S, _ptr(self._buf.shared_rows))
