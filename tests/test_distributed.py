@@ -32,6 +32,10 @@ CASES = {
                            [9, 16, 3, 11], None, 1),
     "bf16_shared_e8k2": (MoESpec(8, 2, dtype="bfloat16", num_shared_experts=1, **_BASE),
                          [12, 5, 8, 1], None, 1),
+    # fp32 output keeps every bit of the sum, so only this order of additions passes (bf16
+    # rounding hides a reordered sum in most elements)
+    "fp32_shared2_e16k4": (MoESpec(16, 4, dtype="float32", num_shared_experts=2, **_BASE),
+                           [21, 9, 14, 6], None, 1),
     # the last rank's experts and expert 0 never chosen: experts and a rank that receive no
     # rows; rank 1 has no tokens at all
     "idle_rank_and_experts": (MoESpec(8, 2, dtype="float32", **_BASE), [10, 0, 6, 9], "idle", 1),

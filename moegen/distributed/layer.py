@@ -300,21 +300,20 @@ class ExpertParallelMoE:
                 self.kernels.plan(ids + 4 * s, wts + 4 * s, n, _ptr(b.send_counts[c]),
                                   _ptr(b.expert_counts[c]), _ptr(b.pos[s:]), _ptr(b.src[s:]),
                                   _ptr(b.send_eid[s:]), _ptr(b.send_w[s:]))
+            t0 = self._tick(profile, "pack", t0)
             send, recv = self._exchange_counts(b)          # [chunks][R] host lists
+            t0 = self._tick(profile, "exchange", t0)
             total_recv = sum(map(sum, recv))
             if total_recv > b.recv_rows:
                 b.grow_recv(self, total_recv)
-            starts, r0 = [], 0
-            for c in range(self.chunks):
+            starts, handles = [sum(map(sum, recv[:c])) for c in range(self.chunks)], []
+            for c in range(self.chunks):         # chunk c's rows travel while c+1 packs
                 s = bounds[c] * k
                 self.kernels.pack(_ptr(xs[bounds[c]:]), _ptr(b.src[s:]), sum(send[c]),
                                   _ptr(b.send_rows[s:]))
-                starts.append(r0)
-                r0 += sum(recv[c])
-            t0 = self._tick(profile, "pack", t0)
-            handles = [self._dispatch(b, bounds[c] * k, starts[c], send[c], recv[c], profile)
-                       for c in range(self.chunks)]
-            t0 = self._tick(profile, "exchange", t0)
+                t0 = self._tick(profile, "pack", t0)
+                handles.append(self._dispatch(b, s, starts[c], send[c], recv[c], profile))
+                t0 = self._tick(profile, "exchange", t0)
             shared_ptr = self._run_shared(xs, T) if self.shared else 0
             back = []
             for c in range(self.chunks):
