@@ -219,3 +219,74 @@ def test_cuda_dispatch_compiles(dtype, ranks, shared):
     assert art.binary[:4] == b"\x7fELF"
     for name in (b"ep_plan", b"ep_pack", b"ep_slot_rows", b"ep_combine"):
         assert name in art.binary
+
+
+# -- one rank, in this process: argument checks and the degenerate group -----------------------
+def test_needs_an_initialised_group():
+    from moegen.distributed import ExpertParallelMoE
+    import torch.distributed as dist
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised here")
+    spec = MoESpec(8, 2, dtype="float32", **_BASE)
+    _, w = R.random_problem(spec, 1)
+    with pytest.raises(ValueError, match="needs torch.distributed initialised"):
+        ExpertParallelMoE(spec, **R.weight_kwargs(spec, w))
+
+
+@pytest.fixture(scope="module")
+def one_rank():
+    import torch.distributed as dist
+    from moegen.distributed.launch import _free_port
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
+                            world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_one_rank_bitwise_and_stats(one_rank, problem):
+    from moegen.distributed import ExpertParallelMoE
+    spec = MoESpec(16, 4, dtype="float32", num_shared_experts=2, **_BASE)
+    x, w = problem(spec, 45)
+    kw = R.weight_kwargs(spec, w)
+    layer = ExpertParallelMoE(spec, max_tokens=3, chunks=3, **kw)
+    kernel = moegen.compile(spec)
+    ref, ref_st = kernel(x, kernel.pack(**kw), return_stats=True)
+    y, st = layer(_torch_of(x).reshape(5, 9, spec.hidden_dim), return_stats=True)
+    assert y.shape == (5, 9, spec.hidden_dim)
+    assert np.array_equal(_bits(y.reshape(45, -1)), _bits(ref))
+    assert st.tokens_per_expert.tolist() == ref_st.tokens_per_expert.tolist()
+    empty = layer(torch.empty((0, spec.hidden_dim), dtype=torch.float32))
+    assert empty.shape == (0, spec.hidden_dim)
+
+
+def test_bad_arguments_name_themselves(one_rank):
+    from moegen.distributed import ExpertParallelMoE
+    spec = MoESpec(8, 2, dtype="bfloat16", **_BASE)
+    _, w = R.random_problem(spec, 1)
+    kw = R.weight_kwargs(spec, w)
+    cases = [
+        (dict(spec=spec.replace(capacity_factor=1.25)), ValueError, "capacity_factor must be None"),
+        (dict(chunks=0), ValueError, "chunks must be an int >= 1, got 0"),
+        (dict(max_tokens=-1), ValueError, "max_tokens must be an int >= 0, got -1"),
+        (dict(w0=kw["w1"]), TypeError, r"unknown weight arguments \['w0'\]"),
+        (dict(w1=kw["w1"][:3]), ValueError, "w1 must hold the whole layer's 8 experts or this "
+                                            "rank's 8 .*got 3"),
+        (dict(router=kw["router"][:5]), ValueError, r"router must have shape \(8, 64\)"),
+    ]
+    for change, exc, msg in cases:
+        args = dict(kw, spec=spec)
+        args.update(change)
+        with pytest.raises(exc, match=msg):
+            ExpertParallelMoE(args.pop("spec"), **args)
+    layer = ExpertParallelMoE(spec, **kw)
+    x = torch.zeros((4, 64), dtype=torch.bfloat16)
+    for bad, exc, msg in [
+        (np.zeros((4, 64), np.float32), TypeError, "x must be a torch tensor"),
+        (torch.zeros((4, 32), dtype=torch.bfloat16), ValueError, r"x must have shape \[..., 64\]"),
+        (torch.zeros((4, 64)), ValueError, "x must have dtype bfloat16 .*got float32"),
+        (torch.zeros((64, 4), dtype=torch.bfloat16).t(), ValueError, "x must be contiguous"),
+    ]:
+        with pytest.raises(exc, match=msg):
+            layer(bad)
+    with pytest.raises(ValueError, match="router_bias"):
+        layer(x, router_bias=torch.zeros(7))
