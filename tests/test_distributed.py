@@ -172,6 +172,21 @@ def test_c_expert_rows_batch_invariant_at_small_widths(problem):
         assert np.array_equal(_bits(kernel(np.ascontiguousarray(x[lo:hi]), pw)), whole[lo:hi])
 
 
+def test_c_expert_rows_depend_on_batch_beyond_the_k_chunk(problem):
+    """The caveat in docs/EXPERT_PARALLEL.md: past the c kernel's k-chunk (512) a row's expert
+    output depends on how many rows share its GEMM block, so the EP layer matches the
+    single-process layer on the concatenated tokens (each expert sees the same rows in the same
+    order), not necessarily each rank's tokens run alone.  If this fails, the c kernel became
+    batch-invariant and the caveat can go."""
+    spec = MoESpec(8, 2, hidden_dim=640, ffn_dim=640, dtype="float32", backend="c")
+    x, w = problem(spec, 400)
+    kernel = moegen.compile(spec)
+    pw = kernel.pack(**R.weight_kwargs(spec, w))
+    whole = kernel(x, pw)
+    alone = np.concatenate([kernel(np.ascontiguousarray(x[i:i + 1]), pw) for i in range(20)])
+    assert not np.array_equal(_bits(alone), _bits(whole[:20]))
+
+
 def test_placement_blocks():
     p = Placement(16, 4, shared=2)
     assert p.experts_per_rank == 4 and list(p.experts_of(2)) == [8, 9, 10, 11]

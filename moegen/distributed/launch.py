@@ -31,7 +31,9 @@ def _child(rank: int, ranks: int, port: int, backend: str, outdir: str, fn, args
     import torch.distributed as dist  # optional heavy dependency: only spawned ranks need it
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     if backend == "nccl":
+        import cupy  # the cuda backend's launcher: its kernels load on CuPy's current device
         torch.cuda.set_device(rank)
+        cupy.cuda.Device(rank).use()
     dist.init_process_group(backend, rank=rank, world_size=ranks)
     try:
         result = fn(rank, *args)

@@ -62,6 +62,20 @@ def _signature(value) -> list:
     return [list(getattr(value, "shape", ())), str(getattr(value, "dtype", type(value).__name__))]
 
 
+# Each chunk's received rows start at a multiple of this many rows, so the expert kernel's
+# vector loads of them stay aligned whatever the row width.
+_CHUNK_ALIGN_ROWS = 16
+
+
+def _chunk_starts(recv: list) -> list[int]:
+    """The first receive row of each chunk (``recv``: [chunks][R] row counts)."""
+    starts, row = [], 0
+    for counts in recv:
+        starts.append(row)
+        row += -(-sum(counts) // _CHUNK_ALIGN_ROWS) * _CHUNK_ALIGN_ROWS
+    return starts
+
+
 class _Buffers:
     """The layer's preallocated buffers on its device, for up to ``tokens`` tokens of this rank
     (send side: tokens·k rows) and ``recv_rows`` received rows; grown, never shrunk."""
@@ -154,6 +168,11 @@ class ExpertParallelMoE:
         self._check_ranks_agree(weights, router_layout)
         if spec.backend == "cuda":
             self.device = torch.device("cuda", torch.cuda.current_device())
+            import cupy  # optional heavy dependency: the cuda backend's launcher
+            if cupy.cuda.Device().id != self.device.index:
+                raise ValueError(f"CuPy's current device ({cupy.cuda.Device().id}) must be torch's "
+                                 f"({self.device.index}): the kernels load on CuPy's; call "
+                                 f"cupy.cuda.Device({self.device.index}).use()")
         else:
             self.device = torch.device("cpu")
         self.torch_dtype = getattr(torch, spec.dtype)
@@ -303,10 +322,10 @@ class ExpertParallelMoE:
             t0 = self._tick(profile, "pack", t0)
             send, recv = self._exchange_counts(b)          # [chunks][R] host lists
             t0 = self._tick(profile, "exchange", t0)
-            total_recv = sum(map(sum, recv))
+            total_recv = _chunk_starts(recv + [[0]])[-1]
             if total_recv > b.recv_rows:
                 b.grow_recv(self, total_recv)
-            starts, handles = [sum(map(sum, recv[:c])) for c in range(self.chunks)], []
+            starts, handles = _chunk_starts(recv), []
             for c in range(self.chunks):         # chunk c's rows travel while c+1 packs
                 s = bounds[c] * k
                 self.kernels.pack(_ptr(xs[bounds[c]:]), _ptr(b.src[s:]), sum(send[c]),
