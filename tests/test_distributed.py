@@ -36,6 +36,9 @@ CASES = {
     # rounding hides a reordered sum in most elements)
     "fp32_shared2_e16k4": (MoESpec(16, 4, dtype="float32", num_shared_experts=2, **_BASE),
                            [21, 9, 14, 6], None, 1),
+    # biases, a non-gated activation, top-k then softmax
+    "fp32_bias_gelu_topksoftmax": (MoESpec(8, 2, dtype="float32", bias=True, activation="gelu",
+                                           routing="topk_softmax", **_BASE), [11, 4, 7, 16], None, 1),
     # the last rank's experts and expert 0 never chosen: experts and a rank that receive no
     # rows; rank 1 has no tokens at all
     "idle_rank_and_experts": (MoESpec(8, 2, dtype="float32", **_BASE), [10, 0, 6, 9], "idle", 1),
@@ -216,6 +219,22 @@ def test_ep_bench_reports_every_stage():
     assert "2 ranks (gloo), 16 tokens per rank" in table and "combine" in table
     with pytest.raises(ValueError, match="backend must be 'gloo' for a c-backend spec, got 'nccl'"):
         run_ep_bench(spec, 2, 16, backend="nccl")
+    with pytest.raises(ValueError, match="must divide num_experts=8.*got 3 ranks"):
+        run_ep_bench(spec, 3, 16)
+    with pytest.raises(ValueError, match="chunks must be an int >= 1, got 0"):
+        run_ep_bench(spec, 2, 16, chunks=0)
+
+
+def test_bench_rank_weights_are_the_ranks_block_only():
+    from moegen.distributed.bench import local_weights
+    spec = MoESpec(8, 2, dtype="bfloat16", num_shared_experts=1, bias=True, **_BASE)
+    w0, w1 = local_weights(spec, 4, 0), local_weights(spec, 4, 1)
+    assert w0["w1"].shape == (2, 96, 64) and w0["w2"].shape == (2, 64, 96)
+    assert w0["shared_w3"].shape == (1, 96, 64) and w0["b2"].shape == (2, 64)
+    assert w0["w1"].dtype == spec.dt.numpy and np.all(np.isfinite(w0["w1"].astype(np.float32)))
+    assert np.array_equal(_bits(w0["router"]), _bits(w1["router"]))            # one router
+    assert np.array_equal(_bits(w0["shared_w1"]), _bits(w1["shared_w1"]))      # replicated
+    assert not np.array_equal(_bits(w0["w1"]), _bits(w1["w1"]))                # own experts
 
 
 @pytest.mark.nvrtc

@@ -112,3 +112,45 @@ def _one_rank(rank, spec, tokens, chunks):
     ref, _ = R.moe(spec, x, w)
     return {"finite": bool(np.isfinite(y).all()), "vs_single": R.rel_error(y, single),
             "vs_ref": R.rel_error(y, ref), "tol": spec.dt.tolerance}
+
+
+def _nccl_ranks(rank, spec, tokens):
+    """One rank of an NCCL group: its slice of the EP output, the single-GPU layer's slice on
+    the concatenated tokens, whether they are bitwise equal, and the relative error."""
+    import moegen
+    from moegen.distributed import ExpertParallelMoE
+    ranks = torch.distributed.get_world_size()
+    x, w = R.random_problem(spec, tokens * ranks, seed=5)
+    kw = R.weight_kwargs(spec, w)
+    layer = ExpertParallelMoE(spec, max_tokens=tokens, **kw)
+    xn = np.ascontiguousarray(x)
+    bits = xn.view(np.int16) if xn.dtype.itemsize == 2 else xn
+    mine = torch.from_numpy(bits[rank * tokens:(rank + 1) * tokens].copy())
+    y, st = layer(mine.view(layer.torch_dtype).cuda(), return_stats=True)
+    y = y.float().cpu().numpy()
+    kernel = moegen.compile(spec)
+    single, sst = kernel(cupy.asarray(xn.view(np.uint16) if xn.dtype.itemsize == 2 else xn),
+                         kernel.pack(**kw), return_stats=True)
+    single = kernel.to_host(single).astype(np.float32)[rank * tokens:(rank + 1) * tokens]
+    return {"bitwise": bool(np.array_equal(y, single)), "rel": R.rel_error(y, single),
+            "tol": spec.dt.tolerance,
+            "counts_equal": st.tokens_per_expert.tolist() == sst.tokens_per_expert.tolist()}
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+@pytest.mark.parametrize("tokens", [128, 1024])
+def test_nccl_ranks_match_single_gpu(ranks, tokens):
+    """Several GPUs (skipped with fewer): the EP layer over NCCL against the single-GPU layer.
+    Bitwise equality is reported, not required (the cuda GEMMs' tiles and split-K depend on the
+    token count); the error must be within the dtype's tolerance."""
+    if torch.cuda.device_count() < ranks:
+        pytest.skip(f"needs {ranks} GPUs, {torch.cuda.device_count()} visible")
+    from moegen.distributed.dispatch import prebuild
+    from moegen.distributed.launch import launch
+    spec = MoESpec(64, 8, 1024, 512, dtype="bfloat16", num_shared_experts=1, backend="cuda")
+    prebuild(spec, ranks)
+    res = launch(_nccl_ranks, ranks, args=(spec, tokens), backend="nccl")
+    print(f"ranks={ranks} tokens={tokens}: bitwise {[r['bitwise'] for r in res]}, "
+          f"rel {[round(r['rel'], 6) for r in res]}")
+    for r in res:
+        assert r["counts_equal"] and r["rel"] <= r["tol"], r

@@ -3,7 +3,8 @@
     python -m moegen.distributed.bench --ranks 2 --experts 8 --topk 2 --hidden 512 --tokens 256
 
 ``run_ep_bench(spec, ranks, tokens, backend)`` launches ``ranks`` processes (gloo + the c backend
-on CPUs, NCCL + cuda on GPUs), runs the layer ``repeat`` times on ``tokens`` random tokens per
+on CPUs, each rank with its share of the cores unless ``MOEGEN_NUM_THREADS`` is set; NCCL +
+cuda on GPUs), runs the layer ``repeat`` times on ``tokens`` random tokens per
 rank after ``warmup`` calls, and returns the per-stage breakdown (route, pack, exchange,
 experts, return, combine: the median per call of the slowest rank, in milliseconds), the
 unprofiled layer time, and the bytes each rank sent per call.  Profiling waits at each stage
@@ -13,14 +14,17 @@ boundary, so the stage times add up to more than the layer time when stages over
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
 
 import numpy as np
 
+from .. import settings
 from ..spec import MoESpec
 from .launch import launch
+from .placement import Placement
 
 _TORCH_BACKEND = {"c": "gloo", "cuda": "nccl"}
 
@@ -30,17 +34,45 @@ def _stage_names():
     return STAGE_NAMES
 
 
+def local_weights(spec: MoESpec, ranks: int, rank: int) -> dict:
+    """Random weights of one rank's block only (the router whole, the same on every rank), so
+    no rank ever holds a large layer's full weights; generated an expert at a time in fp32 and
+    stored in the spec dtype.  Keyword arguments of `ExpertParallelMoE`."""
+    E, H, F, S = spec.num_experts, spec.hidden_dim, spec.ffn_dim, spec.num_shared_experts
+    dt, n = spec.dt.numpy, E // ranks
+
+    def block(count, shape, scale, seed):
+        rng = np.random.default_rng(seed)
+        out = np.empty((count, *shape), dt)
+        for e in range(count):
+            out[e] = (rng.standard_normal(shape, dtype=np.float32) * scale).astype(dt)
+        return out
+
+    w = {"router": block(1, (E, H), 2.0 / H ** 0.5, 0)[0]}
+    base = 1 + 4 * rank
+    names = [("w1", (F, H), H), ("w2", (H, F), F)] + ([("w3", (F, H), H)] if spec.gated else [])
+    for i, (name, shape, fan_in) in enumerate(names):
+        w[name] = block(n, shape, fan_in ** -0.5, 1000 * base + i)
+        if S:
+            w["shared_" + name] = block(S, shape, fan_in ** -0.5, 7 + i)
+    if spec.bias:
+        for i, (name, width) in enumerate([("b1", F), ("b2", H)] + ([("b3", F)] if spec.gated else [])):
+            w[name] = block(n, (width,), 0.1, 2000 * base + i)
+            if S:
+                w["shared_" + name] = block(S, (width,), 0.1, 17 + i)
+    return w
+
+
 def _bench_rank(rank: int, spec: MoESpec, tokens: int, warmup: int, repeat: int,
                 chunks: int) -> dict:
     import torch  # optional heavy dependency: only spawned ranks need it
     import torch.distributed as dist
-    from .. import reference
     from .layer import ExpertParallelMoE
-    _, w = reference.random_problem(spec, 1, seed=0)          # the same weights on every rank
+    ranks = dist.get_world_size()
     x = np.random.default_rng(100 + rank).standard_normal((tokens, spec.hidden_dim))
     x = x.astype(np.float32).astype(spec.dt.numpy)
     layer = ExpertParallelMoE(spec, max_tokens=tokens, chunks=chunks,
-                              **reference.weight_kwargs(spec, w))
+                              **local_weights(spec, ranks, rank))
     xt = torch.from_numpy(np.ascontiguousarray(x).view(np.int16 if x.dtype.itemsize == 2 else np.int32))
     xt = xt.view(layer.torch_dtype).to(layer.device)
 
@@ -85,14 +117,26 @@ def run_ep_bench(spec: MoESpec, ranks: int, tokens: int, backend: str | None = N
     from .dispatch import prebuild
     if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 1:
         raise ValueError(f"tokens must be an int >= 1, got {tokens!r}")
+    if not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 1:
+        raise ValueError(f"chunks must be an int >= 1, got {chunks!r}")
     spec = resolve(spec)
+    Placement(spec.num_experts, ranks)            # ranks must divide E: say so before spawning
     backend = backend or _TORCH_BACKEND[spec.backend]
     if backend != _TORCH_BACKEND[spec.backend]:
         raise ValueError(f"backend must be {_TORCH_BACKEND[spec.backend]!r} for a "
                          f"{spec.backend}-backend spec, got {backend!r}")
     prebuild(spec, ranks)
-    per_rank = launch(_bench_rank, ranks, args=(spec, tokens, warmup, repeat, chunks),
-                      backend=backend)
+    share = spec.backend == "c" and "MOEGEN_NUM_THREADS" not in os.environ
+    if share:
+        # the ranks share this machine's cores: oversubscribed OpenMP teams spin against
+        # each other (and against gloo's threads); the spawned ranks inherit the setting
+        os.environ["MOEGEN_NUM_THREADS"] = str(max(1, settings.num_threads() // ranks))
+    try:
+        per_rank = launch(_bench_rank, ranks, args=(spec, tokens, warmup, repeat, chunks),
+                          backend=backend)
+    finally:
+        if share:
+            del os.environ["MOEGEN_NUM_THREADS"]
     return {"spec": spec.name, "ranks": ranks, "tokens": tokens, "chunks": chunks,
             "backend": backend,
             "stages_ms": {s: 1e3 * max(r["stages"][s] for r in per_rank) for s in _stage_names()},
@@ -115,6 +159,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m moegen.distributed.bench",
                                 description="per-stage timing of an expert-parallel MoE layer")
     p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--shape", default=None,
+                   help="a named shape of moegen.bench.matrix.SHAPES (sets E, k, H, F)")
+    p.add_argument("--routing", default="softmax_topk")
+    p.add_argument("--n-group", type=int, default=1)
+    p.add_argument("--topk-group", type=int, default=1)
+    p.add_argument("--routed-scaling-factor", type=float, default=1.0)
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--topk", type=int, default=2)
     p.add_argument("--hidden", type=int, default=512)
@@ -126,9 +176,20 @@ def main(argv=None) -> int:
     p.add_argument("--chunks", type=int, default=1)
     p.add_argument("--repeat", type=int, default=5)
     a = p.parse_args(argv)
-    spec = MoESpec(num_experts=a.experts, top_k=a.topk, hidden_dim=a.hidden, ffn_dim=a.ffn,
-                   dtype=a.dtype, num_shared_experts=a.shared_experts, backend=a.backend)
-    print(format_table(run_ep_bench(spec, a.ranks, a.tokens, repeat=a.repeat, chunks=a.chunks)))
+    if a.shape:
+        from ..bench.matrix import SHAPES
+        if a.shape not in SHAPES:
+            p.error(f"--shape must be one of {sorted(SHAPES)}, got {a.shape!r}")
+        a.experts, a.topk, a.hidden, a.ffn = SHAPES[a.shape]
+    try:
+        spec = MoESpec(num_experts=a.experts, top_k=a.topk, hidden_dim=a.hidden, ffn_dim=a.ffn,
+                       dtype=a.dtype, num_shared_experts=a.shared_experts, backend=a.backend,
+                       routing=a.routing, n_group=a.n_group, topk_group=a.topk_group,
+                       routed_scaling_factor=a.routed_scaling_factor)
+        result = run_ep_bench(spec, a.ranks, a.tokens, repeat=a.repeat, chunks=a.chunks)
+    except ValueError as exc:
+        p.error(str(exc))
+    print(format_table(result))
     return 0
 
 
