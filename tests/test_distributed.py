@@ -106,6 +106,14 @@ def _cases_on_rank(rank: int, ranks: int) -> dict:
         out["mismatch"] = None
     except ValueError as exc:
         out["mismatch"] = str(exc)
+    kw = R.weight_kwargs(spec, w)
+    if rank == ranks - 1:
+        kw["router"] = kw["router"] * 2
+    try:
+        ExpertParallelMoE(spec, **kw)
+        out["router_mismatch"] = None
+    except ValueError as exc:
+        out["router_mismatch"] = str(exc)
     return out
 
 
@@ -160,7 +168,8 @@ def test_mismatched_rank_named(results):
     ranks, per_rank = results
     for res in per_rank:
         assert res["mismatch"] is not None
-        assert f"rank {ranks - 1} passed a different spec" in res["mismatch"]
+        assert f"rank {ranks - 1} differs from rank 0 in its spec" in res["mismatch"]
+        assert f"rank {ranks - 1} differs from rank 0 in its router values" in res["router_mismatch"]
 
 
 def test_c_expert_rows_batch_invariant_at_small_widths(problem):

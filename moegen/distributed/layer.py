@@ -126,7 +126,7 @@ class ExpertParallelMoE:
             another's expert GEMMs (every rank must pass the same number).
 
     Construction is collective: every rank checks that all ranks passed the same spec, chunk
-    count and weight shapes/dtypes, and raises one ValueError naming the first rank that
+    count, weight shapes/dtypes and router values, and raises one ValueError naming the first rank that
     differs.  ``placement`` says which experts live where.
 
     On the c backend the output equals the single-process layer (``moegen.compile(spec)``) over
@@ -199,17 +199,21 @@ class ExpertParallelMoE:
 
     # -- construction helpers --------------------------------------------------------------------
     def _check_ranks_agree(self, weights: dict, router_layout) -> None:
+        router = weights.get("router")
+        router = None if router is None else np.ascontiguousarray(_as_numpy(router, "router"))
         mine = {"spec": self.spec.to_dict(), "chunks": self.chunks, "router_layout": router_layout,
-                "weights": {k: _signature(v) for k, v in sorted(weights.items())}}
+                "weights": {k: _signature(v) for k, v in sorted(weights.items())},
+                # the router's values too (it is small): every rank must route alike
+                "router values (sha256)": None if router is None else
+                hashlib.sha256(router.view(np.uint8)).hexdigest()[:16]}
         digest = hashlib.sha256(json.dumps(mine, sort_keys=True).encode()).hexdigest()
         every = [None] * self.ranks
         self._dist.all_gather_object(every, (digest, mine), group=self.group)
         for r, (d, theirs) in enumerate(every):
             if d != every[0][0]:
-                what = next(k for k in ("spec", "chunks", "router_layout", "weights")
-                            if theirs[k] != every[0][1][k])
-                raise ValueError(f"ExpertParallelMoE: rank {r} passed a different {what} from "
-                                 f"rank 0: {theirs[what]} vs {every[0][1][what]}")
+                what = next(k for k in mine if theirs[k] != every[0][1][k])
+                raise ValueError(f"ExpertParallelMoE: rank {r} differs from rank 0 in its {what}: "
+                                 f"{theirs[what]} vs {every[0][1][what]}")
 
     def _local_weights(self, weights: dict) -> dict:
         """This rank's block of each routed weight (given whole or already sliced)."""
