@@ -39,7 +39,7 @@ def test_plan_pack_combine_match_numpy(ranks, tokens):
     k, H, E, S = spec.top_k, spec.hidden_dim, spec.num_experts, spec.num_shared_experts
     kern = dispatch_kernels(spec, ranks)
     rng = np.random.default_rng(tokens)
-    ids = np.stack([rng.permutation(E)[:k] for _ in range(tokens)]).astype(np.int32).reshape(tokens, k)
+    ids = np.array([rng.permutation(E)[:k] for _ in range(tokens)], np.int32).reshape(tokens, k)
     w = rng.random((tokens, k), dtype=np.float32)
     dev = torch.device("cuda")
     t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(dev)  # noqa: E731

@@ -108,7 +108,9 @@ class _Buffers:
         self.recv_eid = torch.empty(rows, dtype=torch.int32, device=dev)
         self.recv_w = torch.empty(rows, dtype=torch.float32, device=dev)
         self.recv_x = torch.empty((rows, H), dtype=layer.torch_dtype, device=dev)
-        self.recv_y = torch.empty((rows, H), dtype=torch.float32, device=dev)
+        # fp32 slot rows of the expert stage: the c kernel's own workspace serves one chunk
+        self.recv_y = (torch.empty((rows, H), dtype=torch.float32, device=dev)
+                       if dev.type == "cuda" or layer.chunks > 1 else None)
 
 
 class ExpertParallelMoE:
@@ -406,7 +408,7 @@ class ExpertParallelMoE:
         """This rank's experts over received rows r0..r0+n: fp32 slot rows [n, H]."""
         torch = _torch()
         if n == 0:
-            return b.recv_y[r0:r0]
+            return b.ret_rows[:0]
         st = self.routed
         ws = st.run(b.recv_x[r0:r0 + n], b.recv_eid[r0:r0 + n].view(n, 1),
                     b.recv_w[r0:r0 + n].view(n, 1), n)
