@@ -223,7 +223,10 @@ def test_ep_bench_reports_every_stage():
     assert list(res["stages_ms"]) == ["route", "pack", "exchange", "experts", "return", "combine"]
     assert all(v > 0 for v in res["stages_ms"].values()) and res["layer_ms"] > 0
     # every routed slot that leaves a rank is one row of H fp32 values
-    assert 0 < res["sent_bytes_per_rank"] <= 16 * 2 * spec.hidden_dim * 4
+    # a remote slot is one row of H fp32 values plus its expert id and weight
+    for rows, sent in zip(res["remote_rows_per_rank"], res["dispatch_bytes_per_rank"]):
+        assert 0 < rows <= 16 * 2 and sent == rows * (spec.hidden_dim * 4 + 8)
+    assert all(g > 0 for g in res["dispatch_gbps_per_rank"] + res["return_gbps_per_rank"])
     table = format_table(res)
     assert "2 ranks (gloo), 16 tokens per rank" in table and "combine" in table
     with pytest.raises(ValueError, match="backend must be 'gloo' for a c-backend spec, got 'nccl'"):

@@ -7,7 +7,7 @@ on CPUs, each rank with its share of the cores unless ``MOEGEN_NUM_THREADS`` is 
 cuda on GPUs), runs the layer ``repeat`` times on ``tokens`` random tokens per
 rank after ``warmup`` calls, and returns the per-stage breakdown (route, pack, exchange,
 experts, return, combine: the median per call of the slowest rank, in milliseconds), the
-unprofiled layer time, and the bytes each rank sent per call.  Profiling waits at each stage
+unprofiled layer time, and each rank's bytes sent to other ranks and their achieved bandwidth.  Profiling waits at each stage
 boundary, so the stage times add up to more than the layer time when stages overlap.
 """
 
@@ -98,9 +98,16 @@ def _bench_rank(rank: int, spec: MoESpec, tokens: int, warmup: int, repeat: int,
         if layer.device.type == "cuda":
             torch.cuda.synchronize()
         totals.append(time.perf_counter() - t0)
-    sent = int(layer._buf.send_counts.sum()) * spec.hidden_dim * spec.dt.itemsize
-    return {"stages": {k: statistics.median(v) for k, v in per_stage.items()},
-            "layer": statistics.median(totals), "sent_bytes": sent}
+    counts = layer._buf.send_counts.cpu()
+    remote = int(counts.sum()) - int(counts[:, rank].sum())      # rows that leave this rank
+    stages = {k: statistics.median(v) for k, v in per_stage.items()}
+    # dispatch: a row, its expert id and weight; return: an fp32 row
+    dispatch = remote * (spec.hidden_dim * spec.dt.itemsize + 8)
+    back = remote * spec.hidden_dim * 4
+    return {"stages": stages, "layer": statistics.median(totals), "remote_rows": remote,
+            "dispatch_bytes": dispatch, "return_bytes": back,
+            "dispatch_gbps": dispatch / stages["exchange"] / 1e9 if stages["exchange"] else 0.0,
+            "return_gbps": back / stages["return"] / 1e9 if stages["return"] else 0.0}
 
 
 def run_ep_bench(spec: MoESpec, ranks: int, tokens: int, backend: str | None = None, *,
@@ -110,8 +117,11 @@ def run_ep_bench(spec: MoESpec, ranks: int, tokens: int, backend: str | None = N
     spec's backend: c -> gloo, cuda -> nccl).
 
     Returns {"spec", "ranks", "tokens", "chunks", "backend", "stages_ms" {stage: ms},
-    "layer_ms", "sent_bytes_per_rank"}: per stage and for the layer, the median over ``repeat``
-    calls of the slowest rank.
+    "layer_ms", and per rank "remote_rows_per_rank", "dispatch_bytes_per_rank",
+    "dispatch_gbps_per_rank", "return_gbps_per_rank"}: per stage and for the layer, the median
+    over ``repeat`` calls of the slowest rank; the bandwidths count only the bytes that leave
+    a rank (its rows for its own experts stay), over the exchange (dispatch, with the count
+    exchange) and return stages of that rank.
     """
     from ..jit import resolve
     from .dispatch import prebuild
@@ -141,7 +151,10 @@ def run_ep_bench(spec: MoESpec, ranks: int, tokens: int, backend: str | None = N
             "backend": backend,
             "stages_ms": {s: 1e3 * max(r["stages"][s] for r in per_rank) for s in _stage_names()},
             "layer_ms": 1e3 * max(r["layer"] for r in per_rank),
-            "sent_bytes_per_rank": max(r["sent_bytes"] for r in per_rank)}
+            "remote_rows_per_rank": [r["remote_rows"] for r in per_rank],
+            "dispatch_bytes_per_rank": [r["dispatch_bytes"] for r in per_rank],
+            "dispatch_gbps_per_rank": [r["dispatch_gbps"] for r in per_rank],
+            "return_gbps_per_rank": [r["return_gbps"] for r in per_rank]}
 
 
 def format_table(result: dict) -> str:
@@ -151,7 +164,11 @@ def format_table(result: dict) -> str:
              f"{'stage':<10}{'ms':>10}"]
     lines += [f"{name:<10}{ms:>10.3f}" for name, ms in result["stages_ms"].items()]
     lines.append(f"{'layer':<10}{result['layer_ms']:>10.3f}   (unprofiled, stages overlap)")
-    lines.append(f"sent per rank per call: {result['sent_bytes_per_rank'] / 1e6:.3f} MB")
+    mb = ", ".join(f"{b / 1e6:.3f}" for b in result["dispatch_bytes_per_rank"])
+    lines.append(f"dispatched to other ranks per call (MB, by rank): {mb}")
+    for what in ("dispatch", "return"):
+        gbps = ", ".join(f"{g:.2f}" for g in result[f"{what}_gbps_per_rank"])
+        lines.append(f"{what} GB/s per rank (bytes to other ranks / stage time): {gbps}")
     return "\n".join(lines)
 
 
