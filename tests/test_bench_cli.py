@@ -122,3 +122,15 @@ def test_instructions_counted_and_written(run, tmp_path):
     rows = json.loads(out.read_text())["instructions"]
     assert [(r["shape"], r["tokens"], r["contender"]) for r in rows] == [("e4k2h32f24-fp32", 2, "moegen")]
     assert rows[0]["instructions"] > 1000
+
+
+@pytest.mark.slow
+def test_bench_ep_prints_the_stage_breakdown(tmp_path, monkeypatch):
+    """`moegen bench --ep 2` spawns two gloo ranks and prints every stage of the EP layer."""
+    monkeypatch.setenv("MOEGEN_CACHE_DIR", str(tmp_path / "cache"))
+    r = CliRunner().invoke(bench, ["--ep", "2", "--experts", "8", "--topk", "2",
+                                  "--hidden", "64", "--ffn", "96", "--tokens", "16",
+                                  "--backend", "c", "--dtype", "fp32"])
+    assert r.exit_code == 0, r.output
+    for stage in ("route", "pack", "exchange", "experts", "return", "combine"):
+        assert f"\n{stage} " in r.output

@@ -29,6 +29,7 @@ from ..bench import report
 from ..bench import startup as st
 from ..bench.plot import PlotUnavailable, plot
 from ..bench.shapes import CPU_TOKENS, SHAPES, TARGET_TOKENS
+from ..distributed.bench import format_table as ep_table, run_ep_bench
 from ..console import Progress
 from ..dtypes import DTYPES
 from ..errors import SpecError
@@ -96,10 +97,16 @@ INSTRUCTIONS_MAX_TOKENS = 128
               help="A plugin file defining contenders(E, k, H, F, w13, w2, wg) -> {name: "
                    "fn(x, topk_w, topk_ids, wg) -> y}; each name becomes a column (repeatable; "
                    "see moegen.bench.contenders).")
+@click.option("--ep", type=click.IntRange(min=1), default=None,
+              help="Expert parallelism: run each shape over N spawned ranks (gloo + c on CPUs, "
+                   "NCCL + cuda on GPUs) and print route, pack, exchange, experts, return, combine.")
+@click.option("--ep-chunks", type=click.IntRange(min=1), default=1, show_default=True,
+              help="With --ep: token chunks per call (one chunk's exchange overlaps another's "
+                   "experts).")
 def bench(matrix, shapes, experts, topk, hidden, ffn, tokens, dtype, activation, backend,
           baselines, no_baselines, budget, time_limit, repeats, warmup, rotate, check_rows,
           bandwidth, peak, no_memory, no_graph, threads, seed, json_path, md_path, plot_path, startup,
-          instructions, no_progress, contender_files):
+          instructions, no_progress, contender_files, ep, ep_chunks):
     """Benchmark moegen against its floor and baselines (see `moegen.bench`)."""
     if backend == "cuda":
         require_gpu("moegen bench", "--backend c benchmarks the CPU")
@@ -127,6 +134,17 @@ def bench(matrix, shapes, experts, topk, hidden, ffn, tokens, dtype, activation,
         if threads < 1:
             raise click.UsageError(f"--threads must be >= 1, got {threads}")
         _set_threads(threads)
+
+    if ep is not None:
+        for _, spec in specs:
+            for t in token_list:
+                try:
+                    res = run_ep_bench(spec, ep, t, warmup=warmup, repeat=repeats or 5,
+                                       chunks=ep_chunks)
+                except ValueError as exc:
+                    raise click.UsageError(str(exc)) from None
+                click.echo(ep_table(res))
+        return
 
     startup_rows = None
     if startup:
