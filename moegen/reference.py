@@ -1,4 +1,4 @@
-"""A float64 NumPy reference of every stage of the layer (DESIGN §1).
+"""A float64 NumPy reference of every stage of the layer.
 
 Readable first, fast second.  Inputs may be any float dtype (bf16 via ml_dtypes); everything is
 computed in float64 from the stored values.  Expert weights are the *logical* ones of
@@ -61,7 +61,7 @@ def topk(scores: np.ndarray, k: int) -> np.ndarray:
 
 
 def route(spec: MoESpec, x, router, router_bias=None, selection_bias=None):
-    """Routing of DESIGN §1 for ``spec.routing``.
+    """Routing for ``spec.routing``.
 
     Returns (topk_ids [T, k] int32, topk_weights [T, k] float64, probs [T, E] float64,
     logits [T, E] float64).  ``probs`` are the scores the auxiliary loss uses.
@@ -193,7 +193,7 @@ def experts(spec: MoESpec, x, w, topk_ids, topk_weights) -> np.ndarray:
 # -- stats -----------------------------------------------------------------------------------
 def stats(spec: MoESpec, counts, probs=None, logits=None, base_coeff: float = 0.01,
           dropped: int = 0) -> dict:
-    """Load-balancing statistics (DESIGN §1.6) from per-expert slot counts.
+    """Load-balancing statistics from per-expert slot counts.
 
     usage f_e = counts_e / Σcounts; P_e = mean router probability of e;
     aux_loss = E · Σ f_e·P_e (Switch Transformer); variance and cv of f;

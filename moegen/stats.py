@@ -1,4 +1,4 @@
-"""Load-balancing statistics of a call (DESIGN §1.6), read lazily from the workspace.
+"""Load-balancing statistics of a call, read lazily from the workspace.
 
 The group stage already has per-expert slot counts; the route stage also sums, per expert, the
 router probabilities and, in one extra slot, logsumexp² of the logits.  `LayerStats` keeps

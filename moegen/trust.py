@@ -1,4 +1,4 @@
-"""Ownership and permission checks for the kernel cache (DESIGN §5, "Trust").
+"""Ownership and permission checks for the kernel cache.
 
 A kernel binary is code that this process will load and run, so a cache directory or entry file
 that somebody else could have written is not used:
