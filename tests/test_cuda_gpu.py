@@ -602,6 +602,46 @@ def test_cuda_graph_capture_torch():
     assert reference.rel_error(to_host(out), ref) <= spec.dt.tolerance
 
 
+@pytest.mark.skipif(not HAVE_TORCH, reason="needs torch")
+def test_prefill_graph_capture_and_bitwise_repeats():
+    """The prefill bucket (on an H100/H200: the persistent "wgmma_ws" kernels, tensor maps as
+    kernel parameters, tile counters in the workspace): a captured call replays correctly on
+    new inputs, eager calls repeat bit for bit, and the tile counters are back at 0."""
+    name = "e8-k2-h512-f2048-bf16-swiglu"
+    T = 3001                                        # prefill bucket, more tiles than SMs
+    spec, k, x, w, packed, bias, xd = problem(name, T, seed=3)
+    ws = k.module.workspace(T)
+    assert ws.bucket.max_tokens is None
+    outs = []
+    for _ in range(3):
+        out = poisoned_like(xd)
+        k(xd, packed, out=out)
+        torch.cuda.synchronize()
+        outs.append(out)
+    assert all(torch.equal(o.view(torch.int16), outs[0].view(torch.int16)) for o in outs[1:])
+    if ws.sched1 is not None:
+        assert ws.sched1.tolist() == ws.sched2.tolist() == [0] * k.module.plan.ws.counters
+    out = outs[0]
+    graph = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        k(xd, packed, out=out)
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    with torch.cuda.graph(graph):
+        k(xd, packed, out=out)
+    x2 = random_x(spec, T, seed=97)
+    xd.copy_(to_device(x2))
+    out.fill_(float("nan"))
+    graph.replay()
+    graph.replay()
+    torch.cuda.synchronize()
+    ids, wts = k.route(xd, packed)
+    ref, _ = reference.moe(spec, x2, w, topk_ids=cp.asnumpy(ids), topk_weights=cp.asnumpy(wts))
+    assert reference.rel_error(to_host(out), ref) <= spec.dt.tolerance
+
+
 class _CountAllocs(cp.cuda.MemoryHook):
     name = "count_allocs"
 

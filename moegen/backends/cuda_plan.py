@@ -68,6 +68,18 @@ class GroupPlan:
 
 
 @dataclass(frozen=True)
+class WsPlan:
+    """Constants of the persistent warp-specialised prefill kernel (tile kind "wgmma_ws")."""
+    producer_regs: int = 48         # setmaxnreg of the producer warpgroup (TMA and cp.async only)
+    consumer_regs: int = 232        # of the wgmma warpgroups (128 x 256 fp32 accumulators)
+    fast_epilogue: bool = True      # cvt.rn.*x2 pairs and __expf SiLU (h 1.3e-5 relative off exact)
+    counters: int = 2               # int32 per GEMM in the workspace: next tile, CTAs done
+    # The tile ring's index written by st.async completing the ring's mbarrier transaction
+    # (else a plain shared store, then an arrive; both ordered by the mbarriers).
+    async_tile_store: bool = False
+
+
+@dataclass(frozen=True)
 class CudaPlan:
     sms: int                        # multiprocessors the launch shapes and split-K are sized for
     vec_h: int                      # elements per vector access of an H row
@@ -78,6 +90,7 @@ class CudaPlan:
     group: GroupPlan
     buckets: tuple                  # cuda_tiles.BucketConfig, by max_tokens; the last unbounded
     kernels: tuple                  # every extern "C" kernel of the cubin
+    ws: WsPlan = WsPlan()
     combine_threads: int = 256
     capacity_threads: int = 256
     count_threads: int = 256        # moe_count_bad_ids
@@ -182,5 +195,11 @@ def render_context(spec: MoESpec, p: CudaPlan) -> dict:
         "group": p.group,
         "combine_threads": p.combine_threads,
         "capacity_threads": p.capacity_threads,
-        **cuda_tiles.render_context(spec, p.buckets, p.tensor_cores, p.interleave),
+        **_ffn_context(spec, p),
     }
+
+
+def _ffn_context(spec: MoESpec, p: CudaPlan) -> dict:
+    ctx = cuda_tiles.render_context(spec, p.buckets, p.tensor_cores, p.interleave)
+    ctx["ffn"]["ws_plan"] = p.ws
+    return ctx
