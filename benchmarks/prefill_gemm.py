@@ -1,7 +1,7 @@
 """Prefill: moegen's whole layer with the persistent warp-specialised expert GEMMs (tile kind
-"wgmma_ws", templates/cuda/_gemm_ws.cuh.jinja, the sm_90a default of the prefill bucket) against
-the same layer on the one-CTA-per-tile wgmma kernels (the tuning choice
-``tile_bm128=wgmma_bm128_bn256_bk64_w2x4_s4``, the default before).
+"wgmma_ws", templates/cuda/_gemm_ws.cuh.jinja; the sm_90a tuning choice
+``tile_bm128=wgmma_ws_bm128_bn256_bk64_w2x4_s4``) against the same layer on the default
+one-CTA-per-tile wgmma kernels.
 
 Per (shape, T): random bf16 packed weights made on the GPU (torch), random x; each variant's
 layer runs once on NaN-poisoned outputs (checked NaN-free), then three more times (required
@@ -17,7 +17,7 @@ results/prefill_gemm_notes.md.
                                       [--tokens 4096,16384] [--check-only]
 
 ``--check-only`` skips the timing (for compute-sanitizer: ``compute-sanitizer --tool racecheck
---kernel-name regex:wgmma_ws python benchmarks/prefill_gemm.py --shapes small --tokens 700
+--kernel-name kns=wgmma_ws python benchmarks/prefill_gemm.py --shapes small --tokens 300
 --check-only --variants ws``).
 ``--async-tile-store`` builds the persistent kernels with the plan's ``ws.async_tile_store``
 (the tile ring's index by st.async), to compare racecheck reports.
@@ -36,6 +36,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from moegen.backends.cuda_tiles import WS_TILES  # noqa: E402
 from moegen.spec import MoESpec  # noqa: E402
 
 SHAPES = {
@@ -45,7 +46,7 @@ SHAPES = {
     "qwen3-30b-a3b": MoESpec(128, 8, 2048, 768, dtype="bfloat16"),
     "small": MoESpec(8, 2, 512, 1024, dtype="bfloat16"),
 }
-OLD_TILE = {"tile_bm128": "wgmma_bm128_bn256_bk64_w2x4_s4"}
+WS_TILE = {"tile_bm128": WS_TILES[128].tag}
 
 
 def build(spec: MoESpec, tuning: dict, async_store: bool):
@@ -101,9 +102,9 @@ def run(args):
         variants = args.variants.split(",")
         kernels = {}
         if "ws" in variants:
-            kernels["ws"] = build(spec, {}, args.async_tile_store)
+            kernels["ws"] = build(spec, WS_TILE, args.async_tile_store)
         if "wgmma" in variants:
-            kernels["wgmma"] = build(spec, OLD_TILE, False)
+            kernels["wgmma"] = build(spec, {}, False)
         print(f"{shape}: built in {time.perf_counter() - t0:.1f} s; prefill tiles "
               f"{ {n: k.module.plan.buckets[-1].ffn1.tag for n, k in kernels.items()} }", flush=True)
         torch.manual_seed(0)
@@ -160,7 +161,7 @@ def main(argv=None):
     ap.add_argument("--shapes", default="mixtral-8x7b,deepseek-v3")
     ap.add_argument("--tokens", default="4096,16384")
     ap.add_argument("--json", default=None)
-    ap.add_argument("--variants", default="ws,wgmma", help="ws (the persistent kernels), wgmma (the old tile)")
+    ap.add_argument("--variants", default="ws,wgmma", help="ws (the persistent kernels), wgmma (the default)")
     ap.add_argument("--check-only", action="store_true", help="check, do not time (for compute-sanitizer)")
     ap.add_argument("--async-tile-store", action="store_true",
                     help="the persistent kernels with the tile ring's index stored by st.async")

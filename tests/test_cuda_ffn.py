@@ -156,8 +156,7 @@ def test_sm90a_uses_wgmma_for_prefill(name):
     spec = SPECS[name].replace(arch="sm_90a")
     assert cuda_tiles.use_wgmma(spec) and not cuda_tiles.use_wgmma(SPECS[name])
     last = _buckets(spec)[-1]
-    kind = "wgmma_ws" if cuda_tiles.use_ws(spec) else "wgmma"
-    assert last.ffn1.kind == last.ffn2.kind == kind
+    assert last.ffn1.kind == last.ffn2.kind == "wgmma"
     cubin, log = compile_ffn(spec, arch="sm_90a")
     assert last.ffn1_kernel.encode() in cubin and last.ffn2_kernel.encode() in cubin
     spills = re.findall(r"(\d+) bytes spill stores", log)
@@ -335,7 +334,7 @@ def test_small_grid(name):
         assert reference.rel_error(out, ref) <= spec.dt.tolerance
 
 
-_WGMMA_TILE = {"tile_bm128": "wgmma_bm128_bn256_bk64_w2x4_s4"}
+_WS_TILE = {"tile_bm128": cuda_tiles.WS_TILES[128].tag}
 
 
 # The sm_90a prefill kernels' specs: the tensor-core ones, and one whose N sizes (2F = 640,
@@ -345,21 +344,21 @@ PREFILL_SPECS = {**{n: s for n, s in SPECS.items() if cuda_tiles.use_mma(s)},
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("tile", ["default", "wgmma"])
+@pytest.mark.parametrize("tile", ["default", "ws"])
 @pytest.mark.parametrize("name", list(PREFILL_SPECS))
 def test_wgmma_prefill_matches_reference(name, tile):
-    """The sm_90a prefill kernels (the default, persistent "wgmma_ws" where it applies, and the
-    one-CTA-per-tile wgmma tile) past the mid bucket, at its boundary, odd counts, and a T with
-    more tiles than SMs; the persistent kernel twice per T, bitwise equal."""
+    """The sm_90a prefill kernels (the default one-CTA-per-tile wgmma tile, and the persistent
+    "wgmma_ws" tuning choice where it applies) past the mid bucket, at its boundary, odd counts,
+    and a T with more tiles than SMs; the persistent kernel twice per T, bitwise equal."""
     cp = _cupy()
     if cp.cuda.Device().compute_capability != "90":
         pytest.skip("wgmma needs an sm_90 device")
     spec = PREFILL_SPECS[name].replace(arch="sm_90a")
-    tuning = _WGMMA_TILE if tile == "wgmma" else None
-    if tile == "default" and not cuda_tiles.use_ws(spec):
-        pytest.skip("the default is the wgmma tile")
+    tuning = _WS_TILE if tile == "ws" else None
+    if tile == "ws" and not cuda_tiles.use_ws(spec):
+        pytest.skip("the persistent kernel does not apply")
     start = _buckets(spec)[-2].max_tokens + 1
     for T in (start, start + 1, start + 129, 2000, 5001):
-        out, ref = run_ffn(spec, T, seed=7 + T, tuning=tuning, repeat=2 if tile == "default" else 1)
+        out, ref = run_ffn(spec, T, seed=7 + T, tuning=tuning, repeat=2 if tile == "ws" else 1)
         err = reference.rel_error(out, ref)
         assert err <= spec.dt.tolerance, f"{name} sm_90a {tile} T={T}: rel error {err:.3g}"

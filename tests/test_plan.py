@@ -14,7 +14,7 @@ import types
 import numpy as np
 import pytest
 
-from moegen.backends import cuda_ffn, cuda_tiles, cuda_tma, cuda_workspace
+from moegen.backends import cuda_ffn, cuda_plan, cuda_tiles, cuda_tma, cuda_workspace
 from moegen.backends.base import Call
 from moegen.backends.cuda_plan import ARCH_SMS, CudaPlan
 from moegen.backends.cuda_workspace import Workspace, launch_shapes
@@ -227,6 +227,9 @@ def test_every_stage_launches_the_plans_kernels_with_the_plans_blocks(spec, monk
 
 # -- the persistent warp-specialised prefill kernel (tile kind "wgmma_ws") -------------------
 
+WS_TAG = cuda_tiles.WS_TILES[128].tag
+
+
 @pytest.mark.parametrize("spec, applies", [
     (MoESpec(8, 2, 4096, 14336, dtype="bfloat16"), True),
     (MoESpec(8, 2, 256, 512, dtype="float16"), True),
@@ -237,26 +240,57 @@ def test_every_stage_launches_the_plans_kernels_with_the_plans_blocks(spec, monk
     (MoESpec(8, 2, 256, 136, dtype="bfloat16"), False),                   # F not whole 64-wide k tiles
     (MoESpec(8, 2, 256, 512, dtype="float32"), False),                    # no tensor cores
 ], ids=lambda v: v.name if isinstance(v, MoESpec) else str(v))
-def test_plan_picks_the_persistent_prefill_kernel_exactly_when_it_applies(spec, applies):
+def test_persistent_prefill_kernel_is_a_choice_exactly_where_it_applies(spec, applies):
+    """The persistent kernel is offered for the prefill bucket on sm_90a where it applies, and
+    only there; the default stays the wgmma tile until the kernel passes the GPU tests."""
     for arch in ("sm_90a", "sm_90", "sm_80"):
-        cp = make_plan(spec.replace(backend="cuda", arch=arch), arch, {}).detail
-        kinds = [(b.ffn1.kind, b.ffn2.kind) for b in cp.buckets]
         want = applies and arch == "sm_90a"
-        assert (kinds[-1] == ("wgmma_ws", "wgmma_ws")) == want, (arch, kinds)
-        assert all("wgmma_ws" not in k for k in kinds[:-1])      # the prefill bucket only
         assert cuda_tiles.use_ws(spec, arch) == want
+        choices = cuda_tiles.tile_choices(spec, arch)
+        assert (WS_TAG in choices.get("tile_bm128", ())) == want, (arch, choices)
+        assert all(WS_TAG not in v for k, v in choices.items() if k != "tile_bm128")
+        cp = make_plan(spec.replace(backend="cuda", arch=arch), arch, {}).detail
+        assert all("wgmma_ws" not in (b.ffn1.kind, b.ffn2.kind) for b in cp.buckets)
+        if want:
+            tuned = make_plan(spec.replace(backend="cuda", arch=arch), arch, {"tile_bm128": WS_TAG}).detail
+            assert [(b.ffn1.kind, b.ffn2.kind) for b in tuned.buckets][-1] == ("wgmma_ws", "wgmma_ws")
+        else:
+            with pytest.raises(ValueError, match="tile_bm128"):
+                make_plan(spec.replace(backend="cuda", arch=arch), arch, {"tile_bm128": WS_TAG})
 
 
-def test_the_old_prefill_kernel_stays_a_tuning_choice():
+def test_persistent_kernel_renders_only_when_chosen():
     spec = MoESpec(8, 2, 4096, 14336, dtype="bfloat16", backend="cuda", arch="sm_90a")
-    choices = cuda_tiles.tile_choices(spec, "sm_90a")["tile_bm128"]
-    assert choices[0].startswith("wgmma_ws_") and choices[1] == "wgmma_bm128_bn256_bk64_w2x4_s4"
-    old = make_plan(spec, "sm_90a", {"tile_bm128": choices[1]})
-    assert old.detail.buckets[-1].ffn1.kind == "wgmma"
-    text = render(old).text
+    default = make_plan(spec, "sm_90a", {})
+    assert default.detail.buckets[-1].ffn1.kind == "wgmma"
+    text = render(default).text
     assert "ffn_ws<" not in text and "mbarrier" not in text
-    new_text = render(make_plan(spec, "sm_90a", {})).text
+    new_text = render(make_plan(spec, "sm_90a", {"tile_bm128": WS_TAG})).text
     assert "moe_ffn::ffn_ws<1, 256, 4, 8>(" in new_text and "moe_ffn::ffn_ws<2, 256, 4, 8>(" in new_text
+
+
+def _ws_plan(spec, sms=132):
+    return make_plan(spec, spec.arch, {"tile_bm128": WS_TAG}, sms=sms)
+
+
+def test_a_register_split_the_cta_cannot_satisfy_is_refused():
+    """setmaxnreg.inc waits for registers the producers' setmaxnreg.dec gave back to the CTA:
+    48 / 232 at 384 threads (168 each at launch) frees 15360 and wants 16384, which hung the
+    first device run; the render refuses it, and the default split fits exactly."""
+    spec = MoESpec(8, 2, 256, 512, dtype="bfloat16", backend="cuda", arch="sm_90a")
+    plan = _ws_plan(spec)
+    ws = plan.detail.ws
+    assert cuda_plan.launch_registers(384) == 168
+    assert (168 - ws.producer_regs) * 128 >= (ws.consumer_regs - 168) * 256
+    render(plan)
+    for p_regs, c_regs in ((48, 232), (40, 240), (44, 224)):
+        bad = dataclasses.replace(plan, detail=dataclasses.replace(
+            plan.detail, ws=dataclasses.replace(ws, producer_regs=p_regs, consumer_regs=c_regs)))
+        with pytest.raises(ValueError, match="producer_regs"):
+            render(bad)
+    ok = dataclasses.replace(plan, detail=dataclasses.replace(
+        plan.detail, ws=dataclasses.replace(ws, producer_regs=48, consumer_regs=224)))
+    assert "constexpr int kProducerRegs = 48;" in render(ok).text
 
 
 def test_persistent_tile_constants_reach_render_workspace_and_launch(monkeypatch):
@@ -265,17 +299,17 @@ def test_persistent_tile_constants_reach_render_workspace_and_launch(monkeypatch
     the launch uses at most the plan's SM count of CTAs, the tensor maps are made once (h with
     the workspace, the weights per packed buffer) and the tile counters live in the workspace."""
     spec = MoESpec(8, 2, 256, 512, dtype="bfloat16", backend="cuda", arch="sm_90a")
-    base = make_plan(spec, "sm_90a", {}, sms=5)
+    base = _ws_plan(spec, sms=5)
     last = base.detail.buckets[-1]
     tile = dataclasses.replace(last.ffn1, stages=3, group_m=4)
     bucket = dataclasses.replace(last, ffn1=tile, ffn2=tile, ffn1_kernel=f"moe_ffn1_{tile.tag}",
                                  ffn2_kernel=f"moe_ffn2_{tile.tag}_k1")
-    ws_plan = dataclasses.replace(base.detail.ws, producer_regs=56, consumer_regs=224)
+    ws_plan = dataclasses.replace(base.detail.ws, producer_regs=48, consumer_regs=224)
     detail = dataclasses.replace(base.detail, buckets=(*base.detail.buckets[:-1], bucket), ws=ws_plan)
     changed = dataclasses.replace(base, detail=detail)
     text = render(changed).text
     assert "moe_ffn::ffn_ws<1, 256, 3, 4>(" in text and f"{bucket.ffn1_kernel}(" in text
-    assert "constexpr int kProducerRegs = 56;" in text and "constexpr int kConsumerRegs = 224;" in text
+    assert "constexpr int kProducerRegs = 48;" in text and "constexpr int kConsumerRegs = 224;" in text
     assert tile.threads == 384 and tile.persistent
     assert tile.smem_bytes(2) == 1024 + 3 * (128 + 256) * 128 + 16 * 3 + cuda_tiles.WS_RING_BYTES
 

@@ -1,5 +1,5 @@
-"""benchmarks/prefill_gemm.py without a GPU: its shapes take the persistent prefill kernel on
-sm_90a, and its "before" variant is a tuning choice the plan accepts (the old wgmma tile).
+"""benchmarks/prefill_gemm.py without a GPU: on sm_90a its "ws" variant (a tuning choice the
+plan accepts) runs the persistent prefill kernel, its other variant the default wgmma tile.
 The device run itself (both variants NaN-free, bitwise repeats, tile counters back at 0,
 timing) is the script on an H100/H200."""
 
@@ -23,17 +23,17 @@ _spec.loader.exec_module(prefill_gemm)
 @pytest.mark.parametrize("shape", sorted(prefill_gemm.SHAPES))
 def test_harness_variants_are_the_new_and_the_old_prefill_kernels(shape):
     spec = prefill_gemm.SHAPES[shape].replace(backend="cuda", arch="sm_90a")
-    new = make_plan(spec, "sm_90a", {}).detail.buckets[-1]
-    old = make_plan(spec, "sm_90a", prefill_gemm.OLD_TILE).detail.buckets[-1]
+    new = make_plan(spec, "sm_90a", prefill_gemm.WS_TILE).detail.buckets[-1]
+    old = make_plan(spec, "sm_90a", {}).detail.buckets[-1]
     assert new.ffn1.kind == new.ffn2.kind == "wgmma_ws"
     assert old.ffn1.kind == old.ffn2.kind == "wgmma"
-    assert prefill_gemm.OLD_TILE["tile_bm128"] in cuda_tiles.tile_choices(spec, "sm_90a")["tile_bm128"]
+    assert prefill_gemm.WS_TILE["tile_bm128"] in cuda_tiles.tile_choices(spec, "sm_90a")["tile_bm128"]
 
 
 def test_async_tile_store_changes_only_the_tile_ring_store():
     import dataclasses
     spec = prefill_gemm.SHAPES["small"].replace(backend="cuda", arch="sm_90a")
-    plan = make_plan(spec, "sm_90a", {})
+    plan = make_plan(spec, "sm_90a", prefill_gemm.WS_TILE)
     alt = dataclasses.replace(plan, detail=dataclasses.replace(
         plan.detail, ws=dataclasses.replace(plan.detail.ws, async_tile_store=True)))
     plain, asy = render(plan).text, render(alt).text
