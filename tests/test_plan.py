@@ -66,7 +66,6 @@ def _fake_cupy(monkeypatch, maps: list | None = None):
         log.append((address, shape))
         return ("map", address, shape)
     monkeypatch.setattr(cuda_tma, "encode", encode)
-    monkeypatch.setattr(cuda_tma, "launch", lambda fn, grid, block, args, smem: fn(grid, block, args, smem))
     monkeypatch.setattr(cuda_workspace, "device_address", lambda a: a.ctypes.data)
 
 

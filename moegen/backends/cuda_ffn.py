@@ -87,7 +87,7 @@ def _launch_persistent(module, ws, call, stage: int, weights) -> None:
         args = (m13, m13, *common, ws.h, ws.sched1)
     else:
         args = (ws.h_map, m2, *common, ws.y_slot, ws.sched2)
-    cuda_tma.launch(_kernel(module, name, smem), grid, (tile.threads, 1, 1), args, smem)
+    _kernel(module, name, smem)(grid, (tile.threads, 1, 1), args, shared_mem=smem)
 
 
 # Functions whose dynamic shared-memory limit is already raised (held, so ids stay unique).

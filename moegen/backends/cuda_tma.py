@@ -1,14 +1,17 @@
-"""The driver calls of the persistent prefill kernel (tile kind "wgmma_ws"): its TMA tensor maps
-(CUtensorMap) and its launch, through libcuda by ctypes.
+"""TMA tensor maps (CUtensorMap) of the persistent prefill kernel (tile kind "wgmma_ws").
 
 `weight_maps` / `h_map` say what each map covers (pure: element type, dims, byte strides and
 box, innermost first, from the spec, the packed layout and the plan's tile); `encode` turns
-one into the 128 bytes the kernel takes by value (cuTensorMapEncodeTiled: host-only, no device
-memory).  `cuda_ffn` caches the weight maps per packed-buffer address on the module and the h
-map on the bucket's workspace, so a call encodes nothing after the first of its weights and
-bucket.  `launch` is cuLaunchKernel on the current CuPy stream: the driver places each
-parameter at the kernel's own offset (a __grid_constant__ CUtensorMap at 64-byte alignment),
-and a launch into a capturing stream is captured with its parameters by value.
+one into the 128 bytes the kernel takes by value, through the driver's cuTensorMapEncodeTiled
+(libcuda by ctypes: host-only, no device memory).  `cuda_ffn` caches the weight maps per
+packed-buffer address on the module and the h map on the bucket's workspace, so a call encodes
+nothing after the first of its weights and bucket.
+
+The maps travel as NumPy structured scalars through CuPy's RawKernel, which hands every
+argument to cuLaunchKernel by pointer: the driver copies it to the kernel's own parameter
+offset (64-byte aligned for a __grid_constant__ CUtensorMap), and a launch captured in a graph
+keeps the bytes.  Checked on an H200 (CuPy 14.2): a 128-byte struct after an int arrives
+intact, with or without CuPy's alignment metadata.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ _INTERLEAVE_NONE = 0
 _SWIZZLE_128B = 3
 _L2_PROMOTION_256B = 3
 _OOB_FILL_ZERO = 0             # CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE: out-of-bounds reads are 0
-# The kernel parameter: 128 bytes (the driver copies it into the parameter buffer).
+# The kernel parameter: 128 bytes (CuPy passes it by value).
 TMA_DESC_DTYPE = np.dtype({"names": ["v"], "formats": [(np.uint64, 16)]}, align=True)
 
 
@@ -69,8 +72,8 @@ def _driver():
 
 
 def encode(address: int, shape: MapShape):
-    """The CUtensorMap of ``shape`` at buffer ``address`` (a 0-d NumPy array of TMA_DESC_DTYPE,
-    whose memory `launch` passes to the driver).  Raises ValueError when the base or a stride is not 16-byte aligned (TMA's
+    """The CUtensorMap of ``shape`` at buffer ``address`` (a NumPy structured scalar of
+    TMA_DESC_DTYPE, a kernel argument for CuPy).  Raises ValueError when the base or a stride is not 16-byte aligned (TMA's
     rule), RuntimeError naming the driver's error otherwise."""
     base = int(address) + shape.offset_bytes
     if base % 16 or any(s % 16 for s in shape.strides):
@@ -92,30 +95,5 @@ def encode(address: int, shape: MapShape):
         lib.cuGetErrorString(rc, ctypes.byref(msg))
         raise RuntimeError(f"cuTensorMapEncodeTiled {shape}: CUDA error {rc} "
                            f"{msg.value.decode() if msg.value else ''}")
-    return desc
+    return desc[()]
 
-
-def launch(kernel, grid: tuple, block: tuple, args: tuple, shared_mem: int) -> None:
-    """cuLaunchKernel of ``kernel`` (a cupy.RawKernel) on the current CuPy stream.  ``args``:
-    tensor maps (from `encode`), CuPy arrays (their device address) and integer addresses.
-    Raises RuntimeError naming the driver's error."""
-    import cupy  # optional heavy package: only a launch on a GPU needs it
-    values, holders = [], []
-    for a in args:
-        if isinstance(a, np.ndarray) and a.dtype == TMA_DESC_DTYPE:
-            values.append(a.ctypes.data)
-            continue
-        ptr = int(a) if isinstance(a, (int, np.integer)) else int(a.data.ptr)
-        holders.append(ctypes.c_uint64(ptr))
-        values.append(ctypes.addressof(holders[-1]))
-    params = (ctypes.c_void_p * len(values))(*values)
-    lib = _driver()
-    stream = cupy.cuda.get_current_stream().ptr
-    rc = lib.cuLaunchKernel(ctypes.c_void_p(kernel.kernel.ptr), *map(ctypes.c_uint, grid),
-                            *map(ctypes.c_uint, block), ctypes.c_uint(shared_mem),
-                            ctypes.c_void_p(stream), params, None)
-    if rc != 0:
-        msg = ctypes.c_char_p()
-        lib.cuGetErrorString(rc, ctypes.byref(msg))
-        raise RuntimeError(f"cuLaunchKernel {kernel.name}: CUDA error {rc} "
-                           f"{msg.value.decode() if msg.value else ''}")
