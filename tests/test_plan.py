@@ -239,9 +239,12 @@ WS_TAG = cuda_tiles.WS_TILES[128].tag
     (MoESpec(8, 2, 256, 136, dtype="bfloat16"), False),                   # F not whole 64-wide k tiles
     (MoESpec(8, 2, 256, 512, dtype="float32"), False),                    # no tensor cores
 ], ids=lambda v: v.name if isinstance(v, MoESpec) else str(v))
-def test_persistent_prefill_kernel_is_a_choice_exactly_where_it_applies(spec, applies):
+@pytest.mark.parametrize("default", [False, True], ids=["choice", "default"])
+def test_persistent_prefill_kernel_is_offered_exactly_where_it_applies(spec, applies, default, monkeypatch):
     """The persistent kernel is offered for the prefill bucket on sm_90a where it applies, and
-    only there; the default stays the wgmma tile until the kernel passes the GPU tests."""
+    only there: as a tuning choice while WS_DEFAULT is off (today), as the default with the
+    wgmma tile as the choice once it is on."""
+    monkeypatch.setattr(cuda_tiles, "WS_DEFAULT", default)
     for arch in ("sm_90a", "sm_90", "sm_80"):
         want = applies and arch == "sm_90a"
         assert cuda_tiles.use_ws(spec, arch) == want
@@ -249,7 +252,13 @@ def test_persistent_prefill_kernel_is_a_choice_exactly_where_it_applies(spec, ap
         assert (WS_TAG in choices.get("tile_bm128", ())) == want, (arch, choices)
         assert all(WS_TAG not in v for k, v in choices.items() if k != "tile_bm128")
         cp = make_plan(spec.replace(backend="cuda", arch=arch), arch, {}).detail
-        assert all("wgmma_ws" not in (b.ffn1.kind, b.ffn2.kind) for b in cp.buckets)
+        kinds = [(b.ffn1.kind, b.ffn2.kind) for b in cp.buckets]
+        assert all("wgmma_ws" not in k for k in kinds[:-1])
+        assert (kinds[-1] == ("wgmma_ws", "wgmma_ws")) == (want and default), (arch, kinds)
+        if want and default:
+            assert choices["tile_bm128"][:2] == (WS_TAG, "wgmma_bm128_bn256_bk64_w2x4_s4")
+        elif want:
+            assert choices["tile_bm128"][:2] == ("wgmma_bm128_bn256_bk64_w2x4_s4", WS_TAG)
         if want:
             tuned = make_plan(spec.replace(backend="cuda", arch=arch), arch, {"tile_bm128": WS_TAG}).detail
             assert [(b.ffn1.kind, b.ffn2.kind) for b in tuned.buckets][-1] == ("wgmma_ws", "wgmma_ws")

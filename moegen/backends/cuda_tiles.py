@@ -212,12 +212,15 @@ WGMMA_TILES: dict[int, tuple[GemmTile, GemmTile]] = {
 # The persistent warp-specialised prefill tile (sm_90a, `use_ws`): 128 x 256, 4 stages, 384
 # threads.  H200, ffn1 + ffn2 alone (benchmarks/results/prefill_gemm_notes.md): 4-18% faster
 # than _PREFILL_WGMMA at T = 4096 and 16384 (mixtral T=16384 19.87 vs 21.69 ms).  A tuning
-# choice of the prefill bucket, not its default: the integrated kernel has not yet passed the
-# GPU tests (its first device run hung on a register split the CTA could not satisfy, since
-# refused by `cuda_plan.check_ws_registers`; the fixed kernel is unverified on a GPU).
+# choice of the prefill bucket, not yet its default (WS_DEFAULT): the integrated kernel has not
+# yet passed the GPU tests (its first device run hung on a register split the CTA could not
+# satisfy, since refused by `cuda_plan.check_ws_registers`; the fix has not run on a GPU).
 WS_TILES: dict[int, GemmTile] = {
     128: GemmTile("wgmma_ws", 128, 256, MMA_BK, 2, 4, 4),
 }
+# True once the persistent kernel has passed the GPU tests: it then becomes the prefill default
+# where it applies, and the wgmma tile the tuning alternative.
+WS_DEFAULT = False
 # Further tensor-core tiles `moegen tune` may try per bucket height (after the default).
 ALT_TILES: dict[int, tuple[GemmTile, ...]] = {
     16: (GemmTile("mma", 16, 128, MMA_BK, 1, 4, 4, min_blocks=2),),
@@ -230,17 +233,19 @@ def _default_tiles(spec: MoESpec, target: str | None, bm: int) -> tuple[GemmTile
     if not use_mma(spec):
         t = GemmTile("simt", bm, 64, SIMT_BK, 1, 1, 1)
         return t, t
+    if WS_DEFAULT and use_ws(spec, target) and bm in WS_TILES:
+        return WS_TILES[bm], WS_TILES[bm]
     if use_wgmma(spec, target) and bm in WGMMA_TILES:
         return WGMMA_TILES[bm]
     return MMA_TILES[bm]
 
 
 def _alt_tiles(spec: MoESpec, target: str | None, bm: int) -> tuple[GemmTile, ...]:
-    """The tiles a tensor-core bucket may use besides the default: the persistent tile where
-    it applies (`use_ws`), then ALT_TILES."""
+    """The tiles a tensor-core bucket may use besides the default: where the persistent tile
+    applies (`use_ws`) it or, when it is the default, the wgmma tile; then ALT_TILES."""
     alts = ALT_TILES.get(bm, ())
     if use_ws(spec, target) and bm in WS_TILES:
-        alts = (WS_TILES[bm], *alts)
+        alts = ((WGMMA_TILES[bm][0] if WS_DEFAULT else WS_TILES[bm]), *alts)
     return alts
 
 
