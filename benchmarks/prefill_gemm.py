@@ -96,10 +96,10 @@ def run(args):
     dev = torch.cuda.get_device_name(0)
     print(f"device {dev}, torch {torch.__version__}", flush=True)
     out = {"device": dev, "rows": []}
+    variants = args.variants.split(",")
     for shape in args.shapes.split(","):
         spec = SHAPES[shape].replace(backend="cuda")
         t0 = time.perf_counter()
-        variants = args.variants.split(",")
         kernels = {}
         if "ws" in variants:
             kernels["ws"] = build(spec, WS_TILE, args.async_tile_store)
@@ -136,7 +136,7 @@ def run(args):
                 reps = 3 if T > 8192 else 10
                 for name, k in kernels.items():      # warm both, then alternate
                     k(x, weights, out=outs[name])
-                for rnd in range(2):
+                for _ in range(2):
                     for name, k in kernels.items():
                         ms = median_ms(torch, lambda k=k, o=outs[name]: k(x, weights, out=o), reps)
                         row.setdefault(f"{name}_ms", []).append(round(ms, 4))
@@ -145,9 +145,9 @@ def run(args):
             if args.json:
                 with open(args.json, "w") as f:
                     json.dump(out, f, indent=1)
-        del weights, kernels
+        weights = kernels = outs = None          # free this shape's weights before the next
         torch.cuda.empty_cache()
-    if not args.check_only and len(kernels) == 2:
+    if not args.check_only and len(variants) == 2:
         print("\n| shape | T | wgmma ms | wgmma_ws ms | change | bitwise repeat | rel diff |")
         print("|---|---|---|---|---|---|---|")
         for r in out["rows"]:

@@ -17,6 +17,9 @@ Why these tiles (H100, 132 SMs):
   Mixtral T=16384), two warpgroups of
   64x256, 4 stages of 48 KB.  On plain sm_90 (no wgmma): mma.sync 128x256 tiles, 8 warps of
   64x64, 4 stages (measured 388 TFLOP/s on H100 at Mixtral T=16384, vs 330 for 128x128).
+  Also on sm_90a, as a tuning choice (`WS_TILES`, `use_ws`): the persistent warp-specialised
+  kernel (one CTA per SM, TMA producer warpgroup, dynamic tile scheduler), 4-18% faster in
+  ffn1 + ffn2 alone on an H200 (benchmarks/results/prefill_gemm_notes.md).
 * Every tensor-core grid is rasterised in groups of 8 M tiles so a wave of CTAs reuses A and B
   tiles in L2 (M-fastest order re-streamed every gathered x tile once per N tile).
 
