@@ -8,6 +8,7 @@ every dtype, activation and routing, E in {2, 8, 64, 128, 256}, k in {1, 2, 6, 8
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -191,3 +192,37 @@ def test_plan_covers_every_token_expert_and_h(spec, T):
     assert p.group_single == (slots <= g.single_max_slots)
     assert p.group_units * g.unit_slots >= slots
     assert p.combine_blocks * cp.combine_threads * cp.vec_h >= T * H
+
+
+# -- the persistent warp-specialised prefill kernel (sm_90a) ----------------------------------
+@pytest.mark.nvrtc
+@pytest.mark.parametrize("spec", [
+    MoESpec(8, 2, 4096, 14336, dtype="bfloat16"),
+    MoESpec(256, 8, 7168, 2048, dtype="bfloat16", routing="sigmoid_topk", n_group=8, topk_group=4,
+            num_shared_experts=1),
+    MoESpec(128, 8, 2048, 768, dtype="float16", activation="gelu")],
+    ids=lambda s: s.name)
+def test_persistent_prefill_kernels_compile_for_sm90a_without_spills(spec):
+    """The prefill bucket's "wgmma_ws" kernels (a tuning choice) compile through NVRTC for
+    sm_90a, the register split of the plan is honoured (ptxas warns C7508 when it ignores
+    setmaxnreg) from the launch count the plan's check assumes, nothing spills, and the plan's
+    shared memory fits an H100/H200 block."""
+    _need_nvrtc()
+    from cupy_backends.cuda.libs import nvrtc   # optional heavy package: NVRTC tests only
+    from moegen.backends import cuda_plan, cuda_tiles
+    spec = spec.replace(backend="cuda", arch="sm_90a")
+    plan = make_plan(spec, "sm_90a", {"tile_bm128": cuda_tiles.WS_TILES[128].tag})
+    last = plan.detail.buckets[-1]
+    assert last.ffn1.kind == last.ffn2.kind == "wgmma_ws"
+    assert last.ffn1.smem_bytes(spec.dt.itemsize) <= 227 * 1024
+    prog = nvrtc.createProgram(render(plan).text, "moe.cu", [], [])
+    nvrtc.compileProgram(prog, BE.options(spec, "sm_90a") + ["--ptxas-options=-v"])
+    log = nvrtc.getProgramLog(prog)
+    log = log if isinstance(log, str) else log.decode()
+    assert "C7508" not in log
+    spills = dict(re.findall(r"Function properties for (\w+)\n[^\n]*?(\d+) bytes spill stores", log))
+    regs = dict(re.findall(r"Function properties for (\w+)\n[^\n]*\n[^\n]*?Used (\d+) registers", log))
+    for name in (last.ffn1_kernel, last.ffn2_kernel):
+        assert spills[name] == "0", (name, log)
+        assert int(regs[name]) == cuda_plan.launch_registers(last.ffn1.threads), (name, log)
+        assert name.encode() in nvrtc.getCUBIN(prog)

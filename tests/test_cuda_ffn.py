@@ -38,17 +38,17 @@ SPECS = {
 }
 
 
-def _plan(spec: MoESpec, arch: str | None = None):
+def _plan(spec: MoESpec, arch: str | None = None, tuning: dict | None = None, sms: int = 132):
     arch = arch or spec.arch or "sm_90"
-    return make_plan(spec.replace(backend="cuda", arch=arch), arch, {}, sms=132).detail
+    return make_plan(spec.replace(backend="cuda", arch=arch), arch, tuning or {}, sms=sms).detail
 
 
-def _buckets(spec: MoESpec) -> list:
-    return list(_plan(spec).buckets)
+def _buckets(spec: MoESpec, tuning: dict | None = None) -> list:
+    return list(_plan(spec, tuning=tuning).buckets)
 
 
-def _context(spec: MoESpec, arch: str) -> dict:
-    return cuda_plan.render_context(spec, _plan(spec, arch))
+def _context(spec: MoESpec, arch: str, tuning: dict | None = None) -> dict:
+    return cuda_plan.render_context(spec, _plan(spec, arch, tuning))
 
 
 # -- CPU: configuration rules ----------------------------------------------------------------
@@ -124,10 +124,10 @@ def _nvrtc():
     return nvrtc
 
 
-def compile_ffn(spec: MoESpec, arch: str = "sm_90") -> tuple[bytes, str]:
+def compile_ffn(spec: MoESpec, arch: str = "sm_90", tuning: dict | None = None) -> tuple[bytes, str]:
     """The ffn template alone, compiled by NVRTC: (cubin, ptxas log)."""
     nvrtc = _nvrtc()
-    ctx = _context(spec, arch)       # the layer's constants and conversions, then the FFNs
+    ctx = _context(spec, arch, tuning)       # the layer's constants and conversions, then the FFNs
     src = render_template("cuda/_layer.cuh.jinja", **ctx) + render_template("cuda/ffn.cu.jinja", **ctx)
     prog = nvrtc.createProgram(src, "ffn.cu", [], [])
     try:
@@ -186,8 +186,9 @@ def _cupy():
 @dataclass
 class FfnModule:
     """The ffn kernels of one spec, loaded from their own cubin (what CudaModule provides to
-    `cuda_ffn`: spec, layout, function(name))."""
+    `cuda_ffn`: spec, plan, layout, function(name))."""
     spec: MoESpec
+    plan: object
     layout: object
     raw: object
 
@@ -206,6 +207,9 @@ class FfnWorkspace:
     h: object
     y_slot: object
     topk_weights: object
+    sched1: object = None
+    sched2: object = None
+    h_map: object = None
 
 
 def _raw(spec: MoESpec):
@@ -218,11 +222,13 @@ def _poison(cp, a):
     a.view(cp.uint8).fill(0xFF)
 
 
-def run_ffn(spec: MoESpec, T: int, seed: int = 0):
-    """Run ffn1 + ffn2 for T random tokens; returns (out [T, H] float64, ref [T, H] float64)."""
+def run_ffn(spec: MoESpec, T: int, seed: int = 0, tuning: dict | None = None, repeat: int = 1):
+    """Run ffn1 + ffn2 for T random tokens; returns (out [T, H] float64, ref [T, H] float64).
+    ``repeat`` > 1: run them that many times and require bitwise equal y_slot every time, and
+    the persistent kernels' tile counters back at 0."""
     cp = _cupy()
-    from moegen.backends import cuda_ffn
-    mod = _module(spec)
+    from moegen.backends import cuda_ffn, cuda_tma
+    mod = _module(spec, tuning)
     x, w = reference.random_problem(spec, T, seed=seed)
     ids, wts, _, _ = reference.route(spec, x, w["router"])
     wts = wts.astype(np.float32)
@@ -230,18 +236,32 @@ def run_ffn(spec: MoESpec, T: int, seed: int = 0):
     buf, router = pack_host(mod.layout, logical)
     raw = _raw(spec)
     packed = PackedWeights(cp.asarray(buf.view(raw)), cp.asarray(router.view(raw)), mod.layout)
-    cfg = cuda_tiles.bucket_for(_buckets(spec), T)
+    cfg = cuda_tiles.bucket_for(list(mod.plan.buckets), T)
     sizes = cuda_tiles.workspace_sizes(spec, cfg, max(T, 1))
     sr, te, tr, nt = cuda_tiles.grouped_layout_host(spec, ids, cfg.bm, sizes["max_tiles"])
     ws = FfnWorkspace(cfg, T, cp.asarray(sr), cp.asarray(te), cp.asarray(tr), cp.asarray(nt),
                       cp.empty(sizes["h"], raw), cp.empty(sizes["y_slot"], raw),
                       cp.asarray(wts.reshape(T, spec.top_k)))
+    if cfg.ffn2.persistent:
+        c = mod.plan.ws.counters
+        sched = cp.zeros(2 * c, cp.int32)
+        ws.sched1, ws.sched2 = sched[:c], sched[c:]
+        t = cfg.ffn2
+        ws.h_map = cuda_tma.encode(ws.h.data.ptr, cuda_tma.h_map(spec, sizes["max_tiles"] * cfg.bm, t.bm, t.bk))
     _poison(cp, ws.h)
     _poison(cp, ws.y_slot)
     call = Call(x=cp.asarray(x.view(raw)), packed=packed, out=None, tokens=T)
-    cuda_ffn.launch_ffn1(mod, ws, call)
-    cuda_ffn.launch_ffn2(mod, ws, call)
-    cp.cuda.get_current_stream().synchronize()
+    first = None
+    for _ in range(repeat):
+        cuda_ffn.launch_ffn1(mod, ws, call)
+        cuda_ffn.launch_ffn2(mod, ws, call)
+        cp.cuda.get_current_stream().synchronize()
+        if first is None:
+            first = ws.y_slot.copy()
+        else:
+            assert bool((ws.y_slot == first).all()), "y_slot differs between two runs"
+        if ws.sched1 is not None:
+            assert ws.sched1.tolist() == ws.sched2.tolist() == [0] * mod.plan.ws.counters
     KT = spec.top_k + spec.num_shared_experts
     y = ws.y_slot.get().view(spec.dt.numpy)[: cfg.ffn2_splits * T * KT * spec.hidden_dim]
     y = y.astype(np.float64).reshape(cfg.ffn2_splits, T, KT, spec.hidden_dim)
@@ -256,18 +276,21 @@ def run_ffn(spec: MoESpec, T: int, seed: int = 0):
 _MODULES: dict = {}
 
 
-def _module(spec: MoESpec) -> FfnModule:
+def _module(spec: MoESpec, tuning: dict | None = None) -> FfnModule:
     cp = _cupy()
-    if spec not in _MODULES:
+    key = (spec, tuple(sorted((tuning or {}).items())))
+    if key not in _MODULES:
         import os
         import tempfile
-        cubin, _ = compile_ffn(spec, arch=spec.arch or _arch(cp))
+        arch = spec.arch or _arch(cp)
+        cubin, _ = compile_ffn(spec, arch=arch, tuning=tuning)
         path = os.path.join(tempfile.mkdtemp(prefix="moegen-ffn-test-"), "ffn.cubin")
         with open(path, "wb") as f:
             f.write(cubin)
         raw = cp.RawModule(path=path)       # loads lazily: the file must outlive this call
-        _MODULES[spec] = FfnModule(spec, cuda_tiles.packed_layout(spec), raw)
-    return _MODULES[spec]
+        sms = cp.cuda.Device().attributes["MultiProcessorCount"]
+        _MODULES[key] = FfnModule(spec, _plan(spec, arch, tuning, sms=sms), cuda_tiles.packed_layout(spec), raw)
+    return _MODULES[key]
 
 
 def _arch(cp) -> str:
@@ -311,17 +334,31 @@ def test_small_grid(name):
         assert reference.rel_error(out, ref) <= spec.dt.tolerance
 
 
+_WS_TILE = {"tile_bm128": cuda_tiles.WS_TILES[128].tag}
+
+
+# The sm_90a prefill kernels' specs: the tensor-core ones, and one whose N sizes (2F = 640,
+# H = 192) are not whole 256-wide tiles (TMA fills the boxes' out-of-bounds rows with zeros).
+PREFILL_SPECS = {**{n: s for n, s in SPECS.items() if cuda_tiles.use_mma(s)},
+                 "e8-k2-h192-f320-bf16-swiglu": MoESpec(8, 2, 192, 320, dtype="bfloat16")}
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", [n for n, s in SPECS.items() if cuda_tiles.use_mma(s)])
-def test_wgmma_prefill_matches_reference(name):
-    """The wgmma kernels, launched one CTA per output tile, past the mid bucket and at a T
-    with more tiles than SMs."""
+@pytest.mark.parametrize("tile", ["default", "ws"])
+@pytest.mark.parametrize("name", list(PREFILL_SPECS))
+def test_wgmma_prefill_matches_reference(name, tile):
+    """The sm_90a prefill kernels (the default one-CTA-per-tile wgmma tile, and the persistent
+    "wgmma_ws" tuning choice where it applies) past the mid bucket, at its boundary, odd counts,
+    and a T with more tiles than SMs; the persistent kernel twice per T, bitwise equal."""
     cp = _cupy()
     if cp.cuda.Device().compute_capability != "90":
         pytest.skip("wgmma needs an sm_90 device")
-    spec = SPECS[name].replace(arch="sm_90a")
+    spec = PREFILL_SPECS[name].replace(arch="sm_90a")
+    tuning = _WS_TILE if tile == "ws" else None
+    if tile == "ws" and not cuda_tiles.use_ws(spec):
+        pytest.skip("the persistent kernel does not apply")
     start = _buckets(spec)[-2].max_tokens + 1
-    for T in (start, start + 129, 2000):
-        out, ref = run_ffn(spec, T, seed=7 + T)
+    for T in (start, start + 1, start + 129, 2000, 5001):
+        out, ref = run_ffn(spec, T, seed=7 + T, tuning=tuning, repeat=2 if tile == "ws" else 1)
         err = reference.rel_error(out, ref)
-        assert err <= spec.dt.tolerance, f"{name} sm_90a T={T}: rel error {err:.3g}"
+        assert err <= spec.dt.tolerance, f"{name} sm_90a {tile} T={T}: rel error {err:.3g}"

@@ -602,6 +602,74 @@ def test_cuda_graph_capture_torch():
     assert reference.rel_error(to_host(out), ref) <= spec.dt.tolerance
 
 
+@functools.lru_cache(maxsize=None)
+def tuned_kernel_for(name: str, tile: str) -> MoEKernel:
+    """``name``'s kernel with its prefill bucket on tile ``tile`` (a tuning choice)."""
+    from moegen.backends import get_backend
+    from moegen.backends.base import Artifact
+    from moegen.plan import make_plan
+    from moegen.render import render
+    spec = _resolved(ALL_SPECS[name])
+    be = get_backend("cuda")
+    plan = make_plan(spec, spec.arch, {"tile_bm128": tile}, sms=be.sm_count(spec.arch))
+    art = be.compile(render(plan), spec, spec.arch, "test")
+    return MoEKernel(spec, be.load(Artifact(art.binary, art.meta), plan), art.meta)
+
+
+@pytest.mark.skipif(not HAVE_TORCH, reason="needs torch")
+def test_persistent_prefill_graph_capture_bitwise_repeats_no_allocation():
+    """The persistent "wgmma_ws" prefill kernels (tensor maps as kernel parameters, tile
+    counters in the workspace) in the whole layer: against the float64 reference, eager calls
+    repeat bit for bit, the tile counters are back at 0, calls after the first allocate
+    nothing, and a captured call replays correctly on new inputs."""
+    from moegen.backends import cuda_tiles
+    name = "e8-k2-h512-f2048-bf16-swiglu"
+    T = 3001                                        # prefill bucket, more tiles than SMs
+    spec, _, x, w, packed, bias, xd = problem(name, T, seed=3)
+    if not cuda_tiles.use_ws(spec, _resolved(spec).arch):
+        pytest.skip("the persistent kernel needs sm_90a")
+    k = tuned_kernel_for(name, cuda_tiles.WS_TILES[128].tag)
+    packed = k.pack(**reference.weight_kwargs(spec, w), router_layout="eh")
+    ws = k.module.workspace(T)
+    assert ws.bucket.ffn1.kind == "wgmma_ws"
+    assert ws.bucket.max_tokens is None
+    outs = []
+    for _ in range(3):
+        out = poisoned_like(xd)
+        k(xd, packed, out=out)
+        torch.cuda.synchronize()
+        outs.append(out)
+    assert all(torch.equal(o.view(torch.int16), outs[0].view(torch.int16)) for o in outs[1:])
+    assert ws.sched1.tolist() == ws.sched2.tolist() == [0] * k.module.plan.ws.counters
+    ids, wts = k.route(xd, packed)
+    ref, _ = reference.moe(spec, x, w, topk_ids=cp.asnumpy(ids), topk_weights=cp.asnumpy(wts))
+    assert reference.rel_error(to_host(outs[0]), ref) <= spec.dt.tolerance
+    hook = _CountAllocs()
+    with hook:
+        k(xd, packed, out=outs[1])
+        torch.cuda.synchronize()
+    assert hook.count == 0
+    out = outs[0]
+    graph = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        k(xd, packed, out=out)
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    with torch.cuda.graph(graph):
+        k(xd, packed, out=out)
+    x2 = random_x(spec, T, seed=97)
+    xd.copy_(to_device(x2))
+    out.fill_(float("nan"))
+    graph.replay()
+    graph.replay()
+    torch.cuda.synchronize()
+    ids, wts = k.route(xd, packed)
+    ref, _ = reference.moe(spec, x2, w, topk_ids=cp.asnumpy(ids), topk_weights=cp.asnumpy(wts))
+    assert reference.rel_error(to_host(out), ref) <= spec.dt.tolerance
+
+
 class _CountAllocs(cp.cuda.MemoryHook):
     name = "count_allocs"
 

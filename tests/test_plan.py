@@ -14,7 +14,7 @@ import types
 import numpy as np
 import pytest
 
-from moegen.backends import cuda_ffn, cuda_tiles
+from moegen.backends import cuda_ffn, cuda_plan, cuda_tiles, cuda_tma, cuda_workspace
 from moegen.backends.base import Call
 from moegen.backends.cuda_plan import ARCH_SMS, CudaPlan
 from moegen.backends.cuda_workspace import Workspace, launch_shapes
@@ -54,11 +54,19 @@ def test_sm_count_is_a_plan_input_used_by_tiles_and_launches():
     assert launch_shapes(big, few, 100).route_splits < launch_shapes(big, many, 100).route_splits
 
 
-def _fake_cupy(monkeypatch):
-    """CuPy's allocation calls answered by NumPy (sizes and shapes only; nothing runs)."""
+def _fake_cupy(monkeypatch, maps: list | None = None):
+    """CuPy's allocation calls answered by NumPy (sizes and shapes only; nothing runs), and
+    TMA tensor maps recorded in ``maps`` as (address, MapShape) instead of encoded."""
     fake = types.SimpleNamespace(empty=np.empty, zeros=np.zeros, int32=np.int32,
                                  float32=np.float32, uint8=np.uint8)
     monkeypatch.setitem(sys.modules, "cupy", fake)
+    log = maps if maps is not None else []
+
+    def encode(address, shape):
+        log.append((address, shape))
+        return ("map", address, shape)
+    monkeypatch.setattr(cuda_tma, "encode", encode)
+    monkeypatch.setattr(cuda_workspace, "device_address", lambda a: a.ctypes.data)
 
 
 class _Recorder:
@@ -70,6 +78,7 @@ class _Recorder:
 
     def __call__(self, grid, block, args, shared_mem=0):
         self.log.append((self.name, tuple(grid), tuple(block), shared_mem))
+        self.args = args
 
 
 def _launch(plan: KernelPlan, tokens: int, monkeypatch):
@@ -213,3 +222,131 @@ def test_every_stage_launches_the_plans_kernels_with_the_plans_blocks(spec, monk
     smem = {name: s for name, _, _, s in log}
     if cp.tensor_cores:
         assert smem["moe_route_logits_mma"] == cp.route.mma_smem
+
+
+# -- the persistent warp-specialised prefill kernel (tile kind "wgmma_ws") -------------------
+
+WS_TAG = cuda_tiles.WS_TILES[128].tag
+
+
+@pytest.mark.parametrize("spec, applies", [
+    (MoESpec(8, 2, 4096, 14336, dtype="bfloat16"), True),
+    (MoESpec(8, 2, 256, 512, dtype="float16"), True),
+    (MoESpec(64, 8, 512, 256, dtype="bfloat16", num_shared_experts=1), True),
+    (MoESpec(8, 2, 256, 512, dtype="bfloat16", activation="relu"), True),
+    (MoESpec(8, 2, 256, 512, dtype="bfloat16", bias=True), False),        # no bias in its epilogue
+    (MoESpec(8, 2, 200, 512, dtype="bfloat16"), False),                   # H not whole 64-wide k tiles
+    (MoESpec(8, 2, 256, 136, dtype="bfloat16"), False),                   # F not whole 64-wide k tiles
+    (MoESpec(8, 2, 256, 512, dtype="float32"), False),                    # no tensor cores
+], ids=lambda v: v.name if isinstance(v, MoESpec) else str(v))
+@pytest.mark.parametrize("default", [False, True], ids=["choice", "default"])
+def test_persistent_prefill_kernel_is_offered_exactly_where_it_applies(spec, applies, default, monkeypatch):
+    """The persistent kernel is offered for the prefill bucket on sm_90a where it applies, and
+    only there: as a tuning choice while WS_DEFAULT is off (today), as the default with the
+    wgmma tile as the choice once it is on."""
+    monkeypatch.setattr(cuda_tiles, "WS_DEFAULT", default)
+    for arch in ("sm_90a", "sm_90", "sm_80"):
+        want = applies and arch == "sm_90a"
+        assert cuda_tiles.use_ws(spec, arch) == want
+        choices = cuda_tiles.tile_choices(spec, arch)
+        assert (WS_TAG in choices.get("tile_bm128", ())) == want, (arch, choices)
+        assert all(WS_TAG not in v for k, v in choices.items() if k != "tile_bm128")
+        cp = make_plan(spec.replace(backend="cuda", arch=arch), arch, {}).detail
+        kinds = [(b.ffn1.kind, b.ffn2.kind) for b in cp.buckets]
+        assert all("wgmma_ws" not in k for k in kinds[:-1])
+        assert (kinds[-1] == ("wgmma_ws", "wgmma_ws")) == (want and default), (arch, kinds)
+        if want and default:
+            assert choices["tile_bm128"][:2] == (WS_TAG, "wgmma_bm128_bn256_bk64_w2x4_s4")
+        elif want:
+            assert choices["tile_bm128"][:2] == ("wgmma_bm128_bn256_bk64_w2x4_s4", WS_TAG)
+        if want:
+            tuned = make_plan(spec.replace(backend="cuda", arch=arch), arch, {"tile_bm128": WS_TAG}).detail
+            assert [(b.ffn1.kind, b.ffn2.kind) for b in tuned.buckets][-1] == ("wgmma_ws", "wgmma_ws")
+        else:
+            with pytest.raises(ValueError, match="tile_bm128"):
+                make_plan(spec.replace(backend="cuda", arch=arch), arch, {"tile_bm128": WS_TAG})
+
+
+def test_persistent_kernel_renders_only_when_chosen():
+    spec = MoESpec(8, 2, 4096, 14336, dtype="bfloat16", backend="cuda", arch="sm_90a")
+    default = make_plan(spec, "sm_90a", {})
+    assert default.detail.buckets[-1].ffn1.kind == "wgmma"
+    text = render(default).text
+    assert "ffn_ws<" not in text and "mbarrier" not in text
+    new_text = render(make_plan(spec, "sm_90a", {"tile_bm128": WS_TAG})).text
+    assert "moe_ffn::ffn_ws<1, 256, 4, 8>(" in new_text and "moe_ffn::ffn_ws<2, 256, 4, 8>(" in new_text
+
+
+def _ws_plan(spec, sms=132):
+    return make_plan(spec, spec.arch, {"tile_bm128": WS_TAG}, sms=sms)
+
+
+def test_a_register_split_the_cta_cannot_satisfy_is_refused():
+    """setmaxnreg.inc waits for registers the producers' setmaxnreg.dec gave back to the CTA:
+    48 / 232 at 384 threads (168 each at launch) frees 15360 and wants 16384, which hung the
+    first device run; the render refuses it, and the default split fits exactly."""
+    spec = MoESpec(8, 2, 256, 512, dtype="bfloat16", backend="cuda", arch="sm_90a")
+    plan = _ws_plan(spec)
+    ws = plan.detail.ws
+    assert cuda_plan.launch_registers(384) == 168
+    assert (168 - ws.producer_regs) * 128 >= (ws.consumer_regs - 168) * 256
+    render(plan)
+    for p_regs, c_regs in ((48, 232), (40, 240), (44, 224)):
+        bad = dataclasses.replace(plan, detail=dataclasses.replace(
+            plan.detail, ws=dataclasses.replace(ws, producer_regs=p_regs, consumer_regs=c_regs)))
+        with pytest.raises(ValueError, match="producer_regs"):
+            render(bad)
+    ok = dataclasses.replace(plan, detail=dataclasses.replace(
+        plan.detail, ws=dataclasses.replace(ws, producer_regs=48, consumer_regs=224)))
+    assert "constexpr int kProducerRegs = 48;" in render(ok).text
+
+
+def test_persistent_tile_constants_reach_render_workspace_and_launch(monkeypatch):
+    """Every constant of the persistent kernel comes from the plan: a changed stage count,
+    raster group and register split show up in the source, the shared memory and the launch;
+    the launch uses at most the plan's SM count of CTAs, the tensor maps are made once (h with
+    the workspace, the weights per packed buffer) and the tile counters live in the workspace."""
+    spec = MoESpec(8, 2, 256, 512, dtype="bfloat16", backend="cuda", arch="sm_90a")
+    base = _ws_plan(spec, sms=5)
+    last = base.detail.buckets[-1]
+    tile = dataclasses.replace(last.ffn1, stages=3, group_m=4)
+    bucket = dataclasses.replace(last, ffn1=tile, ffn2=tile, ffn1_kernel=f"moe_ffn1_{tile.tag}",
+                                 ffn2_kernel=f"moe_ffn2_{tile.tag}_k1")
+    ws_plan = dataclasses.replace(base.detail.ws, producer_regs=48, consumer_regs=224)
+    detail = dataclasses.replace(base.detail, buckets=(*base.detail.buckets[:-1], bucket), ws=ws_plan)
+    changed = dataclasses.replace(base, detail=detail)
+    text = render(changed).text
+    assert "moe_ffn::ffn_ws<1, 256, 3, 4>(" in text and f"{bucket.ffn1_kernel}(" in text
+    assert "constexpr int kProducerRegs = 48;" in text and "constexpr int kConsumerRegs = 224;" in text
+    assert tile.threads == 384 and tile.persistent
+    assert tile.smem_bytes(2) == 1024 + 3 * (128 + 256) * 128 + 16 * 3 + cuda_tiles.WS_RING_BYTES
+
+    maps: list = []
+    _fake_cupy(monkeypatch, maps)
+    T = 5000
+    ws = Workspace(spec, detail, bucket, 8192).view(T)
+    assert ws.sched1.tolist() == ws.sched2.tolist() == [0] * detail.ws.counters
+    (h_addr, h_shape), = maps          # h's map covers the workspace's whole h buffer
+    assert h_shape.dims == (512, cuda_tiles.max_tiles(spec, bucket, 8192) * 128)
+    assert h_shape.box == (64, 128) and h_shape.strides == (2 * 512,) and h_shape.data_type == 9
+    log: list = []
+    recorders = {}
+
+    def function(name):
+        recorders[name] = _Recorder(name, log)
+        return recorders[name]
+    module = types.SimpleNamespace(spec=spec, plan=detail, layout=cuda_tiles.packed_layout(spec),
+                                   function=function)
+    buffer = 0x7f0000000000           # a packed buffer's device address (as from torch)
+    call = Call(x=0, packed=types.SimpleNamespace(buffer=buffer), out=None, tokens=T, topk_weights=0)
+    for _ in range(2):
+        cuda_ffn.launch_ffn1(module, ws, call)
+        cuda_ffn.launch_ffn2(module, ws, call)
+    assert len(maps) == 3            # h once with the workspace, w13 and w2 once per buffer
+    w13, w2 = maps[1][1], maps[2][1]
+    assert w13.dims == (256, 1024, 8) and w13.box == (64, 256, 1) and w2.dims == (512, 256, 8)
+    for name, grid, block, smem in log:
+        assert grid == (5, 1, 1) and block == (384, 1, 1) and smem == tile.smem_bytes(2)
+    a1, a2 = recorders[bucket.ffn1_kernel].args, recorders[bucket.ffn2_kernel].args
+    assert a1[0] == a1[1] == ("map", *maps[1]) and a1[-1] is ws.sched1 and a1[-2] is ws.h
+    assert a2[0] is ws.h_map and a2[1] == ("map", *maps[2]) and a2[-1] is ws.sched2

@@ -724,6 +724,10 @@ __device__ __forceinline__ float act_silu(float g) { return g / (1.0f + expf(-g)
 __device__ __forceinline__ float act_gelu(float g) { return 0.5f * g * (1.0f + erff(g * 0.7071067811865476f)); }
 __device__ __forceinline__ float act_relu(float g) { return g < 0.0f ? 0.0f : g; }
 __device__ __forceinline__ float act(float g) { return act_silu(g); }
+// The fast epilogue's activation (__expf, __fdividef): SiLU within 1.3e-5 relative of act_silu.
+__device__ __forceinline__ float act_silu_fast(float g) { return __fdividef(g, 1.0f + __expf(-g)); }
+template <bool FAST>
+__device__ __forceinline__ float act_of(float g) { return FAST ? act_silu_fast(g) : act(g); }
 
 // Packed w13 row of gate column f and of its up column (see moegen/layout.py).
 constexpr int kIlv = kInterleave > 0 ? kInterleave : 1;
@@ -933,6 +937,15 @@ __device__ __forceinline__ unsigned pack2(float lo, float hi)
 {
     return static_cast<unsigned>(from_f32(lo)) | (static_cast<unsigned>(from_f32(hi)) << 16);
 }
+// The same pair in one instruction (round to nearest even): the fast epilogue's.
+__device__ __forceinline__ unsigned pack2_cvt(float lo, float hi)
+{
+    unsigned r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+template <bool FAST>
+__device__ __forceinline__ unsigned pack(float lo, float hi) { return FAST ? pack2_cvt(lo, hi) : pack2(lo, hi); }
 
 // Grouped rasterisation of (M tile, N tile) pairs numbered lin = 0 .. m_tiles*n_tiles-1:
 // GROUP_M consecutive M tiles sweep all N tiles together, so CTAs running at the same time
@@ -1107,7 +1120,7 @@ __device__ __forceinline__ void ffn2_rows(const elem_t* h, const elem_t* w2, con
 // wgmma m64nN layouts agree per warp): rows r16 + lane/4 (+8), packed columns n_base + 8j +
 // 2(lane%4).  With the 8-row gate/up interleave, fragments 2q and 2q+1 are gate and up of the
 // same 8 h columns, so the activation is applied in registers.
-template <int NI>
+template <int NI, bool FAST = false>
 __device__ __forceinline__ void ffn1_store(const float (&acc)[NI][4], long long r16, int n_base,
                                            const elem_t* __restrict__ b13, elem_t* __restrict__ h)
 {
@@ -1127,7 +1140,7 @@ __device__ __forceinline__ void ffn1_store(const float (&acc)[NI][4], long long 
                     g0 += to_f32(b13[p]); g1 += to_f32(b13[p + 1]);
                     u0 += to_f32(b13[p + 8]); u1 += to_f32(b13[p + 9]);
                 }
-                *reinterpret_cast<unsigned*>(hrow + f) = pack2(act(g0) * u0, act(g1) * u1);
+                *reinterpret_cast<unsigned*>(hrow + f) = pack<FAST>(act_of<FAST>(g0) * u0, act_of<FAST>(g1) * u1);
             }
         } else {
 #pragma unroll
@@ -1136,7 +1149,7 @@ __device__ __forceinline__ void ffn1_store(const float (&acc)[NI][4], long long 
                 if (n >= kFfn) continue;
                 float v0 = acc[ni][2 * half], v1 = acc[ni][2 * half + 1];
                 if (kBias) { v0 += to_f32(b13[n]); v1 += to_f32(b13[n + 1]); }
-                *reinterpret_cast<unsigned*>(hrow + n) = pack2(act(v0), act(v1));
+                *reinterpret_cast<unsigned*>(hrow + n) = pack<FAST>(act_of<FAST>(v0), act_of<FAST>(v1));
             }
         }
     }
@@ -1144,7 +1157,7 @@ __device__ __forceinline__ void ffn1_store(const float (&acc)[NI][4], long long 
 
 // ffn2 epilogue of one 16-row block: y_slot[split, slot] = weight · (acc (+ b2 in split 0)),
 // skipping padding rows.
-template <int NI>
+template <int NI, bool FAST = false>
 __device__ __forceinline__ void ffn2_store(const float (&acc)[NI][4], int r16, int n_base, int split,
                                            const int* __restrict__ sorted_rows,
                                            const float* __restrict__ topk_weights, int slot_count,
@@ -1163,7 +1176,7 @@ __device__ __forceinline__ void ffn2_store(const float (&acc)[NI][4], int r16, i
             if (n >= kHidden) continue;
             float v0 = acc[ni][2 * half], v1 = acc[ni][2 * half + 1];
             if (kBias && split == 0) { v0 += to_f32(b2[n]); v1 += to_f32(b2[n + 1]); }
-            *reinterpret_cast<unsigned*>(y + n) = pack2(wt * v0, wt * v1);
+            *reinterpret_cast<unsigned*>(y + n) = pack<FAST>(wt * v0, wt * v1);
         }
     }
 }

@@ -4,10 +4,17 @@
 Neither synchronises nor allocates: the grid is sized by an upper bound of M tiles computed on
 the host from T alone, and blocks past the group stage's ``num_tiles`` exit at once.
 
+The persistent prefill kernels (tile kind "wgmma_ws") take a grid of at most the plan's SM
+count, read the M tile count on the device and take tiles from a counter in the workspace
+(``ws.sched1`` / ``ws.sched2``, left at 0 by every launch); their operands come by TMA through
+tensor maps passed by value: the weights' maps made once per packed-buffer address and kept on
+the module, the h map made once with the bucket's workspace (``ws.h_map``).
+
 What they read:
-    module.spec, module.function(name) -> cupy.RawKernel (cached)
+    module.spec, module.plan (`CudaPlan`), module.layout, module.function(name) -> cupy.RawKernel
     ws.bucket (a `cuda_tiles.BucketConfig`), ws.tokens, ws.sorted_rows, ws.tile_expert,
-    ws.tile_row0, ws.num_tiles, ws.h, ws.y_slot, ws.topk_weights
+    ws.tile_row0, ws.num_tiles, ws.h, ws.y_slot, ws.topk_weights (and ws.sched1, ws.sched2,
+    ws.h_map for persistent tiles)
     call.x [T, H], call.packed.buffer (the packed weights), call.topk_weights (experts-only calls)
 """
 
@@ -15,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import cuda_tiles
+from . import cuda_tiles, cuda_tma
 
 
 def _ptr(a):
@@ -48,6 +55,41 @@ def _grid(tile, m_tiles: int, n_tiles: int, splits: int) -> tuple[int, int, int]
     return (m_tiles, n_tiles, splits)
 
 
+# Tensor maps of packed weights kept per module: a few buffers at most (an LRU of this size).
+WEIGHT_MAPS_KEPT = 8
+
+
+def weight_maps(module, tile, buffer) -> tuple:
+    """(w13 map, w2 map) of the packed buffer at ``buffer`` for ``tile``: encoded on the first
+    call for that address and kept on the module (host-only work; no device memory)."""
+    cache = module.__dict__.setdefault("_tma_weight_maps", {})
+    key = (_address(buffer), tile.bn, tile.bk)
+    maps = cache.get(key)
+    if maps is None:
+        if len(cache) >= WEIGHT_MAPS_KEPT:
+            cache.pop(next(iter(cache)))
+        shapes = cuda_tma.weight_maps(module.spec, module.layout, tile.bn, tile.bk)
+        maps = cache[key] = tuple(cuda_tma.encode(key[0], s) for s in shapes)
+    return maps
+
+
+def _launch_persistent(module, ws, call, stage: int, weights) -> None:
+    """One launch of a persistent "wgmma_ws" kernel: grid = min(SMs, an upper bound of tiles)."""
+    spec, cfg, tokens = module.spec, ws.bucket, call.tokens
+    tile, name = (cfg.ffn1, cfg.ffn1_kernel) if stage == 1 else (cfg.ffn2, cfg.ffn2_kernel)
+    n_cols = module.layout.gate_rows if stage == 1 else spec.hidden_dim
+    tiles = _grid_tiles(spec, cfg, tokens) * -(-n_cols // tile.bn)
+    grid = (max(1, min(module.plan.sms, tiles)), 1, 1)
+    smem = tile.smem_bytes(spec.dt.itemsize)
+    m13, m2 = weight_maps(module, tile, call.packed.buffer)
+    common = (_ptr(call.x), ws.sorted_rows, ws.tile_expert, ws.tile_row0, ws.num_tiles, _ptr(weights))
+    if stage == 1:
+        args = (m13, m13, *common, ws.h, ws.sched1)
+    else:
+        args = (ws.h_map, m2, *common, ws.y_slot, ws.sched2)
+    _kernel(module, name, smem)(grid, (tile.threads, 1, 1), args, shared_mem=smem)
+
+
 # Functions whose dynamic shared-memory limit is already raised (held, so ids stay unique).
 _RAISED: dict[int, object] = {}
 
@@ -75,6 +117,9 @@ def launch_ffn1(module, ws, call) -> None:
         raise ValueError(f"x must start at a {align}-byte aligned address for {spec.name}, "
                          f"got address {_address(call.x):#x}; pass a fresh contiguous copy")
     tile = cfg.ffn1
+    if tile.persistent:
+        _launch_persistent(module, ws, call, 1, ws.topk_weights)
+        return
     n_cols = spec.ffn_dim if tile.kind == "simt" else module.layout.gate_rows
     grid = _grid(tile, _grid_tiles(spec, cfg, tokens), -(-n_cols // tile.bn), 1)
     smem = tile.smem_bytes(spec.dt.itemsize)
@@ -94,8 +139,11 @@ def launch_ffn2(module, ws, call) -> None:
     if tokens == 0:
         return
     tile = cfg.ffn2
-    slot_count = tokens * (spec.top_k + spec.num_shared_experts)
     weights = call.topk_weights if call.topk_weights is not None else ws.topk_weights
+    if tile.persistent:
+        _launch_persistent(module, ws, call, 2, weights)
+        return
+    slot_count = tokens * (spec.top_k + spec.num_shared_experts)
     grid = _grid(tile, _grid_tiles(spec, cfg, tokens), -(-spec.hidden_dim // tile.bn), cfg.ffn2_splits)
     smem = tile.smem_bytes(spec.dt.itemsize)
     fn = _kernel(module, cfg.ffn2_kernel, smem)

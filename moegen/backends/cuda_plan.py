@@ -67,6 +67,22 @@ class GroupPlan:
     scan_threads: int = 1024        # the one-block scan between count and scatter
 
 
+# 32-bit registers of an sm_90 multiprocessor (and the most one CTA may hold).
+SM90_REGISTERS = 65536
+
+
+@dataclass(frozen=True)
+class WsPlan:
+    """Constants of the persistent warp-specialised prefill kernel (tile kind "wgmma_ws")."""
+    producer_regs: int = 40         # setmaxnreg of the producer warpgroup (TMA and cp.async only)
+    consumer_regs: int = 232        # of the wgmma warpgroups (128 x 256 fp32 accumulators)
+    fast_epilogue: bool = True      # cvt.rn.*x2 pairs and __expf SiLU (h 1.3e-5 relative off exact)
+    counters: int = 2               # int32 per GEMM in the workspace: next tile, CTAs done
+    # The tile ring's index written by st.async completing the ring's mbarrier transaction
+    # (else a plain shared store, then an arrive; both ordered by the mbarriers).
+    async_tile_store: bool = False
+
+
 @dataclass(frozen=True)
 class CudaPlan:
     sms: int                        # multiprocessors the launch shapes and split-K are sized for
@@ -78,6 +94,7 @@ class CudaPlan:
     group: GroupPlan
     buckets: tuple                  # cuda_tiles.BucketConfig, by max_tokens; the last unbounded
     kernels: tuple                  # every extern "C" kernel of the cubin
+    ws: WsPlan = WsPlan()
     combine_threads: int = 256
     capacity_threads: int = 256
     count_threads: int = 256        # moe_count_bad_ids
@@ -182,5 +199,42 @@ def render_context(spec: MoESpec, p: CudaPlan) -> dict:
         "group": p.group,
         "combine_threads": p.combine_threads,
         "capacity_threads": p.capacity_threads,
-        **cuda_tiles.render_context(spec, p.buckets, p.tensor_cores, p.interleave),
+        **_ffn_context(spec, p),
     }
+
+
+def launch_registers(threads: int) -> int:
+    """Registers a thread of a one-CTA-per-SM kernel of ``threads`` threads holds at launch
+    (what ptxas gives a kernel with setmaxnreg under __launch_bounds__(threads, 1))."""
+    return min(255, SM90_REGISTERS // threads) // 8 * 8
+
+
+def check_ws_registers(p: CudaPlan) -> None:
+    """Refuse a register split of the persistent kernels that their CTA cannot satisfy.
+
+    The CTA holds what its launch gave it (the most per thread for its block: a multiple of 8
+    under SM90_REGISTERS / threads); setmaxnreg.inc of the consumers can only take what the
+    producers' setmaxnreg.dec gave back, and waits for it forever otherwise (a hang: seen with
+    48 / 232 at 384 threads, where the launch gives 168)."""
+    for cfg in p.buckets:
+        for t in (cfg.ffn1, cfg.ffn2):
+            if not t.persistent:
+                continue
+            producers = cuda_tiles.WS_PRODUCER_THREADS
+            consumers = t.threads - producers
+            launch = launch_registers(t.threads)
+            freed = (launch - p.ws.producer_regs) * producers
+            wanted = (p.ws.consumer_regs - launch) * consumers
+            if p.ws.producer_regs % 8 or p.ws.consumer_regs % 8 or freed < wanted:
+                raise ValueError(
+                    f"ws.producer_regs / consumer_regs must be multiples of 8 whose consumers take "
+                    f"no more registers than the producers free ({launch} a thread at launch, "
+                    f"{t.threads} threads), got {p.ws.producer_regs} / {p.ws.consumer_regs}: "
+                    f"{wanted} wanted, {freed} freed")
+
+
+def _ffn_context(spec: MoESpec, p: CudaPlan) -> dict:
+    check_ws_registers(p)
+    ctx = cuda_tiles.render_context(spec, p.buckets, p.tensor_cores, p.interleave)
+    ctx["ffn"]["ws_plan"] = p.ws
+    return ctx

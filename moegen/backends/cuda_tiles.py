@@ -17,6 +17,9 @@ Why these tiles (H100, 132 SMs):
   Mixtral T=16384), two warpgroups of
   64x256, 4 stages of 48 KB.  On plain sm_90 (no wgmma): mma.sync 128x256 tiles, 8 warps of
   64x64, 4 stages (measured 388 TFLOP/s on H100 at Mixtral T=16384, vs 330 for 128x128).
+  Also on sm_90a, as a tuning choice (`WS_TILES`, `use_ws`): the persistent warp-specialised
+  kernel (one CTA per SM, TMA producer warpgroup, dynamic tile scheduler), 4-18% faster in
+  ffn1 + ffn2 alone on an H200 (benchmarks/results/prefill_gemm_notes.md).
 * Every tensor-core grid is rasterised in groups of 8 M tiles so a wave of CTAs reuses A and B
   tiles in L2 (M-fastest order re-streamed every gathered x tile once per N tile).
 
@@ -36,6 +39,9 @@ from ..spec import MoESpec
 
 # CUDA device-function names of the activations (defined in templates/cuda/ffn.cu.jinja).
 ACT_FUNCTIONS = {"silu": "act_silu", "gelu": "act_gelu", "relu": "act_relu"}
+# The fast epilogue's variants (__expf, __fdividef), where one exists; the others use the exact
+# function.  The persistent prefill kernel uses them (h within 1.3e-5 relative of the exact).
+ACT_FAST_FUNCTIONS = {"silu": "act_silu_fast"}
 
 # Gate/up interleave of the packed w13 for the tensor-core path: one mma n8 fragment of gate
 # columns followed by the n8 fragment of the matching up columns, so each thread holds a gate
@@ -44,11 +50,20 @@ MMA_INTERLEAVE = 8
 MMA_BK = 64          # one 128-byte swizzled smem row of 16-bit elements
 SIMT_BK = 16
 SIMT_THREADS = 256
+# The persistent warp-specialised kernel ("wgmma_ws"): one producer warpgroup (TMA for B and
+# the contiguous A, cp.async for the gathered A) beside the consumer warpgroups of the tile.
+WS_PRODUCER_THREADS = 128
+# Bytes after the stages in its shared memory: a full and an empty mbarrier per stage (16 *
+# stages), then the tile ring's 2 full + 2 empty mbarriers and 2 int slots (48).
+WS_RING_BYTES = 48
 
 
 @dataclass(frozen=True)
 class GemmTile:
-    """One GEMM kernel shape.  ``kind`` is "mma" (tensor cores) or "simt" (FFMA)."""
+    """One GEMM kernel shape.  ``kind`` is "mma" (mma.sync), "wgmma" (one CTA per tile,
+    sm_90a), "wgmma_ws" (persistent, warp-specialised: one CTA per SM walks the tiles, a TMA
+    producer warpgroup feeds the wgmma warpgroups, sm_90a) or "simt" (FFMA).  ``group_m``: M
+    tiles per raster group (L2 reuse)."""
     kind: str
     bm: int
     bn: int
@@ -57,10 +72,19 @@ class GemmTile:
     warps_n: int
     stages: int
     min_blocks: int = 1      # __launch_bounds__ residency hint (also caps registers)
+    group_m: int = 8
 
     @property
     def threads(self) -> int:
-        return SIMT_THREADS if self.kind == "simt" else 32 * self.warps_m * self.warps_n
+        if self.kind == "simt":
+            return SIMT_THREADS
+        consumers = 32 * self.warps_m * self.warps_n
+        return consumers + WS_PRODUCER_THREADS if self.kind == "wgmma_ws" else consumers
+
+    @property
+    def persistent(self) -> bool:
+        """One CTA per SM walking the tiles (grid = the plan's SM count)."""
+        return self.kind == "wgmma_ws"
 
     def smem_bytes(self, itemsize: int) -> int:
         """Dynamic shared memory of the kernel (mma: the pipeline stages; wgmma: the stages plus
@@ -69,11 +93,15 @@ class GemmTile:
             return self.stages * (self.bm + self.bn) * self.bk * itemsize
         if self.kind == "wgmma":
             return self.stages * (self.bm + self.bn) * self.bk * itemsize + 1024
+        if self.kind == "wgmma_ws":
+            return (1024 + self.stages * (self.bm + self.bn) * self.bk * itemsize
+                    + 16 * self.stages + WS_RING_BYTES)
         return 0
 
     @property
     def tag(self) -> str:
-        return f"{self.kind}_bm{self.bm}_bn{self.bn}_bk{self.bk}_w{self.warps_m}x{self.warps_n}_s{self.stages}"
+        tag = f"{self.kind}_bm{self.bm}_bn{self.bn}_bk{self.bk}_w{self.warps_m}x{self.warps_n}_s{self.stages}"
+        return tag + (f"_g{self.group_m}" if self.group_m != 8 else "")
 
 
 @dataclass(frozen=True)
@@ -106,6 +134,14 @@ def use_wgmma(spec: MoESpec, target: str | None = None) -> bool:
     """Hopper warpgroup MMA for the prefill bucket: needs the sm_90a target (``target``, else
     ``spec.arch``; wgmma is not in plain sm_90) and the tensor-core path."""
     return use_mma(spec) and (target or spec.arch) == "sm_90a"
+
+
+def use_ws(spec: MoESpec, target: str | None = None) -> bool:
+    """The persistent warp-specialised kernel may run the prefill bucket: wgmma, no biases
+    (its epilogue reads none), H and F whole 64-element k tiles (TMA boxes of 64), and the
+    8-row gate/up interleave when gated."""
+    return (use_wgmma(spec, target) and not spec.bias and spec.hidden_dim % MMA_BK == 0
+            and spec.ffn_dim % MMA_BK == 0 and (not spec.gated or interleave(spec) == MMA_INTERLEAVE))
 
 
 def preferred_arch(compute_capability: str) -> str:
@@ -176,6 +212,18 @@ _PREFILL_WGMMA = GemmTile("wgmma", 128, 256, MMA_BK, 2, 4, 4)
 WGMMA_TILES: dict[int, tuple[GemmTile, GemmTile]] = {
     128: (_PREFILL_WGMMA, _PREFILL_WGMMA),
 }
+# The persistent warp-specialised prefill tile (sm_90a, `use_ws`): 128 x 256, 4 stages, 384
+# threads.  H200, ffn1 + ffn2 alone (benchmarks/results/prefill_gemm_notes.md): 4-18% faster
+# than _PREFILL_WGMMA at T = 4096 and 16384 (mixtral T=16384 19.87 vs 21.69 ms).  A tuning
+# choice of the prefill bucket, not yet its default (WS_DEFAULT): the integrated kernel has not
+# yet passed the GPU tests (its first device run hung on a register split the CTA could not
+# satisfy, since refused by `cuda_plan.check_ws_registers`; the fix has not run on a GPU).
+WS_TILES: dict[int, GemmTile] = {
+    128: GemmTile("wgmma_ws", 128, 256, MMA_BK, 2, 4, 4),
+}
+# True once the persistent kernel has passed the GPU tests: it then becomes the prefill default
+# where it applies, and the wgmma tile the tuning alternative.
+WS_DEFAULT = False
 # Further tensor-core tiles `moegen tune` may try per bucket height (after the default).
 ALT_TILES: dict[int, tuple[GemmTile, ...]] = {
     16: (GemmTile("mma", 16, 128, MMA_BK, 1, 4, 4, min_blocks=2),),
@@ -188,9 +236,20 @@ def _default_tiles(spec: MoESpec, target: str | None, bm: int) -> tuple[GemmTile
     if not use_mma(spec):
         t = GemmTile("simt", bm, 64, SIMT_BK, 1, 1, 1)
         return t, t
+    if WS_DEFAULT and use_ws(spec, target) and bm in WS_TILES:
+        return WS_TILES[bm], WS_TILES[bm]
     if use_wgmma(spec, target) and bm in WGMMA_TILES:
         return WGMMA_TILES[bm]
     return MMA_TILES[bm]
+
+
+def _alt_tiles(spec: MoESpec, target: str | None, bm: int) -> tuple[GemmTile, ...]:
+    """The tiles a tensor-core bucket may use besides the default: where the persistent tile
+    applies (`use_ws`) it or, when it is the default, the wgmma tile; then ALT_TILES."""
+    alts = ALT_TILES.get(bm, ())
+    if use_ws(spec, target) and bm in WS_TILES:
+        alts = ((WGMMA_TILES[bm][0] if WS_DEFAULT else WS_TILES[bm]), *alts)
+    return alts
 
 
 def tile_choices(spec: MoESpec, target: str | None) -> dict[str, tuple[str, ...]]:
@@ -201,7 +260,7 @@ def tile_choices(spec: MoESpec, target: str | None) -> dict[str, tuple[str, ...]
     out = {}
     for _, bm, _ in _bucket_limits(spec):
         default = _default_tiles(spec, target, bm)[0]
-        tags = [default.tag] + [t.tag for t in ALT_TILES.get(bm, ()) if t.tag != default.tag]
+        tags = [default.tag] + [t.tag for t in _alt_tiles(spec, target, bm) if t.tag != default.tag]
         out[f"tile_bm{bm}"] = tuple(tags)
     return out
 
@@ -209,7 +268,7 @@ def tile_choices(spec: MoESpec, target: str | None) -> dict[str, tuple[str, ...]
 def _tiles(spec: MoESpec, target: str | None, bm: int, tuning: dict) -> tuple[GemmTile, GemmTile]:
     chosen = tuning.get(f"tile_bm{bm}")
     if chosen is not None:
-        for t in (*_default_tiles(spec, target, bm), *ALT_TILES.get(bm, ())):
+        for t in (*_default_tiles(spec, target, bm), *_alt_tiles(spec, target, bm)):
             if t.tag == chosen:
                 return t, t
         raise ValueError(f"tile_bm{bm} must be one of {list(tile_choices(spec, target).get(f'tile_bm{bm}', ()))}, "
@@ -240,6 +299,8 @@ def bucket_configs(spec: MoESpec, target: str | None, sms: int,
         # The unbounded (prefill) bucket has M tiles enough to fill the GPU: no split-K, whose
         # partial sums would cost splits x T·k·H extra bytes.
         splits = 1 if last else _splits(spec, f2, prev + 1, sms)
+        if f2.persistent and splits != 1:
+            raise ValueError(f"tile_bm{bm} {f2.tag} has no split-K; only the unbounded bucket may use it")
         out.append(BucketConfig(
             name=name, max_tokens=max_tokens, bm=bm, ffn1=f1, ffn2=f2, ffn2_splits=splits,
             ffn1_kernel=f"moe_ffn1_{f1.tag}", ffn2_kernel=f"moe_ffn2_{f2.tag}_k{splits}"))
@@ -292,11 +353,16 @@ def render_context(spec: MoESpec, buckets, mma: bool, inter: int) -> dict:
             kernels.append({"stage": stage, "name": name, "kind": tile.kind, "bm": tile.bm,
                             "bn": tile.bn, "bk": tile.bk, "wm": tile.warps_m,
                             "wn": tile.warps_n, "stages": tile.stages, "splits": splits,
-                            "threads": tile.threads, "min_blocks": tile.min_blocks})
+                            "threads": tile.threads, "min_blocks": tile.min_blocks,
+                            "group_m": tile.group_m})
     return {"ffn": {
         "mma_type": dt.cuda_mma if mma else "",
         "simt_threads": SIMT_THREADS,
-        "wgmma_ns": sorted({k["bn"] for k in kernels if k["kind"] == "wgmma"}),
+        "wgmma_ns": sorted({k["bn"] for k in kernels if k["kind"] in ("wgmma", "wgmma_ws")}),
+        "ws": any(k["kind"] == "wgmma_ws" for k in kernels),
+        "ws_producer_threads": WS_PRODUCER_THREADS,
+        "ws_ring_bytes": WS_RING_BYTES,
+        "act_fast": ACT_FAST_FUNCTIONS.get(spec.act.fn, ACT_FUNCTIONS[spec.act.fn]),
         "gate_rows": layout.gate_rows,
         "gated": spec.gated,
         "bias": spec.bias,

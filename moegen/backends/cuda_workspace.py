@@ -13,8 +13,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..spec import MoESpec
-from . import cuda_tiles
+from . import cuda_tiles, cuda_tma
 from .cuda_plan import CudaPlan
+
+def device_address(a) -> int:
+    """The device address of a CuPy array's data."""
+    return int(a.data.ptr)
+
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
@@ -89,6 +94,8 @@ class WorkspaceView:
     Capacity specs only (else None): kept [T·K] uint8 (1 = the slot survived capacity),
     dropped [E] int32 (slots each expert dropped; `LayerStats` sums it), and with renormalize
     cap_weights [T, K] float32 (the kept weights rescaled, read by ffn2).
+    Persistent prefill tiles only (else None): sched1 / sched2 (the tile counters of ffn1 and
+    ffn2, int32, 0 between launches) and h_map (the TMA tensor map of h, made once).
     """
 
     def __init__(self, ws: "Workspace", tokens: int, shapes: LaunchShapes):
@@ -118,6 +125,7 @@ class WorkspaceView:
         self.dropped = ws.dropped
         self.cap_weights = (ws.cap_weights[:tokens * K].reshape(tokens, K)
                             if ws.cap_weights is not None else None)
+        self.sched1, self.sched2, self.h_map = ws.sched1, ws.sched2, ws.h_map
 
 
 class Workspace:
@@ -150,6 +158,17 @@ class Workspace:
         self.kept = cupy.empty(capacity * K, cupy.uint8) if cap else None
         self.dropped = cupy.zeros(E, i32) if cap else None
         self.cap_weights = cupy.empty(capacity * K, f32) if cap and spec.renormalize else None
+        # Persistent prefill kernels: their tile counters (zeroed here, reset by every launch)
+        # and h's tensor map (h never moves, so it is made once, here).
+        self.sched = self.sched1 = self.sched2 = self.h_map = None
+        if bucket.ffn1.persistent or bucket.ffn2.persistent:
+            c = plan.ws.counters
+            self.sched = cupy.zeros(2 * c, i32)
+            self.sched1, self.sched2 = self.sched[:c], self.sched[c:]
+        if bucket.ffn2.persistent:
+            t = bucket.ffn2
+            shape = cuda_tma.h_map(spec, sizes["max_tiles"] * bucket.bm, t.bm, t.bk)
+            self.h_map = cuda_tma.encode(device_address(self.h), shape)
         self._views: dict[int, WorkspaceView] = {}
 
     @property
@@ -157,7 +176,7 @@ class Workspace:
         return sum(int(getattr(self, n).nbytes) for n in (
             "topk_ids", "topk_weights", "counts", "offsets", "router_sums", "num_tiles",
             "sorted_rows", "tile_expert", "tile_row0", "h", "y_slot", "logits", "group_hist",
-            "pad_off", "kept", "dropped", "cap_weights")
+            "pad_off", "kept", "dropped", "cap_weights", "sched")
             if getattr(self, n) is not None)
 
     def view(self, tokens: int) -> WorkspaceView:
