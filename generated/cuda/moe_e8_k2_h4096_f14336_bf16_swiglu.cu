@@ -12,7 +12,6 @@ constexpr int kSlots = kTopK + kShared;  // slots per token
 constexpr int kExpertsTotal = kExperts + kShared;  // experts with a segment in the grouped layout
 constexpr int kHidden = 4096;  // hidden width
 constexpr int kFfn = 14336;  // expert intermediate width
-typedef unsigned short elem_t;  // bfloat16 storage; all arithmetic is fp32
 
 // ---- routing -------------------------------------------------------------------------------
 constexpr float kRoutedScaling = 1.0f;
@@ -22,6 +21,9 @@ constexpr int kTopkGroups = 1;  // groups kept per token
 
 // ---- vector width: elements per 16-byte (or narrower, when kHidden is odd) access -----------
 constexpr int kVecH = 8;  // divides kHidden: a row never straddles a vector
+
+// ---- storage type and its conversions to and from fp32 ----------------------------------
+typedef unsigned short elem_t;  // bfloat16 storage; all arithmetic is fp32
 
 // Storage <-> fp32 conversions are bit-level or one PTX cvt each: cuda_fp16.h / cuda_bf16.h
 // would add seconds to every cold compile for two instructions.
