@@ -251,30 +251,6 @@ static __attribute__((noinline)) void tile_ffn1_whole_3(const float *const *a,
     tile_dot(3, kHidden, a, b, c);
 }
 
-/* The runtime row count m of an ffn1 tile and its k range pick its copy. */
-static ALWAYS_INLINE void tile_ffn1(int kind, int m, const float *const *a,
-                                      const w_t *const *b, float c[BM][BN])
-{
-    switch (m) {
-    case 1:
-        if (kind == K_CHUNK) tile_ffn1_1(a, b, c);
-        else if (kind == K_LAST) tile_ffn1_last_1(a, b, c);
-        else tile_ffn1_whole_1(a, b, c);
-        break;
-    case 2:
-        if (kind == K_CHUNK) tile_ffn1_2(a, b, c);
-        else if (kind == K_LAST) tile_ffn1_last_2(a, b, c);
-        else tile_ffn1_whole_2(a, b, c);
-        break;
-    case 3:
-        if (kind == K_CHUNK) tile_ffn1_3(a, b, c);
-        else if (kind == K_LAST) tile_ffn1_last_3(a, b, c);
-        else tile_ffn1_whole_3(a, b, c);
-        break;
-    default: break;
-    }
-}
-
 static __attribute__((noinline)) void tile_ffn2_1(const float *const *a,
         const w_t *const *b, float c[BM][BN])
 {
@@ -327,30 +303,6 @@ static __attribute__((noinline)) void tile_ffn2_whole_3(const float *const *a,
         const w_t *const *b, float c[BM][BN])
 {
     tile_dot(3, kFfn, a, b, c);
-}
-
-/* The runtime row count m of an ffn2 tile and its k range pick its copy. */
-static ALWAYS_INLINE void tile_ffn2(int kind, int m, const float *const *a,
-                                      const w_t *const *b, float c[BM][BN])
-{
-    switch (m) {
-    case 1:
-        if (kind == K_CHUNK) tile_ffn2_1(a, b, c);
-        else if (kind == K_LAST) tile_ffn2_last_1(a, b, c);
-        else tile_ffn2_whole_1(a, b, c);
-        break;
-    case 2:
-        if (kind == K_CHUNK) tile_ffn2_2(a, b, c);
-        else if (kind == K_LAST) tile_ffn2_last_2(a, b, c);
-        else tile_ffn2_whole_2(a, b, c);
-        break;
-    case 3:
-        if (kind == K_CHUNK) tile_ffn2_3(a, b, c);
-        else if (kind == K_LAST) tile_ffn2_last_3(a, b, c);
-        else tile_ffn2_whole_3(a, b, c);
-        break;
-    default: break;
-    }
 }
 
 /* ---- small helpers ---- */
@@ -632,7 +584,25 @@ EXPORT int moe_ffn1(const w_t *x, const w_t *packed, const int32_t *offsets,
                             a[i] = xf + t * kHidden + k0;
                         }
                         float c[BM][BN];
-                        tile_ffn1(kind, m, a, b, c);
+                        /* the tile copy for m rows and this k range */
+                        switch (m) {
+                        case 1:
+                            if (kind == K_CHUNK) tile_ffn1_1(a, b, c);
+                            else if (kind == K_LAST) tile_ffn1_last_1(a, b, c);
+                            else tile_ffn1_whole_1(a, b, c);
+                            break;
+                        case 2:
+                            if (kind == K_CHUNK) tile_ffn1_2(a, b, c);
+                            else if (kind == K_LAST) tile_ffn1_last_2(a, b, c);
+                            else tile_ffn1_whole_2(a, b, c);
+                            break;
+                        case 3:
+                            if (kind == K_CHUNK) tile_ffn1_3(a, b, c);
+                            else if (kind == K_LAST) tile_ffn1_last_3(a, b, c);
+                            else tile_ffn1_whole_3(a, b, c);
+                            break;
+                        default: break;
+                        }
                         if (nnext)
                             prefetch_share(next, nnext, min_l(BK, kHidden - k0), (i0 - r0) / BM,
                                            (r1 - r0 + BM - 1) / BM);
@@ -721,7 +691,25 @@ EXPORT int moe_ffn2(const float *h, const w_t *packed, const int32_t *offsets,
                         for (int i = 0; i < m; i++)
                             a[i] = h + (first + i0 + i) * kFfn + k0;
                         float c[BM][BN];
-                        tile_ffn2(kind, m, a, b, c);
+                        /* the tile copy for m rows and this k range */
+                        switch (m) {
+                        case 1:
+                            if (kind == K_CHUNK) tile_ffn2_1(a, b, c);
+                            else if (kind == K_LAST) tile_ffn2_last_1(a, b, c);
+                            else tile_ffn2_whole_1(a, b, c);
+                            break;
+                        case 2:
+                            if (kind == K_CHUNK) tile_ffn2_2(a, b, c);
+                            else if (kind == K_LAST) tile_ffn2_last_2(a, b, c);
+                            else tile_ffn2_whole_2(a, b, c);
+                            break;
+                        case 3:
+                            if (kind == K_CHUNK) tile_ffn2_3(a, b, c);
+                            else if (kind == K_LAST) tile_ffn2_last_3(a, b, c);
+                            else tile_ffn2_whole_3(a, b, c);
+                            break;
+                        default: break;
+                        }
                         if (nnext)
                             prefetch_share(next, nnext, min_l(BK, kFfn - k0), (i0 - r0) / BM,
                                            (r1 - r0 + BM - 1) / BM);
