@@ -4,10 +4,11 @@ A tier is an explicit, named ``-march`` level (never a bare ``-march=native``), 
 built on one machine runs on every machine of the same tier, and the tier is part of the cache
 key.  `detect()` reads the CPU flags once per process; ``MOEGEN_ISA`` overrides it.
 
-Each tier also fixes the register-tile shape of the generated GEMM micro-kernel: the SIMD
-width in floats, MR token rows and NCOL weight rows (output columns; a gated tile spends half
-of them on gate rows, half on up rows), so that MR*NCOL accumulators + MR activation vectors
-+ one weight vector fit the tier's SIMD registers.
+Each tier also fixes the register-tile shape of the generated GEMM micro-kernel (read by
+`moegen.backends.c_plan`, written into the C as BM and BN): the SIMD width in floats, MR token
+rows and NCOL weight rows (output columns; a gated tile spends half of them on gate rows, half
+on up rows), so that MR*NCOL accumulators + MR activation vectors + one weight vector fit the
+tier's SIMD registers.
 """
 
 from __future__ import annotations
