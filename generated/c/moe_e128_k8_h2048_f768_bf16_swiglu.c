@@ -49,6 +49,7 @@
 #define kWholeRows  12       /* a row block this small streams k in one go */
 #define kItemCols1  128      /* h columns of one ffn1 work item */
 #define kItemCols2  128      /* y columns of one ffn2 work item */
+#define kCacheLine  64       /* bytes */
 #define kRouteRows  4        /* tokens whose logits are accumulated together */
 #define kRouteChunk 64       /* tokens per route work item (and per stats partial sum) */
 /* Below this many multiply-adds a stage runs on the calling thread: waking the team costs
@@ -313,9 +314,9 @@ static inline long min_l(long a, long b) { return a < b ? a : b; }
    first misses.  Row tile r of n asks for lines r, r+n, r+2n... of the nrows rows. */
 static inline void prefetch_share(const w_t *const *rows, int nrows, long klen, long r, long n)
 {
-    const long lines = (klen * (long)sizeof(w_t) + 63) / 64;
+    const long lines = (klen * (long)sizeof(w_t) + kCacheLine - 1) / kCacheLine;
     for (long l = r; l < nrows * lines; l += n)
-        __builtin_prefetch((const char *)rows[l / lines] + (l % lines) * 64, 0, 3);
+        __builtin_prefetch((const char *)rows[l / lines] + (l % lines) * kCacheLine, 0, 3);
 }
 
 static inline int threads_for(int requested, double work)

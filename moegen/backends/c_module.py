@@ -22,7 +22,7 @@ import numpy as np
 
 from .. import settings
 from ..reference import capacity as expert_capacity
-from .c_plan import CPlan
+from .c_plan import CACHE_LINE, CPlan
 
 log = logging.getLogger("moegen.backends.c")
 
@@ -76,7 +76,7 @@ def _ptr(a) -> int:
     return a.__array_interface__["data"][0]
 
 
-ALIGN = 64           # bytes: a cache line, so no SIMD load of a row start is split in two
+ALIGN = CACHE_LINE   # so no SIMD load of a row start is split in two
 
 
 def aligned_empty(shape, dtype) -> np.ndarray:
@@ -165,7 +165,7 @@ class CModule:
 
     # -- arrays ------------------------------------------------------------------------------
     def to_device(self, host_array) -> np.ndarray:
-        """A cache-line-aligned C-contiguous copy (packed segments are 64-byte aligned
+        """A cache-line-aligned C-contiguous copy (packed segments are cache-line aligned
         relative to the buffer start, so this aligns every weight row that can be)."""
         host = np.asarray(host_array)
         out = aligned_empty(host.shape, host.dtype)

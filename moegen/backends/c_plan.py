@@ -26,6 +26,7 @@ from . import isa
 # depends on the machine's thread start-up cost.
 TUNABLES = {"kc": (512, 256, 1024), "par_min_work": (1 << 18, 1 << 16, 1 << 20)}
 
+CACHE_LINE = 64       # bytes: buffers and packed rows start on one, prefetches fetch whole ones
 ROUTE_CHUNK = 64      # tokens per route work item: the rows of the stats partial sums
 ROUTE_ROWS = 4        # tokens whose router logits are accumulated together
 ROW_BLOCK = 96        # token rows whose k chunks stay in L2 (~192 KB): a multiple of every BM
@@ -70,6 +71,7 @@ class CPlan:
     item_cols1: int              # h columns of one ffn1 work item (whole bn1 tiles)
     item_cols2: int              # y columns of one ffn2 work item (whole bn tiles)
     whole_rows: int              # a row block of at most this many rows is not cut along k
+    cache_line: int              # bytes
     route_rows: int
     route_chunk: int
     par_min_work: int
@@ -129,7 +131,7 @@ class CPlan:
         out = {"spec": self.spec.name, "target": self.target, "options": list(self.options),
                "tile": f"{self.bm}x{self.bn} (BM x BN), BK {self.bk}", "lanes": self.lanes,
                "widen": self.widen, "pair_dot": self.pair_dot}
-        for name in ("row_block", "item_cols1", "item_cols2", "whole_rows", "route_rows",
+        for name in ("cache_line", "row_block", "item_cols1", "item_cols2", "whole_rows", "route_rows",
                      "route_chunk", "par_min_work"):
             out[name] = getattr(self, name)
         out["functions"] = self.fn
@@ -142,7 +144,7 @@ def layout_for(spec: MoESpec) -> PackedLayout:
     tile streams whole weight rows front to back; gate rows then up rows (no interleave).  The
     router is [H, E]: its per-token GEMM accumulates whole rows of E logits per k instead."""
     return PackedLayout(spec, w13_order="nk", w2_order="nk", gate_up_interleave=0,
-                        router_order="he", align_bytes=64)
+                        router_order="he", align_bytes=CACHE_LINE)
 
 
 def check_tuning(tuning: dict | None) -> dict:
@@ -199,5 +201,5 @@ def make(spec: MoESpec, target: str, tuning: dict | None = None) -> CPlan:
         pair_dot=dt == "bfloat16" and "avx512_bf16" in tier.needs and tier.vec_floats == 16,
         row_block=ROW_BLOCK, item_cols1=_round_up(ITEM_COLS, bn1),
         item_cols2=_round_up(ITEM_COLS, tier.ncol), whole_rows=WHOLE_K_TILES * tier.mr,
-        route_rows=ROUTE_ROWS, route_chunk=ROUTE_CHUNK, par_min_work=tuned["par_min_work"],
+        cache_line=CACHE_LINE, route_rows=ROUTE_ROWS, route_chunk=ROUTE_CHUNK, par_min_work=tuned["par_min_work"],
         functions=functions, tuning=tuple(sorted((tuning or {}).items())))
