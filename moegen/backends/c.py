@@ -31,7 +31,7 @@ from ..spec import MoESpec
 from . import c_plan, isa
 from .base import Artifact, Sources
 from .c_module import CModule
-from .c_plan import TUNABLES, CPlan, layout_for  # noqa: F401 - part of this module's API
+from .c_plan import TUNABLES, CPlan
 
 log = logging.getLogger("moegen.backends.c")
 

@@ -187,8 +187,6 @@ def make(spec: MoESpec, target: str, tuning: dict | None = None) -> CPlan:
     tuning that is not allowed."""
     tier = tier_of(target)
     tuned = check_tuning(tuning)
-    if tier.ncol % 2:
-        raise SpecError(f"ISA tier {tier.name}: ncol must be even, got {tier.ncol}")  # pragma: no cover
     bn1 = tier.ncol // 2 if spec.gated else tier.ncol
     dt = spec.dt.name
     widen = {"float32": "copy", "bfloat16": "shift",
