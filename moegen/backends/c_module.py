@@ -13,6 +13,7 @@ the capacity ceil(factor·T·k/E) passed per call, and ``moe_combine_kept`` as t
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import threading
@@ -47,8 +48,9 @@ _ARGTYPES = {
 }
 
 
+@functools.lru_cache(maxsize=1)
 def cpu_count() -> int:
-    """CPUs this process may run on."""
+    """CPUs this process may run on (read once: every stage of every call asks)."""
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # pragma: no cover - not Linux
