@@ -121,14 +121,16 @@ class _Buffers:
 class CWorkspace:
     """The workspace of one call: views of a bucket's buffers for ``tokens`` tokens.
 
-    Attributes: tokens, bucket, topk_ids [T, k] int32, topk_weights [T, k] float32,
-    counts [E] int32, offsets [E+1] int32, router_sums [E+1] float32; with capacity also
-    dropped [E] int32 (slots each routed expert dropped), else no ``dropped`` attribute.
+    Attributes: tokens, bucket, threads (OpenMP threads of its stages), topk_ids [T, k]
+    int32, topk_weights [T, k] float32, counts [E] int32, offsets [E+1] int32, router_sums
+    [E+1] float32; with capacity also dropped [E] int32 (slots each routed expert dropped),
+    else no ``dropped`` attribute.
     """
 
     def __init__(self, buffers: _Buffers, tokens: int):
         self.buffers = buffers
         self.tokens = tokens
+        self.threads = 1
         self.bucket = buffers.bucket
         self.ptr = buffers.ptr
         self.topk_ids = buffers.ids[:tokens]
@@ -198,10 +200,12 @@ class CModule:
         """Views for ``tokens`` tokens of the buffers of its bucket (allocated on first use).
 
         Buffers belong to the calling thread as well as the bucket: the stages release the GIL,
-        so two Python threads calling one kernel at once must not share them."""
+        so two Python threads calling one kernel at once must not share them.  The thread
+        count of the call's stages (`thread_count`) is read here, once per call."""
         key = (threading.get_ident(), bucket_of(tokens))
         last = self._last.get(key)
         if last is not None and last.tokens == tokens:
+            last.threads = thread_count()
             return last
         buffers = self._buffers.get(key)
         if buffers is None:
@@ -209,13 +213,14 @@ class CModule:
             log.debug("%s: workspace for bucket %d (%d bytes)", self.spec.name, key[1],
                       buffers.nbytes)
         ws = self._last[key] = CWorkspace(buffers, tokens)
+        ws.threads = thread_count()
         return ws
 
     # -- stages ------------------------------------------------------------------------------
     def run_stage(self, stage: str, ws: CWorkspace, call) -> None:
         """Run one stage on the calling thread (OpenMP threads inside).  Raises ValueError for
         an unknown stage, RuntimeError when the C function reports a failure."""
-        T, p, nth = call.tokens, ws.ptr, thread_count()
+        T, p, nth = call.tokens, ws.ptr, ws.threads
         if stage == "route":
             rc = self._fn["route"](
                 _ptr(call.x), _ptr(call.packed.router),
