@@ -31,7 +31,7 @@ from .backends.base import Artifact, Sources
 from .cache import CACHE_FORMAT, default_cache, digest, is_bad_binary
 from .errors import BackendUnavailable, CompileError, DeviceError
 from .kernel import MoEKernel
-from .plan import ContextPlan, KernelPlan, make_plan
+from .plan import KernelPlan, make_plan
 from .render import render
 from .spec import MoESpec
 
@@ -65,10 +65,14 @@ def toolchain_identity(backend) -> dict | None:
     """The backend's compiler identity, or None when there is no usable compiler here (the
     kernel can then only come from the cache or a prebuilt layer)."""
     try:
-        return backend.toolchain()
+        identity = backend.toolchain()
     except (OSError, subprocess.SubprocessError, ImportError) as exc:
         log.info("%s toolchain unavailable: %s", backend.name, exc)
         return None
+    if identity.get("missing"):                 # the backend says so instead of raising
+        log.info("%s toolchain unavailable: %s", backend.name, identity["missing"])
+        return None
+    return identity
 
 
 def key_parts_of(plan: KernelPlan, sources: Sources, toolchain: dict | None, options: list,
@@ -260,7 +264,7 @@ def _load(prep: Prepared, artifact: Artifact, info: BuildInfo, cache, compile_no
     plan = prep.plan
     be = get_backend(plan.backend)
     try:
-        module = _load_module(be, artifact, plan)
+        module = be.load(artifact, plan)
     except Exception as exc:  # noqa: BLE001 - sorted below: bad binary or not
         if not is_bad_binary(exc):
             raise _unusable(be, plan, info, exc) from None
@@ -271,14 +275,8 @@ def _load(prep: Prepared, artifact: Artifact, info: BuildInfo, cache, compile_no
         cache.drop(info.name, info.key, f"failed to load: {exc}")
         artifact, _ = cache.get_or_build(info.name, info.key, compile_now,
                                          hint=f"moegen build {cli_args(plan.spec)}")
-        module = _load_module(be, artifact, plan)
+        module = be.load(artifact, plan)
     return MoEKernel(plan.spec, module, artifact.meta)
-
-
-def _load_module(be, artifact: Artifact, plan: KernelPlan):
-    if isinstance(plan.detail, ContextPlan):
-        return be.load(artifact, plan.spec)          # backend without a plan of its own yet
-    return be.load(artifact, plan)
 
 
 def _unusable(be, plan: KernelPlan, info: BuildInfo, exc: BaseException) -> Exception:

@@ -16,7 +16,6 @@ by the caller and passed in.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,23 +62,8 @@ def make_plan(spec: MoESpec, target: str | None = None, tuning: dict | None = No
     target = target or be.target(spec)
     tuning = dict(tuning or {})
     extra = {} if sms is None else {"sms": sms}
-    if hasattr(be, "plan"):
-        detail = be.plan(spec, target, tuning, **extra)
-    else:
-        detail = context_plan(be, spec, tuning)
+    detail = be.plan(spec, target, tuning, **extra)
     return KernelPlan(spec, target, tuple(sorted(tuning.items())), detail)
-
-
-@dataclass(frozen=True)
-class ContextPlan:
-    """Bridge for a backend without its own ``plan`` yet: its render context, frozen as
-    canonical JSON (the templates render from it; nothing else reads it)."""
-    context: str
-
-
-def context_plan(be, spec: MoESpec, tuning: dict) -> ContextPlan:
-    ctx = be.render_context(spec, tuning=tuning) if tuning else be.render_context(spec)
-    return ContextPlan(json.dumps(ctx, sort_keys=True))
 
 
 # -- printing ---------------------------------------------------------------------------------
@@ -114,9 +98,6 @@ def plan_text(plan: KernelPlan) -> str:
                                    ("target", plan.target),
                                    ("tuning", ", ".join(f"{k}={v}" for k, v in plan.tuning)
                                     or "(defaults)")]
-    detail = _plain(plan.detail)
-    if isinstance(plan.detail, ContextPlan):
-        detail = {"context": json.loads(plan.detail.context)}
-    _rows(detail, "", rows)
+    _rows(_plain(plan.detail), "", rows)
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)

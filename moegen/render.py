@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.resources
-import json
 from pathlib import Path
 
 import jinja2
@@ -21,7 +20,7 @@ from .backends import get_backend
 from .backends.base import Sources
 from .backends.cuda_plan import RENDER_ARCH
 from .errors import TemplateError
-from .plan import ContextPlan, KernelPlan, make_plan
+from .plan import KernelPlan, make_plan
 from .spec import MoESpec
 
 
@@ -145,11 +144,7 @@ def render(what, backend=None, tuning: dict | None = None) -> Sources:
     if not isinstance(what, KernelPlan):
         spec = what if backend is None else what.replace(backend=backend.name)
         what = make_plan(spec, display_target(spec), tuning)
-    be = get_backend(what.backend)
-    if isinstance(what.detail, ContextPlan):
-        files = render_files(be.templates, json.loads(what.detail.context))
-        return Sources(backend=be.name, files=files, entry=next(iter(files)))
-    return be.render(what)
+    return get_backend(what.backend).render(what)
 
 
 def display_target(spec: MoESpec) -> str | None:

@@ -10,8 +10,8 @@ from moegen import MoESpec
 from moegen import reference as R
 from moegen.backends import isa
 
-# Tile sizes of the generated code on every tier: MR = 3 or 4 token rows per register tile,
-# ROUTE_CHUNK = 64 tokens per route work item; buckets are powers of two.
+# Tile sizes of the generated code on every tier (moegen.backends.c_plan): BM = 3 or 4 token
+# rows per register tile, route_chunk = 64 tokens per route work item; buckets are powers of two.
 BOUNDARY_T = (0, 1, 2, 3, 4, 5, 7, 63, 64, 65, 1000)
 
 # (id, spec, token counts).  Odd H and F everywhere so every k loop and column loop has a tail.
@@ -31,7 +31,7 @@ CASES = [
                                                          n_group=4, topk_group=2,
                                                          routed_scaling_factor=2.5, backend="c"),
      (1, 7, 200)),
-    # k longer than one KC = 512 chunk, with a short last chunk
+    # k longer than one BK = 512 chunk, with a short last chunk
     ("e4-k2-h1100-f1029-fp32-swiglu-bias", MoESpec(4, 2, 1100, 1029, bias=True, backend="c"), (1, 70)),
     ("e4-k1-h1030-f1100-bf16-relu", MoESpec(4, 1, 1030, 1100, dtype="bfloat16", activation="relu",
                                             backend="c"), (5, 100)),

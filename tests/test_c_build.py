@@ -1,7 +1,9 @@
 """The c backend's build side: ISA tiers and flags, compile errors, content-addressed
 libraries, reusable workspaces, and what the compiler made of the micro-kernels."""
 
+import dataclasses
 import hashlib
+import re
 import shutil
 import subprocess
 import tracemalloc
@@ -59,35 +61,88 @@ def test_isa_override_and_validation(monkeypatch):
 
 def test_toolchain_is_resolved_and_cached():
     tc = BE.toolchain()
-    assert tc["cc"].startswith("/") and tc["version"]
+    assert tc["cc"].startswith("/") and tc["version"] and "missing" not in tc
     assert BE.toolchain() == tc
 
 
-def test_capacity_context_only_for_capacity_specs():
-    ctx = BE.render_context(MoESpec(8, 2, 64, capacity_factor=1.25, capacity_drop="weight",
-                                    backend="c"))
-    assert (ctx["capacity"], ctx["drop_by_weight"]) == (1, 1)
-    assert BE.render_context(MoESpec(8, 2, 64, backend="c"))["capacity"] == 0
+def test_plan_is_pure_frozen_and_complete(monkeypatch):
+    """Same inputs, equal plans, whatever the environment says; every constant the C code and
+    the module need is in it."""
+    plan = BE.plan(SPEC, "x86-64-v3", {})
+    monkeypatch.setenv("MOEGEN_ISA", "sse9")                  # a plan reads no environment
+    again = BE.plan(SPEC, "x86-64-v3", {})
+    assert plan == again and hash(plan) == hash(again)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.bk = 1
+    assert (plan.lanes, plan.bm, plan.bn, plan.bn1, plan.bk) == (8, 3, 4, 2, 512)
+    assert (plan.widen, plan.pair_dot, plan.route_chunk) == ("copy", False, 64)
+    assert "-march=x86-64-v3" in plan.options
+    big = BE.plan(SPEC.replace(dtype="bfloat16", activation="relu"), "avx512-bf16",
+                  {"kc": 256, "par_min_work": 1 << 16})
+    assert (big.lanes, big.bm, big.bn, big.bn1, big.bk) == (16, 4, 6, 6, 256)
+    assert (big.widen, big.pair_dot, big.par_min_work) == ("shift", True, 1 << 16)
+    assert dict(big.tuning) == {"kc": 256, "par_min_work": 1 << 16}
+    assert BE.plan(SPEC.replace(dtype="float16"), "x86-64-v2").widen == "scalar"
+    assert BE.plan(SPEC.replace(dtype="float16"), "x86-64-v3").widen == "f16c"
+    with pytest.raises(SpecError, match="target must be one of"):
+        BE.plan(SPEC, "pentium4")
+    with pytest.raises(ValueError, match="kc=3"):
+        BE.plan(SPEC, "x86-64-v3", {"kc": 3})
+    cap = BE.plan(MoESpec(8, 2, 64, capacity_factor=1.25, capacity_drop="weight", backend="c"),
+                  "x86-64-v3")
+    assert cap.fn["group_capacity"] == "moe_group_capacity"
+    assert "scratch" in {b.name for b in cap.buffers(8)}
+    assert "group_capacity" not in plan.fn
+    assert "scratch" not in {b.name for b in plan.buffers(8)}
 
 
-def test_render_context_is_plain_values():
-    def plain(v):
-        if isinstance(v, (list, tuple)):
-            return all(map(plain, v))
-        if isinstance(v, dict):
-            return all(isinstance(k, str) and plain(x) for k, x in v.items())
-        return isinstance(v, (int, float, str))
-    for k, v in BE.render_context(SPEC).items():
-        assert plain(v), (k, v)
+def _defines(text: str) -> dict[str, str]:
+    return dict(re.findall(r"^#define (\w+) +(\S+)", text, re.M))
 
 
-def test_source_is_the_same_for_every_tier(monkeypatch):
-    """The tier enters through -march (options, key), not the text: renders are portable."""
-    texts = set()
-    for tier in isa.TIERS:
-        monkeypatch.setenv("MOEGEN_ISA", tier)
-        texts.add(render(SPEC, BE).text)
-    assert len(texts) == 1
+@pytest.mark.parametrize("tier", sorted(isa.TIERS))
+def test_source_is_specialised_to_one_tier(tier):
+    """The C of one tier carries that tier's constants only: no preprocessor conditionals,
+    the tier's tile and SIMD width, the spec's numbers under their names."""
+    spec = SPEC.replace(dtype="float16", bias=True, routing="sigmoid_topk", n_group=4,
+                        topk_group=2)
+    text = BE.render(BE.plan(spec, tier)).text
+    assert not re.search(r"^\s*#\s*(if|ifdef|ifndef|elif|else|endif)\b", text, re.M)
+    t = isa.TIERS[tier]
+    d = _defines(text)
+    assert (d["kLanes"], d["BM"], d["BN"], d["BK"]) == (str(t.vec_floats), str(t.mr),
+                                                         str(t.ncol), "512")
+    assert (d["kExperts"], d["kTopK"], d["kHidden"], d["kFfn"]) == ("8", "2", "100", "257")
+    assert (d["kGroups"], d["kTopKGroups"], d["kGroupSize"]) == ("4", "2", "2")
+    assert f"vector_size({4 * t.vec_floats})" in text and f"ISA tier {tier}" in text
+    assert ("_cvtph_ps" in text) == ("f16c" in t.needs)
+    tiles = set(re.findall(r"void tile_ffn2_(\d+)\(", text))
+    assert tiles == {str(m) for m in range(1, t.mr + 1)}
+
+
+def test_tile_change_in_the_plan_reaches_render_workspace_and_launch():
+    """Change tiles in a plan: the render, the workspace and the launch all follow (one
+    source of each constant), and the result still matches the reference."""
+    spec = MoESpec(8, 2, 100, 600, backend="c")
+    plan = dataclasses.replace(BE.plan(spec, BE.target(spec)), bm=2, whole_rows=8, bk=256,
+                               route_chunk=16)
+    sources = BE.render(plan)
+    d = _defines(sources.text)
+    assert (d["BM"], d["BK"], d["kRouteChunk"], d["kChunksF"], d["kLastF"]) == \
+        ("2", "256", "16", "3", "88")
+    assert "tile_ffn2_3" not in sources.text
+    module = BE.load(BE.compile(sources, spec, plan.target, "test"), plan)
+    assert module.plan is plan
+    kernel = MoEKernel(spec, module, {})
+    x, w = R.random_problem(spec, 100, seed=3)
+    y, st = kernel(x, kernel.pack(**R.weight_kwargs(spec, w)), return_stats=True)
+    assert module.workspace(100).buffers.partials.shape == (128 // 16, spec.num_experts + 1)
+    ref, _ = R.moe(spec, x, w)
+    assert R.rel_error(y, ref) <= 1e-5
+    ids, _, probs, logits = R.route(spec, x, w["router"])
+    np.testing.assert_allclose(st.router_prob_mean, R.stats(spec, R.group(ids, 8)[0], probs,
+                                                            logits)["router_prob_mean"],
+                               rtol=1e-5)
 
 
 def test_compile_error_carries_argv_log_and_source():

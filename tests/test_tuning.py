@@ -40,7 +40,7 @@ def test_candidates_cover_every_combination_defaults_first():
 
 
 def test_render_applies_and_validates_tuning():
-    assert "#define KC          256" in render(SPEC, tuning={"kc": 256}).text
+    assert "#define BK             256" in render(SPEC, tuning={"kc": 256}).text
     with pytest.raises(ValueError, match="kc=300"):
         render(SPEC, tuning={"kc": 300})
     with pytest.raises(ValueError, match="unroll"):

@@ -1,6 +1,7 @@
-"""`CModule`: one loaded C binary (ctypes) for one spec, and its reusable workspaces.
+"""`CModule`: one loaded C binary (ctypes) for one `CPlan`, and its reusable workspaces.
 
-Implements the Module protocol of `moegen.backends.base`.  Arrays are NumPy (torch CPU tensors
+The plan names the exported functions and the workspace buffers of a bucket; this module
+binds and allocates exactly those.  Implements the Module protocol of `moegen.backends.base`.  Arrays are NumPy (torch CPU tensors
 are viewed as NumPy without a copy).  Workspaces are allocated once per token-count bucket (the
 next power of two >= T) and calling thread, and reused: a call after the first one of its
 bucket allocates no buffers; the stage functions receive raw pointers into them.
@@ -12,50 +13,72 @@ the capacity ceil(factor·T·k/E) passed per call, and ``moe_combine_kept`` as t
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
+import os
 import threading
 from pathlib import Path
 
 import numpy as np
 
 from .. import settings
-from ..layout import PackedLayout
 from ..reference import capacity as expert_capacity
-from ..spec import MoESpec
+from .c_plan import CACHE_LINE, CPlan
 
 log = logging.getLogger("moegen.backends.c")
 
 _P, _L, _I = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
 
-# Exported function -> argtypes, in the order of templates/c/moe.c.jinja.
-_SIGNATURES = {
+# Function role (`CPlan.functions`) -> argtypes, as templates/c/moe.c.jinja declares them.
+_ARGTYPES = {
     # x, router, bias, T, ids, weights, partials, sums, nthreads
-    "moe_route": (_P, _P, _P, _L, _P, _P, _P, _P, _I),
+    "route": (_P, _P, _P, _L, _P, _P, _P, _P, _I),
     # ids, T, counts, offsets, order
-    "moe_group": (_P, _L, _P, _P, _P),
+    "group": (_P, _L, _P, _P, _P),
     # x, packed, offsets, order, T, xf, h, nthreads
-    "moe_ffn1": (_P, _P, _P, _P, _L, _P, _P, _I),
+    "ffn1": (_P, _P, _P, _P, _L, _P, _P, _I),
     # h, packed, offsets, order, weights, T, y, nthreads
-    "moe_ffn2": (_P, _P, _P, _P, _P, _L, _P, _I),
+    "ffn2": (_P, _P, _P, _P, _P, _L, _P, _I),
     # y, T, out, nthreads
-    "moe_combine": (_P, _L, _P, _I),
-}
-# Exported by capacity builds only (spec.capacity_factor set).
-_CAPACITY_SIGNATURES = {
+    "combine": (_P, _L, _P, _I),
     # ids, weights, T, cap, counts, offsets, order, kept, cap_weights, dropped, scratch
-    "moe_group_capacity": (_P, _P, _L, _L, _P, _P, _P, _P, _P, _P, _P),
+    "group_capacity": (_P, _P, _L, _L, _P, _P, _P, _P, _P, _P, _P),
     # y, kept, T, out, nthreads
-    "moe_combine_kept": (_P, _P, _L, _P, _I),
+    "combine_kept": (_P, _P, _L, _P, _I),
 }
 
-ROUTE_CHUNK = 64     # tokens per route work item: the rows of the stats partial sums
+
+@functools.lru_cache(maxsize=1)
+def cpu_count() -> int:
+    """CPUs this process may run on (read once: every stage of every call asks)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+_clamp_warned: set[int] = set()
+
+
+def thread_count() -> int:
+    """``MOEGEN_NUM_THREADS`` (default: every CPU), at most the CPUs this process may use:
+    asking OpenMP for far more threads than that (100000) dies inside the runtime.  A
+    clamped request is logged as a warning once per value."""
+    requested, cpus = settings.num_threads(), cpu_count()
+    if requested <= cpus:
+        return requested
+    if requested not in _clamp_warned:
+        _clamp_warned.add(requested)
+        log.warning("MOEGEN_NUM_THREADS=%d is more than the %d CPUs this process may use; "
+                    "using %d threads", requested, cpus, cpus)
+    return cpus
 
 
 def _ptr(a) -> int:
     return a.__array_interface__["data"][0]
 
 
-ALIGN = 64           # bytes: a cache line, so no SIMD load of a row start is split in two
+ALIGN = CACHE_LINE   # so no SIMD load of a row start is split in two
 
 
 def aligned_empty(shape, dtype) -> np.ndarray:
@@ -80,37 +103,15 @@ def bucket_of(tokens: int) -> int:
 
 
 class _Buffers:
-    """The arrays of one bucket, allocated once."""
+    """The arrays of one bucket (`CPlan.buffers`), allocated once."""
 
-    def __init__(self, spec: MoESpec, bucket: int):
-        E, K, S, H, F = (spec.num_experts, spec.top_k, spec.num_shared_experts,
-                         spec.hidden_dim, spec.ffn_dim)
-        B = bucket
-        self.bucket = B
-        self.ids = aligned_zeros((B, K), np.int32)
-        self.weights = aligned_zeros((B, K), np.float32)
-        self.counts = aligned_zeros(E, np.int32)
-        self.offsets = aligned_zeros(E + 1, np.int32)
-        self.order = aligned_zeros(B * K, np.int32)
-        self.router_sums = aligned_zeros(E + 1, np.float32)
-        self.partials = aligned_zeros(((B + ROUTE_CHUNK - 1) // ROUTE_CHUNK, E + 1), np.float64)
-        self.xf = aligned_empty((B, H), np.float32)              # tokens in fp32
-        self.h = aligned_empty((B * (K + S), F), np.float32)     # one row per sorted slot
-        self.y = aligned_empty((B * (K + S), H), np.float32)     # one row per slot
-        names = ["ids", "weights", "counts", "offsets", "order", "router_sums", "partials",
-                 "xf", "h", "y"]
+    def __init__(self, plan: CPlan, bucket: int):
+        self.bucket = bucket
         self.dropped = None
-        if spec.capacity_factor is not None:
-            self.kept = aligned_zeros(B * K, np.uint8)             # 1 = the slot survived
-            self.dropped = aligned_zeros(E, np.int32)              # per routed expert
-            names += ["kept", "dropped"]
-            if spec.renormalize:
-                self.cap_weights = aligned_zeros(B * K, np.float32)
-                names.append("cap_weights")
-            if spec.capacity_drop == "weight":
-                self.scratch = aligned_zeros(B * K * 2, np.int32)  # (weight, slot) sort keys
-                names.append("scratch")
-        self.ptr = {name: _ptr(getattr(self, name)) for name in names}
+        for buf in plan.buffers(bucket):
+            alloc = aligned_zeros if buf.zeroed else aligned_empty
+            setattr(self, buf.name, alloc(buf.shape, buf.dtype))
+        self.ptr = {buf.name: _ptr(getattr(self, buf.name)) for buf in plan.buffers(bucket)}
 
     @property
     def nbytes(self) -> int:
@@ -120,14 +121,16 @@ class _Buffers:
 class CWorkspace:
     """The workspace of one call: views of a bucket's buffers for ``tokens`` tokens.
 
-    Attributes: tokens, bucket, topk_ids [T, k] int32, topk_weights [T, k] float32,
-    counts [E] int32, offsets [E+1] int32, router_sums [E+1] float32; with capacity also
-    dropped [E] int32 (slots each routed expert dropped), else no ``dropped`` attribute.
+    Attributes: tokens, bucket, threads (OpenMP threads of its stages), topk_ids [T, k]
+    int32, topk_weights [T, k] float32, counts [E] int32, offsets [E+1] int32, router_sums
+    [E+1] float32; with capacity also dropped [E] int32 (slots each routed expert dropped),
+    else no ``dropped`` attribute.
     """
 
     def __init__(self, buffers: _Buffers, tokens: int):
         self.buffers = buffers
         self.tokens = tokens
+        self.threads = 1
         self.bucket = buffers.bucket
         self.ptr = buffers.ptr
         self.topk_ids = buffers.ids[:tokens]
@@ -149,26 +152,24 @@ class CModule:
     device_kind = "cpu"
     stages = ("route", "group", "ffn1", "ffn2", "combine")
 
-    def __init__(self, spec: MoESpec, path: Path, layout: PackedLayout):
-        self.spec = spec
-        self.layout = layout
+    def __init__(self, plan: CPlan, path: Path):
+        self.plan = plan
+        self.spec = plan.spec
+        self.layout = plan.layout
         self.path = Path(path)
         self._lib = ctypes.CDLL(str(self.path))
         self._fn = {}
-        signatures = dict(_SIGNATURES)
-        if spec.capacity_factor is not None:
-            signatures.update(_CAPACITY_SIGNATURES)
-        for name, argtypes in signatures.items():
+        for role, name in plan.functions:
             fn = getattr(self._lib, name)           # AttributeError: not our binary
-            fn.argtypes = argtypes
+            fn.argtypes = _ARGTYPES[role]
             fn.restype = ctypes.c_int
-            self._fn[name] = fn
+            self._fn[role] = fn
         self._buffers: dict[tuple[int, int], _Buffers] = {}
         self._last: dict[tuple[int, int], CWorkspace] = {}
 
     # -- arrays ------------------------------------------------------------------------------
     def to_device(self, host_array) -> np.ndarray:
-        """A cache-line-aligned C-contiguous copy (packed segments are 64-byte aligned
+        """A cache-line-aligned C-contiguous copy (packed segments are cache-line aligned
         relative to the buffer start, so this aligns every weight row that can be)."""
         host = np.asarray(host_array)
         out = aligned_empty(host.shape, host.dtype)
@@ -199,26 +200,29 @@ class CModule:
         """Views for ``tokens`` tokens of the buffers of its bucket (allocated on first use).
 
         Buffers belong to the calling thread as well as the bucket: the stages release the GIL,
-        so two Python threads calling one kernel at once must not share them."""
+        so two Python threads calling one kernel at once must not share them.  The thread
+        count of the call's stages (`thread_count`) is read here, once per call."""
         key = (threading.get_ident(), bucket_of(tokens))
         last = self._last.get(key)
         if last is not None and last.tokens == tokens:
+            last.threads = thread_count()
             return last
         buffers = self._buffers.get(key)
         if buffers is None:
-            buffers = self._buffers[key] = _Buffers(self.spec, key[1])
+            buffers = self._buffers[key] = _Buffers(self.plan, key[1])
             log.debug("%s: workspace for bucket %d (%d bytes)", self.spec.name, key[1],
                       buffers.nbytes)
         ws = self._last[key] = CWorkspace(buffers, tokens)
+        ws.threads = thread_count()
         return ws
 
     # -- stages ------------------------------------------------------------------------------
     def run_stage(self, stage: str, ws: CWorkspace, call) -> None:
         """Run one stage on the calling thread (OpenMP threads inside).  Raises ValueError for
         an unknown stage, RuntimeError when the C function reports a failure."""
-        T, p, nth = call.tokens, ws.ptr, settings.num_threads()
+        T, p, nth = call.tokens, ws.ptr, ws.threads
         if stage == "route":
-            rc = self._fn["moe_route"](
+            rc = self._fn["route"](
                 _ptr(call.x), _ptr(call.packed.router),
                 _ptr(call.router_bias) if call.router_bias is not None else None, T,
                 p["ids"], p["weights"], p["partials"],
@@ -226,28 +230,28 @@ class CModule:
         elif stage == "group":
             ids = _ptr(call.topk_ids) if call.topk_ids is not None else p["ids"]
             if self.spec.capacity_factor is None:
-                rc = self._fn["moe_group"](ids, T, p["counts"], p["offsets"], p["order"])
+                rc = self._fn["group"](ids, T, p["counts"], p["offsets"], p["order"])
             else:
                 wts = _ptr(call.topk_weights) if call.topk_weights is not None else p["weights"]
                 cap = min(expert_capacity(self.spec, T), T * self.spec.top_k)
-                rc = self._fn["moe_group_capacity"](
+                rc = self._fn["group_capacity"](
                     ids, wts, T, cap, p["counts"], p["offsets"], p["order"], p["kept"],
                     p.get("cap_weights"), p["dropped"], p.get("scratch"))
         elif stage == "ffn1":
-            rc = self._fn["moe_ffn1"](_ptr(call.x), _ptr(call.packed.buffer), p["offsets"],
+            rc = self._fn["ffn1"](_ptr(call.x), _ptr(call.packed.buffer), p["offsets"],
                                       p["order"], T, p["xf"], p["h"], nth)
         elif stage == "ffn2":
             if "cap_weights" in p:                  # capacity with renormalize
                 wts = p["cap_weights"]
             else:
                 wts = _ptr(call.topk_weights) if call.topk_weights is not None else p["weights"]
-            rc = self._fn["moe_ffn2"](p["h"], _ptr(call.packed.buffer), p["offsets"], p["order"],
+            rc = self._fn["ffn2"](p["h"], _ptr(call.packed.buffer), p["offsets"], p["order"],
                                       wts, T, p["y"], nth)
         elif stage == "combine":
             if self.spec.capacity_factor is None:
-                rc = self._fn["moe_combine"](p["y"], T, _ptr(call.out), nth)
+                rc = self._fn["combine"](p["y"], T, _ptr(call.out), nth)
             else:
-                rc = self._fn["moe_combine_kept"](p["y"], p["kept"], T, _ptr(call.out), nth)
+                rc = self._fn["combine_kept"](p["y"], p["kept"], T, _ptr(call.out), nth)
         else:
             raise ValueError(f"stage must be one of {self.stages}, got {stage!r}")
         if rc != 0:

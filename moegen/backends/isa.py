@@ -4,10 +4,11 @@ A tier is an explicit, named ``-march`` level (never a bare ``-march=native``), 
 built on one machine runs on every machine of the same tier, and the tier is part of the cache
 key.  `detect()` reads the CPU flags once per process; ``MOEGEN_ISA`` overrides it.
 
-Each tier also fixes the register-tile shape of the generated GEMM micro-kernel: the SIMD
-width in floats, MR token rows and NCOL weight rows (output columns; a gated tile spends half
-of them on gate rows, half on up rows), so that MR*NCOL accumulators + MR activation vectors
-+ one weight vector fit the tier's SIMD registers.
+Each tier also fixes the register-tile shape of the generated GEMM micro-kernel (read by
+`moegen.backends.c_plan`, written into the C as BM and BN): the SIMD width in floats, MR token
+rows and NCOL weight rows (output columns; a gated tile spends half of them on gate rows, half
+on up rows), so that MR*NCOL accumulators + MR activation vectors + one weight vector fit the
+tier's SIMD registers.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ class Tier:
     mr: int                      # token rows of a register tile
     ncol: int                    # weight rows (output columns) of a register tile, even
     registers: int               # SIMD registers: mr*ncol + mr + 1 must fit
-    guard: str                   # C preprocessor test true when compiling for this tier
+    vreg: str                    # GCC asm constraint for "any SIMD register" of the tier
 
 
 _V2 = frozenset({"sse3", "ssse3", "sse4_1", "sse4_2", "popcnt", "cx16"})
@@ -42,21 +43,15 @@ _V4 = _V3 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
 
 TIERS: dict[str, Tier] = {t.name: t for t in (
     Tier("generic", "x86_64", ("-march=x86-64", "-mtune=generic"), frozenset(), 4, 3, 4, 16,
-         "1"),
-    Tier("x86-64-v2", "x86_64", ("-march=x86-64-v2", "-mtune=generic"), _V2, 4, 3, 4, 16,
-         "defined(__SSE4_2__)"),
-    Tier("x86-64-v3", "x86_64", ("-march=x86-64-v3", "-mtune=generic"), _V3, 8, 3, 4, 16,
-         "defined(__AVX2__) && defined(__FMA__)"),
-    Tier("avx512", "x86_64", ("-march=x86-64-v4", "-mtune=generic"), _V4, 16, 4, 6, 32,
-         "defined(__AVX512F__)"),
+         "x"),
+    Tier("x86-64-v2", "x86_64", ("-march=x86-64-v2", "-mtune=generic"), _V2, 4, 3, 4, 16, "x"),
+    Tier("x86-64-v3", "x86_64", ("-march=x86-64-v3", "-mtune=generic"), _V3, 8, 3, 4, 16, "x"),
+    # "v": any of the 32 zmm registers ("x" would allow only the first 16)
+    Tier("avx512", "x86_64", ("-march=x86-64-v4", "-mtune=generic"), _V4, 16, 4, 6, 32, "v"),
     Tier("avx512-bf16", "x86_64", ("-march=x86-64-v4", "-mavx512bf16", "-mtune=generic"),
-         _V4 | {"avx512_bf16"}, 16, 4, 6, 32, "defined(__AVX512BF16__)"),
-    Tier("armv8-a", "aarch64", ("-march=armv8-a",), frozenset(), 4, 4, 6, 32,
-         "defined(__aarch64__)"),
+         _V4 | {"avx512_bf16"}, 16, 4, 6, 32, "v"),
+    Tier("armv8-a", "aarch64", ("-march=armv8-a",), frozenset(), 4, 4, 6, 32, "w"),
 )}
-
-# The order in which generated C tests the guards (most specific first).
-GUARD_ORDER = ("avx512-bf16", "avx512", "x86-64-v3", "x86-64-v2", "armv8-a", "generic")
 
 # Best first: the first tier whose needs the CPU meets is the one we build for.
 _X86_ORDER = ("avx512-bf16", "avx512", "x86-64-v3", "x86-64-v2", "generic")
