@@ -36,7 +36,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from moegen.backends.cuda_tiles import WS_TILES  # noqa: E402
+from moegen.backends.cuda_tiles import WGMMA_TILES, WS_TILES  # noqa: E402
 from moegen.spec import MoESpec  # noqa: E402
 
 SHAPES = {
@@ -47,6 +47,7 @@ SHAPES = {
     "small": MoESpec(8, 2, 512, 1024, dtype="bfloat16"),
 }
 WS_TILE = {"tile_bm128": WS_TILES[128].tag}
+WGMMA_TILE = {"tile_bm128": WGMMA_TILES[128][0].tag}
 
 
 def build(spec: MoESpec, tuning: dict, async_store: bool):
@@ -104,7 +105,7 @@ def run(args):
         if "ws" in variants:
             kernels["ws"] = build(spec, WS_TILE, args.async_tile_store)
         if "wgmma" in variants:
-            kernels["wgmma"] = build(spec, {}, False)
+            kernels["wgmma"] = build(spec, WGMMA_TILE, False)
         print(f"{shape}: built in {time.perf_counter() - t0:.1f} s; prefill tiles "
               f"{ {n: k.module.plan.buckets[-1].ffn1.tag for n, k in kernels.items()} }", flush=True)
         torch.manual_seed(0)

@@ -48,7 +48,10 @@ def test_plan_pack_combine_match_numpy(ranks, tokens):
     expert_counts = torch.full((E,), -1, dtype=torch.int32, device=dev)
     pos, src, eid = (torch.full((n,), -1, dtype=torch.int32, device=dev) for _ in range(3))
     wout = torch.full((n,), float("nan"), device=dev)
-    kern.plan(t(ids).data_ptr(), t(w).data_ptr(), tokens, send_counts.data_ptr(),
+    # Keep the device copies alive until the kernel has run: a temporary's block goes back to
+    # torch's caching allocator at once, and the next copy would reuse (overwrite) it.
+    ids_d, w_d = t(ids), t(w)
+    kern.plan(ids_d.data_ptr(), w_d.data_ptr(), tokens, send_counts.data_ptr(),
               expert_counts.data_ptr(), pos.data_ptr(), src.data_ptr(), eid.data_ptr(),
               wout.data_ptr())
     flat = ids.reshape(-1)

@@ -267,13 +267,15 @@ def test_persistent_prefill_kernel_is_offered_exactly_where_it_applies(spec, app
                 make_plan(spec.replace(backend="cuda", arch=arch), arch, {"tile_bm128": WS_TAG})
 
 
-def test_persistent_kernel_renders_only_when_chosen():
+def test_persistent_kernel_is_the_prefill_default_and_wgmma_the_alternative():
     spec = MoESpec(8, 2, 4096, 14336, dtype="bfloat16", backend="cuda", arch="sm_90a")
-    default = make_plan(spec, "sm_90a", {})
-    assert default.detail.buckets[-1].ffn1.kind == "wgmma"
-    text = render(default).text
+    old = make_plan(spec, "sm_90a", {"tile_bm128": "wgmma_bm128_bn256_bk64_w2x4_s4"})
+    assert old.detail.buckets[-1].ffn1.kind == "wgmma"
+    text = render(old).text
     assert "ffn_ws<" not in text and "mbarrier" not in text
-    new_text = render(make_plan(spec, "sm_90a", {"tile_bm128": WS_TAG})).text
+    default = make_plan(spec, "sm_90a", {})
+    assert default.detail.buckets[-1].ffn1.kind == "wgmma_ws"
+    new_text = render(default).text
     assert "moe_ffn::ffn_ws<1, 256, 4, 8>(" in new_text and "moe_ffn::ffn_ws<2, 256, 4, 8>(" in new_text
 
 

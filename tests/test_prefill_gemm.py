@@ -24,7 +24,8 @@ _spec.loader.exec_module(prefill_gemm)
 def test_harness_variants_are_the_new_and_the_old_prefill_kernels(shape):
     spec = prefill_gemm.SHAPES[shape].replace(backend="cuda", arch="sm_90a")
     new = make_plan(spec, "sm_90a", prefill_gemm.WS_TILE).detail.buckets[-1]
-    old = make_plan(spec, "sm_90a", {}).detail.buckets[-1]
+    old = make_plan(spec, "sm_90a", prefill_gemm.WGMMA_TILE).detail.buckets[-1]
+    assert make_plan(spec, "sm_90a", {}).detail.buckets[-1] == new        # the default
     assert new.ffn1.kind == new.ffn2.kind == "wgmma_ws"
     assert old.ffn1.kind == old.ffn2.kind == "wgmma"
     assert prefill_gemm.WS_TILE["tile_bm128"] in cuda_tiles.tile_choices(spec, "sm_90a")["tile_bm128"]

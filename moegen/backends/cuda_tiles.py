@@ -213,17 +213,15 @@ WGMMA_TILES: dict[int, tuple[GemmTile, GemmTile]] = {
     128: (_PREFILL_WGMMA, _PREFILL_WGMMA),
 }
 # The persistent warp-specialised prefill tile (sm_90a, `use_ws`): 128 x 256, 4 stages, 384
-# threads.  H200, ffn1 + ffn2 alone (benchmarks/results/prefill_gemm_notes.md): 4-18% faster
-# than _PREFILL_WGMMA at T = 4096 and 16384 (mixtral T=16384 19.87 vs 21.69 ms).  A tuning
-# choice of the prefill bucket, not yet its default (WS_DEFAULT): the integrated kernel has not
-# yet passed the GPU tests (its first device run hung on a register split the CTA could not
-# satisfy, since refused by `cuda_plan.check_ws_registers`; the fix has not run on a GPU).
+# threads.  H200, 2026-12-01, whole layer (benchmarks/prefill_gemm.py): 6-27% faster than
+# _PREFILL_WGMMA at T = 4096 and 16384 (mixtral T=16384 19.27 vs 22.05 ms, qwen3 2.47 vs 3.38),
+# bitwise repeatable, racecheck clean; the GPU tests pass with it as the default.
 WS_TILES: dict[int, GemmTile] = {
     128: GemmTile("wgmma_ws", 128, 256, MMA_BK, 2, 4, 4),
 }
-# True once the persistent kernel has passed the GPU tests: it then becomes the prefill default
-# where it applies, and the wgmma tile the tuning alternative.
-WS_DEFAULT = False
+# The persistent kernel is the prefill default where it applies; the wgmma tile is then the
+# tuning alternative (and the default where it does not apply).
+WS_DEFAULT = True
 # Further tensor-core tiles `moegen tune` may try per bucket height (after the default).
 ALT_TILES: dict[int, tuple[GemmTile, ...]] = {
     16: (GemmTile("mma", 16, 128, MMA_BK, 1, 4, 4, min_blocks=2),),
