@@ -1,0 +1,298 @@
+"""The layer's backward pass on the c backend: generated kernels driven stage by stage.
+
+    bwd = MoEBackward(spec)                        # compiles templates/c/backward.c.jinja once
+    bw = bwd.prepare(w)                            # logical weights -> the backward's copies
+    g = bwd.backward(x, bw, dy, router_bias, daux=1.0, balance_coeff=0.01, z_coeff=1e-3)
+    g["x"], g["w1"], g["w2"], g["router"], ...     # fp32, logical (nn.Linear) orientation
+
+The loss differentiated is the one of `moegen.reference_backward`: ``<dy, y> + daux · aux``
+with aux = coeff · E · Σ f_e·P_e + z_coeff · mean(logsumexp²) and, when ``adaptive``,
+coeff = balance_coeff · (1 + var(f)), the seed's adaptive coefficient.
+
+The routing is recomputed by the same generated route and group code as the forward kernel
+(bitwise the same top-k and capacity decisions); the gate/up pre-activations are recomputed
+(``save_activations=False``) or kept from `MoEBackward.save` (``True``: memory for speed).
+Gradients are fp32 whatever the storage dtype.  No atomics anywhere: every output element is
+summed by one thread in a fixed order, so two backward passes are bitwise equal.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import settings
+from .backward_build import load_backward
+from .reference import capacity as expert_capacity
+from .reference_backward import balance_coefficient
+from .spec import MoESpec
+
+_P, _L, _I, _F = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
+
+_SIGNATURES = {
+    "moe_route": (_P, _P, _P, _L, _P, _P, _P, _P, _I),
+    "moe_group": (_P, _L, _P, _P, _P),
+    "moe_group_capacity": (_P, _P, _L, _L, _P, _P, _P, _P, _P, _P, _P),
+    "bwd_gather": (_P, _P, _P, _P, _L, _P, _P, _I),
+    "bwd_gateup": (_P, _P, _P, _P, _L, _P, _I),
+    "bwd_hidden": (_P, _P, _P, _P, _P, _P, _P, _L, _P, _P, _P, _P, _I),
+    "bwd_dx_rows": (_P, _P, _P, _L, _P, _I),
+    "bwd_logits": (_P, _P, _P, _L, _P, _I),
+    "bwd_route": (_P, _P, _P, _P, _P, _P, _F, _F, _P, _L, _P, _P, _I),
+    "bwd_combine": (_P, _P, _P, _P, _L, _P, _P, _I),
+    "bwd_weights": (_P,) * 7 + (_L,) + (_P,) * 12 + (_I,),
+}
+
+
+def _ptr(a):
+    return None if a is None else a.ctypes.data
+
+
+def _f32(a) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(a, dtype=np.float32))
+
+
+@dataclass
+class BackwardWeights:
+    """The weights in the orientations the backward GEMMs read (fp32), plus the router in the
+    forward route stage's layout and dtype.  From `MoEBackward.prepare`."""
+    w13: np.ndarray        # [E+S, G, H]   gate rows then up rows
+    w13t: np.ndarray       # [E+S, H, G]
+    w2t: np.ndarray        # [E+S, F, H]
+    b13: np.ndarray | None  # [E+S, G]
+    b2: np.ndarray | None   # [E+S, H]
+    router: np.ndarray     # [E, H] fp32
+    routert: np.ndarray    # [H, E] fp32
+    router_route: np.ndarray  # [H, E] in the spec dtype, for moe_route
+
+
+@dataclass
+class Routing:
+    """The forward's routing rebuilt for a backward pass (and, with save_activations, the
+    gate/up pre-activations): from `MoEBackward.save`."""
+    tokens: int
+    ids: np.ndarray        # [T, k] int32
+    raw_w: np.ndarray      # [T, k] fp32: the route stage's weights
+    final_w: np.ndarray    # [T, k] fp32: after capacity (= raw_w when dropless)
+    kept: np.ndarray | None  # [T*k] uint8 (capacity only)
+    counts: np.ndarray     # [E] int32: kept slots per expert
+    offsets: np.ndarray    # [E+1] int32
+    order: np.ndarray      # [T*k] int32
+    xf: np.ndarray         # [T, H] fp32
+    xs: np.ndarray         # [R, H] fp32: x in sorted row order
+    gu: np.ndarray | None  # [R, G] fp32 (kept activations)
+
+
+class MoEBackward:
+    """Backward kernels of one spec on the c backend (see the module docstring).
+
+    ``save_activations``: keep the gate/up pre-activations from `save` for the backward
+    instead of recomputing them (one [rows, G] fp32 buffer per step against one GEMM).
+    """
+
+    def __init__(self, spec: MoESpec, save_activations: bool = False):
+        if not isinstance(spec, MoESpec):
+            raise TypeError(f"spec must be a MoESpec, got {type(spec).__name__}")
+        if spec.backend not in ("c", "auto"):
+            raise ValueError(f"MoEBackward runs on the c backend; spec.backend must be 'c', "
+                             f"got {spec.backend!r} (the CUDA backward is not built yet)")
+        if not isinstance(save_activations, bool):
+            raise TypeError(f"save_activations must be True or False, got {save_activations!r}")
+        self.spec = spec.replace(backend="c")
+        self.save_activations = save_activations
+        lib = load_backward(self.spec)
+        self._fn = {}
+        for name, argtypes in _SIGNATURES.items():
+            if name == "moe_group_capacity" and self.spec.capacity_factor is None:
+                continue
+            fn = getattr(lib, name)
+            fn.argtypes = argtypes
+            fn.restype = ctypes.c_int
+            self._fn[name] = fn
+
+    def _call(self, name, *args):
+        rc = self._fn[name](*args)
+        if rc != 0:
+            raise RuntimeError(f"{self.spec.name}: C backward stage {name} returned {rc}")
+
+    # -- weights -----------------------------------------------------------------------------
+    def prepare(self, w: dict) -> BackwardWeights:
+        """fp32 copies of logical weights (`moegen.reference.random_problem`'s dict: router
+        [E, H], w1/w3 [E+S, F, H], w2 [E+S, H, F], biases) in the backward's orientations."""
+        spec = self.spec
+        E, S, H, F = spec.num_experts, spec.num_shared_experts, spec.hidden_dim, spec.ffn_dim
+        n = E + S
+        expect = {"router": (E, H), "w1": (n, F, H), "w2": (n, H, F)}
+        if spec.gated:
+            expect["w3"] = (n, F, H)
+        if spec.bias:
+            expect.update(b1=(n, F), b2=(n, H))
+            if spec.gated:
+                expect["b3"] = (n, F)
+        for name, shape in expect.items():
+            a = w.get(name)
+            if a is None or tuple(np.shape(a)) != shape:
+                raise ValueError(f"weights[{name!r}] must have shape {shape}, got "
+                                 f"{None if a is None else tuple(np.shape(a))}")
+        w13 = _f32(np.concatenate([w["w1"], w["w3"]], axis=1) if spec.gated else w["w1"])
+        b13 = None
+        if spec.bias:
+            b13 = _f32(np.concatenate([w["b1"], w["b3"]], axis=1) if spec.gated else w["b1"])
+        router = _f32(w["router"])
+        return BackwardWeights(
+            w13=w13, w13t=_f32(w13.transpose(0, 2, 1)), w2t=_f32(np.swapaxes(_f32(w["w2"]), 1, 2)),
+            b13=b13, b2=_f32(w["b2"]) if spec.bias else None, router=router,
+            routert=_f32(router.T),
+            router_route=np.ascontiguousarray(np.asarray(w["router"]).astype(spec.dt.numpy).T))
+
+    # -- checks ------------------------------------------------------------------------------
+    def _check_x(self, x) -> np.ndarray:
+        spec = self.spec
+        x = np.asarray(x)
+        if x.ndim != 2 or x.shape[1] != spec.hidden_dim:
+            raise ValueError(f"x must have shape [T, {spec.hidden_dim}], got {x.shape}")
+        if x.dtype != spec.dt.numpy:
+            raise TypeError(f"x must have dtype {spec.dtype}, got {x.dtype}")
+        return np.ascontiguousarray(x)
+
+    def _check_bias(self, router_bias):
+        if router_bias is None:
+            return None
+        b = np.asarray(router_bias)
+        if b.shape != (self.spec.num_experts,):
+            raise ValueError(f"router_bias must have shape ({self.spec.num_experts},), got {b.shape}")
+        return _f32(b)
+
+    # -- forward state -----------------------------------------------------------------------
+    def save(self, x, bw: BackwardWeights, router_bias=None) -> Routing:
+        """The routing of a forward pass (and the gate/up pre-activations when
+        ``save_activations``), for `backward`.  Call at forward time with the same inputs."""
+        spec = self.spec
+        x = self._check_x(x)
+        bias = self._check_bias(router_bias)
+        T, K, E, S = x.shape[0], spec.top_k, spec.num_experts, spec.num_shared_experts
+        nth = settings.num_threads()
+        ids = np.zeros((T, K), np.int32)
+        raw_w = np.zeros((T, K), np.float32)
+        partials = np.zeros(1, np.float64)
+        counts = np.zeros(E, np.int32)
+        offsets = np.zeros(E + 1, np.int32)
+        order = np.zeros(max(T * K, 1), np.int32)
+        kept = None
+        final_w = raw_w
+        if T:
+            self._call("moe_route", _ptr(x), _ptr(bw.router_route), _ptr(bias), T, _ptr(ids),
+                       _ptr(raw_w), _ptr(partials), None, nth)
+        if spec.capacity_factor is None:
+            self._call("moe_group", _ptr(ids), T, _ptr(counts), _ptr(offsets), _ptr(order))
+        else:
+            kept = np.ones(max(T * K, 1), np.uint8)
+            dropped = np.zeros(E, np.int32)
+            scratch = np.zeros(max(2 * T * K, 1), np.int32)
+            cap_w = np.zeros((T, K), np.float32) if spec.renormalize else None
+            cap = min(expert_capacity(spec, T), T * K)
+            self._call("moe_group_capacity", _ptr(ids), _ptr(raw_w), T, cap, _ptr(counts),
+                       _ptr(offsets), _ptr(order), _ptr(kept), _ptr(cap_w), _ptr(dropped),
+                       _ptr(scratch))
+            if cap_w is not None:
+                final_w = cap_w
+        xf = _f32(x)
+        R = int(offsets[E]) + S * T
+        xs = np.empty((R, spec.hidden_dim), np.float32)
+        st = Routing(T, ids, raw_w, final_w, kept, counts, offsets, order, xf, xs, None)
+        spare = np.empty_like(xs)       # bwd_gather gathers dy too: here x again, unused
+        self._call("bwd_gather", _ptr(xf), _ptr(xf), _ptr(offsets), _ptr(order), T, _ptr(xs),
+                   _ptr(spare), nth)
+        if self.save_activations:
+            st.gu = self._gateup(st, bw, nth)
+        return st
+
+    def _gateup(self, st: Routing, bw: BackwardWeights, nth: int) -> np.ndarray:
+        gu = np.empty((len(st.xs), bw.w13.shape[1]), np.float32)
+        self._call("bwd_gateup", _ptr(st.xs), _ptr(bw.w13), _ptr(bw.b13), _ptr(st.offsets),
+                   st.tokens, _ptr(gu), nth)
+        return gu
+
+    # -- backward ----------------------------------------------------------------------------
+    def backward(self, x, bw: BackwardWeights, dy, router_bias=None, *, daux: float = 0.0,
+                 balance_coeff: float = 0.0, z_coeff: float = 0.0, adaptive: bool = True,
+                 state: Routing | None = None) -> dict:
+        """Gradients of ``<dy, y> + daux · aux`` (module docstring), fp32, logical orientation:
+        x [T, H], router [E, H], router_bias [E] (None for sigmoid_topk or no bias), w1, w3, w2,
+        b1, b3, b2 over E+S experts (None where absent), topk_weights [T, k] (the final routing
+        weights' gradient; 0 for dropped slots), balance_coeff (the coefficient applied).
+
+        ``state`` is `save`'s result for the same x/weights/bias (required with
+        save_activations; else rebuilt here)."""
+        spec = self.spec
+        x = self._check_x(x)
+        dy = np.asarray(dy)
+        if dy.shape != x.shape:
+            raise ValueError(f"dy must have the shape of x {x.shape}, got {dy.shape}")
+        dy = _f32(dy)
+        if state is None:
+            if self.save_activations:
+                raise ValueError("save_activations=True: pass state=MoEBackward.save(...) from "
+                                 "the forward pass")
+            state = self.save(x, bw, router_bias)
+        elif state.tokens != x.shape[0]:
+            raise ValueError(f"state is for {state.tokens} tokens, x has {x.shape[0]}")
+        bias = self._check_bias(router_bias)
+        E, S, K, H, F = (spec.num_experts, spec.num_shared_experts, spec.top_k, spec.hidden_dim,
+                         spec.ffn_dim)
+        G, T, n = bw.w13.shape[1], state.tokens, E + S
+        nth = settings.num_threads()
+        st = state
+        R = len(st.xs)
+        gu = st.gu if st.gu is not None else self._gateup(st, bw, nth)
+        dys = np.empty((R, H), np.float32)
+        spare = np.empty_like(dys)      # bwd_gather gathers x too: already in st.xs
+        self._call("bwd_gather", _ptr(st.xf), _ptr(dy), _ptr(st.offsets), _ptr(st.order), T,
+                   _ptr(spare), _ptr(dys), nth)
+        dhu = np.empty((R, F), np.float32)
+        h = np.empty((R, F), np.float32)
+        dgu = np.empty((R, G), np.float32)
+        dfinal = np.zeros((T, K), np.float32)
+        self._call("bwd_hidden", _ptr(dys), _ptr(gu), _ptr(bw.w2t), _ptr(bw.b2), _ptr(st.final_w),
+                   _ptr(st.offsets), _ptr(st.order), T, _ptr(dhu), _ptr(h), _ptr(dgu),
+                   _ptr(dfinal), nth)
+        dxs = np.empty((R, H), np.float32)
+        self._call("bwd_dx_rows", _ptr(dgu), _ptr(bw.w13t), _ptr(st.offsets), T, _ptr(dxs), nth)
+        logits = np.empty((T, E), np.float32)
+        self._call("bwd_logits", _ptr(st.xf), _ptr(bw.router), _ptr(bias), T, _ptr(logits), nth)
+        total = int(st.counts.sum())
+        usage = (st.counts / total) if total else np.zeros(E)
+        coef = balance_coefficient(usage, balance_coeff, adaptive)
+        bal = daux * coef * E / T if T else 0.0
+        zc = daux * z_coeff * 2.0 / T if T else 0.0
+        usage32 = _f32(usage)
+        dlogits = np.empty((T, E), np.float32)
+        dxr = np.empty((T, H), np.float32)
+        self._call("bwd_route", _ptr(logits), _ptr(st.ids), _ptr(st.raw_w), _ptr(st.kept),
+                   _ptr(dfinal), _ptr(usage32), bal, zc, _ptr(bw.routert), T, _ptr(dlogits),
+                   _ptr(dxr), nth)
+        dx = np.empty((T, H), np.float32)
+        pos = np.empty(max(T * K, 1), np.int32)
+        self._call("bwd_combine", _ptr(dxs), _ptr(dxr), _ptr(st.offsets), _ptr(st.order), T,
+                   _ptr(pos), _ptr(dx), nth)
+        dw13 = np.empty((n, G, H), np.float32)
+        dw2 = np.empty((n, H, F), np.float32)
+        db13 = np.empty((n, G), np.float32) if spec.bias else None
+        db2 = np.empty((n, H), np.float32) if spec.bias else None
+        drouter = np.empty((E, H), np.float32)
+        has_bias_grad = bias is not None and spec.routing != "sigmoid_topk"
+        dbias = np.empty(E, np.float32) if has_bias_grad else None
+        scratch = [np.empty(shape, np.float32) for shape in
+                   ((H, R), (G, R), (H, R), (F, R), (E, T), (H, T))]
+        self._call("bwd_weights", _ptr(st.xs), _ptr(dgu), _ptr(dys), _ptr(h), _ptr(st.xf),
+                   _ptr(dlogits), _ptr(st.offsets), T, *map(_ptr, scratch), _ptr(dw13),
+                   _ptr(db13), _ptr(dw2), _ptr(db2), _ptr(drouter), _ptr(dbias), nth)
+        out = {"x": dx, "router": drouter, "router_bias": dbias, "w2": dw2, "b2": db2,
+               "topk_weights": dfinal, "balance_coeff": coef}
+        out["w1"] = dw13[:, :F] if spec.gated else dw13
+        out["w3"] = dw13[:, F:] if spec.gated else None
+        out["b1"] = (db13[:, :F] if spec.gated else db13) if spec.bias else None
+        out["b3"] = db13[:, F:] if spec.bias and spec.gated else None
+        return out
