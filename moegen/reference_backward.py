@@ -130,12 +130,12 @@ def routing_weights_backward(spec: MoESpec, ids, probs, logits, kept, raw_w, dfi
     return dlogits, dprobs
 
 
-def _empty_grads(spec, w, H, has_bias_grad):
+def _empty_grads(spec, w, H, has_bias_grad, coef):
     out = {n: (np.zeros(np.shape(w[n])) if w.get(n) is not None else None)
            for n in ("w1", "w3", "w2", "b1", "b3", "b2")}
     out.update(x=np.zeros((0, H)), router=np.zeros((spec.num_experts, H)),
                router_bias=np.zeros(spec.num_experts) if has_bias_grad else None,
-               topk_weights=np.zeros((0, spec.top_k)), aux=0.0, balance_coeff=0.0)
+               topk_weights=np.zeros((0, spec.top_k)), aux=0.0, balance_coeff=coef)
     return out
 
 
@@ -154,7 +154,8 @@ def moe_backward(spec: MoESpec, x, w, dy, router_bias=None, *, daux: float = 0.0
     E, S, k = spec.num_experts, spec.num_shared_experts, spec.top_k
     sigmoid = spec.routing == "sigmoid_topk"
     if T == 0:
-        return _empty_grads(spec, w, H, router_bias is not None and not sigmoid)
+        coef = balance_coefficient(np.zeros(E), balance_coeff, adaptive)
+        return _empty_grads(spec, w, H, router_bias is not None and not sigmoid, coef)
     ids, raw_w, probs, logits = ref.route(spec, x, w["router"], None if sigmoid else router_bias,
                                           router_bias if sigmoid else None)
     final_w, kept, _ = ref.apply_capacity(spec, ids, raw_w)
