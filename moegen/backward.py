@@ -46,6 +46,17 @@ _SIGNATURES = {
 }
 
 
+def weight_shapes(spec: MoESpec) -> dict[str, tuple]:
+    """The logical weights a layer has, in order (router, w1, w3, w2, b1, b3, b2; absent ones
+    left out), with their shapes over the E routed and S shared experts."""
+    E, H, F = spec.num_experts, spec.hidden_dim, spec.ffn_dim
+    n = E + spec.num_shared_experts
+    shapes = {"router": (E, H), "w1": (n, F, H), "w3": (n, F, H), "w2": (n, H, F), "b1": (n, F),
+              "b3": (n, F), "b2": (n, H)}
+    present = {"w3": spec.gated, "b1": spec.bias, "b3": spec.bias and spec.gated, "b2": spec.bias}
+    return {name: shape for name, shape in shapes.items() if present.get(name, True)}
+
+
 def _ptr(a):
     return None if a is None else a.ctypes.data
 
@@ -122,16 +133,7 @@ class MoEBackward:
         """fp32 copies of logical weights (`moegen.reference.random_problem`'s dict: router
         [E, H], w1/w3 [E+S, F, H], w2 [E+S, H, F], biases) in the backward's orientations."""
         spec = self.spec
-        E, S, H, F = spec.num_experts, spec.num_shared_experts, spec.hidden_dim, spec.ffn_dim
-        n = E + S
-        expect = {"router": (E, H), "w1": (n, F, H), "w2": (n, H, F)}
-        if spec.gated:
-            expect["w3"] = (n, F, H)
-        if spec.bias:
-            expect.update(b1=(n, F), b2=(n, H))
-            if spec.gated:
-                expect["b3"] = (n, F)
-        for name, shape in expect.items():
+        for name, shape in weight_shapes(spec).items():
             a = w.get(name)
             if a is None or tuple(np.shape(a)) != shape:
                 raise ValueError(f"weights[{name!r}] must have shape {shape}, got "

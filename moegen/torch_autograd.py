@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from . import reference as ref
-from .backward import MoEBackward
+from .backward import MoEBackward, weight_shapes
 from .reference_backward import aux_loss, balance_coefficient, moe_backward
 from .spec import MoESpec
 
@@ -42,10 +42,7 @@ _WEIGHTS = ("w1", "w3", "w2", "b1", "b3", "b2")
 
 def param_names(spec: MoESpec) -> tuple[str, ...]:
     """Names of the parameter tensors the ops take, in order."""
-    names = ["router", "w1"] + (["w3"] if spec.gated else []) + ["w2"]
-    if spec.bias:
-        names += ["b1"] + (["b3"] if spec.gated else []) + ["b2"]
-    return tuple(names)
+    return tuple(weight_shapes(spec))
 
 
 @torch.compiler.assume_constant_result      # a pure function of a frozen spec: no trace needed
@@ -93,16 +90,14 @@ def _check(spec: MoESpec, x, params, router_bias) -> None:
         raise TypeError(f"x must be float32 (c backend kernels) or float64 (reference), got {x.dtype}")
     if x.dim() != 2 or x.shape[1] != spec.hidden_dim:
         raise ValueError(f"x must have shape [T, {spec.hidden_dim}], got {tuple(x.shape)}")
-    names = param_names(spec)
-    if len(params) != len(names):
-        raise ValueError(f"params must be the {len(names)} tensors {list(names)}, got {len(params)}")
-    E, n, H, F = spec.num_experts, spec.num_experts + spec.num_shared_experts, spec.hidden_dim, spec.ffn_dim
-    shapes = {"router": (E, H), "w1": (n, F, H), "w3": (n, F, H), "w2": (n, H, F), "b1": (n, F),
-              "b3": (n, F), "b2": (n, H)}
-    for name, p in zip(names, params):
-        if tuple(p.shape) != shapes[name] or p.dtype != x.dtype:
-            raise ValueError(f"params[{name!r}] must be {x.dtype} of shape {shapes[name]}, got "
+    shapes = weight_shapes(spec)
+    if len(params) != len(shapes):
+        raise ValueError(f"params must be the {len(shapes)} tensors {list(shapes)}, got {len(params)}")
+    for (name, shape), p in zip(shapes.items(), params):
+        if tuple(p.shape) != shape or p.dtype != x.dtype:
+            raise ValueError(f"params[{name!r}] must be {x.dtype} of shape {shape}, got "
                              f"{p.dtype} of shape {tuple(p.shape)}")
+    E = spec.num_experts
     if router_bias is not None and tuple(router_bias.shape) != (E,):
         raise ValueError(f"router_bias must have shape ({E},), got {tuple(router_bias.shape)}")
 
