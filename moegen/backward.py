@@ -42,7 +42,7 @@ _SIGNATURES = {
     "bwd_logits": (_P, _P, _P, _L, _P, _I),
     "bwd_route": (_P, _P, _P, _P, _P, _P, _F, _F, _P, _L, _P, _P, _I),
     "bwd_combine": (_P, _P, _P, _P, _L, _P, _P, _I),
-    "bwd_weights": (_P,) * 7 + (_L,) + (_P,) * 12 + (_I,),
+    "bwd_weights": (_P,) * 7 + (_L,) + (_P,) * 6 + (_I,),
 }
 
 
@@ -67,15 +67,13 @@ def _f32(a) -> np.ndarray:
 
 @dataclass
 class BackwardWeights:
-    """The weights in the orientations the backward GEMMs read (fp32), plus the router in the
-    forward route stage's layout and dtype.  From `MoEBackward.prepare`."""
+    """The weights as the backward GEMMs read them (fp32, logical orientation), plus the router
+    in the forward route stage's layout and dtype.  From `MoEBackward.prepare`."""
     w13: np.ndarray        # [E+S, G, H]   gate rows then up rows
-    w13t: np.ndarray       # [E+S, H, G]
-    w2t: np.ndarray        # [E+S, F, H]
+    w2: np.ndarray         # [E+S, H, F]
     b13: np.ndarray | None  # [E+S, G]
     b2: np.ndarray | None   # [E+S, H]
     router: np.ndarray     # [E, H] fp32
-    routert: np.ndarray    # [H, E] fp32
     router_route: np.ndarray  # [H, E] in the spec dtype, for moe_route
 
 
@@ -131,7 +129,7 @@ class MoEBackward:
     # -- weights -----------------------------------------------------------------------------
     def prepare(self, w: dict) -> BackwardWeights:
         """fp32 copies of logical weights (`moegen.reference.random_problem`'s dict: router
-        [E, H], w1/w3 [E+S, F, H], w2 [E+S, H, F], biases) in the backward's orientations."""
+        [E, H], w1/w3 [E+S, F, H], w2 [E+S, H, F], biases); W1 and W3 side by side."""
         spec = self.spec
         for name, shape in weight_shapes(spec).items():
             a = w.get(name)
@@ -144,9 +142,8 @@ class MoEBackward:
             b13 = _f32(np.concatenate([w["b1"], w["b3"]], axis=1) if spec.gated else w["b1"])
         router = _f32(w["router"])
         return BackwardWeights(
-            w13=w13, w13t=_f32(w13.transpose(0, 2, 1)), w2t=_f32(np.swapaxes(_f32(w["w2"]), 1, 2)),
+            w13=w13, w2=_f32(w["w2"]),
             b13=b13, b2=_f32(w["b2"]) if spec.bias else None, router=router,
-            routert=_f32(router.T),
             router_route=np.ascontiguousarray(np.asarray(w["router"]).astype(spec.dt.numpy).T))
 
     # -- checks ------------------------------------------------------------------------------
@@ -257,11 +254,11 @@ class MoEBackward:
         h = np.empty((R, F), np.float32)
         dgu = np.empty((R, G), np.float32)
         dfinal = np.zeros((T, K), np.float32)
-        self._call("bwd_hidden", _ptr(dys), _ptr(gu), _ptr(bw.w2t), _ptr(bw.b2), _ptr(st.final_w),
+        self._call("bwd_hidden", _ptr(dys), _ptr(gu), _ptr(bw.w2), _ptr(bw.b2), _ptr(st.final_w),
                    _ptr(st.offsets), _ptr(st.order), T, _ptr(dhu), _ptr(h), _ptr(dgu),
                    _ptr(dfinal), nth)
         dxs = np.empty((R, H), np.float32)
-        self._call("bwd_dx_rows", _ptr(dgu), _ptr(bw.w13t), _ptr(st.offsets), T, _ptr(dxs), nth)
+        self._call("bwd_dx_rows", _ptr(dgu), _ptr(bw.w13), _ptr(st.offsets), T, _ptr(dxs), nth)
         logits = np.empty((T, E), np.float32)
         self._call("bwd_logits", _ptr(st.xf), _ptr(bw.router), _ptr(bias), T, _ptr(logits), nth)
         total = int(st.counts.sum())
@@ -273,7 +270,7 @@ class MoEBackward:
         dlogits = np.empty((T, E), np.float32)
         dxr = np.empty((T, H), np.float32)
         self._call("bwd_route", _ptr(logits), _ptr(st.ids), _ptr(st.raw_w), _ptr(st.kept),
-                   _ptr(dfinal), _ptr(usage32), bal, zc, _ptr(bw.routert), T, _ptr(dlogits),
+                   _ptr(dfinal), _ptr(usage32), bal, zc, _ptr(bw.router), T, _ptr(dlogits),
                    _ptr(dxr), nth)
         dx = np.empty((T, H), np.float32)
         pos = np.empty(max(T * K, 1), np.int32)
@@ -286,10 +283,8 @@ class MoEBackward:
         drouter = np.empty((E, H), np.float32)
         has_bias_grad = bias is not None and spec.routing != "sigmoid_topk"
         dbias = np.empty(E, np.float32) if has_bias_grad else None
-        scratch = [np.empty(shape, np.float32) for shape in
-                   ((H, R), (G, R), (H, R), (F, R), (E, T), (H, T))]
         self._call("bwd_weights", _ptr(st.xs), _ptr(dgu), _ptr(dys), _ptr(h), _ptr(st.xf),
-                   _ptr(dlogits), _ptr(st.offsets), T, *map(_ptr, scratch), _ptr(dw13),
+                   _ptr(dlogits), _ptr(st.offsets), T, _ptr(dw13),
                    _ptr(db13), _ptr(dw2), _ptr(db2), _ptr(drouter), _ptr(dbias), nth)
         out = {"x": dx, "router": drouter, "router_bias": dbias, "w2": dw2, "b2": db2,
                "topk_weights": dfinal, "balance_coeff": coef}
