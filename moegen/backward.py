@@ -19,6 +19,7 @@ summed by one thread in a fixed order, so two backward passes are bitwise equal.
 from __future__ import annotations
 
 import ctypes
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -111,6 +112,7 @@ class MoEBackward:
             raise TypeError(f"save_activations must be True or False, got {save_activations!r}")
         self.spec = spec.replace(backend="c")
         self.save_activations = save_activations
+        self._buffers: dict[tuple, np.ndarray] = {}
         lib = load_backward(self.spec)
         self._fn = {}
         for name, argtypes in _SIGNATURES.items():
@@ -120,6 +122,15 @@ class MoEBackward:
             fn.argtypes = argtypes
             fn.restype = ctypes.c_int
             self._fn[name] = fn
+
+    def _scratch(self, name: str, shape: tuple, dtype=np.float32) -> np.ndarray:
+        """A scratch buffer of the calling thread, reused while its shape stays the same (a
+        training loop with a fixed batch allocates none after the first step)."""
+        key = (threading.get_ident(), name)
+        a = self._buffers.get(key)
+        if a is None or a.shape != shape:
+            a = self._buffers[key] = np.empty(shape, dtype)
+        return a
 
     def _call(self, name, *args):
         rc = self._fn[name](*args)
@@ -201,9 +212,8 @@ class MoEBackward:
         R = int(offsets[E]) + S * T
         xs = np.empty((R, spec.hidden_dim), np.float32)
         st = Routing(T, ids, raw_w, final_w, kept, counts, offsets, order, xf, xs, None)
-        spare = np.empty_like(xs)       # bwd_gather gathers dy too: here x again, unused
-        self._call("bwd_gather", _ptr(xf), _ptr(xf), _ptr(offsets), _ptr(order), T, _ptr(xs),
-                   _ptr(spare), nth)
+        self._call("bwd_gather", _ptr(xf), None, _ptr(offsets), _ptr(order), T, _ptr(xs), None,
+                   nth)
         if self.save_activations:
             st.gu = self._gateup(st, bw, nth)
         return st
@@ -246,20 +256,19 @@ class MoEBackward:
         st = state
         R = len(st.xs)
         gu = st.gu if st.gu is not None else self._gateup(st, bw, nth)
-        dys = np.empty((R, H), np.float32)
-        spare = np.empty_like(dys)      # bwd_gather gathers x too: already in st.xs
-        self._call("bwd_gather", _ptr(st.xf), _ptr(dy), _ptr(st.offsets), _ptr(st.order), T,
-                   _ptr(spare), _ptr(dys), nth)
-        dhu = np.empty((R, F), np.float32)
-        h = np.empty((R, F), np.float32)
-        dgu = np.empty((R, G), np.float32)
+        dys = self._scratch("dys", (R, H))
+        self._call("bwd_gather", None, _ptr(dy), _ptr(st.offsets), _ptr(st.order), T, None,
+                   _ptr(dys), nth)
+        dhu = self._scratch("dhu", (R, F))
+        h = self._scratch("h", (R, F))
+        dgu = self._scratch("dgu", (R, G))
         dfinal = np.zeros((T, K), np.float32)
         self._call("bwd_hidden", _ptr(dys), _ptr(gu), _ptr(bw.w2), _ptr(bw.b2), _ptr(st.final_w),
                    _ptr(st.offsets), _ptr(st.order), T, _ptr(dhu), _ptr(h), _ptr(dgu),
                    _ptr(dfinal), nth)
-        dxs = np.empty((R, H), np.float32)
+        dxs = self._scratch("dxs", (R, H))
         self._call("bwd_dx_rows", _ptr(dgu), _ptr(bw.w13), _ptr(st.offsets), T, _ptr(dxs), nth)
-        logits = np.empty((T, E), np.float32)
+        logits = self._scratch("logits", (T, E))
         self._call("bwd_logits", _ptr(st.xf), _ptr(bw.router), _ptr(bias), T, _ptr(logits), nth)
         total = int(st.counts.sum())
         usage = (st.counts / total) if total else np.zeros(E)
@@ -267,13 +276,13 @@ class MoEBackward:
         bal = daux * coef * E / T if T else 0.0
         zc = daux * z_coeff * 2.0 / T if T else 0.0
         usage32 = _f32(usage)
-        dlogits = np.empty((T, E), np.float32)
-        dxr = np.empty((T, H), np.float32)
+        dlogits = self._scratch("dlogits", (T, E))
+        dxr = self._scratch("dxr", (T, H))
         self._call("bwd_route", _ptr(logits), _ptr(st.ids), _ptr(st.raw_w), _ptr(st.kept),
                    _ptr(dfinal), _ptr(usage32), bal, zc, _ptr(bw.router), T, _ptr(dlogits),
                    _ptr(dxr), nth)
         dx = np.empty((T, H), np.float32)
-        pos = np.empty(max(T * K, 1), np.int32)
+        pos = self._scratch("pos", (max(T * K, 1),), np.int32)
         self._call("bwd_combine", _ptr(dxs), _ptr(dxr), _ptr(st.offsets), _ptr(st.order), T,
                    _ptr(pos), _ptr(dx), nth)
         dw13 = np.empty((n, G, H), np.float32)
