@@ -13,7 +13,9 @@ The routing is recomputed by the same generated route and group code as the forw
 (bitwise the same top-k and capacity decisions); the gate/up pre-activations are recomputed
 (``save_activations=False``) or kept from `MoEBackward.save` (``True``: memory for speed).
 Gradients are fp32 whatever the storage dtype.  No atomics anywhere: every output element is
-summed by one thread in a fixed order, so two backward passes are bitwise equal.
+summed by one thread in a fixed order, so two backward passes are bitwise equal, whatever the
+thread count (``spec.deterministic=False`` changes nothing here: there is no atomic mode).
+Scratch buffers are kept per calling thread and reused while the batch shape stays the same.
 """
 
 from __future__ import annotations
@@ -167,6 +169,19 @@ class MoEBackward:
             raise TypeError(f"x must have dtype {spec.dtype}, got {x.dtype}")
         return np.ascontiguousarray(x)
 
+    def _check_weights(self, bw) -> None:
+        """``bw`` must come from this spec's `prepare` (the kernels trust its shapes)."""
+        if not isinstance(bw, BackwardWeights):
+            raise TypeError(f"weights must be the BackwardWeights of MoEBackward.prepare(...), got "
+                            f"{type(bw).__name__}")
+        s = weight_shapes(self.spec)
+        n, F, H = s["w1"]
+        G = F * (2 if self.spec.gated else 1)
+        got = (bw.w13.shape, bw.w2.shape, bw.router.shape)
+        if got != ((n, G, H), s["w2"], s["router"]):
+            raise ValueError(f"weights were prepared for another layer: w13/w2/router shapes {got}, "
+                             f"this layer needs {((n, G, H), s['w2'], s['router'])}")
+
     def _check_bias(self, router_bias):
         if router_bias is None:
             return None
@@ -181,6 +196,7 @@ class MoEBackward:
         ``save_activations``), for `backward`.  Call at forward time with the same inputs."""
         spec = self.spec
         x = self._check_x(x)
+        self._check_weights(bw)
         bias = self._check_bias(router_bias)
         T, K, E, S = x.shape[0], spec.top_k, spec.num_experts, spec.num_shared_experts
         nth = settings.num_threads()
@@ -240,12 +256,16 @@ class MoEBackward:
         dy = np.asarray(dy)
         if dy.shape != x.shape:
             raise ValueError(f"dy must have the shape of x {x.shape}, got {dy.shape}")
+        self._check_weights(bw)
         dy = _f32(dy)
         if state is None:
             if self.save_activations:
                 raise ValueError("save_activations=True: pass state=MoEBackward.save(...) from "
                                  "the forward pass")
             state = self.save(x, bw, router_bias)
+        elif not isinstance(state, Routing) or state.offsets.shape != (spec.num_experts + 1,):
+            raise TypeError(f"state must be this layer's MoEBackward.save(...), got "
+                            f"{type(state).__name__}")
         elif state.tokens != x.shape[0]:
             raise ValueError(f"state is for {state.tokens} tokens, x has {x.shape[0]}")
         bias = self._check_bias(router_bias)

@@ -162,6 +162,15 @@ def test_bad_input_is_one_clear_error():
         bwd.backward(x, bw, dy, bias[:3])
     with pytest.raises(ValueError, match=r"weights\['w2'\] must have shape"):
         bwd.prepare({**w, "w2": w["w2"][:, :3]})
+    with pytest.raises(TypeError, match="weights must be the BackwardWeights"):
+        bwd.backward(x, w, dy, bias)
+    other = MoEBackward(BASE.replace(ffn_dim=9))
+    with pytest.raises(ValueError, match="weights were prepared for another layer"):
+        other.backward(x, bw, dy, bias)
+    with pytest.raises(TypeError, match="state must be this layer's"):
+        bwd.backward(x, bw, dy, bias, state=object())
+    with pytest.raises(ValueError, match="state is for 4 tokens, x has 2"):
+        bwd.backward(x[:2], bw, dy[:2], bias, state=bwd.save(x, bw, bias))
     with pytest.raises(ValueError, match="spec.backend must be 'c'"):
         MoEBackward(BASE.replace(backend="cuda"))
     with pytest.raises(ValueError, match="save_activations=True: pass state"):
