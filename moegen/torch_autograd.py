@@ -1,0 +1,188 @@
+"""Training through torch.autograd: the layer as ``torch.library`` custom ops with a backward.
+
+    y, aux = moe_train(spec, x, params, router_bias=None, balance_coeff=0.01, z_coeff=0.0)
+    (loss(y) + aux).backward()           # grads on x, every parameter and the router bias
+
+``params`` are the layer's logical weights as tensors, in `param_names(spec)` order: router
+[E, H], w1 [E+S, F, H], w3 (gated), w2 [E+S, H, F], then b1, b3, b2 when ``spec.bias``.
+``aux`` is the auxiliary loss (scalar): ``coeff · E · Σ f_e·P_e + z_coeff · mean(lse²)`` with
+coeff = balance_coeff · (1 + var(f)) when ``adaptive`` (the seed's adaptive coefficient).
+
+Two ops, both with fake implementations so torch.compile traces them:
+
+* ``moegen_train::forward(x, params, router_bias, spec, balance_coeff, z_coeff, adaptive)
+  -> (y, aux)``, with ``torch.library.register_autograd`` calling
+* ``moegen_train::backward(dy, daux, x, params, router_bias, spec, ...) -> (dx, dparams,
+  drouter_bias)``.
+
+float32 tensors run the c backend: the forward is the compiled forward kernel (`moegen.compile`)
+and the backward the generated backward kernels (`moegen.backward.MoEBackward`, which rebuilds
+the forward's routing bitwise).  float64 tensors run the float64 reference forward
+(`moegen.reference.moe`) and reference backward (`moegen.reference_backward`), so
+``torch.autograd.gradcheck`` checks the very formulas the kernels implement.  ``spec`` travels
+as the canonical JSON of a `MoESpec` (a string torch can hash and put in a graph).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from typing import Optional
+
+import numpy as np
+import torch
+
+from . import reference as ref
+from .backward import MoEBackward, weight_shapes
+from .reference_backward import aux_loss, balance_coefficient, moe_backward
+from .spec import MoESpec
+
+_WEIGHTS = ("w1", "w3", "w2", "b1", "b3", "b2")
+
+
+def param_names(spec: MoESpec) -> tuple[str, ...]:
+    """Names of the parameter tensors the ops take, in order."""
+    return tuple(weight_shapes(spec))
+
+
+@torch.compiler.assume_constant_result      # a pure function of a frozen spec: no trace needed
+def spec_handle(spec: MoESpec) -> str:
+    """The canonical JSON of ``spec`` with backend c: the ops' ``spec`` argument."""
+    if not isinstance(spec, MoESpec):
+        raise TypeError(f"spec must be a MoESpec, got {type(spec).__name__}")
+    return json.dumps(spec.replace(backend="c").to_dict(), sort_keys=True, separators=(",", ":"))
+
+
+@functools.lru_cache(maxsize=64)
+def _spec(handle: str) -> MoESpec:
+    try:
+        return MoESpec.from_dict(json.loads(handle))
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"spec must be the JSON of a MoESpec (spec_handle(spec)), got "
+                         f"{handle[:80]!r}: {exc}") from None
+
+
+@functools.lru_cache(maxsize=64)
+def _kernel(handle: str):
+    from . import compile as compile_kernel
+    return compile_kernel(_spec(handle))
+
+
+@functools.lru_cache(maxsize=64)
+def _backward(handle: str) -> MoEBackward:
+    return MoEBackward(_spec(handle))
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().contiguous().numpy()
+
+
+def _logical(spec: MoESpec, params) -> dict:
+    """The reference's weight dict from the parameter tensors (NumPy views, no copy)."""
+    w = dict.fromkeys(_WEIGHTS)
+    w.update(zip(param_names(spec), (_np(p) for p in params)))
+    return w
+
+
+def _check(spec: MoESpec, x, params, router_bias) -> None:
+    """One clear line for a wrong argument, before anything runs."""
+    if x.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"x must be float32 (c backend kernels) or float64 (reference), got {x.dtype}")
+    if x.dim() != 2 or x.shape[1] != spec.hidden_dim:
+        raise ValueError(f"x must have shape [T, {spec.hidden_dim}], got {tuple(x.shape)}")
+    shapes = weight_shapes(spec)
+    if len(params) != len(shapes):
+        raise ValueError(f"params must be the {len(shapes)} tensors {list(shapes)}, got {len(params)}")
+    for (name, shape), p in zip(shapes.items(), params):
+        if tuple(p.shape) != shape or p.dtype != x.dtype:
+            raise ValueError(f"params[{name!r}] must be {x.dtype} of shape {shape}, got "
+                             f"{p.dtype} of shape {tuple(p.shape)}")
+    E = spec.num_experts
+    if router_bias is not None and tuple(router_bias.shape) != (E,):
+        raise ValueError(f"router_bias must have shape ({E},), got {tuple(router_bias.shape)}")
+
+
+# -- forward ---------------------------------------------------------------------------------
+@torch.library.custom_op("moegen_train::forward", mutates_args=())
+def _forward(x: torch.Tensor, params: list[torch.Tensor], router_bias: Optional[torch.Tensor],
+             spec: str, balance_coeff: float, z_coeff: float,
+             adaptive: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    s = _spec(spec)
+    w = _logical(s, params)
+    bias = _np(router_bias) if router_bias is not None else None
+    T = x.shape[0]
+    if x.dtype == torch.float64:
+        y, info = ref.moe(s, _np(x), w, router_bias=bias)
+        aux = aux_loss(s, info["counts"], info["probs"], info["logits"], balance_coeff, z_coeff,
+                       adaptive) if T else 0.0
+        return torch.from_numpy(np.ascontiguousarray(y)), torch.tensor(aux, dtype=torch.float64)
+    kernel = _kernel(spec)
+    packed = kernel.pack(**ref.weight_kwargs(s, w))
+    y, st = kernel(_np(x), packed, router_bias=None if bias is None else bias.astype(np.float32),
+                   return_stats=True)
+    d = st.as_dict()
+    coef = balance_coefficient(d["usage"], balance_coeff, adaptive)
+    aux = coef * d["aux_loss"] + z_coeff * d["z_loss"] if T else 0.0
+    return torch.from_numpy(y), torch.tensor(aux, dtype=torch.float32)
+
+
+@_forward.register_fake
+def _forward_fake(x, params, router_bias, spec, balance_coeff, z_coeff, adaptive):
+    return torch.empty_like(x), x.new_empty(())
+
+
+# -- backward --------------------------------------------------------------------------------
+@torch.library.custom_op("moegen_train::backward", mutates_args=())
+def _backward_op(dy: torch.Tensor, daux: torch.Tensor, x: torch.Tensor,
+                 params: list[torch.Tensor], router_bias: Optional[torch.Tensor], spec: str,
+                 balance_coeff: float, z_coeff: float,
+                 adaptive: bool) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+    s = _spec(spec)
+    w = _logical(s, params)
+    bias = _np(router_bias) if router_bias is not None else None
+    kw = dict(daux=float(daux), balance_coeff=balance_coeff, z_coeff=z_coeff, adaptive=adaptive)
+    if x.dtype == torch.float64:
+        g = moe_backward(s, _np(x), w, _np(dy), bias, **kw)
+    else:
+        bwd = _backward(spec)
+        g = bwd.backward(_np(x), bwd.prepare(w), _np(dy),
+                         None if bias is None else bias.astype(np.float32), **kw)
+    dt = x.dtype
+    as_t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(dt)  # noqa: E731
+    dbias = g["router_bias"] if g["router_bias"] is not None else np.zeros(s.num_experts)
+    return as_t(g["x"]), [as_t(g[n]) for n in param_names(s)], as_t(dbias)
+
+
+@_backward_op.register_fake
+def _backward_fake(dy, daux, x, params, router_bias, spec, balance_coeff, z_coeff, adaptive):
+    E = _spec(spec).num_experts
+    return torch.empty_like(x), [torch.empty_like(p) for p in params], x.new_empty((E,))
+
+
+def _setup_context(ctx, inputs, output):
+    x, params, router_bias, spec, balance_coeff, z_coeff, adaptive = inputs
+    ctx.save_for_backward(x, router_bias, *params)
+    ctx.args = (spec, balance_coeff, z_coeff, adaptive)
+    ctx.has_bias = router_bias is not None
+
+
+def _autograd_backward(ctx, dy, daux):
+    x, router_bias, *params = ctx.saved_tensors
+    spec, balance_coeff, z_coeff, adaptive = ctx.args
+    dx, dparams, dbias = _backward_op(dy.contiguous(), daux, x, list(params),
+                                      router_bias if ctx.has_bias else None, spec,
+                                      balance_coeff, z_coeff, adaptive)
+    return dx, dparams, dbias if ctx.has_bias else None, None, None, None, None
+
+
+torch.library.register_autograd("moegen_train::forward", _autograd_backward,
+                                setup_context=_setup_context)
+
+
+def moe_train(spec: MoESpec, x: torch.Tensor, params, router_bias=None, *,
+              balance_coeff: float = 0.01, z_coeff: float = 0.0, adaptive: bool = True):
+    """The layer with autograd: returns (y [T, H], aux scalar).  See the module docstring."""
+    params = list(params)
+    _check(spec, x, params, router_bias)
+    return _forward(x.contiguous(), [p.contiguous() for p in params], router_bias,
+                    spec_handle(spec), float(balance_coeff), float(z_coeff), bool(adaptive))
