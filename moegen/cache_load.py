@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import errno
 
+from .errors import exception_chain as _chain
+
 # OSError numbers that describe the machine, not the file being loaded.
 RESOURCE_ERRNOS = frozenset(getattr(errno, name) for name in (
     "ENOSPC", "EDQUOT", "EMFILE", "ENFILE", "ENOMEM", "EACCES", "EPERM", "EROFS", "EAGAIN",
@@ -41,14 +43,6 @@ RESOURCE_MARKERS = (
     "libcuda.so", "libnvrtc", "CUDA driver version is insufficient",
     "built for ISA tier",       # a good binary for another CPU (the c backend refuses it)
 )
-
-
-def _chain(exc: BaseException):
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        yield exc
-        exc = exc.__cause__ or exc.__context__
 
 
 def is_bad_binary(exc: BaseException) -> bool:

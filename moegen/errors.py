@@ -104,3 +104,12 @@ def _first_diagnostic(log: str) -> str:
             return line.strip()
     lines = [l.strip() for l in (log or "").splitlines() if l.strip()]
     return lines[0] if lines else "no compiler output"
+
+
+def exception_chain(exc: BaseException | None):
+    """``exc``, then its cause or context, and so on (each exception once)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__

@@ -8,7 +8,7 @@ no usable GPU is present).  Anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 from ..environment import CUDA_EXTRA_HINT
-from ..errors import MoegenError
+from ..errors import MoegenError, exception_chain as _chain
 
 # CuPy's driver/runtime errors, matched by module so that CuPy need not be importable here.
 _CUDA_ERROR_MODULES = ("cupy_backends.cuda.api.runtime", "cupy_backends.cuda.api.driver",
@@ -28,14 +28,6 @@ def _missing_cupy(exc: BaseException) -> bool:
 def _cuda_error(exc: BaseException) -> bool:
     return any(type(e).__module__ in _CUDA_ERROR_MODULES and type(e).__name__.startswith("CUDA")
                for e in _chain(exc))
-
-
-def _chain(exc: BaseException):
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        yield exc
-        exc = exc.__cause__ or exc.__context__
 
 
 def one_line(exc: BaseException) -> str | None:
