@@ -19,7 +19,7 @@ import os
 import re
 from pathlib import Path
 
-from . import trust
+from . import settings, trust
 from .backends.base import Artifact
 from .cache_format import (ENTRIES_DIR, ENTRY_SUFFIX, MANIFEST, CorruptEntry, check_name_key,
                            decode, entry_filename, entry_name, load_json, open_regular,
@@ -86,7 +86,7 @@ class PrebuiltLayer:
         return self._problem
 
     def _check_signature(self) -> str | None:
-        if self._keys is None and not os.environ.get(TRUSTED_KEYS_ENV):
+        if self._keys is None and not settings.trusted_key_files():
             return None
         from . import signing  # cryptography adds ~50 ms to every import; needed only here
         try:

@@ -15,6 +15,7 @@ environment between calls.  The README lists the same table.
 | MOEGEN_NUM_THREADS       | threads of the c backend (default: all cores the process may use) |
 | MOEGEN_CUDA_ARCH         | CUDA target when none is given and no GPU is visible (e.g. sm_90) |
 | MOEGEN_LOG_LEVEL         | logging level of the ``moegen`` logger (default WARNING)        |
+| MOEGEN_TRUSTED_KEYS      | Ed25519 public key files (os.pathsep-separated): prebuilt layers and imports must be signed by one |
 """
 
 from __future__ import annotations
@@ -50,6 +51,12 @@ def cache_dir() -> Path:
 
 def prebuilt_dirs() -> list[Path]:
     raw = os.environ.get("MOEGEN_PREBUILT_DIR", "")
+    return [Path(p).expanduser() for p in raw.split(os.pathsep) if p]
+
+
+def trusted_key_files() -> list[Path]:
+    """The public key files of MOEGEN_TRUSTED_KEYS (empty: signatures are not required)."""
+    raw = os.environ.get("MOEGEN_TRUSTED_KEYS", "")
     return [Path(p).expanduser() for p in raw.split(os.pathsep) if p]
 
 
@@ -115,5 +122,5 @@ def describe() -> dict[str, str]:
     """Every setting and its current raw value (for ``moegen env``)."""
     names = ("MOEGEN_CACHE_DIR", "MOEGEN_PREBUILT_DIR", "MOEGEN_OFFLINE", "MOEGEN_ALWAYS_COMPILE",
              "MOEGEN_KEEP_SOURCE", "MOEGEN_CC", "MOEGEN_ISA", "MOEGEN_NUM_THREADS",
-             "MOEGEN_CUDA_ARCH", "MOEGEN_LOG_LEVEL")
+             "MOEGEN_CUDA_ARCH", "MOEGEN_LOG_LEVEL", "MOEGEN_TRUSTED_KEYS")
     return {n: os.environ.get(n, "") for n in names}

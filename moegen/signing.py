@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from .cache_layers import MAX_SIGNATURE, SIGNATURE, TRUSTED_KEYS_ENV
+from . import settings
 from .errors import CacheError
 
 __all__ = ["ALGORITHM", "MAX_SIGNATURE", "SIGNATURE", "TRUSTED_KEYS_ENV", "SigningError",
@@ -116,8 +117,7 @@ def trusted_keys() -> list[Ed25519PublicKey]:
     """The public keys named by ``MOEGEN_TRUSTED_KEYS`` (empty when unset): signing is then
     required of every prebuilt layer and imported archive.  Raises SigningError for a key file
     that cannot be read, so a typo never silently turns the check off."""
-    raw = os.environ.get(TRUSTED_KEYS_ENV, "")
-    return [load_public_key(p) for p in raw.split(os.pathsep) if p]
+    return [load_public_key(p) for p in settings.trusted_key_files()]
 
 
 def sign(manifest: bytes, key: Ed25519PrivateKey) -> bytes:
