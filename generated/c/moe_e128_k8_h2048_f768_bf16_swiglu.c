@@ -64,8 +64,6 @@ typedef int32_t vi __attribute__((vector_size(32)));
 
 /* ---- storage dtype: bfloat16 (the top half of an IEEE float) ------------------------------ */
 typedef uint16_t w_t;
-typedef uint16_t vh __attribute__((vector_size(16)));
-typedef uint32_t vu __attribute__((vector_size(32)));
 
 static inline float ld_bf16(uint16_t v)
 {
@@ -85,6 +83,9 @@ static inline uint16_t st_bf16(float f)
     u += 0x7fffu + ((u >> 16) & 1u);
     return (uint16_t)(u >> 16);
 }
+
+typedef uint16_t vh __attribute__((vector_size(16)));
+typedef uint32_t vu __attribute__((vector_size(32)));
 
 /* Widening is a shift: zero-extend to 32 bits, move into the high half. */
 static inline vf ldv(const w_t *p)

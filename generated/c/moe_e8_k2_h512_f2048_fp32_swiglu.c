@@ -62,7 +62,7 @@
 typedef float vf __attribute__((vector_size(32)));
 typedef int32_t vi __attribute__((vector_size(32)));
 
-/* ---- storage dtype: float32 ------------------------------------------------------------- */
+/* ---- storage dtype: float32 (the scalar type and its conversions) -------------------------- */
 typedef float w_t;
 
 static inline float ld_f32(float v) { return v; }
