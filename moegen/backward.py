@@ -1,6 +1,6 @@
 """The layer's backward pass on the c backend: generated kernels driven stage by stage.
 
-    bwd = MoEBackward(spec)                        # compiles templates/c/backward.c.jinja once
+    bwd = MoEBackward(spec)                        # the backward binary, from the kernel cache
     bw = bwd.prepare(w)                            # logical weights -> the backward's copies
     g = bwd.backward(x, bw, dy, router_bias, daux=1.0, balance_coeff=0.01, z_coeff=1e-3)
     g["x"], g["w1"], g["w2"], g["router"], ...     # fp32, logical (nn.Linear) orientation
@@ -11,10 +11,10 @@ coeff = balance_coeff · (1 + var(f)), the seed's adaptive coefficient.
 
 The routing is recomputed by the same generated route and group code as the forward kernel
 (bitwise the same top-k and capacity decisions); the gate/up pre-activations are recomputed
-(``save_activations=False``) or kept from `MoEBackward.save` (``True``: memory for speed).
+(``spec.save_activations`` False) or kept from `MoEBackward.save` (True: memory for speed).
 Gradients are fp32 whatever the storage dtype.  No atomics anywhere: every output element is
 summed by one thread in a fixed order, so two backward passes are bitwise equal, whatever the
-thread count (``spec.deterministic=False`` changes nothing here: there is no atomic mode).
+thread count; there is no atomic mode.
 Scratch buffers are kept per calling thread and reused while the batch shape stays the same.
 """
 
@@ -100,22 +100,20 @@ class Routing:
 class MoEBackward:
     """Backward kernels of one spec on the c backend (see the module docstring).
 
-    ``save_activations``: keep the gate/up pre-activations from `save` for the backward
+    ``spec.save_activations``: keep the gate/up pre-activations from `save` for the backward
     instead of recomputing them (one [rows, G] fp32 buffer per step against one GEMM).
     """
 
-    def __init__(self, spec: MoESpec, save_activations: bool = False):
+    def __init__(self, spec: MoESpec):
         if not isinstance(spec, MoESpec):
             raise TypeError(f"spec must be a MoESpec, got {type(spec).__name__}")
         if spec.backend not in ("c", "auto"):
             raise ValueError(f"MoEBackward runs on the c backend; spec.backend must be 'c', "
                              f"got {spec.backend!r} (the CUDA backward is not built yet)")
-        if not isinstance(save_activations, bool):
-            raise TypeError(f"save_activations must be True or False, got {save_activations!r}")
         self.spec = spec.replace(backend="c")
-        self.save_activations = save_activations
+        self.save_activations = self.spec.save_activations
         self._buffers: dict[tuple, np.ndarray] = {}
-        lib = load_backward(self.spec)
+        lib = ctypes.CDLL(str(load_backward(self.spec)))
         self._fn = {}
         for name, argtypes in _SIGNATURES.items():
             if name == "moe_group_capacity" and self.spec.capacity_factor is None:
@@ -191,9 +189,11 @@ class MoEBackward:
         return _f32(b)
 
     # -- forward state -----------------------------------------------------------------------
-    def save(self, x, bw: BackwardWeights, router_bias=None) -> Routing:
+    def save(self, x, bw: BackwardWeights, router_bias=None, gu=None) -> Routing:
         """The routing of a forward pass (and the gate/up pre-activations when
-        ``save_activations``), for `backward`.  Call at forward time with the same inputs."""
+        ``save_activations``), for `backward`.  Call at forward time with the same inputs.
+        ``gu``: pre-activations an earlier `save` of the same inputs returned (``Routing.gu``),
+        reused instead of computed (the routing is rebuilt, bitwise the same)."""
         spec = self.spec
         x = self._check_x(x)
         self._check_weights(bw)
@@ -230,7 +230,14 @@ class MoEBackward:
         st = Routing(T, ids, raw_w, final_w, kept, counts, offsets, order, xf, xs, None)
         self._call("bwd_gather", _ptr(xf), None, _ptr(offsets), _ptr(order), T, _ptr(xs), None,
                    nth)
-        if self.save_activations:
+        if gu is not None:
+            gu = np.asarray(gu)
+            want = (R, bw.w13.shape[1])
+            if gu.shape != want or gu.dtype != np.float32:
+                raise ValueError(f"gu must be float32 of shape {want} (Routing.gu of the same "
+                                 f"inputs), got {gu.dtype} of shape {gu.shape}")
+            st.gu = np.ascontiguousarray(gu)
+        elif self.save_activations:
             st.gu = self._gateup(st, bw, nth)
         return st
 
