@@ -192,8 +192,9 @@ class MoEBackward:
     def save(self, x, bw: BackwardWeights, router_bias=None, gu=None) -> Routing:
         """The routing of a forward pass (and the gate/up pre-activations when
         ``save_activations``), for `backward`.  Call at forward time with the same inputs.
-        ``gu``: pre-activations an earlier `save` of the same inputs returned (``Routing.gu``),
-        reused instead of computed (the routing is rebuilt, bitwise the same)."""
+        ``gu``: pre-activations an earlier `save` of the same inputs returned (``Routing.gu``,
+        or a float32 array whose first rows are it), reused instead of computed (the routing
+        is rebuilt, bitwise the same)."""
         spec = self.spec
         x = self._check_x(x)
         self._check_weights(bw)
@@ -232,11 +233,11 @@ class MoEBackward:
                    nth)
         if gu is not None:
             gu = np.asarray(gu)
-            want = (R, bw.w13.shape[1])
-            if gu.shape != want or gu.dtype != np.float32:
-                raise ValueError(f"gu must be float32 of shape {want} (Routing.gu of the same "
-                                 f"inputs), got {gu.dtype} of shape {gu.shape}")
-            st.gu = np.ascontiguousarray(gu)
+            G = bw.w13.shape[1]
+            if gu.ndim != 2 or gu.shape[0] < R or gu.shape[1] != G or gu.dtype != np.float32:
+                raise ValueError(f"gu must be float32 of shape [>= {R}, {G}] (Routing.gu of the "
+                                 f"same inputs), got {gu.dtype} of shape {gu.shape}")
+            st.gu = np.ascontiguousarray(gu[:R])
         elif self.save_activations:
             st.gu = self._gateup(st, bw, nth)
         return st
