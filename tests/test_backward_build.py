@@ -8,6 +8,7 @@ from moegen.backward import MoEBackward
 from moegen.backward_build import (ENTRY_SUFFIX, BackwardPlan, backward_plan, key_parts,
                                    render_backward)
 from moegen.cache import default_cache
+from moegen.errors import SpecError
 from moegen.spec import MoESpec
 
 SPEC = MoESpec(num_experts=4, top_k=2, hidden_dim=24, ffn_dim=20, backend="c")
@@ -63,3 +64,11 @@ def test_a_corrupt_entry_is_rebuilt(tmp_cache):
 def test_cuda_spec_is_refused_in_one_line():
     with pytest.raises(ValueError, match="CUDA backward is not built yet"):
         MoEBackward(SPEC.replace(backend="cuda"))
+
+
+def test_save_activations_is_a_checked_spec_field_in_the_name():
+    s = SPEC.replace(save_activations=True)
+    assert s.name == SPEC.name + "_saveact"
+    assert MoESpec.from_dict(s.to_dict()) == s
+    with pytest.raises(SpecError, match="save_activations must be True or False, got 1"):
+        SPEC.replace(save_activations=1)
