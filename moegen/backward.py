@@ -29,7 +29,7 @@ import numpy as np
 from . import settings
 from .backward_build import load_backward
 from .reference import capacity as expert_capacity
-from .reference_backward import balance_coefficient
+from .reference_backward import ACT_GRAD, balance_coefficient
 from .spec import MoESpec
 
 _P, _L, _I, _F = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
@@ -58,6 +58,14 @@ def weight_shapes(spec: MoESpec) -> dict[str, tuple]:
               "b3": (n, F), "b2": (n, H)}
     present = {"w3": spec.gated, "b1": spec.bias, "b3": spec.bias and spec.gated, "b2": spec.bias}
     return {name: shape for name, shape in shapes.items() if present.get(name, True)}
+
+
+def check_trainable(spec: MoESpec) -> None:
+    """ValueError in one line when the backward (kernels and float64 reference) has no
+    derivative of ``spec``'s activation."""
+    if spec.act.fn not in ACT_GRAD:
+        raise ValueError(f"the backward has no derivative of activation {spec.activation!r} yet "
+                         f"(it has those built on {sorted(ACT_GRAD)})")
 
 
 def _ptr(a):
@@ -110,6 +118,7 @@ class MoEBackward:
         if spec.backend not in ("c", "auto"):
             raise ValueError(f"MoEBackward runs on the c backend; spec.backend must be 'c', "
                              f"got {spec.backend!r} (the CUDA backward is not built yet)")
+        check_trainable(spec)
         self.spec = spec.replace(backend="c")
         self.save_activations = self.spec.save_activations
         self._buffers: dict[tuple, np.ndarray] = {}

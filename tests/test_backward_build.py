@@ -2,7 +2,7 @@
 
 import pytest
 
-from moegen import jit
+from moegen import backward, jit
 from moegen.backends.c import CBackend
 from moegen.backward import MoEBackward
 from moegen.backward_build import (ENTRY_SUFFIX, BackwardPlan, backward_plan, key_parts,
@@ -72,3 +72,9 @@ def test_save_activations_is_a_checked_spec_field_in_the_name():
     assert MoESpec.from_dict(s.to_dict()) == s
     with pytest.raises(SpecError, match="save_activations must be True or False, got 1"):
         SPEC.replace(save_activations=1)
+
+
+def test_an_activation_without_a_derivative_is_refused_in_one_line(monkeypatch):
+    monkeypatch.setattr(backward, "ACT_GRAD", {"gelu": None, "relu": None})
+    with pytest.raises(ValueError, match="no derivative of activation 'swiglu' yet"):
+        MoEBackward(SPEC)

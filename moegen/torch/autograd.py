@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from .. import reference as ref
-from ..backward import MoEBackward, weight_shapes
+from ..backward import MoEBackward, check_trainable, weight_shapes
 from ..reference_backward import aux_loss, balance_coefficient, moe_backward
 from ..spec import MoESpec
 from .ops import kernel_for
@@ -107,6 +107,7 @@ def _logical(spec: MoESpec, params) -> dict:
 def _check(spec: MoESpec, x, params, router_bias) -> None:
     """One clear line for a wrong argument, before anything runs."""
     _refuse_cuda(x, router_bias, *params)
+    check_trainable(spec)
     if x.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"x must be float32 (c backend kernels) or float64 (reference), got {x.dtype}")
     if x.dim() != 2 or x.shape[1] != spec.hidden_dim:

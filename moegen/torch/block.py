@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .. import compile as compile_kernel
-from ..backward import weight_shapes
+from ..backward import check_trainable, weight_shapes
 from ..kernel import MoEKernel
 from ..layout import logical_weights
 from ..spec import MoESpec
@@ -79,6 +79,7 @@ class MoEBlock(nn.Module):
             if s.dtype != "float32":
                 raise ValueError(f"MoEBlock(trainable=True) needs spec.dtype 'float32' (the c "
                                  f"backend's training kernels), got {s.dtype!r}")
+            check_trainable(s)
             if not isinstance(spec, MoEKernel):
                 spec = spec.replace(backend="c")
         kernel = spec if isinstance(spec, MoEKernel) else compile_kernel(spec)
