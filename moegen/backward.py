@@ -21,6 +21,7 @@ Scratch buffers are kept per calling thread and reused while the batch shape sta
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import threading
 from dataclasses import dataclass
 
@@ -60,9 +61,24 @@ def weight_shapes(spec: MoESpec) -> dict[str, tuple]:
     return {name: shape for name, shape in shapes.items() if present.get(name, True)}
 
 
+# The MoESpec fields whose every value the backward (kernels and float64 reference) handles.
+# A field added later is refused at any value but its default until its gradient is written
+# and tested (a semantic the backward ignored would give silently wrong gradients).
+BACKWARD_FIELDS = frozenset({
+    "num_experts", "top_k", "hidden_dim", "ffn_dim", "dtype", "activation", "routing",
+    "renormalize", "bias", "backend", "arch", "n_group", "topk_group", "routed_scaling_factor",
+    "num_shared_experts", "capacity_factor", "capacity_drop", "save_activations"})
+
+
 def check_trainable(spec: MoESpec) -> None:
-    """ValueError in one line when the backward (kernels and float64 reference) has no
-    derivative of ``spec``'s activation."""
+    """ValueError in one line when the backward has no gradient for a semantic of ``spec``: a
+    field outside `BACKWARD_FIELDS` set away from its default, or an activation whose
+    derivative is not built."""
+    for f in dataclasses.fields(spec):
+        value = getattr(spec, f.name)
+        if f.name not in BACKWARD_FIELDS and value != f.default:
+            raise ValueError(f"the backward does not handle MoESpec.{f.name}={value!r} yet "
+                             f"(expected the default {f.default!r} for training)")
     if spec.act.fn not in ACT_GRAD:
         raise ValueError(f"the backward has no derivative of activation {spec.activation!r} yet "
                          f"(it has those built on {sorted(ACT_GRAD)})")

@@ -78,3 +78,10 @@ def test_an_activation_without_a_derivative_is_refused_in_one_line(monkeypatch):
     monkeypatch.setattr(backward, "ACT_GRAD", {"gelu": None, "relu": None})
     with pytest.raises(ValueError, match="no derivative of activation 'swiglu' yet"):
         MoEBackward(SPEC)
+
+
+def test_a_spec_field_the_backward_does_not_handle_is_refused(monkeypatch):
+    monkeypatch.setattr(backward, "BACKWARD_FIELDS", backward.BACKWARD_FIELDS - {"capacity_factor"})
+    with pytest.raises(ValueError, match=r"does not handle MoESpec.capacity_factor=1.5 yet"):
+        MoEBackward(SPEC.replace(capacity_factor=1.5))
+    MoEBackward(SPEC)                   # at its default the field is fine

@@ -126,15 +126,20 @@ class MoEBlock(nn.Module):
         kwargs, bias = block_weights(spec, config, weights)
         return cls(spec, kwargs, router_bias=bias)
 
+    def _train_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The training op over the parameters; sets ``aux_loss``."""
+        balance, z, adaptive = self._aux_args
+        params = [getattr(self, name) for name in param_names(self.spec)]
+        y, self.aux_loss = moe_train(self.spec, x.reshape(-1, self.spec.hidden_dim), params,
+                                     self.router_bias, balance_coeff=balance, z_coeff=z,
+                                     adaptive=adaptive)
+        return y.reshape(x.shape)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.contiguous()
         if self.trainable:
-            balance, z, adaptive = self._aux_args
-            params = [getattr(self, name) for name in param_names(self.spec)]
-            y, self.aux_loss = moe_train(self.spec, x.reshape(-1, self.spec.hidden_dim), params,
-                                         self.router_bias, balance_coeff=balance, z_coeff=z,
-                                         adaptive=adaptive)
-            return y.reshape(x.shape)
+            return self._train_forward(x.contiguous())
+
+        x = x.contiguous()
         if not (torch.compiler.is_compiling() or (torch.is_grad_enabled() and x.requires_grad)):
             # Eager inference: the op's body without the dispatcher (same code, same result).
             return run_moe(x, self.packed, self.router, self.router_bias, self.handle)
