@@ -138,7 +138,6 @@ class MoEBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.trainable:
             return self._train_forward(x.contiguous())
-
         x = x.contiguous()
         if not (torch.compiler.is_compiling() or (torch.is_grad_enabled() and x.requires_grad)):
             # Eager inference: the op's body without the dispatcher (same code, same result).
