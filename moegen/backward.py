@@ -77,11 +77,13 @@ def check_trainable(spec: MoESpec) -> None:
     for f in dataclasses.fields(spec):
         value = getattr(spec, f.name)
         if f.name not in BACKWARD_FIELDS and value != f.default:
-            raise ValueError(f"the backward does not handle MoESpec.{f.name}={value!r} yet "
-                             f"(expected the default {f.default!r} for training)")
+            raise ValueError(f"MoEBackward has no gradient for MoESpec.{f.name}={value!r} yet "
+                             f"(training needs its default {f.default!r}; the forward layer "
+                             f"runs it)")
     if spec.act.fn not in ACT_GRAD:
-        raise ValueError(f"the backward has no derivative of activation {spec.activation!r} yet "
-                         f"(it has those built on {sorted(ACT_GRAD)})")
+        raise ValueError(f"MoEBackward has no gradient for activation={spec.activation!r} yet "
+                         f"(it has the derivatives of {sorted(ACT_GRAD)}; the forward layer "
+                         f"runs it)")
 
 
 def _ptr(a):
