@@ -12,7 +12,7 @@ balance loss as the baseline.  Every run's loss and expert-usage imbalance (coef
 variation of the tokens per expert) are printed and plotted to one PNG.
 
 The forward pass is the compiled forward kernel and the backward pass the generated backward
-kernels (moegen.torch_autograd), both on the c backend.  The CUDA backward is not built yet:
+kernels (moegen.torch.autograd), both on the c backend.  The CUDA backward is not built yet:
 ``--device cuda`` says so and exits with status 2 (a machine with a GPU still runs the CPU
 training by default).
 """
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from moegen.spec import MoESpec
-from moegen.torch_autograd import moe_train, param_names
+from moegen.torch.autograd import moe_train, param_names
 
 CUDA_MISSING = ("the CUDA backward kernels are not built yet (moegen issue 13): training runs on "
                 "the CPU only; rerun with --device cpu")

@@ -1,6 +1,6 @@
 """The layer's backward pass on the c backend: generated kernels driven stage by stage.
 
-    bwd = MoEBackward(spec)                        # compiles templates/c/backward.c.jinja once
+    bwd = MoEBackward(spec)                        # the backward binary, from the kernel cache
     bw = bwd.prepare(w)                            # logical weights -> the backward's copies
     g = bwd.backward(x, bw, dy, router_bias, daux=1.0, balance_coeff=0.01, z_coeff=1e-3)
     g["x"], g["w1"], g["w2"], g["router"], ...     # fp32, logical (nn.Linear) orientation
@@ -11,16 +11,17 @@ coeff = balance_coeff · (1 + var(f)), the seed's adaptive coefficient.
 
 The routing is recomputed by the same generated route and group code as the forward kernel
 (bitwise the same top-k and capacity decisions); the gate/up pre-activations are recomputed
-(``save_activations=False``) or kept from `MoEBackward.save` (``True``: memory for speed).
+(``spec.save_activations`` False) or kept from `MoEBackward.save` (True: memory for speed).
 Gradients are fp32 whatever the storage dtype.  No atomics anywhere: every output element is
 summed by one thread in a fixed order, so two backward passes are bitwise equal, whatever the
-thread count (``spec.deterministic=False`` changes nothing here: there is no atomic mode).
+thread count; there is no atomic mode.
 Scratch buffers are kept per calling thread and reused while the batch shape stays the same.
 """
 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import threading
 from dataclasses import dataclass
 
@@ -29,7 +30,7 @@ import numpy as np
 from . import settings
 from .backward_build import load_backward
 from .reference import capacity as expert_capacity
-from .reference_backward import balance_coefficient
+from .reference_backward import ACT_GRAD, balance_coefficient
 from .spec import MoESpec
 
 _P, _L, _I, _F = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
@@ -58,6 +59,31 @@ def weight_shapes(spec: MoESpec) -> dict[str, tuple]:
               "b3": (n, F), "b2": (n, H)}
     present = {"w3": spec.gated, "b1": spec.bias, "b3": spec.bias and spec.gated, "b2": spec.bias}
     return {name: shape for name, shape in shapes.items() if present.get(name, True)}
+
+
+# The MoESpec fields whose every value the backward (kernels and float64 reference) handles.
+# A field added later is refused at any value but its default until its gradient is written
+# and tested (a semantic the backward ignored would give silently wrong gradients).
+BACKWARD_FIELDS = frozenset({
+    "num_experts", "top_k", "hidden_dim", "ffn_dim", "dtype", "activation", "routing",
+    "renormalize", "bias", "backend", "arch", "n_group", "topk_group", "routed_scaling_factor",
+    "num_shared_experts", "capacity_factor", "capacity_drop", "save_activations"})
+
+
+def check_trainable(spec: MoESpec) -> None:
+    """ValueError in one line when the backward has no gradient for a semantic of ``spec``: a
+    field outside `BACKWARD_FIELDS` set away from its default, or an activation whose
+    derivative is not built."""
+    for f in dataclasses.fields(spec):
+        value = getattr(spec, f.name)
+        if f.name not in BACKWARD_FIELDS and value != f.default:
+            raise ValueError(f"MoEBackward has no gradient for MoESpec.{f.name}={value!r} yet "
+                             f"(training needs its default {f.default!r}; the forward layer "
+                             f"runs it)")
+    if spec.act.fn not in ACT_GRAD:
+        raise ValueError(f"MoEBackward has no gradient for activation={spec.activation!r} yet "
+                         f"(it has the derivatives of {sorted(ACT_GRAD)}; the forward layer "
+                         f"runs it)")
 
 
 def _ptr(a):
@@ -100,22 +126,21 @@ class Routing:
 class MoEBackward:
     """Backward kernels of one spec on the c backend (see the module docstring).
 
-    ``save_activations``: keep the gate/up pre-activations from `save` for the backward
+    ``spec.save_activations``: keep the gate/up pre-activations from `save` for the backward
     instead of recomputing them (one [rows, G] fp32 buffer per step against one GEMM).
     """
 
-    def __init__(self, spec: MoESpec, save_activations: bool = False):
+    def __init__(self, spec: MoESpec):
         if not isinstance(spec, MoESpec):
             raise TypeError(f"spec must be a MoESpec, got {type(spec).__name__}")
         if spec.backend not in ("c", "auto"):
             raise ValueError(f"MoEBackward runs on the c backend; spec.backend must be 'c', "
                              f"got {spec.backend!r} (the CUDA backward is not built yet)")
-        if not isinstance(save_activations, bool):
-            raise TypeError(f"save_activations must be True or False, got {save_activations!r}")
+        check_trainable(spec)
         self.spec = spec.replace(backend="c")
-        self.save_activations = save_activations
+        self.save_activations = self.spec.save_activations
         self._buffers: dict[tuple, np.ndarray] = {}
-        lib = load_backward(self.spec)
+        lib = ctypes.CDLL(str(load_backward(self.spec)))
         self._fn = {}
         for name, argtypes in _SIGNATURES.items():
             if name == "moe_group_capacity" and self.spec.capacity_factor is None:
@@ -191,9 +216,12 @@ class MoEBackward:
         return _f32(b)
 
     # -- forward state -----------------------------------------------------------------------
-    def save(self, x, bw: BackwardWeights, router_bias=None) -> Routing:
+    def save(self, x, bw: BackwardWeights, router_bias=None, gu=None) -> Routing:
         """The routing of a forward pass (and the gate/up pre-activations when
-        ``save_activations``), for `backward`.  Call at forward time with the same inputs."""
+        ``save_activations``), for `backward`.  Call at forward time with the same inputs.
+        ``gu``: pre-activations an earlier `save` of the same inputs returned (``Routing.gu``,
+        or a float32 array whose first rows are it), reused instead of computed (the routing
+        is rebuilt, bitwise the same)."""
         spec = self.spec
         x = self._check_x(x)
         self._check_weights(bw)
@@ -230,7 +258,14 @@ class MoEBackward:
         st = Routing(T, ids, raw_w, final_w, kept, counts, offsets, order, xf, xs, None)
         self._call("bwd_gather", _ptr(xf), None, _ptr(offsets), _ptr(order), T, _ptr(xs), None,
                    nth)
-        if self.save_activations:
+        if gu is not None:
+            gu = np.asarray(gu)
+            G = bw.w13.shape[1]
+            if gu.ndim != 2 or gu.shape[0] < R or gu.shape[1] != G or gu.dtype != np.float32:
+                raise ValueError(f"gu must be float32 of shape [>= {R}, {G}] (Routing.gu of the "
+                                 f"same inputs), got {gu.dtype} of shape {gu.shape}")
+            st.gu = np.ascontiguousarray(gu[:R])
+        elif self.save_activations:
             st.gu = self._gateup(st, bw, nth)
         return st
 

@@ -70,6 +70,9 @@ class MoESpec:
         capacity_factor: None = dropless; else each expert keeps at most
             ceil(capacity_factor * T * k / E) slots.
         capacity_drop: "token" keeps the lowest token indices, "weight" the largest weights.
+        save_activations: training (the c backend's backward, `moegen.backward`): keep the
+            gate/up pre-activations from forward time for the backward instead of recomputing
+            them there (memory for backward time; docs/PERF.md says what the forward does).
 
     The combine always sums a token's slots in a fixed order (no atomics), so a call is
     deterministic and batch-invariant; there is no option to trade that away (see
@@ -93,6 +96,7 @@ class MoESpec:
     num_shared_experts: int = 0
     capacity_factor: float | None = None
     capacity_drop: str = "token"
+    save_activations: bool = False
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
@@ -112,7 +116,7 @@ class MoESpec:
         _check_choice("routing", self.routing, ROUTINGS)
         _check_choice("backend", self.backend, BACKENDS)
         _check_choice("capacity_drop", self.capacity_drop, CAPACITY_DROP)
-        for name in ("renormalize", "bias"):
+        for name in ("renormalize", "bias", "save_activations"):
             if not isinstance(getattr(self, name), bool):
                 raise SpecError(f"MoESpec.{name} must be True or False, got {getattr(self, name)!r}")
         if self.arch is not None:
@@ -186,6 +190,7 @@ _NAME_SUFFIXES = (
     ("num_shared_experts", lambda v: f"sh{v}"),
     ("capacity_factor", lambda v: f"cap{_num(v)}"),
     ("capacity_drop", lambda v: f"drop{v}"),
+    ("save_activations", lambda v: "saveact"),
 )
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(MoESpec)}
 

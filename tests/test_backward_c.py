@@ -40,7 +40,7 @@ def problem(spec, T, seed=0):
 def check(spec, T, tol=2e-5, seed=0, save=False):
     x, w, bias, dy = problem(spec, T, seed)
     want = moe_backward(spec, x, w, dy, bias, **AUX)
-    bwd = MoEBackward(spec, save_activations=save)
+    bwd = MoEBackward(spec.replace(save_activations=save))
     bw = bwd.prepare(w)
     state = bwd.save(x, bw, bias) if save else None
     got = bwd.backward(x, bw, dy, bias, state=state, **AUX)
@@ -174,4 +174,4 @@ def test_bad_input_is_one_clear_error():
     with pytest.raises(ValueError, match="spec.backend must be 'c'"):
         MoEBackward(BASE.replace(backend="cuda"))
     with pytest.raises(ValueError, match="save_activations=True: pass state"):
-        MoEBackward(BASE, save_activations=True).backward(x, bw, dy, bias)
+        MoEBackward(BASE.replace(save_activations=True)).backward(x, bw, dy, bias)

@@ -13,8 +13,8 @@ from moegen import reference as ref
 from moegen.spec import MoESpec
 
 torch = pytest.importorskip("torch")
-from moegen.torch_autograd import (_backward_op, _forward, moe_train, param_names,  # noqa: E402
-                                   spec_handle)
+from moegen.torch.autograd import (_backward_op, _forward, moe_train, param_names,  # noqa: E402
+                                    spec_handle)
 
 COEFFS = dict(balance_coeff=0.1, z_coeff=0.01)
 
@@ -78,8 +78,60 @@ def test_opcheck(dtype):
     torch.library.opcheck(_forward, (xt, ps, b, h, 0.1, 0.01, True))
     torch.library.opcheck(_forward, (xt, ps, None, h, 0.1, 0.0, False))
     dy = torch.randn(6, spec.hidden_dim, dtype=dtype)
+    gu = torch.empty((0, 2 * spec.ffn_dim), dtype=torch.float32)
     torch.library.opcheck(_backward_op, (dy, torch.tensor(1.0, dtype=dtype), xt.detach(),
-                                         [p.detach() for p in ps], b.detach(), h, 0.1, 0.01, True))
+                                         [p.detach() for p in ps], b.detach(), gu, h, 0.1, 0.01,
+                                         True))
+
+
+def test_save_activations_keeps_gate_up_and_gives_the_same_bits():
+    spec = MoESpec(backend="c", **SPECS[3])             # capacity: fewer kept rows than T*(k+S)
+    saved = spec.replace(save_activations=True)
+    grads = []
+    for s in (spec, saved):
+        xt, b, ps = tensors(s, 9, torch.float32)
+        y, aux, gu = _forward(xt, ps, b, spec_handle(s), 0.1, 0.01, True)
+        G = s.ffn_dim * (2 if s.gated else 1)
+        assert gu.shape == ((9 * s.top_k if s.save_activations else 0), G)
+        if s.save_activations:
+            assert gu.abs().sum() > 0
+            torch.library.opcheck(_forward, (xt, ps, b, spec_handle(s), 0.1, 0.01, True))
+            # the backward reads the kept values: other values, other gradients
+            args = (torch.ones_like(y), torch.tensor(1.0), xt.detach(), [p.detach() for p in ps],
+                    b.detach())
+            rest = (spec_handle(s), 0.1, 0.01, True)
+            dx_kept = _backward_op(*args, gu, *rest)[0]
+            dx_other = _backward_op(*args, gu * 1.5, *rest)[0]
+            assert not torch.equal(dx_kept, dx_other)
+        y, aux = moe_train(s, xt, ps, b, **COEFFS)
+        grads.append(torch.autograd.grad((y * y).sum() + aux, [xt, b, *ps]))
+    for a, c in zip(*grads):
+        assert torch.equal(a, c)
+
+
+def test_cuda_tensors_are_refused_in_one_line():
+    spec = MoESpec(backend="c", **SPECS[0])
+    xt, b, ps = tensors(spec, 4, torch.float32)
+
+    class OnGpu(torch.Tensor):                  # no GPU here: a CPU tensor that says it is one
+        @property
+        def is_cuda(self):
+            return True
+
+    xg = xt.detach().as_subclass(OnGpu)
+    with pytest.raises(ValueError, match="the CUDA backward is not built yet"):
+        moe_train(spec, xg, ps, b)
+    with pytest.raises(ValueError, match="the CUDA backward is not built yet"):
+        _forward(xg, ps, b, spec_handle(spec), 0.1, 0.0, True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_tensors_are_refused_on_a_gpu():
+    spec = MoESpec(backend="c", **SPECS[0])
+    xt, b, ps = tensors(spec, 4, torch.float32)
+    with pytest.raises(ValueError, match="the CUDA backward is not built yet"):
+        moe_train(spec, xt.detach().cuda(), [p.detach().cuda() for p in ps], b.detach().cuda())
 
 
 def test_compile_fullgraph_traces_forward_and_backward():

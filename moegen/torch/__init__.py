@@ -6,7 +6,9 @@
 
 The kernels are ``torch.library`` custom ops (``torch.ops.moegen.moe``/``route``/``experts``,
 see `moegen.torch.ops` for how an op finds its kernel), so ``torch.compile(fullgraph=True)``
-traces them.  ``import moegen`` never imports torch; this package does.
+traces them.  ``MoEBlock(spec, weights, trainable=True)`` trains on the CPU through the
+``moegen_train`` ops (`moegen.torch.autograd`).  ``import moegen`` never imports torch; this
+package does.
 """
 
 try:

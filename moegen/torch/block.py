@@ -2,8 +2,13 @@
 
 The packed buffer, the router and the optional router bias are module buffers (they follow
 ``.to()`` and ``state_dict``); ``forward`` is one call of the ``moegen::moe`` custom op, so the
-block runs eagerly, under ``torch.compile(fullgraph=True)`` and inside CUDA graphs.  The block
-is for inference: the op has no backward.
+block runs eagerly, under ``torch.compile(fullgraph=True)`` and inside CUDA graphs.
+
+``MoEBlock(spec, weights, trainable=True)`` holds the logical weights as parameters instead and
+runs the training op (`moegen.torch.autograd.moe_train`: the forward kernel, the generated
+backward kernels), so ``loss.backward()`` reaches them; the auxiliary loss of the last call is
+``block.aux_loss``.  Training runs on the CPU (c backend, float32): the CUDA backward is not
+built yet.
 """
 
 from __future__ import annotations
@@ -13,8 +18,11 @@ import torch
 from torch import nn
 
 from .. import compile as compile_kernel
+from ..backward import check_trainable, weight_shapes
 from ..kernel import MoEKernel
+from ..layout import logical_weights
 from ..spec import MoESpec
+from .autograd import CUDA_MISSING, moe_train, param_names
 from .ops import kernel_handle, run_moe
 
 
@@ -51,16 +59,48 @@ class MoEBlock(nn.Module):
     selection only (sigmoid routing, DeepSeek-V3's ``e_score_correction_bias``).
     `from_config` builds one from a transformers config, `moegen.torch.from_hf` from a
     transformers block.
+
+    ``trainable=True`` (c backend, float32): the weights become parameters in logical
+    orientation (``router`` [E, H], ``w1``/``w3`` [E+S, F, H], ``w2`` [E+S, H, F], biases),
+    ``forward`` runs the training op and sets ``aux_loss`` (``balance_coeff``, ``z_coeff``,
+    ``adaptive``: the auxiliary loss, see `moegen.torch.autograd`).
     """
 
-    def __init__(self, spec: MoESpec | MoEKernel, weights: dict | None = None, *, router_bias=None):
+    def __init__(self, spec: MoESpec | MoEKernel, weights: dict | None = None, *, router_bias=None,
+                 trainable: bool = False, balance_coeff: float = 0.01, z_coeff: float = 0.0,
+                 adaptive: bool = True):
         super().__init__()
+        if not isinstance(trainable, bool):
+            raise TypeError(f"trainable must be True or False, got {trainable!r}")
+        if trainable:
+            s = spec.spec if isinstance(spec, MoEKernel) else spec
+            if s.backend == "cuda" or (isinstance(spec, MoEKernel) and spec.backend != "c"):
+                raise ValueError(f"MoEBlock(trainable=True): {CUDA_MISSING}")
+            if s.dtype != "float32":
+                raise ValueError(f"MoEBlock(trainable=True) needs spec.dtype 'float32' (the c "
+                                 f"backend's training kernels), got {s.dtype!r}")
+            check_trainable(s)
+            if not isinstance(spec, MoEKernel):
+                spec = spec.replace(backend="c")
         kernel = spec if isinstance(spec, MoEKernel) else compile_kernel(spec)
         self.kernel = kernel
         self.spec = kernel.spec
         self.handle = kernel_handle(kernel)
+        self.trainable = trainable
+        self.aux_loss = None
         device = torch.device("cpu" if kernel.device_index is None else f"cuda:{kernel.device_index}")
         tdt = getattr(torch, self.spec.dtype)
+        if router_bias is not None:
+            router_bias = torch.as_tensor(router_bias).detach().to(device=device, dtype=torch.float32).contiguous()
+        self.register_buffer("router_bias", router_bias)
+        if trainable:
+            self._aux_args = (float(balance_coeff), float(z_coeff), bool(adaptive))
+            logical = logical_weights(self.spec, **weights) if weights is not None else {}
+            for name, shape in weight_shapes(self.spec).items():
+                value = logical.get(name)
+                value = torch.zeros(shape) if value is None else torch.as_tensor(np.asarray(value))
+                self.register_parameter(name, nn.Parameter(value.to(torch.float32).reshape(shape).clone()))
+            return
         if weights is None:
             lay = kernel.layout
             E, H = self.spec.num_experts, self.spec.hidden_dim
@@ -73,9 +113,6 @@ class MoEBlock(nn.Module):
             buf, router = as_tensor(packed.buffer, self.spec), as_tensor(packed.router, self.spec)
         self.register_buffer("packed", buf)
         self.register_buffer("router", router)
-        if router_bias is not None:
-            router_bias = torch.as_tensor(router_bias).detach().to(device=device, dtype=torch.float32).contiguous()
-        self.register_buffer("router_bias", router_bias)
 
     @classmethod
     def from_config(cls, config, weights=None, *, dtype=None, backend: str = "auto") -> "MoEBlock":
@@ -89,7 +126,18 @@ class MoEBlock(nn.Module):
         kwargs, bias = block_weights(spec, config, weights)
         return cls(spec, kwargs, router_bias=bias)
 
+    def _train_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The training op over the parameters; sets ``aux_loss``."""
+        balance, z, adaptive = self._aux_args
+        params = [getattr(self, name) for name in param_names(self.spec)]
+        y, self.aux_loss = moe_train(self.spec, x.reshape(-1, self.spec.hidden_dim), params,
+                                     self.router_bias, balance_coeff=balance, z_coeff=z,
+                                     adaptive=adaptive)
+        return y.reshape(x.shape)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.trainable:
+            return self._train_forward(x.contiguous())
         x = x.contiguous()
         if not (torch.compiler.is_compiling() or (torch.is_grad_enabled() and x.requires_grad)):
             # Eager inference: the op's body without the dispatcher (same code, same result).
@@ -97,9 +145,14 @@ class MoEBlock(nn.Module):
         return torch.ops.moegen.moe(x, self.packed, self.router, self.router_bias, self.handle)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(topk_ids [T, k] int32, topk_weights [T, k] float32) of the block's router."""
+        """(topk_ids [T, k] int32, topk_weights [T, k] float32) of the block's router
+        (inference blocks)."""
+        if self.trainable:
+            raise ValueError("MoEBlock.route is for inference blocks (trainable=False): the "
+                             "trainable block has no packed weights")
         return torch.ops.moegen.route(x.contiguous(), self.packed, self.router, self.router_bias,
                                       self.handle)
 
     def extra_repr(self) -> str:
-        return f"{self.spec.name}, backend={self.kernel.backend}, target={self.kernel.target}"
+        extra = ", trainable" if self.trainable else ""
+        return f"{self.spec.name}, backend={self.kernel.backend}, target={self.kernel.target}{extra}"

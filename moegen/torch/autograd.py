@@ -11,31 +11,40 @@ coeff = balance_coeff · (1 + var(f)) when ``adaptive`` (the seed's adaptive coe
 Two ops, both with fake implementations so torch.compile traces them:
 
 * ``moegen_train::forward(x, params, router_bias, spec, balance_coeff, z_coeff, adaptive)
-  -> (y, aux)``, with ``torch.library.register_autograd`` calling
-* ``moegen_train::backward(dy, daux, x, params, router_bias, spec, ...) -> (dx, dparams,
+  -> (y, aux, gu)``, with ``torch.library.register_autograd`` calling
+* ``moegen_train::backward(dy, daux, x, params, router_bias, gu, spec, ...) -> (dx, dparams,
   drouter_bias)``.
 
-float32 tensors run the c backend: the forward is the compiled forward kernel (`moegen.compile`)
-and the backward the generated backward kernels (`moegen.backward.MoEBackward`, which rebuilds
-the forward's routing bitwise).  float64 tensors run the float64 reference forward
-(`moegen.reference.moe`) and reference backward (`moegen.reference_backward`), so
+float32 tensors run the c backend: the forward is the compiled forward kernel, found by its
+handle like every moegen op (`moegen.torch.ops.kernel_for`), and the backward the generated
+backward kernels (`moegen.backward.MoEBackward`, from the kernel cache; it rebuilds the
+forward's routing bitwise).  With ``spec.save_activations`` the forward also keeps the gate/up
+pre-activations (``gu``: [T·(k+S), G] fp32, the first R rows used) for the backward, which
+then skips that GEMM; otherwise ``gu`` is empty.  float64 tensors run the float64 reference
+forward (`moegen.reference.moe`) and reference backward (`moegen.reference_backward`), so
 ``torch.autograd.gradcheck`` checks the very formulas the kernels implement.  ``spec`` travels
-as the canonical JSON of a `MoESpec` (a string torch can hash and put in a graph).
+as the kernel handle: the canonical JSON of the c-backend `MoESpec`.
+
+CUDA tensors are refused with one line: the CUDA backward is not built yet.
 """
 
 from __future__ import annotations
 
-import functools
 import json
+import threading
 from typing import Optional
 
 import numpy as np
 import torch
 
-from . import reference as ref
-from .backward import MoEBackward, weight_shapes
-from .reference_backward import aux_loss, balance_coefficient, moe_backward
-from .spec import MoESpec
+from .. import reference as ref
+from ..backward import MoEBackward, check_trainable, weight_shapes
+from ..reference_backward import aux_loss, balance_coefficient, moe_backward
+from ..spec import MoESpec
+from .ops import kernel_for
+
+CUDA_MISSING = ("moegen training op: the CUDA backward is not built yet; train on the CPU "
+                "(c backend, float32 or float64 tensors)")
 
 _WEIGHTS = ("w1", "w3", "w2", "b1", "b3", "b2")
 
@@ -53,24 +62,35 @@ def spec_handle(spec: MoESpec) -> str:
     return json.dumps(spec.replace(backend="c").to_dict(), sort_keys=True, separators=(",", ":"))
 
 
-@functools.lru_cache(maxsize=64)
 def _spec(handle: str) -> MoESpec:
-    try:
-        return MoESpec.from_dict(json.loads(handle))
-    except (ValueError, TypeError) as exc:
-        raise ValueError(f"spec must be the JSON of a MoESpec (spec_handle(spec)), got "
-                         f"{handle[:80]!r}: {exc}") from None
+    """The spec of a handle (the forward kernel's, so a bad handle fails as in every op)."""
+    return kernel_for(handle).spec
 
 
-@functools.lru_cache(maxsize=64)
-def _kernel(handle: str):
-    from . import compile as compile_kernel
-    return compile_kernel(_spec(handle))
+# The backward kernels of each handle in this process (they keep per-thread scratch buffers
+# between steps); the binary itself comes from the kernel cache.
+_backwards: dict[str, MoEBackward] = {}
+_lock = threading.Lock()
 
 
-@functools.lru_cache(maxsize=64)
 def _backward(handle: str) -> MoEBackward:
-    return MoEBackward(_spec(handle))
+    bwd = _backwards.get(handle)
+    if bwd is None:
+        bwd = MoEBackward(_spec(handle))
+        with _lock:
+            bwd = _backwards.setdefault(handle, bwd)
+    return bwd
+
+
+def _refuse_cuda(*tensors) -> None:
+    if any(t is not None and t.is_cuda for t in tensors):
+        raise ValueError(CUDA_MISSING)
+
+
+def _gu_rows(spec: MoESpec, x: torch.Tensor) -> int:
+    """Rows of the kept pre-activations: T·(k+S) when kept (float32 path), else 0."""
+    keep = spec.save_activations and x.dtype == torch.float32
+    return x.shape[0] * (spec.top_k + spec.num_shared_experts) if keep else 0
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -86,6 +106,8 @@ def _logical(spec: MoESpec, params) -> dict:
 
 def _check(spec: MoESpec, x, params, router_bias) -> None:
     """One clear line for a wrong argument, before anything runs."""
+    _refuse_cuda(x, router_bias, *params)
+    check_trainable(spec)
     if x.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"x must be float32 (c backend kernels) or float64 (reference), got {x.dtype}")
     if x.dim() != 2 or x.shape[1] != spec.hidden_dim:
@@ -106,7 +128,8 @@ def _check(spec: MoESpec, x, params, router_bias) -> None:
 @torch.library.custom_op("moegen_train::forward", mutates_args=())
 def _forward(x: torch.Tensor, params: list[torch.Tensor], router_bias: Optional[torch.Tensor],
              spec: str, balance_coeff: float, z_coeff: float,
-             adaptive: bool) -> tuple[torch.Tensor, torch.Tensor]:
+             adaptive: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _refuse_cuda(x, router_bias, *params)
     s = _spec(spec)
     w = _logical(s, params)
     bias = _np(router_bias) if router_bias is not None else None
@@ -115,28 +138,42 @@ def _forward(x: torch.Tensor, params: list[torch.Tensor], router_bias: Optional[
         y, info = ref.moe(s, _np(x), w, router_bias=bias)
         aux = aux_loss(s, info["counts"], info["probs"], info["logits"], balance_coeff, z_coeff,
                        adaptive) if T else 0.0
-        return torch.from_numpy(np.ascontiguousarray(y)), torch.tensor(aux, dtype=torch.float64)
-    kernel = _kernel(spec)
+        return (torch.from_numpy(np.ascontiguousarray(y)), torch.tensor(aux, dtype=torch.float64),
+                _empty_gu(s, x))
+    kernel = kernel_for(spec)
     packed = kernel.pack(**ref.weight_kwargs(s, w))
     y, st = kernel(_np(x), packed, router_bias=None if bias is None else bias.astype(np.float32),
                    return_stats=True)
     d = st.as_dict()
     coef = balance_coefficient(d["usage"], balance_coeff, adaptive)
     aux = coef * d["aux_loss"] + z_coeff * d["z_loss"] if T else 0.0
-    return torch.from_numpy(y), torch.tensor(aux, dtype=torch.float32)
+    gu = _empty_gu(s, x)
+    if gu.shape[0]:
+        bwd = _backward(spec)
+        kept = bwd.save(_np(x), bwd.prepare(w), None if bias is None else bias.astype(np.float32)).gu
+        gu.numpy()[:len(kept)] = kept
+    return torch.from_numpy(y), torch.tensor(aux, dtype=torch.float32), gu
+
+
+def _empty_gu(s: MoESpec, x: torch.Tensor) -> torch.Tensor:
+    G = s.ffn_dim * (2 if s.gated else 1)
+    return torch.zeros((_gu_rows(s, x), G), dtype=torch.float32)
 
 
 @_forward.register_fake
 def _forward_fake(x, params, router_bias, spec, balance_coeff, z_coeff, adaptive):
-    return torch.empty_like(x), x.new_empty(())
+    s = MoESpec.from_dict(json.loads(spec))
+    G = s.ffn_dim * (2 if s.gated else 1)
+    return torch.empty_like(x), x.new_empty(()), x.new_empty((_gu_rows(s, x), G), dtype=torch.float32)
 
 
 # -- backward --------------------------------------------------------------------------------
 @torch.library.custom_op("moegen_train::backward", mutates_args=())
 def _backward_op(dy: torch.Tensor, daux: torch.Tensor, x: torch.Tensor,
-                 params: list[torch.Tensor], router_bias: Optional[torch.Tensor], spec: str,
-                 balance_coeff: float, z_coeff: float,
+                 params: list[torch.Tensor], router_bias: Optional[torch.Tensor], gu: torch.Tensor,
+                 spec: str, balance_coeff: float, z_coeff: float,
                  adaptive: bool) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+    _refuse_cuda(dy, x, router_bias, *params)
     s = _spec(spec)
     w = _logical(s, params)
     bias = _np(router_bias) if router_bias is not None else None
@@ -145,8 +182,10 @@ def _backward_op(dy: torch.Tensor, daux: torch.Tensor, x: torch.Tensor,
         g = moe_backward(s, _np(x), w, _np(dy), bias, **kw)
     else:
         bwd = _backward(spec)
-        g = bwd.backward(_np(x), bwd.prepare(w), _np(dy),
-                         None if bias is None else bias.astype(np.float32), **kw)
+        bw = bwd.prepare(w)
+        b32 = None if bias is None else bias.astype(np.float32)
+        state = bwd.save(_np(x), bw, b32, gu=_np(gu)) if s.save_activations else None
+        g = bwd.backward(_np(x), bw, _np(dy), b32, state=state, **kw)
     dt = x.dtype
     as_t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(dt)  # noqa: E731
     dbias = g["router_bias"] if g["router_bias"] is not None else np.zeros(s.num_experts)
@@ -154,23 +193,25 @@ def _backward_op(dy: torch.Tensor, daux: torch.Tensor, x: torch.Tensor,
 
 
 @_backward_op.register_fake
-def _backward_fake(dy, daux, x, params, router_bias, spec, balance_coeff, z_coeff, adaptive):
-    E = _spec(spec).num_experts
+def _backward_fake(dy, daux, x, params, router_bias, gu, spec, balance_coeff, z_coeff, adaptive):
+    E = json.loads(spec)["num_experts"]
     return torch.empty_like(x), [torch.empty_like(p) for p in params], x.new_empty((E,))
 
 
 def _setup_context(ctx, inputs, output):
     x, params, router_bias, spec, balance_coeff, z_coeff, adaptive = inputs
-    ctx.save_for_backward(x, router_bias, *params)
+    gu = output[2]
+    ctx.mark_non_differentiable(gu)
+    ctx.save_for_backward(x, router_bias, gu, *params)
     ctx.args = (spec, balance_coeff, z_coeff, adaptive)
     ctx.has_bias = router_bias is not None
 
 
-def _autograd_backward(ctx, dy, daux):
-    x, router_bias, *params = ctx.saved_tensors
+def _autograd_backward(ctx, dy, daux, _dgu):
+    x, router_bias, gu, *params = ctx.saved_tensors
     spec, balance_coeff, z_coeff, adaptive = ctx.args
     dx, dparams, dbias = _backward_op(dy.contiguous(), daux, x, list(params),
-                                      router_bias if ctx.has_bias else None, spec,
+                                      router_bias if ctx.has_bias else None, gu, spec,
                                       balance_coeff, z_coeff, adaptive)
     return dx, dparams, dbias if ctx.has_bias else None, None, None, None, None
 
@@ -184,5 +225,6 @@ def moe_train(spec: MoESpec, x: torch.Tensor, params, router_bias=None, *,
     """The layer with autograd: returns (y [T, H], aux scalar).  See the module docstring."""
     params = list(params)
     _check(spec, x, params, router_bias)
-    return _forward(x.contiguous(), [p.contiguous() for p in params], router_bias,
-                    spec_handle(spec), float(balance_coeff), float(z_coeff), bool(adaptive))
+    y, aux, _ = _forward(x.contiguous(), [p.contiguous() for p in params], router_bias,
+                         spec_handle(spec), float(balance_coeff), float(z_coeff), bool(adaptive))
+    return y, aux
