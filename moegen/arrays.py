@@ -41,12 +41,7 @@ def describe(a, name: str) -> ArrayInfo:
                          bool(flags.c_contiguous), a.ctypes.data if a.size else 0,
                          bool(flags.writeable))
     if mod.startswith("torch"):
-        dev = str(a.device)
-        if dev == "cuda":
-            dev = "cuda:0"
-        return ArrayInfo(a, "torch", tuple(a.shape), str(a.dtype).replace("torch.", ""),
-                         dev if dev.startswith("cuda") else "cpu", bool(a.is_contiguous()),
-                         int(a.data_ptr()))
+        return _describe_torch(a)
     if mod.startswith("cupy"):
         return ArrayInfo(a, "cupy", tuple(a.shape), _np_name(a.dtype), f"cuda:{a.device.id}",
                          bool(a.flags.c_contiguous), int(a.data.ptr))
@@ -62,6 +57,19 @@ def describe(a, name: str) -> ArrayInfo:
                          ptr, not cai["data"][1])
     raise TypeError(f"{name} must be a NumPy, CuPy or torch array (or expose "
                     f"__cuda_array_interface__), got {type(a).__module__}.{type(a).__name__}")
+
+
+_TORCH_DTYPES: dict = {}
+
+
+def _describe_torch(t) -> ArrayInfo:
+    """`describe` of a torch tensor.  Names come from memo tables (``str(t.dtype)`` and
+    ``str(t.device)`` cost microseconds, and this runs for every tensor of every call)."""
+    name = _TORCH_DTYPES.get(t.dtype)
+    if name is None:
+        name = _TORCH_DTYPES[t.dtype] = str(t.dtype).replace("torch.", "")
+    dev = f"cuda:{t.get_device()}" if t.is_cuda else "cpu"
+    return ArrayInfo(t, "torch", tuple(t.shape), name, dev, t.is_contiguous(), t.data_ptr())
 
 
 def _pointer_device(ptr: int) -> str:

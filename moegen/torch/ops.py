@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import threading
 import weakref
-from typing import Optional
 
 import numpy as np
 import torch
@@ -113,22 +112,7 @@ def run_moe(x, buffer, router, router_bias, kernel: str) -> torch.Tensor:
     return out
 
 
-@torch.library.custom_op("moegen::moe", mutates_args=())
-def moe(x: torch.Tensor, buffer: torch.Tensor, router: torch.Tensor,
-        router_bias: Optional[torch.Tensor], kernel: str) -> torch.Tensor:
-    """The whole layer: y [..., H] like x."""
-    return run_moe(x, buffer, router, router_bias, kernel)
-
-
-@moe.register_fake
-def _moe_fake(x, buffer, router, router_bias, kernel):
-    return x.new_empty(x.shape)
-
-
-@torch.library.custom_op("moegen::route", mutates_args=())
-def route(x: torch.Tensor, buffer: torch.Tensor, router: torch.Tensor,
-          router_bias: Optional[torch.Tensor], kernel: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Routing alone: (topk_ids [T, k] int32, topk_weights [T, k] float32)."""
+def _route(x, buffer, router, router_bias, kernel):
     k = kernel_for(kernel)
     _, ws = k.launch(k.route_stages, x, packed_weights(k, kernel, buffer, router), None, router_bias)
     ids = torch.empty((ws.tokens, k.spec.top_k), dtype=torch.int32, device=x.device)
@@ -138,7 +122,41 @@ def route(x: torch.Tensor, buffer: torch.Tensor, router: torch.Tensor,
     return ids, wts
 
 
-@route.register_fake
+def _experts(x, buffer, router, topk_ids, topk_weights, kernel):
+    k = kernel_for(kernel)
+    out, _ = k.launch(k.experts_stages, x, packed_weights(k, kernel, buffer, router), None, None,
+                      topk_ids, topk_weights)
+    return out
+
+
+# The ops are defined with the low-level `torch.library.Library` API, their bodies registered
+# straight to the CPU and CUDA dispatch keys and their autograd key a fallthrough: a call then
+# costs ~2 µs of dispatch where ``torch.library.custom_op``'s Python autograd wrapper, aliasing
+# check and dynamo guard cost ~9 µs (benchmarks/torch_overhead.py).  The ops are
+# non-differentiable, as argmax is: their outputs never require grad (`MoEBlock` refuses a
+# backward through itself with one line; moegen.torch_autograd has the differentiable layer).
+_lib = torch.library.Library("moegen", "DEF")
+_SCHEMAS = {
+    "moe": ("moe(Tensor x, Tensor buffer, Tensor router, Tensor? router_bias, str kernel) -> Tensor",
+            run_moe),
+    "route": ("route(Tensor x, Tensor buffer, Tensor router, Tensor? router_bias, str kernel) "
+              "-> (Tensor, Tensor)", _route),
+    "experts": ("experts(Tensor x, Tensor buffer, Tensor router, Tensor topk_ids, "
+                "Tensor topk_weights, str kernel) -> Tensor", _experts),
+}
+for _name, (_schema, _body) in _SCHEMAS.items():
+    _lib.define(_schema)
+    _lib.impl(_name, _body, "CPU")
+    _lib.impl(_name, _body, "CUDA")
+    _lib.impl(_name, torch.library.fallthrough_kernel, "Autograd")
+
+
+@torch.library.register_fake("moegen::moe", lib=_lib)
+def _moe_fake(x, buffer, router, router_bias, kernel):
+    return x.new_empty(x.shape)
+
+
+@torch.library.register_fake("moegen::route", lib=_lib)
 def _route_fake(x, buffer, router, router_bias, kernel):
     k = json.loads(kernel)["top_k"]
     tokens = x.numel() // x.shape[-1]
@@ -146,16 +164,16 @@ def _route_fake(x, buffer, router, router_bias, kernel):
             x.new_empty((tokens, k), dtype=torch.float32))
 
 
-@torch.library.custom_op("moegen::experts", mutates_args=())
-def experts(x: torch.Tensor, buffer: torch.Tensor, router: torch.Tensor, topk_ids: torch.Tensor,
-            topk_weights: torch.Tensor, kernel: str) -> torch.Tensor:
-    """Expert FFNs and the combine for a given routing: y [..., H] like x."""
-    k = kernel_for(kernel)
-    out, _ = k.launch(k.experts_stages, x, packed_weights(k, kernel, buffer, router), None, None,
-                      topk_ids, topk_weights)
-    return out
-
-
-@experts.register_fake
+@torch.library.register_fake("moegen::experts", lib=_lib)
 def _experts_fake(x, buffer, router, topk_ids, topk_weights, kernel):
     return x.new_empty(x.shape)
+
+
+# moe(x, buffer, router, router_bias, kernel) -> y [..., H] like x: the whole layer.
+moe = torch.ops.moegen.moe
+# route(x, buffer, router, router_bias, kernel) -> (topk_ids [T, k] int32, topk_weights [T, k]
+# float32): routing alone.
+route = torch.ops.moegen.route
+# experts(x, buffer, router, topk_ids, topk_weights, kernel) -> y [..., H] like x: the expert
+# FFNs and the combine for a given routing.
+experts = torch.ops.moegen.experts
