@@ -6,8 +6,7 @@ Nothing here copies data unless asked (``host``), and nothing allocates on a dev
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -15,8 +14,9 @@ _TYPESTR = {"<f4": "float32", "<f2": "float16", "<i4": "int32", "<i8": "int64", 
             "<i2": "int16", "|u1": "uint8", "|b1": "bool", "<f8": "float64", "<V2": "bfloat16"}
 
 
-@dataclass(frozen=True)
-class ArrayInfo:
+class ArrayInfo(NamedTuple):
+    """What the checks need of one array.  A NamedTuple, not a frozen dataclass: one is built
+    for every array of every call, and a frozen dataclass's __init__ costs ~1.6 µs, this ~0.3."""
     obj: Any
     kind: str            # "numpy" | "cupy" | "torch" | "cuda_array_interface"
     shape: tuple

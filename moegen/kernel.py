@@ -23,6 +23,9 @@ from .stats import LayerStats
 # Byte alignment the cuda kernels need of the packed buffer and router (16-byte vector loads).
 _WEIGHT_ALIGN = 16
 
+# stages tuple -> whether one of them reads the router (asked on every call).
+_READS_ROUTER: dict = {}
+
 
 class MoEKernel:
     """A compiled MoE layer for one `MoESpec`.
@@ -236,7 +239,10 @@ class MoEKernel:
     def _run(self, stages, x, weights, out, router_bias, topk_ids=None, topk_weights=None,
              want_stats=False):
         xinfo, tokens = self._check_x(x)
-        weights = self._check_weights(weights, any(s.startswith("route") for s in stages))
+        reads_router = _READS_ROUTER.get(stages)
+        if reads_router is None:
+            reads_router = _READS_ROUTER[stages] = any(s.startswith("route") for s in stages)
+        weights = self._check_weights(weights, reads_router)
         oinfo = self._check_out(out, xinfo)
         binfo = self._check_router_bias(router_bias)
         rinfo = self._check_routing(topk_ids, topk_weights, tokens) if topk_ids is not None else None
@@ -249,7 +255,7 @@ class MoEKernel:
                     router_bias=mod.native(binfo) if binfo else None,
                     topk_ids=mod.native(rinfo[0]) if rinfo else None,
                     topk_weights=mod.native(rinfo[1]) if rinfo else None,
-                    want_stats=want_stats)
+                    want_stats=want_stats, x_ptr=xinfo.ptr, out_ptr=oinfo.ptr)
         for stage in stages:
             mod.run_stage(stage, ws, call)
         return out, ws

@@ -78,6 +78,10 @@ def _ptr(a) -> int:
     return a.__array_interface__["data"][0]
 
 
+def _ptr_or_none(a) -> int | None:
+    return None if a is None else _ptr(a)
+
+
 # torch dtype -> the NumPy dtype of the same bits, for the dtypes both libraries have (filled on
 # the first torch tensor: importing this module must not import torch).
 _TORCH_NUMPY: dict = {}
@@ -103,9 +107,9 @@ def _call_ptrs(call) -> dict:
         w = packed.__dict__.get("_ptrs")
         if w is None or w[0] is not packed.buffer or w[1] is not packed.router:
             w = packed.__dict__["_ptrs"] = (packed.buffer, packed.router, {
-                "buffer": _ptr(packed.buffer),
-                "router": None if packed.router is None else _ptr(packed.router)})
-        ptrs = call.__dict__["_ptrs"] = {**w[2], "x": _ptr(call.x), "out": _ptr(call.out)}
+                "buffer": _ptr_or_none(packed.buffer), "router": _ptr_or_none(packed.router)})
+        ptrs = call.__dict__["_ptrs"] = {**w[2], "x": call.x_ptr or _ptr_or_none(call.x),
+                                         "out": call.out_ptr or _ptr_or_none(call.out)}
     return ptrs
 
 
