@@ -9,7 +9,7 @@ the figure is the host time per call.
 The calls are timed interleaved (each round times every row once, in batches of ``--batch``
 calls), so a load change on a shared machine hits every row alike; each row's figure is the
 median over ``--rounds`` rounds, and the overhead is the median of the per-round differences
-to the raw call, with its spread (the rounds' 10th and 90th percentiles).  ``--parts`` also
+to the raw call, with its spread (the rounds' 25th and 75th percentiles).  ``--parts`` also
 times the host-side pieces of a call (describe, native views, output allocation, weights
 lookup, workspace).  Prints a table and writes JSON.
 
@@ -123,11 +123,11 @@ def main() -> None:
     base = times["raw MoEKernel"]
     med = {k: statistics.median(v) for k, v in times.items()}
     over = {k: [a - b for a, b in zip(v, base)] for k, v in times.items() if not k.startswith("part")}
-    spread = {k: [_percentile(v, 0.1), _percentile(v, 0.9)] for k, v in over.items()}
+    spread = {k: [_percentile(v, 0.25), _percentile(v, 0.75)] for k, v in over.items()}
     print(f"{spec.name} backend={kernel.backend} target={kernel.target} T=1, "
           f"{args.rounds} interleaved rounds of {args.batch} calls; MOEGEN_NUM_THREADS="
           f"{os.environ.get('MOEGEN_NUM_THREADS', '(all CPUs)')}")
-    print(f"{'call':<30}{'µs/call':>10}{'overhead µs (p10..p90)':>30}")
+    print(f"{'call':<30}{'µs/call':>10}{'overhead µs (p25..p75)':>30}")
     for name, us in med.items():
         extra = ""
         if name in over:
@@ -141,7 +141,7 @@ def main() -> None:
               "device": torch.cuda.get_device_name() if args.backend == "cuda" else platform.processor(),
               "us_per_call": med,
               "overhead_us": {k: statistics.median(v) for k, v in over.items()},
-              "overhead_us_p10_p90": spread}
+              "overhead_us_p25_p75": spread}
     with open(args.json, "w") as fh:
         json.dump(result, fh, indent=2)
     print(f"wrote {args.json}")

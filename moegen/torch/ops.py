@@ -22,7 +22,8 @@ CuPy arrays of the same memory (cuda backend).  On the GPU the launches go to
 kernel's is refused with one line.  ``moe`` and ``route`` never synchronise; ``experts`` checks
 the caller's expert ids before any launch, which reads one int back on the GPU (as
 `MoEKernel.experts` does), so use ``moe`` (or ``route`` then ``experts`` on the CPU) inside a
-CUDA graph.  The ops have no autograd formula: they are for inference.
+CUDA graph.  The ops are for inference: non-differentiable (as argmax is), their outputs never
+require grad; `moegen.torch_autograd` is the differentiable layer.
 """
 
 from __future__ import annotations
@@ -70,15 +71,23 @@ def kernel_for(handle: str) -> MoEKernel:
 
 
 # Validated PackedWeights per (kernel handle, buffer, router) tensor objects, dropped when a
-# tensor is freed: the kernel then checks the weights once, not on every call.
+# tensor is freed: the kernel then checks the weights once, not on every call.  ``_last`` holds
+# the newest of them per handle: a model calls each block with the same tensors, and comparing
+# two identities is cheaper than building the key.
 _packed: dict[tuple, PackedWeights] = {}
+_last: dict[str, PackedWeights] = {}
 
 
 def _forget(key) -> None:
-    _packed.pop(key, None)
+    pw = _packed.pop(key, None)
+    if pw is not None and _last.get(key[0]) is pw:
+        del _last[key[0]]
 
 
 def packed_weights(kernel: MoEKernel, handle: str, buffer, router) -> PackedWeights:
+    pw = _last.get(handle)
+    if pw is not None and pw.buffer is buffer and pw.router is router:
+        return pw
     key = (handle, id(buffer), id(router))
     pw = _packed.get(key)
     if pw is None or pw.buffer is not buffer or pw.router is not router:
@@ -87,6 +96,7 @@ def packed_weights(kernel: MoEKernel, handle: str, buffer, router) -> PackedWeig
         weakref.finalize(buffer, _forget, key)
         if router is not None:
             weakref.finalize(router, _forget, key)
+    _last[handle] = pw
     return pw
 
 
