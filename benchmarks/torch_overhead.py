@@ -69,6 +69,7 @@ def _parts(kernel, block, x):
     from moegen.torch.ops import kernel_for, packed_weights
     mod, handle = kernel.module, block.handle
     info = arrays.describe(x, "x")
+    nx = mod.native(info)
     return {
         "part: describe(x)": lambda: arrays.describe(x, "x"),
         "part: module.native(x)": lambda: mod.native(info),
@@ -77,6 +78,8 @@ def _parts(kernel, block, x):
         "part: packed_weights lookup": lambda: packed_weights(kernel, handle, block.packed,
                                                               block.router),
         "part: module.workspace(1)": lambda: mod.workspace(1),
+        **({"part: stream lookup (cuda)": lambda: mod._stream_of(nx)}
+           if kernel.backend == "cuda" else {}),
     }
 
 

@@ -255,3 +255,18 @@ def test_torch_cpu_tensors_in_torch_out(kernel, problem):
     y = kernel(torch.from_numpy(x), weights)
     assert isinstance(y, torch.Tensor) and y.dtype == torch.float32 and y.shape == x.shape
     np.testing.assert_array_equal(y.numpy(), kernel(x, weights))
+
+
+def test_accepted_x_memo_still_refuses_what_differs(kernel, problem):
+    """x's checks are remembered per description; an x that differs from an accepted one in
+    dtype, contiguity or shape is still refused, every time."""
+    x, w, weights = problem
+    kernel(x, weights)
+    for _ in range(2):
+        with pytest.raises(TypeError, match="x must have dtype float32, got float64"):
+            kernel(x.astype(np.float64), weights)
+        with pytest.raises(ValueError, match="x must be C-contiguous"):
+            kernel(np.asfortranarray(np.ascontiguousarray(x[:4]).reshape(2, 2, -1)), weights)
+        with pytest.raises(ValueError, match=r"x must have shape \[\.\.\., 48\]"):
+            kernel(x[:, :40].copy(), weights)
+    kernel(x, weights)

@@ -224,16 +224,23 @@ class CModule:
         raise TypeError(f"the c backend needs host arrays (NumPy or torch CPU), got {info.kind}")
 
     def empty_like(self, info):
-        """An uninitialised array of the user's kind (torch in -> torch out), allocated by
-        NumPy (a third of ``torch.empty``'s cost) and shared with torch zero-copy."""
+        """An uninitialised array of the user's kind (torch in -> torch out)."""
+        return self.empty_native(info)[0]
+
+    def empty_native(self, info):
+        """(array of the user's kind, its NumPy view): a new uninitialised output like
+        ``info``.  Torch outputs of the dtypes NumPy has are allocated by NumPy (a third of
+        ``torch.empty``'s cost) and shared with torch zero-copy."""
         if info.kind == "torch":
             import torch  # torch in, torch out
-            t = info.obj
-            dt = _torch_numpy(t)
+            dt = _torch_numpy(info.obj)
             if dt is not None:
-                return torch.from_numpy(np.empty(info.shape, dtype=dt))
-            return torch.empty(info.shape, dtype=t.dtype)
-        return np.empty(info.shape, dtype=self.spec.dt.numpy)
+                a = np.empty(info.shape, dtype=dt)
+                return torch.from_numpy(a), a
+            t = torch.empty(info.shape, dtype=info.obj.dtype)
+            return t, self.native(info._replace(obj=t))
+        a = np.empty(info.shape, dtype=self.spec.dt.numpy)
+        return a, a
 
     def count_out_of_range(self, ids, num_experts: int) -> int:
         ids = np.asarray(ids)
