@@ -4,17 +4,27 @@ Times, for a tiny spec at T=1 (so the kernel itself costs next to nothing), the 
 of many calls of: the raw `MoEKernel` call on the backend's native arrays (NumPy / CuPy), the
 ``torch.ops.moegen.moe`` custom op on torch tensors, and a `moegen.torch.MoEBlock` forward.  On
 the GPU the calls are launches (no synchronisation inside the timed loop, one at the end), so
-the figure is the host time per call.  Prints a table and writes JSON.
+the figure is the host time per call.
 
-    python benchmarks/torch_overhead.py [--backend c|cuda] [--calls 20000] [--json out.json]
+The calls are timed interleaved (each round times every row once, in batches of ``--batch``
+calls), so a load change on a shared machine hits every row alike; each row's figure is the
+median over ``--rounds`` rounds, and the overhead is the median of the per-round differences
+to the raw call, with its spread (the rounds' 25th and 75th percentiles).  ``--parts`` also
+times the host-side pieces of a call (describe, native views, output allocation, weights
+lookup, workspace).  Prints a table and writes JSON.
+
+    python benchmarks/torch_overhead.py [--backend c|cuda] [--rounds 60] [--batch 200]
+                                        [--parts] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
+import subprocess
 import time
 
 import numpy as np
@@ -26,25 +36,59 @@ from moegen import reference as R
 from moegen.torch import MoEBlock
 
 
-def _median_us(fn, calls: int, sync) -> float:
-    """Median per-call host time in µs over ``calls`` calls, timed in batches of 100."""
-    for _ in range(200):
+def _batch_us(fn, batch: int) -> float:
+    """Mean host time per call in µs over one batch of ``batch`` calls."""
+    t0 = time.perf_counter()
+    for _ in range(batch):
         fn()
-    sync()
-    times = []
-    for _ in range(max(1, calls // 100)):
-        t0 = time.perf_counter()
-        for _ in range(100):
+    return (time.perf_counter() - t0) / batch * 1e6
+
+
+def _percentile(v: list[float], q: float) -> float:
+    v = sorted(v)
+    return v[min(len(v) - 1, max(0, round(q * (len(v) - 1))))]
+
+
+def interleaved(rows: dict, rounds: int, batch: int, sync) -> dict[str, list[float]]:
+    """Per-round µs/call of every row, the rows timed one after another within each round."""
+    for fn in rows.values():            # warm up: workspaces, memo tables, lazy imports
+        for _ in range(200):
             fn()
-        times.append((time.perf_counter() - t0) / 100 * 1e6)
     sync()
-    return statistics.median(times)
+    times = {name: [] for name in rows}
+    for _ in range(rounds):
+        for name, fn in rows.items():
+            times[name].append(_batch_us(fn, batch))
+            sync()
+    return times
+
+
+def _parts(kernel, block, x):
+    """The host-side pieces of one torch call on their own (no launch)."""
+    from moegen import arrays
+    from moegen.torch.ops import kernel_for, packed_weights
+    mod, handle = kernel.module, block.handle
+    info = arrays.describe(x, "x")
+    nx = mod.native(info)
+    return {
+        "part: describe(x)": lambda: arrays.describe(x, "x"),
+        "part: module.native(x)": lambda: mod.native(info),
+        "part: module.empty_like(x)": lambda: mod.empty_like(info),
+        "part: kernel_for(handle)": lambda: kernel_for(handle),
+        "part: packed_weights lookup": lambda: packed_weights(kernel, handle, block.packed,
+                                                              block.router),
+        "part: module.workspace(1)": lambda: mod.workspace(1),
+        **({"part: stream lookup (cuda)": lambda: mod._stream_of(nx)}
+           if kernel.backend == "cuda" else {}),
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backend", default="c", choices=["c", "cuda"])
-    ap.add_argument("--calls", type=int, default=20000)
+    ap.add_argument("--rounds", type=int, default=60)
+    ap.add_argument("--batch", type=int, default=200)
+    ap.add_argument("--parts", action="store_true", help="also time the pieces of a torch call")
     ap.add_argument("--json", default="torch_overhead.json")
     args = ap.parse_args()
 
@@ -69,27 +113,50 @@ def main() -> None:
         def sync():
             pass
 
+    op = torch.ops.moegen.moe
     rows = {
-        "raw MoEKernel": _median_us(lambda: kernel(raw_x, raw_w), args.calls, sync),
-        "torch.ops.moegen.moe": _median_us(
-            lambda: torch.ops.moegen.moe(x, block.packed, block.router, None, block.handle),
-            args.calls, sync),
-        "MoEBlock forward": _median_us(lambda: block(x), args.calls, sync),
+        "raw MoEKernel": lambda: kernel(raw_x, raw_w),
+        "torch.ops.moegen.moe": lambda: op(x, block.packed, block.router, None, block.handle),
+        "MoEBlock forward": lambda: block(x),
     }
-    base = rows["raw MoEKernel"]
-    print(f"{spec.name} backend={kernel.backend} target={kernel.target} T=1, median of "
-          f"{args.calls} calls")
-    print(f"{'call':<24}{'µs/call':>10}{'overhead µs':>14}")
-    for name, us in rows.items():
-        print(f"{name:<24}{us:>10.2f}{us - base:>14.2f}")
+    if args.parts:
+        rows.update(_parts(kernel, block, x))
+    with torch.no_grad():
+        times = interleaved(rows, args.rounds, args.batch, sync)
+    base = times["raw MoEKernel"]
+    med = {k: statistics.median(v) for k, v in times.items()}
+    over = {k: [a - b for a, b in zip(v, base)] for k, v in times.items() if not k.startswith("part")}
+    spread = {k: [_percentile(v, 0.25), _percentile(v, 0.75)] for k, v in over.items()}
+    print(f"{spec.name} backend={kernel.backend} target={kernel.target} T=1, "
+          f"{args.rounds} interleaved rounds of {args.batch} calls; MOEGEN_NUM_THREADS="
+          f"{os.environ.get('MOEGEN_NUM_THREADS', '(all CPUs)')}")
+    print(f"{'call':<30}{'µs/call':>10}{'overhead µs (p25..p75)':>30}")
+    for name, us in med.items():
+        extra = ""
+        if name in over:
+            extra = f"{statistics.median(over[name]):>10.2f} ({spread[name][0]:.2f}..{spread[name][1]:.2f})"
+        print(f"{name:<30}{us:>10.2f}{extra:>30}")
     result = {"spec": spec.name, "backend": kernel.backend, "target": kernel.target, "tokens": 1,
-              "calls": args.calls, "torch": torch.__version__, "moegen": moegen.__version__,
+              "rounds": args.rounds, "batch": args.batch,
+              "num_threads": os.environ.get("MOEGEN_NUM_THREADS"),
+              "torch": torch.__version__, "moegen": moegen.__version__, "commit": _commit(),
               "python": platform.python_version(), "machine": platform.machine(),
               "device": torch.cuda.get_device_name() if args.backend == "cuda" else platform.processor(),
-              "us_per_call": rows, "overhead_us": {k: v - base for k, v in rows.items()}}
+              "us_per_call": med,
+              "overhead_us": {k: statistics.median(v) for k, v in over.items()},
+              "overhead_us_p25_p75": spread}
     with open(args.json, "w") as fh:
         json.dump(result, fh, indent=2)
     print(f"wrote {args.json}")
+
+
+def _commit() -> str:
+    """The git commit of this checkout ("" when it is not one)."""
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except OSError:
+        return ""
 
 
 if __name__ == "__main__":

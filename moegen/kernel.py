@@ -23,6 +23,12 @@ from .stats import LayerStats
 # Byte alignment the cuda kernels need of the packed buffer and router (16-byte vector loads).
 _WEIGHT_ALIGN = 16
 
+# Descriptions of accepted activations remembered per kernel (one per leading shape in use).
+_ACCEPTED_X_MAX = 256
+
+# stages tuple -> whether one of them reads the router (asked on every call).
+_READS_ROUTER: dict = {}
+
 
 class MoEKernel:
     """A compiled MoE layer for one `MoESpec`.
@@ -43,6 +49,10 @@ class MoEKernel:
         device = getattr(module, "device", None)
         self.device_index = None if device is None else int(getattr(device, "id", device))
         self._device = dict(device_kind=module.device_kind, device_index=self.device_index)
+        self._accepted_x: dict[tuple, int] = {}
+        # (user's array, module's native view) of a new output in one step, where the module
+        # has it (the c backend: NumPy memory shared with torch, no second conversion)
+        self._empty_native = getattr(module, "empty_native", None)
 
     # -- identity ----------------------------------------------------------------------------
     @property
@@ -149,12 +159,21 @@ class MoEKernel:
 
     # -- validation --------------------------------------------------------------------------
     def _check_x(self, x, name="x"):
+        """(info, tokens) of a valid x.  The outcome is remembered per description (kind,
+        shape, dtype, device, contiguity: everything the checks read), so an x like one
+        already accepted is not checked again; a refused one is refused every time."""
         info = arrays.describe(x, name)
+        sig = info[1:6]
+        tokens = self._accepted_x.get(sig)
+        if tokens is not None:
+            return info, tokens
         H = self.spec.hidden_dim
         if len(info.shape) < 1 or info.shape[-1] != H:
             raise ValueError(f"{name} must have shape [..., {H}] (hidden_dim), got {tuple(info.shape)}")
         arrays.check(info, name, dtype=self._storage, **self._device)
         tokens = math.prod(info.shape[:-1]) if len(info.shape) > 1 else 1
+        if len(self._accepted_x) < _ACCEPTED_X_MAX:
+            self._accepted_x[sig] = tokens
         return info, tokens
 
     def _check_weights(self, weights, need_router: bool = True) -> PackedWeights:
@@ -236,20 +255,29 @@ class MoEKernel:
     def _run(self, stages, x, weights, out, router_bias, topk_ids=None, topk_weights=None,
              want_stats=False):
         xinfo, tokens = self._check_x(x)
-        weights = self._check_weights(weights, any(s.startswith("route") for s in stages))
+        reads_router = _READS_ROUTER.get(stages)
+        if reads_router is None:
+            reads_router = _READS_ROUTER[stages] = any(s.startswith("route") for s in stages)
+        weights = self._check_weights(weights, reads_router)
         oinfo = self._check_out(out, xinfo)
         binfo = self._check_router_bias(router_bias)
         rinfo = self._check_routing(topk_ids, topk_weights, tokens) if topk_ids is not None else None
         mod = self._module
+        native_out = None
         if out is None:
-            out = mod.empty_like(xinfo)
+            if self._empty_native is not None:
+                out, native_out = self._empty_native(xinfo)
+            else:
+                out = mod.empty_like(xinfo)
             oinfo = arrays.describe(out, "out")
+        if native_out is None:
+            native_out = mod.native(oinfo)
         ws = mod.workspace(tokens)
-        call = Call(x=mod.native(xinfo), packed=weights, out=mod.native(oinfo), tokens=tokens,
+        call = Call(x=mod.native(xinfo), packed=weights, out=native_out, tokens=tokens,
                     router_bias=mod.native(binfo) if binfo else None,
                     topk_ids=mod.native(rinfo[0]) if rinfo else None,
                     topk_weights=mod.native(rinfo[1]) if rinfo else None,
-                    want_stats=want_stats)
+                    want_stats=want_stats, x_ptr=xinfo.ptr, out_ptr=oinfo.ptr)
         for stage in stages:
             mod.run_stage(stage, ws, call)
         return out, ws

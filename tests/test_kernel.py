@@ -233,3 +233,40 @@ def test_expert_parallel_shard_runs_its_experts(tmp_path, monkeypatch):
     assert R.rel_error(out, R.experts(full, x, w, gids, wts)) <= 1e-5
     with pytest.raises(ValueError, match="expert-parallel shard"):
         k(x, shard)
+
+
+def test_swapped_weights_are_read_at_their_new_address(kernel, problem):
+    """The data pointers of the weights are remembered per weights object: replacing the
+    buffer or router (same shape, other values) must run on the new arrays, not the old."""
+    x, w, weights = problem
+    good = _with(weights)
+    first = kernel(x, good)
+    _, w2 = R.random_problem(SPEC, 0, seed=6)
+    other = kernel.pack(**R.weight_kwargs(SPEC, w2))
+    good.buffer, good.router = other.buffer, other.router
+    np.testing.assert_array_equal(kernel(x, good), kernel(x, other))
+    assert not np.array_equal(kernel(x, good), first)
+
+
+def test_torch_cpu_tensors_in_torch_out(kernel, problem):
+    """A torch CPU x gives a torch out (allocated through NumPy), equal to the NumPy call."""
+    torch = pytest.importorskip("torch")
+    x, w, weights = problem
+    y = kernel(torch.from_numpy(x), weights)
+    assert isinstance(y, torch.Tensor) and y.dtype == torch.float32 and y.shape == x.shape
+    np.testing.assert_array_equal(y.numpy(), kernel(x, weights))
+
+
+def test_accepted_x_memo_still_refuses_what_differs(kernel, problem):
+    """x's checks are remembered per description; an x that differs from an accepted one in
+    dtype, contiguity or shape is still refused, every time."""
+    x, w, weights = problem
+    kernel(x, weights)
+    for _ in range(2):
+        with pytest.raises(TypeError, match="x must have dtype float32, got float64"):
+            kernel(x.astype(np.float64), weights)
+        with pytest.raises(ValueError, match="x must be C-contiguous"):
+            kernel(np.asfortranarray(np.ascontiguousarray(x[:4]).reshape(2, 2, -1)), weights)
+        with pytest.raises(ValueError, match=r"x must have shape \[\.\.\., 48\]"):
+            kernel(x[:, :40].copy(), weights)
+    kernel(x, weights)

@@ -152,3 +152,5 @@ class Call:
     topk_ids: Any = None         # [T, k] int32, given by the caller for experts-only calls
     topk_weights: Any = None     # [T, k] float32, idem
     want_stats: bool = False     # route fills ws.router_sums
+    x_ptr: int = 0               # data pointers of x and out as validated (0: unknown), so a
+    out_ptr: int = 0             # module need not read them from the arrays again

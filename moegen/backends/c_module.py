@@ -78,6 +78,41 @@ def _ptr(a) -> int:
     return a.__array_interface__["data"][0]
 
 
+def _ptr_or_none(a) -> int | None:
+    return None if a is None else _ptr(a)
+
+
+# torch dtype -> the NumPy dtype of the same bits, for the dtypes both libraries have (filled on
+# the first torch tensor: importing this module must not import torch).
+_TORCH_NUMPY: dict = {}
+
+
+def _torch_numpy(t):
+    """The NumPy dtype of torch tensor ``t``'s dtype, or None (bfloat16: NumPy has none)."""
+    if not _TORCH_NUMPY:
+        import torch  # only reached with a torch tensor in hand
+        _TORCH_NUMPY.update({torch.float32: np.dtype(np.float32), torch.float16: np.dtype(np.float16),
+                             torch.float64: np.dtype(np.float64), torch.int32: np.dtype(np.int32),
+                             torch.int64: np.dtype(np.int64)})
+    return _TORCH_NUMPY.get(t.dtype)
+
+
+def _call_ptrs(call) -> dict:
+    """The data pointers of a call's x, out and weights, read once per call (the stages share
+    them; reading one costs ~2 µs); the weights' pointers are kept on the validated weights
+    object, which the kernel reuses while the caller passes the same arrays."""
+    ptrs = call.__dict__.get("_ptrs")
+    if ptrs is None:
+        packed = call.packed
+        w = packed.__dict__.get("_ptrs")
+        if w is None or w[0] is not packed.buffer or w[1] is not packed.router:
+            w = packed.__dict__["_ptrs"] = (packed.buffer, packed.router, {
+                "buffer": _ptr_or_none(packed.buffer), "router": _ptr_or_none(packed.router)})
+        ptrs = call.__dict__["_ptrs"] = {**w[2], "x": call.x_ptr or _ptr_or_none(call.x),
+                                         "out": call.out_ptr or _ptr_or_none(call.out)}
+    return ptrs
+
+
 ALIGN = CACHE_LINE   # so no SIMD load of a row start is split in two
 
 
@@ -181,15 +216,31 @@ class CModule:
         if info.kind == "numpy":
             return info.obj
         if info.kind == "torch":
+            t = info.obj
+            if _torch_numpy(t) is not None:     # as layout._as_numpy, less its checks
+                return (t.detach() if t.requires_grad else t).numpy()
             from ..layout import _as_numpy
-            return _as_numpy(info.obj, "array")
+            return _as_numpy(t, "array")
         raise TypeError(f"the c backend needs host arrays (NumPy or torch CPU), got {info.kind}")
 
     def empty_like(self, info):
+        """An uninitialised array of the user's kind (torch in -> torch out)."""
+        return self.empty_native(info)[0]
+
+    def empty_native(self, info):
+        """(array of the user's kind, its NumPy view): a new uninitialised output like
+        ``info``.  Torch outputs of the dtypes NumPy has are allocated by NumPy (a third of
+        ``torch.empty``'s cost) and shared with torch zero-copy."""
         if info.kind == "torch":
-            import torch
-            return torch.empty(info.shape, dtype=info.obj.dtype)
-        return np.empty(info.shape, dtype=self.spec.dt.numpy)
+            import torch  # torch in, torch out
+            dt = _torch_numpy(info.obj)
+            if dt is not None:
+                a = np.empty(info.shape, dtype=dt)
+                return torch.from_numpy(a), a
+            t = torch.empty(info.shape, dtype=info.obj.dtype)
+            return t, self.native(info._replace(obj=t))
+        a = np.empty(info.shape, dtype=self.spec.dt.numpy)
+        return a, a
 
     def count_out_of_range(self, ids, num_experts: int) -> int:
         ids = np.asarray(ids)
@@ -221,9 +272,10 @@ class CModule:
         """Run one stage on the calling thread (OpenMP threads inside).  Raises ValueError for
         an unknown stage, RuntimeError when the C function reports a failure."""
         T, p, nth = call.tokens, ws.ptr, ws.threads
+        a = _call_ptrs(call)
         if stage == "route":
             rc = self._fn["route"](
-                _ptr(call.x), _ptr(call.packed.router),
+                a["x"], a["router"],
                 _ptr(call.router_bias) if call.router_bias is not None else None, T,
                 p["ids"], p["weights"], p["partials"],
                 p["router_sums"] if call.want_stats else None, nth)
@@ -238,20 +290,20 @@ class CModule:
                     ids, wts, T, cap, p["counts"], p["offsets"], p["order"], p["kept"],
                     p.get("cap_weights"), p["dropped"], p.get("scratch"))
         elif stage == "ffn1":
-            rc = self._fn["ffn1"](_ptr(call.x), _ptr(call.packed.buffer), p["offsets"],
+            rc = self._fn["ffn1"](a["x"], a["buffer"], p["offsets"],
                                       p["order"], T, p["xf"], p["h"], nth)
         elif stage == "ffn2":
             if "cap_weights" in p:                  # capacity with renormalize
                 wts = p["cap_weights"]
             else:
                 wts = _ptr(call.topk_weights) if call.topk_weights is not None else p["weights"]
-            rc = self._fn["ffn2"](p["h"], _ptr(call.packed.buffer), p["offsets"], p["order"],
+            rc = self._fn["ffn2"](p["h"], a["buffer"], p["offsets"], p["order"],
                                       wts, T, p["y"], nth)
         elif stage == "combine":
             if self.spec.capacity_factor is None:
-                rc = self._fn["combine"](p["y"], T, _ptr(call.out), nth)
+                rc = self._fn["combine"](p["y"], T, a["out"], nth)
             else:
-                rc = self._fn["combine_kept"](p["y"], p["kept"], T, _ptr(call.out), nth)
+                rc = self._fn["combine_kept"](p["y"], p["kept"], T, a["out"], nth)
         else:
             raise ValueError(f"stage must be one of {self.stages}, got {stage!r}")
         if rc != 0:

@@ -49,6 +49,21 @@ def _to_device(v, device):
     return v
 
 
+class _NoBackward(torch.autograd.Function):
+    """Passes the block's output through; a backward through it is refused with one line
+    (the moegen ops are non-differentiable, so without this x would silently get no gradient)."""
+
+    @staticmethod
+    def forward(ctx, x, y):
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("this moegen.torch.MoEBlock has no backward (it is for inference): "
+                           "run it under torch.no_grad(), or train with MoEBlock(..., "
+                           "trainable=True) or moegen.torch.autograd.moe_train")
+
+
 class MoEBlock(nn.Module):
     """A MoE layer run by a moegen kernel: ``y = block(x)`` for x [..., H] of the spec dtype.
 
@@ -139,10 +154,14 @@ class MoEBlock(nn.Module):
         if self.trainable:
             return self._train_forward(x.contiguous())
         x = x.contiguous()
-        if not (torch.compiler.is_compiling() or (torch.is_grad_enabled() and x.requires_grad)):
-            # Eager inference: the op's body without the dispatcher (same code, same result).
-            return run_moe(x, self.packed, self.router, self.router_bias, self.handle)
-        return torch.ops.moegen.moe(x, self.packed, self.router, self.router_bias, self.handle)
+        b = self._buffers
+        if torch.compiler.is_compiling():
+            return torch.ops.moegen.moe(x, b["packed"], b["router"], b["router_bias"], self.handle)
+        # Eager: the op's body without the dispatcher (same code, same result).
+        y = run_moe(x, b["packed"], b["router"], b["router_bias"], self.handle)
+        if x.requires_grad and torch.is_grad_enabled():
+            y = _NoBackward.apply(x, y)
+        return y
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(topk_ids [T, k] int32, topk_weights [T, k] float32) of the block's router

@@ -22,7 +22,8 @@ CuPy arrays of the same memory (cuda backend).  On the GPU the launches go to
 kernel's is refused with one line.  ``moe`` and ``route`` never synchronise; ``experts`` checks
 the caller's expert ids before any launch, which reads one int back on the GPU (as
 `MoEKernel.experts` does), so use ``moe`` (or ``route`` then ``experts`` on the CPU) inside a
-CUDA graph.  The ops have no autograd formula: they are for inference.
+CUDA graph.  The ops are for inference: non-differentiable (as argmax is), their outputs never
+require grad; `moegen.torch.autograd` is the differentiable layer.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from __future__ import annotations
 import json
 import threading
 import weakref
-from typing import Optional
 
 import numpy as np
 import torch
@@ -71,15 +71,23 @@ def kernel_for(handle: str) -> MoEKernel:
 
 
 # Validated PackedWeights per (kernel handle, buffer, router) tensor objects, dropped when a
-# tensor is freed: the kernel then checks the weights once, not on every call.
+# tensor is freed: the kernel then checks the weights once, not on every call.  ``_last`` holds
+# the newest of them per handle: a model calls each block with the same tensors, and comparing
+# two identities is cheaper than building the key.
 _packed: dict[tuple, PackedWeights] = {}
+_last: dict[str, PackedWeights] = {}
 
 
 def _forget(key) -> None:
-    _packed.pop(key, None)
+    pw = _packed.pop(key, None)
+    if pw is not None and _last.get(key[0]) is pw:
+        del _last[key[0]]
 
 
 def packed_weights(kernel: MoEKernel, handle: str, buffer, router) -> PackedWeights:
+    pw = _last.get(handle)
+    if pw is not None and pw.buffer is buffer and pw.router is router:
+        return pw
     key = (handle, id(buffer), id(router))
     pw = _packed.get(key)
     if pw is None or pw.buffer is not buffer or pw.router is not router:
@@ -88,6 +96,7 @@ def packed_weights(kernel: MoEKernel, handle: str, buffer, router) -> PackedWeig
         weakref.finalize(buffer, _forget, key)
         if router is not None:
             weakref.finalize(router, _forget, key)
+    _last[handle] = pw
     return pw
 
 
@@ -113,22 +122,7 @@ def run_moe(x, buffer, router, router_bias, kernel: str) -> torch.Tensor:
     return out
 
 
-@torch.library.custom_op("moegen::moe", mutates_args=())
-def moe(x: torch.Tensor, buffer: torch.Tensor, router: torch.Tensor,
-        router_bias: Optional[torch.Tensor], kernel: str) -> torch.Tensor:
-    """The whole layer: y [..., H] like x."""
-    return run_moe(x, buffer, router, router_bias, kernel)
-
-
-@moe.register_fake
-def _moe_fake(x, buffer, router, router_bias, kernel):
-    return x.new_empty(x.shape)
-
-
-@torch.library.custom_op("moegen::route", mutates_args=())
-def route(x: torch.Tensor, buffer: torch.Tensor, router: torch.Tensor,
-          router_bias: Optional[torch.Tensor], kernel: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Routing alone: (topk_ids [T, k] int32, topk_weights [T, k] float32)."""
+def _route(x, buffer, router, router_bias, kernel):
     k = kernel_for(kernel)
     _, ws = k.launch(k.route_stages, x, packed_weights(k, kernel, buffer, router), None, router_bias)
     ids = torch.empty((ws.tokens, k.spec.top_k), dtype=torch.int32, device=x.device)
@@ -138,7 +132,41 @@ def route(x: torch.Tensor, buffer: torch.Tensor, router: torch.Tensor,
     return ids, wts
 
 
-@route.register_fake
+def _experts(x, buffer, router, topk_ids, topk_weights, kernel):
+    k = kernel_for(kernel)
+    out, _ = k.launch(k.experts_stages, x, packed_weights(k, kernel, buffer, router), None, None,
+                      topk_ids, topk_weights)
+    return out
+
+
+# The ops are defined with the low-level `torch.library.Library` API, their bodies registered
+# straight to the CPU and CUDA dispatch keys and their autograd key a fallthrough: a call then
+# costs ~2 µs of dispatch where ``torch.library.custom_op``'s Python autograd wrapper, aliasing
+# check and dynamo guard cost ~9 µs (benchmarks/torch_overhead.py).  The ops are
+# non-differentiable, as argmax is: their outputs never require grad (`MoEBlock` refuses a
+# backward through itself with one line; moegen.torch.autograd has the differentiable layer).
+_lib = torch.library.Library("moegen", "DEF")
+_SCHEMAS = {
+    "moe": ("moe(Tensor x, Tensor buffer, Tensor router, Tensor? router_bias, str kernel) -> Tensor",
+            run_moe),
+    "route": ("route(Tensor x, Tensor buffer, Tensor router, Tensor? router_bias, str kernel) "
+              "-> (Tensor, Tensor)", _route),
+    "experts": ("experts(Tensor x, Tensor buffer, Tensor router, Tensor topk_ids, "
+                "Tensor topk_weights, str kernel) -> Tensor", _experts),
+}
+for _name, (_schema, _body) in _SCHEMAS.items():
+    _lib.define(_schema)
+    _lib.impl(_name, _body, "CPU")
+    _lib.impl(_name, _body, "CUDA")
+    _lib.impl(_name, torch.library.fallthrough_kernel, "Autograd")
+
+
+@torch.library.register_fake("moegen::moe", lib=_lib)
+def _moe_fake(x, buffer, router, router_bias, kernel):
+    return x.new_empty(x.shape)
+
+
+@torch.library.register_fake("moegen::route", lib=_lib)
 def _route_fake(x, buffer, router, router_bias, kernel):
     k = json.loads(kernel)["top_k"]
     tokens = x.numel() // x.shape[-1]
@@ -146,16 +174,16 @@ def _route_fake(x, buffer, router, router_bias, kernel):
             x.new_empty((tokens, k), dtype=torch.float32))
 
 
-@torch.library.custom_op("moegen::experts", mutates_args=())
-def experts(x: torch.Tensor, buffer: torch.Tensor, router: torch.Tensor, topk_ids: torch.Tensor,
-            topk_weights: torch.Tensor, kernel: str) -> torch.Tensor:
-    """Expert FFNs and the combine for a given routing: y [..., H] like x."""
-    k = kernel_for(kernel)
-    out, _ = k.launch(k.experts_stages, x, packed_weights(k, kernel, buffer, router), None, None,
-                      topk_ids, topk_weights)
-    return out
-
-
-@experts.register_fake
+@torch.library.register_fake("moegen::experts", lib=_lib)
 def _experts_fake(x, buffer, router, topk_ids, topk_weights, kernel):
     return x.new_empty(x.shape)
+
+
+# moe(x, buffer, router, router_bias, kernel) -> y [..., H] like x: the whole layer.
+moe = torch.ops.moegen.moe
+# route(x, buffer, router, router_bias, kernel) -> (topk_ids [T, k] int32, topk_weights [T, k]
+# float32): routing alone.
+route = torch.ops.moegen.route
+# experts(x, buffer, router, topk_ids, topk_weights, kernel) -> y [..., H] like x: the expert
+# FFNs and the combine for a given routing.
+experts = torch.ops.moegen.experts
