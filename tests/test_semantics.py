@@ -1,0 +1,127 @@
+"""The semantics real models need, on the c backend against the float64 reference: DeepSeek-V2's
+grouped softmax selection (group_limited_greedy) and GPT-OSS's clamped SwiGLU, fp32 and bf16,
+token counts 0, 1, odd and at the tile/route-chunk boundaries; their spec validation; and the
+cuda backend's refusal of them at plan time."""
+
+import numpy as np
+import pytest
+
+import moegen
+from moegen import MoESpec
+from moegen import reference as R
+from moegen.errors import SpecError
+from moegen.plan import make_plan
+
+pytestmark = pytest.mark.usefixtures("module_cache")
+
+TOKENS = (0, 1, 3, 4, 7, 63, 64, 65, 200)
+
+GROUPED = dict(num_experts=16, top_k=3, hidden_dim=40, ffn_dim=24, routing="softmax_topk",
+               n_group=4, topk_group=2, renormalize=False, routed_scaling_factor=1.5)
+CLAMPED = dict(num_experts=8, top_k=2, hidden_dim=37, ffn_dim=29, activation="swiglu_clamped",
+               routing="topk_softmax", bias=True)
+SPECS = [pytest.param(MoESpec(**kw, dtype=dt, backend="c"), id=f"{name}-{dt}")
+         for name, kw in (("grouped", GROUPED), ("clamped", CLAMPED))
+         for dt in ("float32", "bfloat16")]
+
+
+def _problem(spec, T, seed):
+    x, w = R.random_problem(spec, T, seed=seed)
+    if spec.activation == "swiglu_clamped":
+        # gate and up pre-activations well beyond the limit of 7, both signs, so the clamps act
+        for name in ("w1", "w3"):
+            w[name] = (w[name].astype(np.float32) * 9.0).astype(spec.dt.numpy)
+    return x, w
+
+
+@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("T", TOKENS)
+def test_layer_matches_reference(spec, T):
+    kernel = moegen.compile(spec)
+    x, w = _problem(spec, T, seed=T + 11)
+    weights = kernel.pack(**R.weight_kwargs(spec, w))
+    bias = (np.random.default_rng(T).standard_normal(spec.num_experts) * 0.1).astype(np.float32)
+    out = np.full((T, spec.hidden_dim), np.nan, dtype=spec.dt.numpy)
+    y = kernel(x, weights, router_bias=bias, out=out)
+    assert y is out
+    if T == 0:
+        return
+    ids, wts, probs, logits = R.route(spec, x, w["router"], router_bias=bias)
+    got_ids, got_w = kernel.route(x, weights, router_bias=bias)
+    if spec.n_group > 1:
+        # a near tie between two groups' best scores also changes the pick
+        best = np.sort(probs.reshape(T, spec.n_group, -1).max(axis=2), axis=1)[:, ::-1]
+        gap = best[:, spec.topk_group - 1] - best[:, spec.topk_group]
+        kept = np.isfinite(R._keep_groups(spec, probs, lambda g: g[..., 0]))
+        keep = ~R.near_ties(np.where(kept, probs, -np.inf), spec.top_k, tol=1e-4) & (gap > 1e-5)
+    else:
+        keep = ~R.near_ties(logits, spec.top_k, tol=1e-4)
+    assert keep.mean() > 0.9
+    np.testing.assert_array_equal(np.sort(got_ids[keep], 1), np.sort(ids[keep], 1))
+    np.testing.assert_array_equal(got_ids[keep], ids[keep])
+    np.testing.assert_allclose(got_w[keep], wts[keep], rtol=1e-5, atol=1e-6)
+    ref = R.experts(spec, x, w, ids, wts)
+    err = R.rel_error(y[keep], ref[keep])
+    assert err <= spec.dt.tolerance, f"rel error {err:.3g} > {spec.dt.tolerance}"
+
+
+def test_grouped_softmax_keeps_only_the_best_groups():
+    """Group score = the group's best softmax score (not the sum of two, as sigmoid_topk): a
+    group with one strong expert beats a group with two fairly good ones."""
+    spec = MoESpec(8, 2, 8, 4, n_group=4, topk_group=1, backend="c")
+    router = np.zeros((8, 8), dtype=np.float32)
+    x = np.zeros((1, 8), dtype=np.float32)
+    x[0, 0] = 1.0
+    router[:, 0] = [3.0, -5.0, 2.5, 2.5, -5, -5, -5, -5]   # group 0: {3, -5}, group 1: {2.5, 2.5}
+    ids, *_ = R.route(spec, x, router)
+    assert sorted(ids[0].tolist()) == [0, 1]               # only group 0 is kept
+    sig = spec.replace(routing="sigmoid_topk")
+    ids_sig, *_ = R.route(sig, x, router)
+    assert sorted(ids_sig[0].tolist()) == [2, 3]           # the sum of two picks group 1
+    kernel = moegen.compile(spec)
+    got, _ = kernel.route(x, kernel.pack(router=router, router_layout="eh", w1=np.ones((8, 4, 8), np.float32),
+                                         w3=np.ones((8, 4, 8), np.float32),
+                                         w2=np.ones((8, 8, 4), np.float32)))
+    assert sorted(got[0].tolist()) == [0, 1]
+
+
+def test_clamped_swiglu_reference_formula():
+    g = np.array([-10.0, -1.0, 0.5, 7.0, 12.0, np.nan])
+    u = np.array([-9.0, 8.0, 0.25, -7.5, 3.0, 1.0])
+    got = R.clamped_swiglu(g, u, 1.702, 7.0)
+    gc = np.minimum(g, 7.0)
+    want = gc / (1 + np.exp(-1.702 * gc)) * (np.clip(u, -7, 7) + 1)
+    np.testing.assert_allclose(got[:5], want[:5], rtol=1e-15)
+    assert got[4] == pytest.approx(7.0 / (1 + np.exp(-1.702 * 7.0)) * 4.0)
+    assert np.isnan(got[5])
+
+
+@pytest.mark.parametrize("kwargs,words", [
+    (dict(n_group=2, topk_group=1, routing="topk_softmax"), "n_group > 1 needs routing"),
+    (dict(swiglu_alpha=1.5), "swiglu_alpha applies to activation='swiglu_clamped' only"),
+    (dict(activation="swiglu_clamped", swiglu_limit=-1.0), r"swiglu_limit must be in \(0.0"),
+    (dict(router_dtype="float16"), "router_dtype must be None"),
+])
+def test_bad_fields_are_refused_in_one_line(kwargs, words):
+    with pytest.raises(SpecError, match=words) as info:
+        MoESpec(8, 2, 16, 8, **kwargs)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("kwargs,words", [
+    (GROUPED, "grouped softmax selection"),
+    (CLAMPED, "activation='swiglu_clamped'"),
+])
+def test_cuda_refuses_new_semantics_at_plan_time(kwargs, words):
+    spec = MoESpec(**kwargs, backend="cuda", arch="sm_90")
+    with pytest.raises(SpecError, match=words) as info:
+        make_plan(spec)
+    msg = str(info.value)
+    assert "is not yet available on the cuda backend; use backend='c'" in msg and "\n" not in msg
+
+
+def test_names_differ():
+    a = MoESpec(8, 2, 16, 8, activation="swiglu_clamped")
+    assert a.name != MoESpec(8, 2, 16, 8).name
+    assert "a1p5" in a.replace(swiglu_alpha=1.5).name
+    assert MoESpec(8, 2, 16, 8, n_group=2, topk_group=1).name != MoESpec(8, 2, 16, 8).name
