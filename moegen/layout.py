@@ -383,7 +383,7 @@ def pack_host(layout: PackedLayout, logical: dict[str, np.ndarray]) -> tuple[np.
         buf[:, off["b2"]:off["b2"] + H] = logical["b2"].astype(dt)
     if logical["router"] is None:                          # an expert-parallel shard
         return buf.reshape(-1), None
-    router = logical["router"].astype(dt)
+    router = logical["router"].astype(spec.router_dt.numpy)
     if layout.router_order == "he":
         router = router.T
     return buf.reshape(-1), np.ascontiguousarray(router)

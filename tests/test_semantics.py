@@ -1,5 +1,6 @@
 """The semantics real models need, on the c backend against the float64 reference: DeepSeek-V2's
-grouped softmax selection (group_limited_greedy) and GPT-OSS's clamped SwiGLU, fp32 and bf16,
+grouped softmax selection (group_limited_greedy), GPT-OSS's clamped SwiGLU and a float32 router
+beside bf16/fp16 experts, fp32 and bf16 (and fp16),
 token counts 0, 1, odd and at the tile/route-chunk boundaries; their spec validation; and the
 cuda backend's refusal of them at plan time."""
 
@@ -20,9 +21,11 @@ GROUPED = dict(num_experts=16, top_k=3, hidden_dim=40, ffn_dim=24, routing="soft
                n_group=4, topk_group=2, renormalize=False, routed_scaling_factor=1.5)
 CLAMPED = dict(num_experts=8, top_k=2, hidden_dim=37, ffn_dim=29, activation="swiglu_clamped",
                routing="topk_softmax", bias=True)
+ROUTER32 = dict(num_experts=8, top_k=2, hidden_dim=70, ffn_dim=33, router_dtype="float32")
 SPECS = [pytest.param(MoESpec(**kw, dtype=dt, backend="c"), id=f"{name}-{dt}")
-         for name, kw in (("grouped", GROUPED), ("clamped", CLAMPED))
-         for dt in ("float32", "bfloat16")]
+         for name, kw in (("grouped", GROUPED), ("clamped", CLAMPED), ("router32", ROUTER32))
+         for dt in ("float32", "bfloat16")] + [
+    pytest.param(MoESpec(**ROUTER32, dtype="float16", backend="c"), id="router32-float16")]
 
 
 def _problem(spec, T, seed):
@@ -63,6 +66,34 @@ def test_layer_matches_reference(spec, T):
     ref = R.experts(spec, x, w, ids, wts)
     err = R.rel_error(y[keep], ref[keep])
     assert err <= spec.dt.tolerance, f"rel error {err:.3g} > {spec.dt.tolerance}"
+
+
+def test_float32_router_keeps_a_near_tie_as_the_model_does():
+    """Two experts whose logits differ by less than one bf16 step: transformers' float32 router
+    tells them apart; a router rounded to bf16 would make them tie (and pick the lower id)."""
+    H = 8
+    bf16 = R.random_problem(MoESpec(4, 1, H, 4, dtype="bfloat16"), 1)[0].dtype
+    x = np.zeros((1, H), dtype=np.float32)
+    x[0, 0] = 1.0
+    router = np.zeros((4, H), dtype=np.float32)
+    router[:, 0] = [0.1, 1.0, 1.001, -0.3]        # 1.0 and 1.001 round to the same bf16 value
+    assert router[1, 0].astype(bf16) == router[2, 0].astype(bf16)
+    want, *_ = R.route(MoESpec(4, 1, H, 4), x, router)
+    assert want[0, 0] == 2
+    w = dict(w1=np.ones((4, 4, H)), w3=np.ones((4, 4, H)), w2=np.ones((4, H, 4)))
+    xb = x.astype(bf16)
+    for router_dtype, expect in (("float32", 2), (None, 1)):
+        spec = MoESpec(4, 1, H, 4, dtype="bfloat16", router_dtype=router_dtype, backend="c")
+        kernel = moegen.compile(spec)
+        weights = kernel.pack(router=router, router_layout="eh", **w)
+        assert weights.router.dtype == (np.float32 if router_dtype else bf16)
+        ids, _ = kernel.route(xb, weights)
+        assert ids[0, 0] == expect, router_dtype
+
+
+def test_float32_router_is_the_storage_dtype_spelled_once():
+    assert MoESpec(8, 2, 16, 8, router_dtype="float32").router_dtype is None
+    assert "r32" in MoESpec(8, 2, 16, 8, dtype="bf16", router_dtype="float32").name
 
 
 def test_grouped_softmax_keeps_only_the_best_groups():
@@ -111,6 +142,7 @@ def test_bad_fields_are_refused_in_one_line(kwargs, words):
 @pytest.mark.parametrize("kwargs,words", [
     (GROUPED, "grouped softmax selection"),
     (CLAMPED, "activation='swiglu_clamped'"),
+    (dict(ROUTER32, dtype="bfloat16"), "router_dtype='float32' with dtype='bfloat16'"),
 ])
 def test_cuda_refuses_new_semantics_at_plan_time(kwargs, words):
     spec = MoESpec(**kwargs, backend="cuda", arch="sm_90")
