@@ -191,7 +191,8 @@ def expert_ffn(spec: MoESpec, rows, w, e: int) -> np.ndarray:
 def experts(spec: MoESpec, x, w, topk_ids, topk_weights) -> np.ndarray:
     """Expert FFNs and the weighted combine given a routing: y [T, H] float64.
 
-    Slots are summed in slot order per token, then shared experts (weight 1) after them.
+    Slots are summed in slot order per token, then the shared experts (weight 1, or the
+    shared gate's sigmoid(x·g) with ``spec.shared_expert_gate``) after them.
     """
     x = f64(x)
     T, H = x.shape
@@ -205,9 +206,12 @@ def experts(spec: MoESpec, x, w, topk_ids, topk_weights) -> np.ndarray:
     y = np.zeros((T, H))
     for s in range(k):
         y += wts[:, s:s + 1] * slot_out[:, s]
+    shared = np.zeros((T, H))
     for j in range(spec.num_shared_experts):
-        y += expert_ffn(spec, x, w, spec.num_experts + j)
-    return y
+        shared += expert_ffn(spec, x, w, spec.num_experts + j)
+    if spec.shared_expert_gate:          # Qwen2-MoE: sigmoid(x·g) scales the shared experts
+        shared *= 1.0 / (1.0 + np.exp(-(x @ f64(w["shared_gate"]).reshape(H, 1))))
+    return y + shared
 
 
 # -- stats -----------------------------------------------------------------------------------
@@ -321,6 +325,8 @@ def random_problem(spec: MoESpec, tokens: int, seed: int = 0):
         "w2": cast(rng.standard_normal((n, H, F)) / math.sqrt(F)),
         "b1": None, "b3": None, "b2": None,
     }
+    if spec.shared_expert_gate:
+        w["shared_gate"] = cast(rng.standard_normal(H) * (2.0 / math.sqrt(H)))
     if spec.bias:
         w["b1"] = cast(rng.standard_normal((n, F)) * 0.1)
         w["b3"] = cast(rng.standard_normal((n, F)) * 0.1) if spec.gated else None
@@ -347,4 +353,6 @@ def weight_kwargs(spec: MoESpec, w: dict) -> dict:
             kw.update(shared_b1=w["b1"][E:], shared_b2=w["b2"][E:])
             if spec.gated:
                 kw["shared_b3"] = w["b3"][E:]
+        if spec.shared_expert_gate:
+            kw["shared_gate"] = w["shared_gate"]
     return kw

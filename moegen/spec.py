@@ -85,6 +85,8 @@ class MoESpec:
             the experts are bf16/fp16, as transformers does (router logits from fp32 weights).
         swiglu_alpha, swiglu_limit: the constants of activation="swiglu_clamped" (GPT-OSS:
             1.702 and 7); other activations take only the defaults.
+        shared_expert_gate: the shared experts' sum is scaled per token by sigmoid(x·g), g [H]
+            (Qwen2-MoE's shared_expert_gate); needs num_shared_experts >= 1 and bias=False.
 
     The combine always sums a token's slots in a fixed order (no atomics), so a call is
     deterministic and batch-invariant; there is no option to trade that away (see
@@ -111,6 +113,7 @@ class MoESpec:
     router_dtype: str | None = None
     swiglu_alpha: float = SWIGLU_ALPHA
     swiglu_limit: float = SWIGLU_LIMIT
+    shared_expert_gate: bool = False
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
@@ -130,7 +133,7 @@ class MoESpec:
         _check_choice("routing", self.routing, ROUTINGS)
         _check_choice("backend", self.backend, BACKENDS)
         _check_choice("capacity_drop", self.capacity_drop, CAPACITY_DROP)
-        for name in ("renormalize", "bias"):
+        for name in ("renormalize", "bias", "shared_expert_gate"):
             if not isinstance(getattr(self, name), bool):
                 raise SpecError(f"MoESpec.{name} must be True or False, got {getattr(self, name)!r}")
         if self.arch is not None:
@@ -159,6 +162,10 @@ class MoESpec:
                             f"got {self.router_dtype!r}")
         if self.router_dtype == self.dtype:
             set_("router_dtype", None)        # one spelling per layer: the storage dtype is None
+        if self.shared_expert_gate and (self.num_shared_experts < 1 or self.bias):
+            raise SpecError(f"MoESpec.shared_expert_gate=True needs num_shared_experts >= 1 and "
+                            f"bias=False, got num_shared_experts={self.num_shared_experts}, "
+                            f"bias={self.bias}")
         for name, default in (("swiglu_alpha", SWIGLU_ALPHA), ("swiglu_limit", SWIGLU_LIMIT)):
             _check_float(name, getattr(self, name), 0.0, 1e6)
             set_(name, float(getattr(self, name)))
@@ -225,6 +232,7 @@ _NAME_SUFFIXES = (
     ("router_dtype", lambda v: "r32"),
     ("swiglu_alpha", lambda v: f"a{_num(v)}"),
     ("swiglu_limit", lambda v: f"lim{_num(v)}"),
+    ("shared_expert_gate", lambda v: "sg"),
 )
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(MoESpec)}
 

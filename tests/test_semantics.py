@@ -21,9 +21,12 @@ GROUPED = dict(num_experts=16, top_k=3, hidden_dim=40, ffn_dim=24, routing="soft
                n_group=4, topk_group=2, renormalize=False, routed_scaling_factor=1.5)
 CLAMPED = dict(num_experts=8, top_k=2, hidden_dim=37, ffn_dim=29, activation="swiglu_clamped",
                routing="topk_softmax", bias=True)
+SHARED_GATE = dict(num_experts=8, top_k=2, hidden_dim=45, ffn_dim=31, num_shared_experts=2,
+                   shared_expert_gate=True)
 ROUTER32 = dict(num_experts=8, top_k=2, hidden_dim=70, ffn_dim=33, router_dtype="float32")
 SPECS = [pytest.param(MoESpec(**kw, dtype=dt, backend="c"), id=f"{name}-{dt}")
-         for name, kw in (("grouped", GROUPED), ("clamped", CLAMPED), ("router32", ROUTER32))
+         for name, kw in (("grouped", GROUPED), ("clamped", CLAMPED), ("router32", ROUTER32),
+                          ("shared-gate", SHARED_GATE))
          for dt in ("float32", "bfloat16")] + [
     pytest.param(MoESpec(**ROUTER32, dtype="float16", backend="c"), id="router32-float16")]
 
@@ -132,6 +135,9 @@ def test_clamped_swiglu_reference_formula():
     (dict(swiglu_alpha=1.5), "swiglu_alpha applies to activation='swiglu_clamped' only"),
     (dict(activation="swiglu_clamped", swiglu_limit=-1.0), r"swiglu_limit must be in \(0.0"),
     (dict(router_dtype="float16"), "router_dtype must be None"),
+    (dict(shared_expert_gate=True), "needs num_shared_experts >= 1 and bias=False"),
+    (dict(shared_expert_gate=True, num_shared_experts=1, bias=True), "got num_shared_experts=1, bias=True"),
+    (dict(shared_expert_gate=1, num_shared_experts=1), "shared_expert_gate must be True or False"),
 ])
 def test_bad_fields_are_refused_in_one_line(kwargs, words):
     with pytest.raises(SpecError, match=words) as info:
@@ -142,6 +148,7 @@ def test_bad_fields_are_refused_in_one_line(kwargs, words):
 @pytest.mark.parametrize("kwargs,words", [
     (GROUPED, "grouped softmax selection"),
     (CLAMPED, "activation='swiglu_clamped'"),
+    (SHARED_GATE, "shared_expert_gate=True"),
     (dict(ROUTER32, dtype="bfloat16"), "router_dtype='float32' with dtype='bfloat16'"),
 ])
 def test_cuda_refuses_new_semantics_at_plan_time(kwargs, words):

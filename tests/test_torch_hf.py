@@ -26,8 +26,12 @@ _MLA = dict(_SMALL, num_key_value_heads=4)       # DeepSeek's attention has no g
 
 def _configs():
     from transformers import (DeepseekV2Config, DeepseekV3Config, GptOssConfig, MixtralConfig,
-                              OlmoeConfig, Qwen3MoeConfig)
+                              OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig)
     return {
+        # shared expert 48 wide = 2 experts of the routed width 24, scaled by its sigmoid gate
+        "qwen2_moe": Qwen2MoeConfig(moe_intermediate_size=24, num_experts=8, num_experts_per_tok=2,
+                                    shared_expert_intermediate_size=48, norm_topk_prob=False,
+                                    **_SMALL),
         "mixtral": MixtralConfig(intermediate_size=48, num_local_experts=8, num_experts_per_tok=2, **_SMALL),
         "qwen3_moe": Qwen3MoeConfig(moe_intermediate_size=24, num_experts=8, num_experts_per_tok=2,
                                     norm_topk_prob=True, head_dim=8, **_SMALL),
@@ -118,8 +122,8 @@ def _as_45(sd: dict, mt: str) -> dict:
     return out
 
 
-@pytest.mark.parametrize("name", ["mixtral", "qwen3_moe", "qwen3_moe-raw", "olmoe", "deepseek_v2",
-                                  "deepseek_v2-grouped", "deepseek_v3"])
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "qwen3_moe", "qwen3_moe-raw", "olmoe",
+                                  "deepseek_v2", "deepseek_v2-grouped", "deepseek_v3"])
 def test_block_matches_transformers(name):
     cfg = _configs()[name]
     mt = cfg.model_type
@@ -164,18 +168,14 @@ def test_float32_router_beside_bf16_experts_matches_transformers(name):
     assert from_hf(sd, cfg).spec == ours.spec
 
 
-@pytest.mark.parametrize("mt, words", [
-    ("qwen2_moe", "shared_expert_gate"),
-])
-def test_missing_semantics_are_refused_in_one_line(mt, words):
-    from transformers import GptOssConfig, Qwen2MoeConfig
-    cfg = {"qwen2_moe": Qwen2MoeConfig(moe_intermediate_size=24, num_experts=8, num_experts_per_tok=2,
-                                       shared_expert_intermediate_size=16, **_SMALL),
-           "gpt_oss": GptOssConfig(intermediate_size=24, num_local_experts=8, num_experts_per_tok=2,
-                                   head_dim=8, **_SMALL)}[mt]
-    hf = _block_class(mt)(cfg)
+def test_qwen2_shared_expert_of_another_width_is_refused_in_one_line():
+    from transformers import Qwen2MoeConfig
+    cfg = Qwen2MoeConfig(moe_intermediate_size=24, num_experts=8, num_experts_per_tok=2,
+                         shared_expert_intermediate_size=36, **_SMALL)
+    hf = _block_class("qwen2_moe")(cfg)
     for args in ((hf,), (hf.state_dict(), cfg)):
-        with pytest.raises(Unsupported, match=words) as info:
+        with pytest.raises(Unsupported, match="shared_expert_intermediate_size must be a multiple "
+                                              "of moe_intermediate_size=24.*got 36") as info:
             from_hf(*args)
         assert "\n" not in str(info.value)
 
@@ -213,7 +213,16 @@ def test_patch_model_swaps_supported_blocks_and_reports_the_rest():
 
     q2 = AutoModelForCausalLM.from_config(Qwen2MoeConfig(moe_intermediate_size=24, num_experts=8,
                                                           num_experts_per_tok=2,
-                                                          shared_expert_intermediate_size=16, **_SMALL))
+                                                          shared_expert_intermediate_size=36, **_SMALL))
     report = patch_model(q2)
     assert report.swapped == [] and len(report.left) == 2
-    assert all("shared_expert_gate" in reason for _, _, reason in report.left)
+    assert all("got 36" in reason for _, _, reason in report.left)
+    for name, left in (("qwen2_moe", 0), ("gpt_oss", 0)):
+        model = randomize(AutoModelForCausalLM.from_config(_configs()[name]).eval(), seed=6)
+        with torch.no_grad():
+            want = model(ids).logits
+        report = patch_model(model)
+        assert len(report.swapped) == 2 and len(report.left) == left, str(report)
+        with torch.no_grad():
+            got = model(ids).logits
+        assert R.rel_error(got.numpy(), want.numpy().astype(np.float64)) <= 1e-4, name

@@ -143,6 +143,8 @@ def c_only_semantics(spec: MoESpec) -> list[str]:
         out.append("grouped softmax selection (routing='softmax_topk' with n_group > 1)")
     if spec.activation == "swiglu_clamped":
         out.append("activation='swiglu_clamped'")
+    if spec.shared_expert_gate:
+        out.append("shared_expert_gate=True")
     if spec.router_dtype is not None:
         out.append(f"router_dtype={spec.router_dtype!r} with dtype={spec.dtype!r}")
     return out

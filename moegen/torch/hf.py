@@ -1,6 +1,7 @@
 """transformers MoE blocks -> `MoEBlock`: `spec_from_config`, `from_hf`, `patch_model`.
 
-Covered: Mixtral, Qwen3-MoE, OLMoE, DeepSeek-V2 (greedy and group_limited_greedy selection),
+Covered: Mixtral, Qwen2-MoE (its sigmoid-gated shared expert, of a width that is a whole
+number of routed experts), Qwen3-MoE, OLMoE, DeepSeek-V2 (greedy and group_limited_greedy selection),
 DeepSeek-V3 and GPT-OSS (clamped SwiGLU, interleaved gate/up columns, expert and router biases),
 with a float32 router beside bf16/fp16 experts where the block keeps one, in the
 transformers 5.x layout (experts as fused 3-D parameters ``experts.gate_up_proj`` [E, 2F, H]
@@ -36,10 +37,6 @@ BLOCK_CLASSES = {
     "DeepseekV3MoE": "deepseek_v3",
     "GptOssMLP": "gpt_oss",
 }
-# Semantics a model needs that the kernels do not have yet (a later wave adds them).
-MISSING = {
-    "qwen2_moe": "Qwen2-MoE's sigmoid-gated shared expert (shared_expert_gate)",
-}
 # transformers keeps DeepSeek's router in float32 whatever the model dtype
 # (_keep_in_fp32_modules_strict = ["gate.weight", ...]); moegen keeps it so too.
 FP32_ROUTER = ("deepseek_v2", "deepseek_v3")
@@ -63,11 +60,10 @@ def spec_from_config(config, dtype=None, backend: str = "auto") -> MoESpec:
     """The MoESpec of a transformers config's MoE layers.  ``dtype`` defaults to the config's
     ``dtype``/``torch_dtype`` (float32 when it names none).  Raises `Unsupported`."""
     mt = getattr(config, "model_type", None)
-    if mt in MISSING:
-        raise Unsupported(f"moegen cannot run this {mt} block yet: it needs {MISSING[mt]}")
-    if mt not in ("mixtral", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "gpt_oss"):
-        raise Unsupported(f"model_type must be one of mixtral, qwen3_moe, olmoe, deepseek_v2, "
-                          f"deepseek_v3, gpt_oss, got {mt!r}")
+    if mt not in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3",
+                  "gpt_oss"):
+        raise Unsupported(f"model_type must be one of mixtral, qwen2_moe, qwen3_moe, olmoe, "
+                          f"deepseek_v2, deepseek_v3, gpt_oss, got {mt!r}")
     if dtype is None:
         dtype = _first(config, "dtype", "torch_dtype", default="float32")
     dtype = str(dtype).replace("torch.", "")
@@ -92,6 +88,16 @@ def spec_from_config(config, dtype=None, backend: str = "auto") -> MoESpec:
     if mt in ("qwen3_moe", "olmoe"):
         F = config.moe_intermediate_size if mt == "qwen3_moe" else config.intermediate_size
         return MoESpec(ffn_dim=int(F), renormalize=bool(config.norm_topk_prob), **common)
+    if mt == "qwen2_moe":
+        F = int(config.moe_intermediate_size)
+        SW = int(_first(config, "shared_expert_intermediate_size", default=0) or 0)
+        if SW % F:
+            raise Unsupported(f"qwen2_moe shared_expert_intermediate_size must be a multiple of "
+                              f"moe_intermediate_size={F} (moegen's shared experts have the routed "
+                              f"width), got {SW}")
+        # One gated MLP of width S·F is S experts of width F summed, all scaled by the gate.
+        shared = dict(num_shared_experts=SW // F, shared_expert_gate=True) if SW else {}
+        return MoESpec(ffn_dim=F, renormalize=bool(config.norm_topk_prob), **shared, **common)
     shared = int(_first(config, "n_shared_experts", default=0) or 0)
     F = int(config.moe_intermediate_size)
     scale = float(_first(config, "routed_scaling_factor", default=1.0))
@@ -131,8 +137,6 @@ def block_weights(spec: MoESpec, config, block) -> tuple[dict, torch.Tensor | No
     Raises `Unsupported` for tensors that name a missing semantic, ValueError for a layout
     it does not know."""
     sd = _tensors(block)
-    if "shared_expert_gate.weight" in sd:
-        raise Unsupported(f"moegen cannot run this block yet: it needs {MISSING['qwen2_moe']}")
     if spec.activation == "swiglu_clamped":
         return _gpt_oss_weights(sd)
     if "gate.weight" not in sd:
@@ -156,9 +160,15 @@ def block_weights(spec: MoESpec, config, block) -> tuple[dict, torch.Tensor | No
     S, F, H = spec.num_shared_experts, spec.ffn_dim, spec.hidden_dim
     if S:
         # One MLP of width S·F is S experts of width F summed (the activation is elementwise).
-        g, u, d = (sd[f"shared_experts.{n}.weight"] for n in ("gate_proj", "up_proj", "down_proj"))
+        # DeepSeek names it shared_experts, Qwen2-MoE shared_expert (gated by shared_expert_gate).
+        prefix = "shared_expert." if spec.shared_expert_gate else "shared_experts."
+        g, u, d = (sd[f"{prefix}{n}.weight"] for n in ("gate_proj", "up_proj", "down_proj"))
         kw.update(shared_w1=g.reshape(S, F, H), shared_w3=u.reshape(S, F, H),
                   shared_w2=d.reshape(H, S, F).permute(1, 0, 2).contiguous())
+    if spec.shared_expert_gate:
+        kw["shared_gate"] = sd["shared_expert_gate.weight"].reshape(H)
+    elif "shared_expert_gate.weight" in sd:
+        raise Unsupported("the block has a shared_expert_gate; spec.shared_expert_gate must be True")
     bias = sd.get("gate.e_score_correction_bias")
     return kw, bias
 
@@ -207,8 +217,10 @@ def _block_config(block, model_type: str):
     norm = _first(gate, "norm_topk_prob")
     if norm is None:
         norm = _first(block, "norm_topk_prob", default=model_type == "mixtral")
+    shared = sd.get("shared_expert.gate_proj.weight")         # Qwen2-MoE's gated shared expert
     return SimpleNamespace(model_type=model_type, num_experts=E, num_experts_per_tok=top_k,
                            hidden_size=H, intermediate_size=F, moe_intermediate_size=F,
+                           shared_expert_intermediate_size=0 if shared is None else shared.shape[0],
                            norm_topk_prob=norm, hidden_act=act, dtype=sd["gate.weight"].dtype)
 
 
@@ -226,8 +238,6 @@ def from_hf(block, config=None, *, dtype=None, backend: str = "auto"):
         if mt is None:
             raise Unsupported(f"block must be one of {sorted(BLOCK_CLASSES)}, got {type(block).__name__}")
         config = getattr(block, "config", None)
-        if config is None and mt in MISSING:
-            raise Unsupported(f"moegen cannot run this {mt} block yet: it needs {MISSING[mt]}")
         if config is None:
             config = _block_config(block, mt)
     sd = _tensors(block)
