@@ -4,7 +4,9 @@ Supported families (``model_type``) and the fields read (experts, k, expert ffn 
 
 - mixtral: num_local_experts, num_experts_per_tok, intermediate_size; softmax, renormalised.
 - qwen2_moe, qwen3_moe: num_experts (num_local_experts as transformers 5 writes Qwen3-MoE),
-  num_experts_per_tok, moe_intermediate_size; softmax, renormalised if norm_topk_prob.
+  num_experts_per_tok, moe_intermediate_size; softmax, renormalised if norm_topk_prob;
+  Qwen2-MoE's shared_expert_intermediate_size (a multiple of the routed width) as that many
+  shared experts under the sigmoid shared_expert_gate.
 - deepseek_v2, deepseek_v3: n_routed_experts, num_experts_per_tok, moe_intermediate_size;
   scoring_func, topk_method (greedy; group_limited_greedy: softmax scores with grouped
   selection, n_group, topk_group), routed_scaling_factor, norm_topk_prob, and n_shared_experts
@@ -21,8 +23,8 @@ transformers 5 writes it; ``"torch.bfloat16"`` is read too), bfloat16 when the c
 Multimodal configs are searched through ``text_config``.  When ``model_type`` is missing or
 unknown, ``architectures`` (e.g. ``DeepseekV3ForCausalLM``) picks the family.
 
-What moegen cannot express is refused with ValueError or, where the routed experts are still
-exact, warned about (Qwen2-MoE's gated shared expert is left to the caller).
+What moegen cannot express is refused with ValueError; what a backend cannot keep exact is
+warned about (DeepSeek's float32 router on a backend other than c).
 """
 
 from __future__ import annotations
@@ -185,14 +187,13 @@ def _qwen_moe(cfg: dict) -> dict:
     f.update(routing="softmax_topk", renormalize=bool(cfg.get("norm_topk_prob", False)))
     shared = cfg.get("shared_expert_intermediate_size") or 0
     if shared:
-        # Qwen2-MoE scales its shared expert by sigmoid(x · w_gate); moegen's shared experts
-        # are added with weight 1, so the shared expert stays with the caller.
-        how = (f"{shared} = {shared // f['ffn_dim']} x {f['ffn_dim']}" if shared % f["ffn_dim"] == 0
-               else f"{shared}, not the routed ffn_dim {f['ffn_dim']}")
-        _warn(f"model config ({cfg.get('model_type')}): the shared expert (intermediate size "
-              f"{how}) is gated by sigmoid(x·shared_expert_gate), which moegen's shared experts "
-              f"do not have; the spec covers the routed experts only, run the shared expert "
-              f"separately")
+        # Qwen2-MoE scales its shared expert by sigmoid(x · w_gate): a gated MLP of width S·F is
+        # S shared experts of the routed width F, all under that gate.
+        if shared % f["ffn_dim"]:
+            raise ValueError(f"model config ({cfg.get('model_type')}): shared_expert_intermediate_size "
+                             f"must be a multiple of moe_intermediate_size={f['ffn_dim']} (moegen's "
+                             f"shared experts have the routed width), got {shared}")
+        f.update(num_shared_experts=shared // f["ffn_dim"], shared_expert_gate=True)
     return f
 
 

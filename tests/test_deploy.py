@@ -68,11 +68,15 @@ def test_parse_accepts_dict_directory_and_overrides(tmp_path):
     assert f["dtype"] == "float16" and f["backend"] == "c"
 
 
-def test_qwen2_shared_expert_is_skipped_with_warning():
-    with pytest.warns(ModelConfigWarning, match="shared expert"):
-        (f,) = parse_model_config(DATA / "qwen2_moe_a2_7b.json")
+def test_qwen2_gated_shared_expert():
+    (f,) = parse_model_config(DATA / "qwen2_moe_a2_7b.json")
     assert f["num_experts"] == 60 and f["top_k"] == 4 and f["ffn_dim"] == 1408
-    assert f.get("num_shared_experts", 0) == 0 and f["renormalize"] is False
+    assert f["num_shared_experts"] == 4 and f["shared_expert_gate"] is True   # 5632 = 4 x 1408
+    assert f["renormalize"] is False
+    cfg = json.loads((DATA / "qwen2_moe_a2_7b.json").read_text())
+    cfg["shared_expert_intermediate_size"] = 2000
+    with pytest.raises(ValueError, match=r"must be a multiple of moe_intermediate_size=1408 .*, got 2000"):
+        parse_model_config(cfg)
 
 
 def test_gpt_oss_maps_exactly():
