@@ -112,6 +112,13 @@ class MoEBackward:
                              f"got {spec.backend!r} (the CUDA backward is not built yet)")
         if not isinstance(save_activations, bool):
             raise TypeError(f"save_activations must be True or False, got {save_activations!r}")
+        forward_only = [f"{n}={getattr(spec, n)!r}" for n, on in (
+            ("activation", spec.activation == "swiglu_clamped"),
+            ("shared_expert_gate", spec.shared_expert_gate),
+            ("n_group", spec.n_group > 1 and spec.routing == "softmax_topk")) if on]
+        if forward_only:
+            raise ValueError(f"MoEBackward has no gradient for {', '.join(forward_only)} yet "
+                             f"(the forward layer runs it)")
         self.spec = spec.replace(backend="c")
         self.save_activations = save_activations
         self._buffers: dict[tuple, np.ndarray] = {}

@@ -164,3 +164,11 @@ def test_names_differ():
     assert a.name != MoESpec(8, 2, 16, 8).name
     assert "a1p5" in a.replace(swiglu_alpha=1.5).name
     assert MoESpec(8, 2, 16, 8, n_group=2, topk_group=1).name != MoESpec(8, 2, 16, 8).name
+
+
+@pytest.mark.parametrize("kwargs", [CLAMPED, SHARED_GATE, GROUPED])
+def test_the_backward_refuses_what_it_has_no_gradient_for(kwargs):
+    from moegen.backward import MoEBackward
+    with pytest.raises(ValueError, match="MoEBackward has no gradient for") as info:
+        MoEBackward(MoESpec(**kwargs, backend="c"))
+    assert "\n" not in str(info.value)
