@@ -1,17 +1,18 @@
 """transformers MoE blocks -> `MoEBlock`: `spec_from_config`, `from_hf`, `patch_model`.
 
 Covered: Mixtral, Qwen2-MoE (its sigmoid-gated shared expert, of a width that is a whole
-number of routed experts), Qwen3-MoE, OLMoE, DeepSeek-V2 (greedy and group_limited_greedy selection),
-DeepSeek-V3 and GPT-OSS (clamped SwiGLU, interleaved gate/up columns, expert and router biases),
-with a float32 router beside bf16/fp16 experts where the block keeps one, in the
-transformers 5.x layout (experts as fused 3-D parameters ``experts.gate_up_proj`` [E, 2F, H]
-and ``experts.down_proj`` [E, H, F]) and the 4.5x one (``experts.<e>.w1/w3/w2`` for Mixtral,
-``experts.<e>.gate_proj/up_proj/down_proj`` for the others; GPT-OSS has one layout:
-``experts.gate_up_proj`` [E, H, 2F] with gate in the even columns and up in the odd ones,
-``experts.down_proj`` [E, F, H], their biases, and ``router.weight``/``router.bias``), from a live block or from one
-block's state dict.  Where a model needs a semantic the kernels do not have yet, the conversion
-refuses with one line naming it (`Unsupported`), and `patch_model` leaves the block alone with
-that reason; nothing is approximated.
+number of routed experts), Qwen3-MoE, OLMoE, DeepSeek-V2 (greedy and group_limited_greedy
+selection), DeepSeek-V3 and GPT-OSS (clamped SwiGLU, interleaved gate/up columns, expert and
+router biases), with a float32 router beside bf16/fp16 experts where the block keeps one, in
+the transformers 5.x layout (experts as fused 3-D parameters ``experts.gate_up_proj``
+[E, 2F, H] and ``experts.down_proj`` [E, H, F]) and the 4.5x one (``experts.<e>.w1/w3/w2``
+for Mixtral, ``experts.<e>.gate_proj/up_proj/down_proj`` for the others; GPT-OSS has one
+layout: ``experts.gate_up_proj`` [E, H, 2F] with gate in the even columns and up in the odd
+ones, ``experts.down_proj`` [E, F, H], their biases, and ``router.weight``/``router.bias``),
+from a live block or from one block's state dict.  Where a model needs a semantic the kernels
+do not have (a Qwen2-MoE shared expert whose width is not a multiple of the routed one, an
+unknown topk_method), the conversion refuses with one line naming it (`Unsupported`), and
+`patch_model` leaves the block alone with that reason; nothing is approximated.
 """
 
 from __future__ import annotations
@@ -101,7 +102,8 @@ def spec_from_config(config, dtype=None, backend: str = "auto") -> MoESpec:
     shared = int(_first(config, "n_shared_experts", default=0) or 0)
     F = int(config.moe_intermediate_size)
     scale = float(_first(config, "routed_scaling_factor", default=1.0))
-    common["router_dtype"] = "float32"
+    if mt in FP32_ROUTER:
+        common["router_dtype"] = "float32"
     if mt == "deepseek_v2":
         method = _first(config, "topk_method", default="greedy")
         if method not in TOPK_METHODS:
@@ -154,7 +156,7 @@ def block_weights(spec: MoESpec, config, block) -> tuple[dict, torch.Tensor | No
         kw.update(w1=found[0], w3=found[1], w2=found[2])
         expert_dtype = found[0][0].dtype
     router_dtype = str(kw["router"].dtype).replace("torch.", "")
-    if router_dtype != str(expert_dtype).replace("torch.", "") and router_dtype != (spec.router_dtype or spec.dtype):
+    if router_dtype not in (str(expert_dtype).replace("torch.", ""), spec.router_dt.name):
         raise Unsupported(f"the block's router is {router_dtype} beside {expert_dtype} experts; "
                           f"spec.router_dtype must be 'float32' for it, got {spec.router_dtype!r}")
     S, F, H = spec.num_shared_experts, spec.ffn_dim, spec.hidden_dim
