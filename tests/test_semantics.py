@@ -10,7 +10,9 @@ import pytest
 import moegen
 from moegen import MoESpec
 from moegen import reference as R
+from moegen.backends import isa
 from moegen.errors import SpecError
+from moegen.jit import clear_memo
 from moegen.plan import make_plan
 
 pytestmark = pytest.mark.usefixtures("module_cache")
@@ -172,3 +174,33 @@ def test_the_backward_refuses_what_it_has_no_gradient_for(kwargs):
     with pytest.raises(ValueError, match="MoEBackward has no gradient for") as info:
         MoEBackward(MoESpec(**kwargs, backend="c"))
     assert "\n" not in str(info.value)
+
+
+ALL = dict(num_experts=16, top_k=3, hidden_dim=70, ffn_dim=40, dtype="bfloat16",
+           activation="swiglu_clamped", n_group=4, topk_group=2, router_dtype="float32",
+           num_shared_experts=1, shared_expert_gate=True, backend="c")
+
+
+@pytest.mark.parametrize("tier", sorted(isa.TIERS))
+def test_every_isa_tier_computes_the_new_semantics(tier, monkeypatch):
+    """All four at once, on each ISA tier this CPU runs (its own SIMD width, register tile
+    and bf16 conversion path), against the reference."""
+    if not isa.runnable(isa.TIERS[tier]):
+        pytest.skip(f"this CPU cannot run {tier}")
+    monkeypatch.setenv("MOEGEN_ISA", tier)
+    clear_memo()
+    spec = MoESpec(**ALL)
+    kernel = moegen.compile(spec)
+    assert kernel.target == tier
+    T = 65
+    x, w = _problem(spec, T, seed=5)
+    weights = kernel.pack(**R.weight_kwargs(spec, w))
+    out = np.full((T, spec.hidden_dim), np.nan, dtype=spec.dt.numpy)
+    kernel(x, weights, out=out)
+    ids, wts, probs, _ = R.route(spec, x, w["router"])
+    got_ids, _ = kernel.route(x, weights)
+    keep = np.all(got_ids == ids, axis=1)
+    assert keep.mean() > 0.9
+    ref = R.experts(spec, x, w, ids, wts)
+    assert R.rel_error(out[keep], ref[keep]) <= spec.dt.tolerance
+    clear_memo()
