@@ -182,7 +182,7 @@ class MoEBackward:
         return BackwardWeights(
             w13=w13, w2=_f32(w["w2"]),
             b13=b13, b2=_f32(w["b2"]) if spec.bias else None, router=router,
-            router_route=np.ascontiguousarray(np.asarray(w["router"]).astype(spec.dt.numpy).T))
+            router_route=np.ascontiguousarray(np.asarray(w["router"]).astype(spec.router_dt.numpy).T))
 
     # -- checks ------------------------------------------------------------------------------
     def _check_x(self, x) -> np.ndarray:

@@ -314,11 +314,15 @@ def cli_args(spec: MoESpec) -> str:
         parts.append("--no-renormalize")
     if spec.bias:
         parts.append("--bias")
+    if spec.shared_expert_gate:
+        parts.append("--shared-expert-gate")
     for field, flag in (("n_group", "--n-group"), ("topk_group", "--topk-group"),
                         ("routed_scaling_factor", "--routed-scaling-factor"),
                         ("num_shared_experts", "--shared-experts"),
                         ("capacity_factor", "--capacity-factor"),
-                        ("capacity_drop", "--capacity-drop")):
+                        ("capacity_drop", "--capacity-drop"),
+                        ("router_dtype", "--router-dtype"), ("swiglu_alpha", "--swiglu-alpha"),
+                        ("swiglu_limit", "--swiglu-limit")):
         value = getattr(spec, field)
         if value != MoESpec.__dataclass_fields__[field].default:
             parts.append(f"{flag} {value:g}" if isinstance(value, float) else f"{flag} {value}")

@@ -44,6 +44,7 @@ class MoEKernel:
         self.layout = module.layout
         self.stages = tuple(module.stages)
         self._storage = arrays.storage_dtypes(spec.dtype, module.device_kind)
+        self._router_storage = arrays.storage_dtypes(spec.router_dt.name, module.device_kind)
         # The CUDA device the module was loaded on (None for the c backend): every device array
         # of a call must live there.
         device = getattr(module, "device", None)
@@ -204,7 +205,8 @@ class MoEKernel:
                 continue
             name = f"weights.{part}"
             info = arrays.describe(getattr(weights, part), name)
-            arrays.check(info, name, shape=shape, dtype=self._storage, **self._device)
+            arrays.check(info, name, shape=shape, **self._device,
+                         dtype=self._router_storage if part == "router" else self._storage)
             if self.device_index is not None and info.ptr % _WEIGHT_ALIGN:
                 raise ValueError(f"{name} must start on a {_WEIGHT_ALIGN}-byte boundary (the cuda "
                                  f"kernels use vector loads), got address {info.ptr:#x}")

@@ -14,6 +14,8 @@ Per expert ``e`` (``E + num_shared_experts`` experts; shared ones follow the rou
     b13  [G] (bias=True only), in the same row order as w13.
     w2   "nk" = [H, F], "kn" = [F, H].
     b2   [H] (bias=True only).
+    gate [H] (shared_expert_gate=True only): the shared-expert gate g, in each shared expert's
+         block (zeros in the routed ones).
 
 Every segment starts at a multiple of ``align`` elements (16-byte vector loads need it).
 The router weight is kept apart: [E, H] ("eh") or [H, E] ("he").
@@ -81,7 +83,8 @@ class PackedLayout:
         for name, size, present in (("w13", self.w13_size, True),
                                     ("b13", self.gate_rows, self.spec.bias),
                                     ("w2", self.w2_size, True),
-                                    ("b2", self.spec.hidden_dim, self.spec.bias)):
+                                    ("b2", self.spec.hidden_dim, self.spec.bias),
+                                    ("gate", self.spec.hidden_dim, self.spec.shared_expert_gate)):
             if present:
                 out[name] = off
                 off = _round_up(off + size, a)
@@ -239,8 +242,8 @@ def _stack(name: str, value, n: int, shape: tuple, device: bool = False,
 def logical_weights(spec: MoESpec, *, router=None, w1=None, w3=None, w2=None, w13=None,
                     b1=None, b3=None, b2=None, b13=None, router_layout: str | None = None,
                     shared_w1=None, shared_w3=None, shared_w2=None,
-                    shared_b1=None, shared_b3=None, shared_b2=None, expert_ids=None,
-                    device: bool = False) -> dict[str, Any]:
+                    shared_b1=None, shared_b3=None, shared_b2=None, shared_gate=None,
+                    expert_ids=None, device: bool = False) -> dict[str, Any]:
     """Normalise the accepted weight layouts to arrays in nn.Linear orientation: host NumPy
     arrays, or with ``device=True`` GPU arrays (torch CUDA, CuPy) left where they are.
 
@@ -251,7 +254,8 @@ def logical_weights(spec: MoESpec, *, router=None, w1=None, w3=None, w2=None, w1
       * ``router`` [E, H] (nn.Linear gate weight) or [H, E]; when E == H pass
         ``router_layout="eh"`` or ``"he"``.
     Biases: ``b1``/``b3`` [E, F] (or ``b13`` [E, 2F]) and ``b2`` [E, H] when ``spec.bias``.
-    Shared experts (``spec.num_shared_experts`` = S): ``shared_w1`` [S, F, H] and so on.
+    Shared experts (``spec.num_shared_experts`` = S): ``shared_w1`` [S, F, H] and so on;
+    ``shared_gate`` [H] or [1, H] when ``spec.shared_expert_gate``.
     Expert-parallel shard: ``expert_ids`` lists the global ids of the E = ``spec.num_experts``
     experts this rank owns; each routed weight holds either exactly those E experts (in that
     order) or the whole layer's experts (then the listed ones are taken).  A shard has no
@@ -270,7 +274,7 @@ def logical_weights(spec: MoESpec, *, router=None, w1=None, w3=None, w2=None, w1
                              "route over all experts with the whole layer's kernel")
         return _logical_experts(spec, None, w1, w3, w2, w13, b1, b3, b2, b13, device, pick,
                                 shared=(shared_w1, shared_w3, shared_w2, shared_b1, shared_b3,
-                                        shared_b2))
+                                        shared_b2, shared_gate))
     r = _convert(router, "router", device)
     if r is None:
         raise ValueError("router weight is required: shape (E, H) = "
@@ -287,7 +291,8 @@ def logical_weights(spec: MoESpec, *, router=None, w1=None, w3=None, w2=None, w1
         r = r.T
     _expect_shape("router", r, (E, H))
     return _logical_experts(spec, r, w1, w3, w2, w13, b1, b3, b2, b13, device, None,
-                            shared=(shared_w1, shared_w3, shared_w2, shared_b1, shared_b3, shared_b2))
+                            shared=(shared_w1, shared_w3, shared_w2, shared_b1, shared_b3, shared_b2,
+                                    shared_gate))
 
 
 def _check_expert_ids(expert_ids, n: int) -> tuple | None:
@@ -303,7 +308,7 @@ def _check_expert_ids(expert_ids, n: int) -> tuple | None:
 
 def _logical_experts(spec, r, w1, w3, w2, w13, b1, b3, b2, b13, device, pick, shared):
     E, H, F, S = spec.num_experts, spec.hidden_dim, spec.ffn_dim, spec.num_shared_experts
-    shared_w1, shared_w3, shared_w2, shared_b1, shared_b3, shared_b2 = shared
+    shared_w1, shared_w3, shared_w2, shared_b1, shared_b3, shared_b2, shared_gate = shared
     dev = dict(device=device, pick=pick)
     if w13 is not None:
         if w1 is not None or w3 is not None:
@@ -352,6 +357,16 @@ def _logical_experts(spec, r, w1, w3, w2, w13, b1, b3, b2, b13, device, pick, sh
         for k_, v in sh.items():
             if v is not None and out[k_] is not None:
                 out[k_] = _concat_like([out[k_], v])
+    gate = _convert(shared_gate, "shared_gate", device)
+    if spec.shared_expert_gate:
+        if gate is None:
+            raise ValueError(f"spec.shared_expert_gate is True: shared_gate ({H},) is required")
+        if tuple(gate.shape) == (1, H):
+            gate = gate.reshape(H)
+        _expect_shape("shared_gate", gate, (H,))
+        out["shared_gate"] = gate
+    elif gate is not None:
+        raise ValueError("shared_gate was given but spec.shared_expert_gate is False")
     return out
 
 
@@ -381,9 +396,11 @@ def pack_host(layout: PackedLayout, logical: dict[str, np.ndarray]) -> tuple[np.
         b13 = logical["b1"] if not spec.gated else np.concatenate([logical["b1"], logical["b3"]], axis=1)
         buf[:, off["b13"]:off["b13"] + layout.gate_rows] = b13[:, perm].astype(dt)
         buf[:, off["b2"]:off["b2"] + H] = logical["b2"].astype(dt)
+    if spec.shared_expert_gate:
+        buf[spec.num_experts:, off["gate"]:off["gate"] + H] = logical["shared_gate"].astype(dt)
     if logical["router"] is None:                          # an expert-parallel shard
         return buf.reshape(-1), None
-    router = logical["router"].astype(dt)
+    router = logical["router"].astype(spec.router_dt.numpy)
     if layout.router_order == "he":
         router = router.T
     return buf.reshape(-1), np.ascontiguousarray(router)
@@ -426,6 +443,8 @@ def pack_device(layout: PackedLayout, logical: dict, zeros) -> tuple[Any, Any]:
             if spec.gated:
                 b13[:, 1] = logical["b3"][e].reshape(F // g, g)
             row[off["b2"]:off["b2"] + H] = logical["b2"][e]
+        if spec.shared_expert_gate and e >= spec.num_experts:
+            row[off["gate"]:off["gate"] + H] = logical["shared_gate"]
     r = logical["router"]
     if r is None:
         return buf.reshape(-1), None
@@ -467,4 +486,6 @@ def unpack_host(packed: PackedWeights) -> dict[str, np.ndarray]:
         b13 = buf[:, off["b13"]:off["b13"] + G][:, inv]
         out.update(b1=b13[:, :F], b3=b13[:, F:] if spec.gated else None,
                    b2=buf[:, off["b2"]:off["b2"] + H])
+    if spec.shared_expert_gate:
+        out["shared_gate"] = buf[spec.num_experts, off["gate"]:off["gate"] + H]
     return out

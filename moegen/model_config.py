@@ -4,14 +4,18 @@ Supported families (``model_type``) and the fields read (experts, k, expert ffn 
 
 - mixtral: num_local_experts, num_experts_per_tok, intermediate_size; softmax, renormalised.
 - qwen2_moe, qwen3_moe: num_experts (num_local_experts as transformers 5 writes Qwen3-MoE),
-  num_experts_per_tok, moe_intermediate_size; softmax, renormalised if norm_topk_prob.
+  num_experts_per_tok, moe_intermediate_size; softmax, renormalised if norm_topk_prob;
+  Qwen2-MoE's shared_expert_intermediate_size (a multiple of the routed width) as that many
+  shared experts under the sigmoid shared_expert_gate.
 - deepseek_v2, deepseek_v3: n_routed_experts, num_experts_per_tok, moe_intermediate_size;
-  scoring_func, topk_method, n_group, topk_group, routed_scaling_factor, norm_topk_prob, and
-  n_shared_experts shared experts.
+  scoring_func, topk_method (greedy; group_limited_greedy: softmax scores with grouped
+  selection, n_group, topk_group), routed_scaling_factor, norm_topk_prob, and n_shared_experts
+  shared experts.  DeepSeek keeps its router in float32: with ``backend="c"`` the spec does too
+  (router_dtype); the cuda kernels store it in the layer dtype, which is warned about.
 - olmoe: num_experts (or num_local_experts), num_experts_per_tok, intermediate_size; softmax,
   norm_topk_prob.
 - gpt_oss: num_local_experts, experts_per_token, intermediate_size; top-k of the logits then
-  softmax over them; expert biases.
+  softmax over them; expert biases; the clamped SwiGLU (swiglu_alpha, swiglu_limit).
 
 The hidden size is ``hidden_size``; the activation comes from ``hidden_act`` (all of these use
 gated MLPs: silu -> swiglu, gelu -> geglu); the dtype from ``torch_dtype`` or ``dtype`` (as
@@ -19,9 +23,8 @@ transformers 5 writes it; ``"torch.bfloat16"`` is read too), bfloat16 when the c
 Multimodal configs are searched through ``text_config``.  When ``model_type`` is missing or
 unknown, ``architectures`` (e.g. ``DeepseekV3ForCausalLM``) picks the family.
 
-What moegen cannot express is refused with ValueError (e.g. softmax scores with grouped
-selection) or, where the routed experts are still exact, warned about (Qwen2-MoE's gated shared
-expert is left to the caller; gpt-oss' clamped SwiGLU differs from moegen's).
+What moegen cannot express is refused with ValueError; what a backend cannot keep exact is
+warned about (DeepSeek's float32 router on a backend other than c).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .spec import MoESpec
+from .spec import SWIGLU_ALPHA, SWIGLU_LIMIT, MoESpec
 
 log = logging.getLogger("moegen.deploy")
 
@@ -85,6 +88,14 @@ def parse_model_config(path_or_dict: str | Path | dict, *, dtype: str | None = N
         raise ValueError(f"model config: torch_dtype {dt!r} is not a moegen dtype "
                          f"(one of {sorted(set(_DTYPES.values()))})")
     fields.update(dtype=_DTYPES[dt], backend=backend)
+    if family in _FP32_ROUTER and fields["dtype"] != "float32":
+        if backend == "c":
+            fields["router_dtype"] = "float32"
+        else:
+            _warn(f"model config ({family}): the model keeps its router in float32; with backend="
+                  f"{backend!r} the router is stored in {fields['dtype']} (the cuda kernels have no "
+                  f"float32 router yet), so near ties may pick other experts; backend 'c' keeps "
+                  f"it float32")
     try:
         MoESpec(**fields)
     except ValueError as exc:
@@ -176,14 +187,13 @@ def _qwen_moe(cfg: dict) -> dict:
     f.update(routing="softmax_topk", renormalize=bool(cfg.get("norm_topk_prob", False)))
     shared = cfg.get("shared_expert_intermediate_size") or 0
     if shared:
-        # Qwen2-MoE scales its shared expert by sigmoid(x · w_gate); moegen's shared experts
-        # are added with weight 1, so the shared expert stays with the caller.
-        how = (f"{shared} = {shared // f['ffn_dim']} x {f['ffn_dim']}" if shared % f["ffn_dim"] == 0
-               else f"{shared}, not the routed ffn_dim {f['ffn_dim']}")
-        _warn(f"model config ({cfg.get('model_type')}): the shared expert (intermediate size "
-              f"{how}) is gated by sigmoid(x·shared_expert_gate), which moegen's shared experts "
-              f"do not have; the spec covers the routed experts only, run the shared expert "
-              f"separately")
+        # Qwen2-MoE scales its shared expert by sigmoid(x · w_gate): a gated MLP of width S·F is
+        # S shared experts of the routed width F, all under that gate.
+        if shared % f["ffn_dim"]:
+            raise ValueError(f"model config ({cfg.get('model_type')}): shared_expert_intermediate_size "
+                             f"must be a multiple of moe_intermediate_size={f['ffn_dim']} (moegen's "
+                             f"shared experts have the routed width), got {shared}")
+        f.update(num_shared_experts=shared // f["ffn_dim"], shared_expert_gate=True)
     return f
 
 
@@ -201,11 +211,10 @@ def _deepseek(cfg: dict) -> dict:
             log.info("DeepSeek topk_method %r with sigmoid scores is built as grouped "
                      "sigmoid_topk (noaux_tc)", method)
     elif scoring == "softmax":
-        if method == "group_limited_greedy" and n_group > 1:
-            raise ValueError(f"model config (deepseek): softmax scores with grouped selection "
-                             f"(topk_method='group_limited_greedy', n_group={n_group}) are not "
-                             f"supported: moegen groups experts only with routing='sigmoid_topk'")
         f.update(routing="softmax_topk")
+        if method == "group_limited_greedy" and n_group > 1:
+            # DeepSeek-V2: a group scores its best softmax score
+            f.update(n_group=n_group, topk_group=min(topk_group, n_group))
     else:
         raise ValueError(f"model config (deepseek): scoring_func {scoring!r} is not supported "
                          f"(softmax or sigmoid)")
@@ -227,13 +236,14 @@ def _gpt_oss(cfg: dict) -> dict:
     f = _base(cfg, ("num_local_experts",), ("experts_per_token", "num_experts_per_tok"),
               ("intermediate_size",))
     # gpt-oss: top-k of the router logits (router has a bias), softmax over those k; experts
-    # carry biases.
-    f.update(activation="swiglu", routing="topk_softmax", renormalize=True, bias=True)
-    _warn("model config (gpt_oss): gpt-oss uses a clamped SwiGLU (alpha=1.702, limit=7, "
-          "(up+1)·glu); moegen builds standard SwiGLU, so outputs will differ from the model's")
+    # carry biases; SwiGLU with the gate clamped above, up clamped both ways, (up + 1)·glu.
+    f.update(activation="swiglu_clamped", routing="topk_softmax", renormalize=True, bias=True,
+             swiglu_alpha=float(cfg.get("swiglu_alpha") or SWIGLU_ALPHA),
+             swiglu_limit=float(cfg.get("swiglu_limit") or SWIGLU_LIMIT))
     return f
 
 
+_FP32_ROUTER = ("deepseek_v2", "deepseek_v3")   # transformers keeps their gate.weight float32
 _PARSERS = {"mixtral": _mixtral, "qwen2_moe": _qwen_moe, "qwen3_moe": _qwen_moe,
             "deepseek_v2": _deepseek, "deepseek_v3": _deepseek, "olmoe": _olmoe,
             "gpt_oss": _gpt_oss}

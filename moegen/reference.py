@@ -38,6 +38,14 @@ def relu(g):
 ACT_FN = {"silu": silu, "gelu": gelu, "relu": relu}
 
 
+def clamped_swiglu(g, u, alpha: float, limit: float):
+    """GPT-OSS's gated activation: g' = min(g, limit), u' = clamp(u, -limit, limit),
+    g'·sigmoid(alpha·g')·(u' + 1).  NaN passes through (np.minimum/np.clip keep it)."""
+    g = np.minimum(g, limit)
+    u = np.clip(u, -limit, limit)
+    return g / (1.0 + np.exp(-alpha * g)) * (u + 1.0)
+
+
 # -- route -----------------------------------------------------------------------------------
 def router_logits(x, router, router_bias=None) -> np.ndarray:
     """[T, E] = x · routerᵀ (+ bias)."""
@@ -72,7 +80,10 @@ def route(spec: MoESpec, x, router, router_bias=None, selection_bias=None):
     T, E = logits.shape
     if spec.routing == "softmax_topk":
         probs = softmax(logits)
-        ids = topk(probs, k)
+        choice = probs
+        if spec.n_group > 1:        # DeepSeek-V2's group_limited_greedy: a group's best score
+            choice = _keep_groups(spec, probs, lambda g: g[..., 0])
+        ids = topk(choice, k)
         w = np.take_along_axis(probs, ids, axis=1)
     elif spec.routing == "topk_softmax":
         probs = softmax(logits)
@@ -81,14 +92,8 @@ def route(spec: MoESpec, x, router, router_bias=None, selection_bias=None):
     elif spec.routing == "sigmoid_topk":
         probs = 1.0 / (1.0 + np.exp(-logits))
         choice = probs + (f64(selection_bias) if selection_bias is not None else 0.0)
-        if spec.n_group > 1:
-            per = E // spec.n_group
-            grouped = np.where(np.isnan(choice), -np.inf, choice).reshape(T, spec.n_group, per)
-            top2 = -np.sort(-grouped, axis=-1)[..., :min(2, per)].sum(axis=-1)      # [T, G]
-            keep = topk(top2, spec.topk_group)
-            mask = np.zeros((T, spec.n_group), dtype=bool)
-            np.put_along_axis(mask, keep, True, axis=1)
-            choice = np.where(np.repeat(mask, per, axis=1), choice, -np.inf)
+        if spec.n_group > 1:        # DeepSeek-V3: the sum of a group's two best choices
+            choice = _keep_groups(spec, choice, lambda g: g[..., :2].sum(axis=-1))
         ids = topk(choice, k)
         w = np.take_along_axis(probs, ids, axis=1)
     else:  # pragma: no cover - the spec validates routing
@@ -97,6 +102,18 @@ def route(spec: MoESpec, x, router, router_bias=None, selection_bias=None):
         w = w / np.sum(w, axis=1, keepdims=True)
     w = w * spec.routed_scaling_factor
     return ids.astype(np.int32), w, probs, logits
+
+
+def _keep_groups(spec: MoESpec, choice, group_score):
+    """``choice`` [T, E] with the experts outside each row's ``topk_group`` best groups set to
+    -inf.  ``group_score`` maps a group's choices sorted best first [T, G, E/G] to [T, G]."""
+    T, E = choice.shape
+    per = E // spec.n_group
+    grouped = np.where(np.isnan(choice), -np.inf, choice).reshape(T, spec.n_group, per)
+    keep = topk(group_score(-np.sort(-grouped, axis=-1)), spec.topk_group)
+    mask = np.zeros((T, spec.n_group), dtype=bool)
+    np.put_along_axis(mask, keep, True, axis=1)
+    return np.where(np.repeat(mask, per, axis=1), choice, -np.inf)
 
 
 # -- group -----------------------------------------------------------------------------------
@@ -152,16 +169,19 @@ def apply_capacity(spec: MoESpec, topk_ids, topk_weights):
 # -- experts ---------------------------------------------------------------------------------
 def expert_ffn(spec: MoESpec, rows, w, e: int) -> np.ndarray:
     """One expert's FFN on rows [n, H] -> [n, H] (unweighted)."""
-    act = ACT_FN[spec.act.fn]
     g = f64(rows) @ f64(w["w1"][e]).T
     if w.get("b1") is not None:
         g = g + f64(w["b1"][e])
-    h = act(g)
     if spec.gated:
         u = f64(rows) @ f64(w["w3"][e]).T
         if w.get("b3") is not None:
             u = u + f64(w["b3"][e])
-        h = h * u
+    if spec.activation == "swiglu_clamped":
+        h = clamped_swiglu(g, u, spec.swiglu_alpha, spec.swiglu_limit)
+    else:
+        h = ACT_FN[spec.act.fn](g)
+        if spec.gated:
+            h = h * u
     y = h @ f64(w["w2"][e]).T
     if w.get("b2") is not None:
         y = y + f64(w["b2"][e])
@@ -171,7 +191,8 @@ def expert_ffn(spec: MoESpec, rows, w, e: int) -> np.ndarray:
 def experts(spec: MoESpec, x, w, topk_ids, topk_weights) -> np.ndarray:
     """Expert FFNs and the weighted combine given a routing: y [T, H] float64.
 
-    Slots are summed in slot order per token, then shared experts (weight 1) after them.
+    Slots are summed in slot order per token, then the shared experts (weight 1, or the
+    shared gate's sigmoid(x·g) with ``spec.shared_expert_gate``) after them.
     """
     x = f64(x)
     T, H = x.shape
@@ -185,9 +206,12 @@ def experts(spec: MoESpec, x, w, topk_ids, topk_weights) -> np.ndarray:
     y = np.zeros((T, H))
     for s in range(k):
         y += wts[:, s:s + 1] * slot_out[:, s]
+    shared = np.zeros((T, H))
     for j in range(spec.num_shared_experts):
-        y += expert_ffn(spec, x, w, spec.num_experts + j)
-    return y
+        shared += expert_ffn(spec, x, w, spec.num_experts + j)
+    if spec.shared_expert_gate:          # Qwen2-MoE: sigmoid(x·g) scales the shared experts
+        shared *= 1.0 / (1.0 + np.exp(-(x @ f64(w["shared_gate"]).reshape(H, 1))))
+    return y + shared
 
 
 # -- stats -----------------------------------------------------------------------------------
@@ -294,12 +318,15 @@ def random_problem(spec: MoESpec, tokens: int, seed: int = 0):
     dt = spec.dt.numpy
     cast = lambda a: np.asarray(a, dtype=np.float32).astype(dt)  # noqa: E731
     w = {
-        "router": cast(rng.standard_normal((E, H)) * (2.0 / math.sqrt(H))),
+        "router": (rng.standard_normal((E, H)) * (2.0 / math.sqrt(H))).astype(np.float32)
+        .astype(spec.router_dt.numpy),
         "w1": cast(rng.standard_normal((n, F, H)) / math.sqrt(H)),
         "w3": cast(rng.standard_normal((n, F, H)) / math.sqrt(H)) if spec.gated else None,
         "w2": cast(rng.standard_normal((n, H, F)) / math.sqrt(F)),
         "b1": None, "b3": None, "b2": None,
     }
+    if spec.shared_expert_gate:
+        w["shared_gate"] = cast(rng.standard_normal(H) * (2.0 / math.sqrt(H)))
     if spec.bias:
         w["b1"] = cast(rng.standard_normal((n, F)) * 0.1)
         w["b3"] = cast(rng.standard_normal((n, F)) * 0.1) if spec.gated else None
@@ -326,4 +353,6 @@ def weight_kwargs(spec: MoESpec, w: dict) -> dict:
             kw.update(shared_b1=w["b1"][E:], shared_b2=w["b2"][E:])
             if spec.gated:
                 kw["shared_b3"] = w["b3"][E:]
+        if spec.shared_expert_gate:
+            kw["shared_gate"] = w["shared_gate"]
     return kw

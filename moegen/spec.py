@@ -30,15 +30,24 @@ ACTIVATIONS: dict[str, Activation] = {
         Activation("relu", False, "relu"),
         Activation("gelu", False, "gelu"),
         Activation("silu", False, "silu"),
+        # GPT-OSS: gate = min(gate, limit), up = clamp(up, -limit, limit),
+        # h = gate·sigmoid(alpha·gate) · (up + 1); alpha and limit are spec fields.
+        Activation("swiglu_clamped", True, "silu_clamped"),
     )
 }
 
 # softmax_topk: softmax over all E, then top-k (Mixtral, Qwen).
 # topk_softmax: top-k of the logits, softmax over those k.
 # sigmoid_topk: sigmoid scores, selection biased per expert, grouped selection (DeepSeek-V3).
+# Grouped selection (n_group > 1) scores a group by the sum of its two best choices for
+# sigmoid_topk (DeepSeek-V3) and by its best softmax score for softmax_topk (DeepSeek-V2's
+# group_limited_greedy).
 ROUTINGS = ("softmax_topk", "topk_softmax", "sigmoid_topk")
 BACKENDS = ("auto", "c", "cuda")
 CAPACITY_DROP = ("token", "weight")       # which slots an over-full expert keeps
+ROUTER_DTYPES = (None, "float32")         # None: the router is stored in the spec's dtype
+SWIGLU_ALPHA = 1.702                      # GPT-OSS's clamped SwiGLU constants (its config's)
+SWIGLU_LIMIT = 7.0
 
 _LIMITS = {
     "num_experts": (1, 1024),
@@ -63,8 +72,10 @@ class MoESpec:
         bias: the expert FFNs carry biases b1 (b3) and b2.
         backend: "c", "cuda" or "auto" (cuda when a GPU and CuPy are present, else c).
         arch: CUDA target such as "sm_90"; None detects the current device.
-        n_group, topk_group: grouped selection (sigmoid_topk): keep the best ``topk_group`` of
-            ``n_group`` expert groups, then pick top-k inside them.
+        n_group, topk_group: grouped selection (sigmoid_topk or softmax_topk): keep the best
+            ``topk_group`` of ``n_group`` expert groups, then pick top-k inside them.  A group
+            scores the sum of its two best choices (sigmoid_topk, DeepSeek-V3) or its best
+            softmax score (softmax_topk, DeepSeek-V2's group_limited_greedy).
         routed_scaling_factor: multiplies the final routing weights (DeepSeek-V3: 2.5).
         num_shared_experts: always-on experts added to every token (weight 1).
         capacity_factor: None = dropless; else each expert keeps at most
@@ -73,6 +84,12 @@ class MoESpec:
         save_activations: training (the c backend's backward, `moegen.backward`): keep the
             gate/up pre-activations from forward time for the backward instead of recomputing
             them there (memory for backward time; docs/PERF.md says what the forward does).
+        router_dtype: None stores the router in ``dtype``; "float32" keeps it in float32 while
+            the experts are bf16/fp16, as transformers does (router logits from fp32 weights).
+        swiglu_alpha, swiglu_limit: the constants of activation="swiglu_clamped" (GPT-OSS:
+            1.702 and 7); other activations take only the defaults.
+        shared_expert_gate: the shared experts' sum is scaled per token by sigmoid(x·g), g [H]
+            (Qwen2-MoE's shared_expert_gate); needs num_shared_experts >= 1 and bias=False.
 
     The combine always sums a token's slots in a fixed order (no atomics), so a call is
     deterministic and batch-invariant; there is no option to trade that away (see
@@ -97,6 +114,10 @@ class MoESpec:
     capacity_factor: float | None = None
     capacity_drop: str = "token"
     save_activations: bool = False
+    router_dtype: str | None = None
+    swiglu_alpha: float = SWIGLU_ALPHA
+    swiglu_limit: float = SWIGLU_LIMIT
+    shared_expert_gate: bool = False
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
@@ -116,7 +137,7 @@ class MoESpec:
         _check_choice("routing", self.routing, ROUTINGS)
         _check_choice("backend", self.backend, BACKENDS)
         _check_choice("capacity_drop", self.capacity_drop, CAPACITY_DROP)
-        for name in ("renormalize", "bias", "save_activations"):
+        for name in ("renormalize", "bias", "save_activations", "shared_expert_gate"):
             if not isinstance(getattr(self, name), bool):
                 raise SpecError(f"MoESpec.{name} must be True or False, got {getattr(self, name)!r}")
         if self.arch is not None:
@@ -128,8 +149,9 @@ class MoESpec:
         if self.num_experts % self.n_group:
             raise SpecError(f"MoESpec.n_group must divide num_experts={self.num_experts}, "
                             f"got {self.n_group}")
-        if self.n_group > 1 and self.routing != "sigmoid_topk":
-            raise SpecError(f"MoESpec.n_group > 1 needs routing='sigmoid_topk', got routing={self.routing!r}")
+        if self.n_group > 1 and self.routing == "topk_softmax":
+            raise SpecError(f"MoESpec.n_group > 1 needs routing 'sigmoid_topk' or 'softmax_topk', "
+                            f"got routing={self.routing!r}")
         if self.n_group > 1 and self.top_k > self.topk_group * (self.num_experts // self.n_group):
             raise SpecError(f"MoESpec.top_k={self.top_k} exceeds the experts left by topk_group="
                             f"{self.topk_group} groups of {self.num_experts // self.n_group}")
@@ -139,6 +161,22 @@ class MoESpec:
             _check_float("capacity_factor", self.capacity_factor, 0.0, 1e6)
             set_("capacity_factor", float(self.capacity_factor))
         set_("routed_scaling_factor", float(self.routed_scaling_factor))
+        if self.router_dtype not in ROUTER_DTYPES:
+            raise SpecError(f"MoESpec.router_dtype must be None (the spec's dtype) or 'float32', "
+                            f"got {self.router_dtype!r}")
+        if self.router_dtype == self.dtype:
+            set_("router_dtype", None)        # one spelling per layer: the storage dtype is None
+        if self.shared_expert_gate and (self.num_shared_experts < 1 or self.bias):
+            raise SpecError(f"MoESpec.shared_expert_gate=True needs num_shared_experts >= 1 and "
+                            f"bias=False, got num_shared_experts={self.num_shared_experts}, "
+                            f"bias={self.bias}")
+        for name, default in (("swiglu_alpha", SWIGLU_ALPHA), ("swiglu_limit", SWIGLU_LIMIT)):
+            _check_float(name, getattr(self, name), 0.0, 1e6)
+            set_(name, float(getattr(self, name)))
+            if self.activation != "swiglu_clamped" and getattr(self, name) != default:
+                raise SpecError(f"MoESpec.{name} applies to activation='swiglu_clamped' only; "
+                                f"expected {default} with activation={self.activation!r}, "
+                                f"got {getattr(self, name)}")
 
     # -- derived -------------------------------------------------------------------------------
     @property
@@ -152,6 +190,11 @@ class MoESpec:
     @property
     def act(self) -> Activation:
         return ACTIVATIONS[self.activation]
+
+    @property
+    def router_dt(self) -> dtypes.DType:
+        """The router weight's storage dtype."""
+        return dtypes.DTYPES[self.router_dtype or self.dtype]
 
     @property
     def gated(self) -> bool:
@@ -191,6 +234,10 @@ _NAME_SUFFIXES = (
     ("capacity_factor", lambda v: f"cap{_num(v)}"),
     ("capacity_drop", lambda v: f"drop{v}"),
     ("save_activations", lambda v: "saveact"),
+    ("router_dtype", lambda v: "r32"),
+    ("swiglu_alpha", lambda v: f"a{_num(v)}"),
+    ("swiglu_limit", lambda v: f"lim{_num(v)}"),
+    ("shared_expert_gate", lambda v: "sg"),
 )
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(MoESpec)}
 

@@ -89,6 +89,10 @@ def test_grid_options_expand(run):
             routed_scaling_factor=2.5, num_shared_experts=1, backend="c"),
     MoESpec(8, 2, 32, 24, activation="geglu", renormalize=False, bias=True,
             capacity_factor=1.25, capacity_drop="weight", backend="c"),
+    MoESpec(16, 3, 32, 24, dtype="bfloat16", n_group=4, topk_group=2, router_dtype="float32",
+            num_shared_experts=2, shared_expert_gate=True, backend="c"),
+    MoESpec(8, 2, 32, 24, activation="swiglu_clamped", swiglu_alpha=1.5, swiglu_limit=6.0,
+            routing="topk_softmax", bias=True, backend="c"),
 ], ids=lambda s: s.name)
 def test_every_variant_is_reachable_and_cli_args_round_trip(run, spec):
     """The command moegen prints in messages (offline misses) rebuilds the same spec."""

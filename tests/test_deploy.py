@@ -6,6 +6,7 @@ import io
 import json
 import tarfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,18 +68,24 @@ def test_parse_accepts_dict_directory_and_overrides(tmp_path):
     assert f["dtype"] == "float16" and f["backend"] == "c"
 
 
-def test_qwen2_shared_expert_is_skipped_with_warning():
-    with pytest.warns(ModelConfigWarning, match="shared expert"):
-        (f,) = parse_model_config(DATA / "qwen2_moe_a2_7b.json")
+def test_qwen2_gated_shared_expert():
+    (f,) = parse_model_config(DATA / "qwen2_moe_a2_7b.json")
     assert f["num_experts"] == 60 and f["top_k"] == 4 and f["ffn_dim"] == 1408
-    assert f.get("num_shared_experts", 0) == 0 and f["renormalize"] is False
+    assert f["num_shared_experts"] == 4 and f["shared_expert_gate"] is True   # 5632 = 4 x 1408
+    assert f["renormalize"] is False
+    cfg = json.loads((DATA / "qwen2_moe_a2_7b.json").read_text())
+    cfg["shared_expert_intermediate_size"] = 2000
+    with pytest.raises(ValueError, match=r"must be a multiple of moe_intermediate_size=1408 .*, got 2000"):
+        parse_model_config(cfg)
 
 
-def test_gpt_oss_maps_with_a_warning():
-    with pytest.warns(ModelConfigWarning, match="SwiGLU"):
+def test_gpt_oss_maps_exactly():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         (f,) = parse_model_config(DATA / "gpt_oss_20b.json")
     assert (f["num_experts"], f["top_k"], f["hidden_dim"], f["ffn_dim"]) == (32, 4, 2880, 2880)
     assert f["routing"] == "topk_softmax" and f["bias"] is True
+    assert (f["activation"], f["swiglu_alpha"], f["swiglu_limit"]) == ("swiglu_clamped", 1.702, 7.0)
 
 
 def test_nested_text_config_and_architectures_fallback():
@@ -93,9 +100,18 @@ def test_unknown_architecture_is_a_clear_error():
         parse_model_config(DATA / "llama_dense.json")
 
 
-def test_grouped_softmax_is_refused():
-    with pytest.raises(ValueError, match="group_limited_greedy"):
-        parse_model_config(DATA / "deepseek_v2_grouped.json")
+def test_grouped_softmax_and_the_float32_router():
+    """DeepSeek-V2's group_limited_greedy is softmax_topk with groups; DeepSeek keeps its router
+    in float32, which the c backend does too and a cuda build is warned about."""
+    (f,) = parse_model_config(DATA / "deepseek_v2_grouped.json", backend="c")
+    assert (f["routing"], f["n_group"], f["topk_group"]) == ("softmax_topk", 8, 3)
+    assert f["router_dtype"] == "float32" and f["dtype"] == "bfloat16"
+    assert MoESpec(**f).router_dtype == "float32"
+    with pytest.warns(ModelConfigWarning, match="keeps its router in float32"):
+        (f,) = parse_model_config(DATA / "deepseek_v3.json", backend="cuda")
+    assert "router_dtype" not in f
+    (f,) = parse_model_config(DATA / "deepseek_v3.json", backend="c", dtype="float32")
+    assert "router_dtype" not in f
 
 
 def test_missing_field_is_named():

@@ -86,7 +86,12 @@ OTHER = {"num_experts": 8, "top_k": 1, "hidden_dim": 48, "ffn_dim": 32, "dtype":
          "activation": "gelu", "routing": "sigmoid_topk", "renormalize": False, "bias": True,
          "n_group": 2, "topk_group": 2, "routed_scaling_factor": 2.5, "num_shared_experts": 1,
          "capacity_factor": 1.25, "capacity_drop": "weight",
-         "save_activations": True}
+         "save_activations": True, "router_dtype": "float32",
+         "swiglu_alpha": 1.5, "swiglu_limit": 5.0, "shared_expert_gate": True}
+# Fields that apply only beside another setting: the key is compared with and without them.
+NEEDS = {"router_dtype": {"dtype": "bfloat16"}, "swiglu_alpha": {"activation": "swiglu_clamped"},
+         "swiglu_limit": {"activation": "swiglu_clamped"},
+         "shared_expert_gate": {"num_shared_experts": 1}}
 
 
 def test_the_field_table_covers_every_spec_field():
@@ -99,7 +104,8 @@ def test_each_spec_field_changes_the_key(field):
     changes = {field: OTHER[field]}
     if field in ("n_group", "topk_group"):
         changes.update(routing="sigmoid_topk", n_group=2)
-    assert key(C.replace(**changes)) != BASE
+    base = key(C.replace(**NEEDS[field])) if field in NEEDS else BASE
+    assert key(C.replace(**changes, **NEEDS.get(field, {}))) != base
 
 
 # -- no-ops leave it alone ---------------------------------------------------------------------

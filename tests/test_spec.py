@@ -67,7 +67,7 @@ def test_frozen_hashable_picklable():
     (dict(num_experts=8, top_k=2, hidden_dim=8, arch="sm_90; rm -rf /"), "arch"),
     (dict(num_experts=8, top_k=2, hidden_dim=8, renormalize="yes"), "renormalize"),
     (dict(num_experts=10, top_k=2, hidden_dim=8, routing="sigmoid_topk", n_group=4), "n_group"),
-    (dict(num_experts=8, top_k=2, hidden_dim=8, n_group=2), "n_group"),
+    (dict(num_experts=8, top_k=2, hidden_dim=8, routing="topk_softmax", n_group=2), "n_group"),
     (dict(num_experts=8, top_k=2, hidden_dim=8, routing="sigmoid_topk", n_group=2,
           topk_group=3), "topk_group"),
     (dict(num_experts=8, top_k=5, hidden_dim=8, routing="sigmoid_topk", n_group=4,

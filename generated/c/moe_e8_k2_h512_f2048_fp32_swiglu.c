@@ -373,17 +373,20 @@ static inline void top_k(const float *s, int n, int k, int32_t *ids)
     }
 }
 
+/* The router's storage type: the layer's. */
+typedef w_t r_t;
+
 /* logits[r][e] = Σ_k x[r][k]·router[k][e] for up to kRouteRows tokens.  The router is stored
    [kHidden][kExperts] so the inner loop runs over experts: a vector FMA per k, no horizontal
    sums. */
-static void router_logits(const w_t *x, int rows, const w_t *router,
+static void router_logits(const w_t *x, int rows, const r_t *router,
                           float lg[kRouteRows][kExperts])
 {
     for (int r = 0; r < kRouteRows; r++)
         for (int e = 0; e < kExperts; e++)
             lg[r][e] = 0.0f;
     for (long k = 0; k < kHidden; k++) {
-        const w_t *wk = router + k * kExperts;
+        const r_t *wk = router + k * kExperts;
         for (int r = 0; r < rows; r++) {
             const float a = ld_f32(x[r * kHidden + k]);
             for (int e = 0; e < kExperts; e++)
@@ -435,7 +438,7 @@ static void route_token(const float *lg, const float *bias, int32_t *ids, float 
 /* Tokens are split into kRouteChunk-token work items; with stats, each item sums into its own
    row of partials and the rows are added in item order afterwards, so the sums do not depend
    on the thread count. */
-EXPORT int moe_route(const w_t *x, const w_t *router, const float *bias, long T, int32_t *ids,
+EXPORT int moe_route(const w_t *x, const r_t *router, const float *bias, long T, int32_t *ids,
                      float *w, double *partials, float *sums, int nthreads)
 {
     const long n_chunks = (T + kRouteChunk - 1) / kRouteChunk;

@@ -93,6 +93,11 @@ class CPlan:
         return _ROUTING_NAMES.index(self.spec.routing)
 
     @property
+    def router_fp32(self) -> bool:
+        """The router is stored in float32 while the experts are bf16/fp16."""
+        return self.spec.router_dtype == "float32"
+
+    @property
     def topk_max(self) -> int:
         """The longest top-k list the routing keeps: max(top_k, topk_group)."""
         return max(self.spec.top_k, self.spec.topk_group)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..errors import SpecError
 from ..spec import MoESpec
 from . import cuda_tiles
 
@@ -134,10 +135,34 @@ def tunables(spec: MoESpec, target: str) -> dict[str, tuple]:
     return cuda_tiles.tile_choices(spec, target)
 
 
+def c_only_semantics(spec: MoESpec) -> list[str]:
+    """The semantics of ``spec`` that the cuda kernels do not have yet (no GPU has verified
+    them): each as the spec setting that asks for it."""
+    out = []
+    if spec.n_group > 1 and spec.routing == "softmax_topk":
+        out.append("grouped softmax selection (routing='softmax_topk' with n_group > 1)")
+    if spec.activation == "swiglu_clamped":
+        out.append("activation='swiglu_clamped'")
+    if spec.shared_expert_gate:
+        out.append("shared_expert_gate=True")
+    if spec.router_dtype is not None:
+        out.append(f"router_dtype={spec.router_dtype!r} with dtype={spec.dtype!r}")
+    return out
+
+
+def refuse_c_only(spec: MoESpec) -> None:
+    """SpecError, one line, when ``spec`` uses a semantic only the c backend has."""
+    missing = c_only_semantics(spec)
+    if missing:
+        raise SpecError(f"{' and '.join(missing)} is not yet available on the cuda backend; "
+                        f"use backend='c'")
+
+
 def plan(spec: MoESpec, target: str, tuning: dict, sms: int | None = None) -> CudaPlan:
     """The CudaPlan of ``spec`` for ``target`` on a GPU of ``sms`` multiprocessors (None: the
     arch's reference count).  ``tuning`` picks bucket tiles by tag (`tunables`); anything else
-    is a ValueError."""
+    is a ValueError; a semantic only the c backend has is a SpecError (`refuse_c_only`)."""
+    refuse_c_only(spec)
     sms = int(sms) if sms else arch_sms(target)
     allowed = tunables(spec, target)
     for name, value in tuning.items():

@@ -13,7 +13,8 @@ import click
 
 from ..backends import cuda_usable
 from ..environment import CUDA_EXTRA_HINT
-from ..spec import ACTIVATIONS, BACKENDS, CAPACITY_DROP, ROUTINGS, MoESpec
+from ..spec import (ACTIVATIONS, BACKENDS, CAPACITY_DROP, ROUTINGS, SWIGLU_ALPHA, SWIGLU_LIMIT,
+                    MoESpec)
 
 _INT = re.compile(r"[+-]?[0-9]+", re.ASCII)
 
@@ -81,6 +82,14 @@ def spec_options(fn):
                      help="expert capacity ceil(factor·T·k/E); default dropless"),
         click.option("--capacity-drop", type=click.Choice(CAPACITY_DROP), default="token",
                      show_default=True, help="which slots an over-full expert keeps"),
+        click.option("--router-dtype", type=click.Choice(["float32"]), default=None,
+                     help="keep the router in float32 beside bf16/fp16 experts (c backend)"),
+        click.option("--swiglu-alpha", type=float, default=SWIGLU_ALPHA, show_default=True,
+                     help="alpha of --activation swiglu_clamped"),
+        click.option("--swiglu-limit", type=float, default=SWIGLU_LIMIT, show_default=True,
+                     help="limit of --activation swiglu_clamped"),
+        click.option("--shared-expert-gate/--no-shared-expert-gate", default=False, show_default=True,
+                     help="scale the shared experts by sigmoid(x·g) (Qwen2-MoE; c backend)"),
         click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True),
         click.option("--arch", callback=_str_list,
                      help="CUDA target(s), e.g. sm_90 or sm_80,sm_90 (cuda backend only)"),
@@ -92,7 +101,8 @@ def spec_options(fn):
 
 SPEC_KEYS = ("experts", "topk", "hidden", "ffn", "dtype", "activation", "routing", "renormalize",
              "bias", "n_group", "topk_group", "routed_scaling_factor", "shared_experts",
-             "capacity_factor", "capacity_drop", "backend", "arch")
+             "capacity_factor", "capacity_drop", "router_dtype", "swiglu_alpha", "swiglu_limit",
+             "shared_expert_gate", "backend", "arch")
 DEFAULT_DTYPE = "float32"
 
 
@@ -131,6 +141,10 @@ def specs_from_options(o: dict, *, required: bool = True) -> list[MoESpec]:
                            num_shared_experts=o["shared_experts"],
                            capacity_factor=o.get("capacity_factor"),
                            capacity_drop=o.get("capacity_drop", "token"),
+                           router_dtype=o.get("router_dtype"),
+                           swiglu_alpha=o.get("swiglu_alpha", SWIGLU_ALPHA),
+                           swiglu_limit=o.get("swiglu_limit", SWIGLU_LIMIT),
+                           shared_expert_gate=o.get("shared_expert_gate", False),
                            backend=backend_for(o["backend"], arch), arch=arch))
     return out
 

@@ -36,7 +36,7 @@ def as_tensor(a, spec: MoESpec) -> torch.Tensor | None:
     else:
         arr = np.asarray(a)
         t = torch.from_numpy(arr.view(np.uint16) if arr.dtype.name == "bfloat16" else arr)
-    if spec.dtype == "bfloat16" and t.dtype != torch.bfloat16:
+    if spec.dtype == "bfloat16" and t.dtype == torch.uint16:      # bf16 bits (not a float32 router)
         t = t.view(torch.bfloat16)
     return t
 
@@ -120,7 +120,8 @@ class MoEBlock(nn.Module):
             lay = kernel.layout
             E, H = self.spec.num_experts, self.spec.hidden_dim
             buf = torch.zeros(lay.total, dtype=tdt, device=device)
-            router = torch.zeros((E, H) if lay.router_order == "eh" else (H, E), dtype=tdt, device=device)
+            router = torch.zeros((E, H) if lay.router_order == "eh" else (H, E), device=device,
+                                 dtype=getattr(torch, self.spec.router_dt.name))
         else:
             if device.type == "cuda":       # move torch weights first: they are packed on the GPU
                 weights = {k: _to_device(v, device) for k, v in weights.items()}

@@ -1,12 +1,18 @@
 """transformers MoE blocks -> `MoEBlock`: `spec_from_config`, `from_hf`, `patch_model`.
 
-Covered: Mixtral, Qwen3-MoE, OLMoE, DeepSeek-V2 (greedy selection) and DeepSeek-V3, in the
-transformers 5.x layout (experts as fused 3-D parameters ``experts.gate_up_proj`` [E, 2F, H]
-and ``experts.down_proj`` [E, H, F]) and the 4.5x one (``experts.<e>.w1/w3/w2`` for Mixtral,
-``experts.<e>.gate_proj/up_proj/down_proj`` for the others), from a live block or from one
-block's state dict.  Where a model needs a semantic the kernels do not have yet, the conversion
-refuses with one line naming it (`Unsupported`), and `patch_model` leaves the block alone with
-that reason; nothing is approximated.
+Covered: Mixtral, Qwen2-MoE (its sigmoid-gated shared expert, of a width that is a whole
+number of routed experts), Qwen3-MoE, OLMoE, DeepSeek-V2 (greedy and group_limited_greedy
+selection), DeepSeek-V3 and GPT-OSS (clamped SwiGLU, interleaved gate/up columns, expert and
+router biases), with a float32 router beside bf16/fp16 experts where the block keeps one, in
+the transformers 5.x layout (experts as fused 3-D parameters ``experts.gate_up_proj``
+[E, 2F, H] and ``experts.down_proj`` [E, H, F]) and the 4.5x one (``experts.<e>.w1/w3/w2``
+for Mixtral, ``experts.<e>.gate_proj/up_proj/down_proj`` for the others; GPT-OSS has one
+layout: ``experts.gate_up_proj`` [E, H, 2F] with gate in the even columns and up in the odd
+ones, ``experts.down_proj`` [E, F, H], their biases, and ``router.weight``/``router.bias``),
+from a live block or from one block's state dict.  Where a model needs a semantic the kernels
+do not have (a Qwen2-MoE shared expert whose width is not a multiple of the routed one, an
+unknown topk_method), the conversion refuses with one line naming it (`Unsupported`), and
+`patch_model` leaves the block alone with that reason; nothing is approximated.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import torch
 from torch import nn
 
 from ..spec import MoESpec
+from .block import MoEBlock
 
 # The MoE block class of each covered model, as transformers names it (4.5x and 5.x).
 BLOCK_CLASSES = {
@@ -31,15 +38,10 @@ BLOCK_CLASSES = {
     "DeepseekV3MoE": "deepseek_v3",
     "GptOssMLP": "gpt_oss",
 }
-# Semantics a model needs that the kernels do not have yet (a later wave adds them).
-MISSING = {
-    "qwen2_moe": "Qwen2-MoE's sigmoid-gated shared expert (shared_expert_gate)",
-    "gpt_oss": "GPT-OSS's clamped SwiGLU (alpha 1.702, limit 7, (up + 1)·glu) with interleaved "
-               "gate/up rows and expert biases",
-    "group_limited_greedy": "DeepSeek-V2's group_limited_greedy softmax selection",
-    "fp32_router": "a float32 router with {dtype} experts (transformers keeps the router in "
-                   "float32)",
-}
+# transformers keeps DeepSeek's router in float32 whatever the model dtype
+# (_keep_in_fp32_modules_strict = ["gate.weight", ...]); moegen keeps it so too.
+FP32_ROUTER = ("deepseek_v2", "deepseek_v3")
+TOPK_METHODS = ("greedy", "group_limited_greedy")
 _ACTIVATIONS = {"silu": "swiglu", "swish": "swiglu", "gelu": "geglu"}
 
 
@@ -59,18 +61,26 @@ def spec_from_config(config, dtype=None, backend: str = "auto") -> MoESpec:
     """The MoESpec of a transformers config's MoE layers.  ``dtype`` defaults to the config's
     ``dtype``/``torch_dtype`` (float32 when it names none).  Raises `Unsupported`."""
     mt = getattr(config, "model_type", None)
-    if mt in ("qwen2_moe", "gpt_oss"):
-        raise Unsupported(f"moegen cannot run this {mt} block yet: it needs {MISSING[mt]}")
-    if mt not in ("mixtral", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3"):
-        raise Unsupported(f"model_type must be one of mixtral, qwen3_moe, olmoe, deepseek_v2, "
-                          f"deepseek_v3, got {mt!r}")
+    if mt not in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3",
+                  "gpt_oss"):
+        raise Unsupported(f"model_type must be one of mixtral, qwen2_moe, qwen3_moe, olmoe, "
+                          f"deepseek_v2, deepseek_v3, gpt_oss, got {mt!r}")
+    if dtype is None:
+        dtype = _first(config, "dtype", "torch_dtype", default="float32")
+    dtype = str(dtype).replace("torch.", "")
+    if mt == "gpt_oss":
+        # top-k of the biased router logits, softmax over those k; clamped SwiGLU with biases
+        return MoESpec(num_experts=int(_first(config, "num_local_experts", "num_experts")),
+                       top_k=int(_first(config, "num_experts_per_tok", "experts_per_token")),
+                       hidden_dim=int(config.hidden_size), ffn_dim=int(config.intermediate_size),
+                       dtype=dtype, activation="swiglu_clamped", routing="topk_softmax", bias=True,
+                       swiglu_alpha=float(_first(config, "swiglu_alpha", default=1.702)),
+                       swiglu_limit=float(_first(config, "swiglu_limit", default=7.0)),
+                       backend=backend)
     act = _first(config, "hidden_act", default="silu")
     if act not in _ACTIVATIONS:
         raise Unsupported(f"hidden_act must be one of {sorted(_ACTIVATIONS)} for a gated expert, "
                           f"got {act!r}")
-    if dtype is None:
-        dtype = _first(config, "dtype", "torch_dtype", default="float32")
-    dtype = str(dtype).replace("torch.", "")
     common = dict(num_experts=int(_first(config, "num_local_experts", "num_experts", "n_routed_experts")),
                   top_k=int(config.num_experts_per_tok), hidden_dim=int(config.hidden_size),
                   dtype=dtype, activation=_ACTIVATIONS[act], backend=backend)
@@ -79,16 +89,30 @@ def spec_from_config(config, dtype=None, backend: str = "auto") -> MoESpec:
     if mt in ("qwen3_moe", "olmoe"):
         F = config.moe_intermediate_size if mt == "qwen3_moe" else config.intermediate_size
         return MoESpec(ffn_dim=int(F), renormalize=bool(config.norm_topk_prob), **common)
+    if mt == "qwen2_moe":
+        F = int(config.moe_intermediate_size)
+        SW = int(_first(config, "shared_expert_intermediate_size", default=0) or 0)
+        if SW % F:
+            raise Unsupported(f"qwen2_moe shared_expert_intermediate_size must be a multiple of "
+                              f"moe_intermediate_size={F} (moegen's shared experts have the routed "
+                              f"width), got {SW}")
+        # One gated MLP of width S·F is S experts of width F summed, all scaled by the gate.
+        shared = dict(num_shared_experts=SW // F, shared_expert_gate=True) if SW else {}
+        return MoESpec(ffn_dim=F, renormalize=bool(config.norm_topk_prob), **shared, **common)
     shared = int(_first(config, "n_shared_experts", default=0) or 0)
     F = int(config.moe_intermediate_size)
     scale = float(_first(config, "routed_scaling_factor", default=1.0))
+    if mt in FP32_ROUTER:
+        common["router_dtype"] = "float32"
     if mt == "deepseek_v2":
         method = _first(config, "topk_method", default="greedy")
-        if method != "greedy":
-            raise Unsupported(f"moegen cannot run this deepseek_v2 block yet: it needs "
-                              f"{MISSING.get(method, f'topk_method {method!r}')}")
+        if method not in TOPK_METHODS:
+            raise Unsupported(f"deepseek_v2 topk_method must be one of {list(TOPK_METHODS)}, "
+                              f"got {method!r}")
+        grouped = dict(n_group=int(config.n_group), topk_group=int(config.topk_group)) \
+            if method == "group_limited_greedy" else {}
         return MoESpec(ffn_dim=F, renormalize=False, routed_scaling_factor=scale,
-                       num_shared_experts=shared, **common)
+                       num_shared_experts=shared, **grouped, **common)
     return MoESpec(ffn_dim=F, routing="sigmoid_topk", renormalize=bool(config.norm_topk_prob),
                    n_group=int(_first(config, "n_group", default=1)),
                    topk_group=int(_first(config, "topk_group", default=1)),
@@ -115,10 +139,8 @@ def block_weights(spec: MoESpec, config, block) -> tuple[dict, torch.Tensor | No
     Raises `Unsupported` for tensors that name a missing semantic, ValueError for a layout
     it does not know."""
     sd = _tensors(block)
-    if "shared_expert_gate.weight" in sd:
-        raise Unsupported(f"moegen cannot run this block yet: it needs {MISSING['qwen2_moe']}")
-    if "router.bias" in sd or "experts.gate_up_proj_bias" in sd:
-        raise Unsupported(f"moegen cannot run this block yet: it needs {MISSING['gpt_oss']}")
+    if spec.activation == "swiglu_clamped":
+        return _gpt_oss_weights(sd)
     if "gate.weight" not in sd:
         raise ValueError(f"block must hold a router 'gate.weight', got keys {sorted(sd)[:8]}")
     kw = {"router": sd["gate.weight"]}
@@ -133,17 +155,42 @@ def block_weights(spec: MoESpec, config, block) -> tuple[dict, torch.Tensor | No
                              f"weight' (4.5x), got keys {sorted(sd)[:8]}")
         kw.update(w1=found[0], w3=found[1], w2=found[2])
         expert_dtype = found[0][0].dtype
-    if kw["router"].dtype != expert_dtype:
-        raise Unsupported("moegen cannot run this block yet: it needs "
-                          + MISSING["fp32_router"].format(dtype=str(expert_dtype).replace("torch.", "")))
+    router_dtype = str(kw["router"].dtype).replace("torch.", "")
+    if router_dtype not in (str(expert_dtype).replace("torch.", ""), spec.router_dt.name):
+        raise Unsupported(f"the block's router is {router_dtype} beside {expert_dtype} experts; "
+                          f"spec.router_dtype must be 'float32' for it, got {spec.router_dtype!r}")
     S, F, H = spec.num_shared_experts, spec.ffn_dim, spec.hidden_dim
     if S:
         # One MLP of width S·F is S experts of width F summed (the activation is elementwise).
-        g, u, d = (sd[f"shared_experts.{n}.weight"] for n in ("gate_proj", "up_proj", "down_proj"))
+        # DeepSeek names it shared_experts, Qwen2-MoE shared_expert (gated by shared_expert_gate).
+        prefix = "shared_expert." if spec.shared_expert_gate else "shared_experts."
+        g, u, d = (sd[f"{prefix}{n}.weight"] for n in ("gate_proj", "up_proj", "down_proj"))
         kw.update(shared_w1=g.reshape(S, F, H), shared_w3=u.reshape(S, F, H),
                   shared_w2=d.reshape(H, S, F).permute(1, 0, 2).contiguous())
+    if spec.shared_expert_gate:
+        kw["shared_gate"] = sd["shared_expert_gate.weight"].reshape(H)
+    elif "shared_expert_gate.weight" in sd:
+        raise Unsupported("the block has a shared_expert_gate; spec.shared_expert_gate must be True")
     bias = sd.get("gate.e_score_correction_bias")
     return kw, bias
+
+
+def _gpt_oss_weights(sd: dict) -> tuple[dict, torch.Tensor]:
+    """GPT-OSS's tensors as pack keywords: gate_up_proj [E, H, 2F] holds gate in the even output
+    columns and up in the odd ones (x·W + b orientation); down_proj is [E, F, H]."""
+    need = ("router.weight", "router.bias", "experts.gate_up_proj", "experts.gate_up_proj_bias",
+            "experts.down_proj", "experts.down_proj_bias")
+    missing = [k for k in need if k not in sd]
+    if missing:
+        raise ValueError(f"a gpt_oss block must hold {list(need)}; missing {missing}")
+    gu, gub = sd["experts.gate_up_proj"], sd["experts.gate_up_proj_bias"]
+    kw = {"router": sd["router.weight"],
+          "w1": gu[:, :, 0::2].transpose(1, 2).contiguous(),
+          "w3": gu[:, :, 1::2].transpose(1, 2).contiguous(),
+          "w2": sd["experts.down_proj"].transpose(1, 2).contiguous(),
+          "b1": gub[:, 0::2].contiguous(), "b3": gub[:, 1::2].contiguous(),
+          "b2": sd["experts.down_proj_bias"]}
+    return kw, sd["router.bias"]
 
 
 def _block_config(block, model_type: str):
@@ -151,6 +198,12 @@ def _block_config(block, model_type: str):
     top_k/norm_topk_prob; 4.5x blocks hold them themselves)."""
     gate = getattr(block, "gate", None)
     experts = getattr(block, "experts", None)
+    if model_type == "gpt_oss":
+        E, H, F2 = experts.gate_up_proj.shape
+        return SimpleNamespace(model_type=model_type, num_local_experts=E, hidden_size=H,
+                               intermediate_size=F2 // 2, num_experts_per_tok=block.router.top_k,
+                               swiglu_alpha=experts.alpha, swiglu_limit=experts.limit,
+                               dtype=experts.gate_up_proj.dtype)
     act_fn = getattr(experts, "act_fn", None)
     if act_fn is None and isinstance(experts, nn.ModuleList) and len(experts):
         act_fn = getattr(experts[0], "act_fn", None)
@@ -166,8 +219,10 @@ def _block_config(block, model_type: str):
     norm = _first(gate, "norm_topk_prob")
     if norm is None:
         norm = _first(block, "norm_topk_prob", default=model_type == "mixtral")
+    shared = sd.get("shared_expert.gate_proj.weight")         # Qwen2-MoE's gated shared expert
     return SimpleNamespace(model_type=model_type, num_experts=E, num_experts_per_tok=top_k,
                            hidden_size=H, intermediate_size=F, moe_intermediate_size=F,
+                           shared_expert_intermediate_size=0 if shared is None else shared.shape[0],
                            norm_topk_prob=norm, hidden_act=act, dtype=sd["gate.weight"].dtype)
 
 
@@ -178,7 +233,6 @@ def from_hf(block, config=None, *, dtype=None, backend: str = "auto"):
     block) with ``config`` (the model's config).  Raises `Unsupported` (a ValueError) naming
     the semantic moegen's kernels lack, before any compile.
     """
-    from .block import MoEBlock
     if config is None:
         if not isinstance(block, nn.Module):
             raise TypeError("config is required when block is a state dict (pass model.config)")
@@ -186,17 +240,27 @@ def from_hf(block, config=None, *, dtype=None, backend: str = "auto"):
         if mt is None:
             raise Unsupported(f"block must be one of {sorted(BLOCK_CLASSES)}, got {type(block).__name__}")
         config = getattr(block, "config", None)
-        if config is None and mt in MISSING:
-            raise Unsupported(f"moegen cannot run this {mt} block yet: it needs {MISSING[mt]}")
         if config is None:
             config = _block_config(block, mt)
+    sd = _tensors(block)
     if dtype is None:
-        sd = _tensors(block)
         w = sd.get("experts.gate_up_proj", sd.get("experts.0.w1.weight", sd.get("experts.0.gate_proj.weight")))
         dtype = w.dtype if w is not None else None
     spec = spec_from_config(config, dtype=dtype, backend=backend)
+    router = sd.get("gate.weight", sd.get("router.weight"))
+    if router is not None and router.dtype == torch.float32 and spec.dtype != "float32":
+        spec = spec.replace(router_dtype="float32")      # the block keeps a float32 router
     kwargs, bias = block_weights(spec, config, block)
-    return MoEBlock(spec, kwargs, router_bias=bias)
+    cls = PairMoEBlock if getattr(config, "model_type", None) == "gpt_oss" else MoEBlock
+    return cls(spec, kwargs, router_bias=bias)
+
+
+class PairMoEBlock(MoEBlock):
+    """A `MoEBlock` that returns ``(y, None)``: GPT-OSS's decoder layer unpacks its MLP's
+    output as (hidden states, router scores) and drops the scores."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return super().forward(x), None
 
 
 @dataclass
