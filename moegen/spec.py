@@ -70,10 +70,15 @@ class MoESpec:
         capacity_factor: None = dropless; else each expert keeps at most
             ceil(capacity_factor * T * k / E) slots.
         capacity_drop: "token" keeps the lowest token indices, "weight" the largest weights.
+        batch_invariant: each token's output is bitwise identical whatever the batch around
+            it (the token count and the other tokens).  cuda: one GEMM configuration for
+            every token count, no split-K.  c: one k-accumulation order for every row count.
 
     The combine always sums a token's slots in a fixed order (no atomics), so a call is
-    deterministic and batch-invariant; there is no option to trade that away (see
-    docs/ARCHITECTURE.md, "Why the combine has no atomic mode").
+    deterministic (the same inputs give the same bits); there is no option to trade that away
+    (see docs/ARCHITECTURE.md, "Why the combine has no atomic mode").  Without
+    ``batch_invariant`` the cuda backend picks its GEMM tiles and split-K by token count, so a
+    token's output may change in the last bits with the batch around it.
     """
 
     num_experts: int
@@ -93,6 +98,7 @@ class MoESpec:
     num_shared_experts: int = 0
     capacity_factor: float | None = None
     capacity_drop: str = "token"
+    batch_invariant: bool = False
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
@@ -112,7 +118,7 @@ class MoESpec:
         _check_choice("routing", self.routing, ROUTINGS)
         _check_choice("backend", self.backend, BACKENDS)
         _check_choice("capacity_drop", self.capacity_drop, CAPACITY_DROP)
-        for name in ("renormalize", "bias"):
+        for name in ("renormalize", "bias", "batch_invariant"):
             if not isinstance(getattr(self, name), bool):
                 raise SpecError(f"MoESpec.{name} must be True or False, got {getattr(self, name)!r}")
         if self.arch is not None:
@@ -186,6 +192,7 @@ _NAME_SUFFIXES = (
     ("num_shared_experts", lambda v: f"sh{v}"),
     ("capacity_factor", lambda v: f"cap{_num(v)}"),
     ("capacity_drop", lambda v: f"drop{v}"),
+    ("batch_invariant", lambda v: "binv"),
 )
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(MoESpec)}
 
