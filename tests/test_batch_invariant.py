@@ -60,3 +60,18 @@ def test_token_outputs_bitwise_across_batch_sizes(spec):
     x, w = R.random_problem(spec, max(TOKENS), seed=11)
     ref, _ = R.moe(spec, x[:300], w)
     assert R.rel_error(outs[300], ref) <= spec.dt.tolerance
+
+
+def test_default_is_not_batch_invariant_past_the_k_chunk():
+    """What the mode removes: by default an expert with at most 4 row tiles sums k in one go,
+    one with more sums it per BK chunk, so a token's bits depend on how many tokens share its
+    experts.  (If this starts failing, the default has become invariant: say so in the docs.)"""
+    outs = token_outputs(SPECS[0].values[0])
+    assert sum(mismatched_rows(outs).values()) > 0
+
+
+def test_plan_fixes_the_accumulation_order():
+    from moegen.backends import c_plan
+    spec = SPECS[0].values[0]
+    assert c_plan.make(spec.replace(batch_invariant=True), "x86-64-v3").chunk_sums
+    assert not c_plan.make(spec, "x86-64-v3").chunk_sums

@@ -85,7 +85,7 @@ def test_a_tuning_record_changes_the_key():
 OTHER = {"num_experts": 8, "top_k": 1, "hidden_dim": 48, "ffn_dim": 32, "dtype": "bfloat16",
          "activation": "gelu", "routing": "sigmoid_topk", "renormalize": False, "bias": True,
          "n_group": 2, "topk_group": 2, "routed_scaling_factor": 2.5, "num_shared_experts": 1,
-         "capacity_factor": 1.25, "capacity_drop": "weight"}
+         "capacity_factor": 1.25, "capacity_drop": "weight", "batch_invariant": True}
 
 
 def test_the_field_table_covers_every_spec_field():
