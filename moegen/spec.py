@@ -77,8 +77,10 @@ class MoESpec:
     The combine always sums a token's slots in a fixed order (no atomics), so a call is
     deterministic (the same inputs give the same bits); there is no option to trade that away
     (see docs/ARCHITECTURE.md, "Why the combine has no atomic mode").  Without
-    ``batch_invariant`` the cuda backend picks its GEMM tiles and split-K by token count, so a
-    token's output may change in the last bits with the batch around it.
+    ``batch_invariant`` a token's output may change in the last bits with the batch around it:
+    the cuda backend picks its GEMM tiles, split-K and router kernel by token count; the c
+    backend sums k in one go for an expert with few rows and per k chunk (512) for one with
+    more, which differs once H or F exceeds the chunk.
     """
 
     num_experts: int
