@@ -90,10 +90,17 @@ class MoESpec:
             1.702 and 7); other activations take only the defaults.
         shared_expert_gate: the shared experts' sum is scaled per token by sigmoid(x·g), g [H]
             (Qwen2-MoE's shared_expert_gate); needs num_shared_experts >= 1 and bias=False.
+        batch_invariant: each token's output is bitwise identical whatever the batch around
+            it (the token count and the other tokens).  cuda: one GEMM configuration for
+            every token count, no split-K.  c: one k-accumulation order for every row count.
 
     The combine always sums a token's slots in a fixed order (no atomics), so a call is
-    deterministic and batch-invariant; there is no option to trade that away (see
-    docs/ARCHITECTURE.md, "Why the combine has no atomic mode").
+    deterministic (the same inputs give the same bits); there is no option to trade that away
+    (see docs/ARCHITECTURE.md, "Why the combine has no atomic mode").  Without
+    ``batch_invariant`` a token's output may change in the last bits with the batch around it:
+    the cuda backend picks its GEMM tiles, split-K and router kernel by token count; the c
+    backend sums k in one go for an expert with few rows and per k chunk (512) for one with
+    more, which differs once H or F exceeds the chunk.
     """
 
     num_experts: int
@@ -118,6 +125,7 @@ class MoESpec:
     swiglu_alpha: float = SWIGLU_ALPHA
     swiglu_limit: float = SWIGLU_LIMIT
     shared_expert_gate: bool = False
+    batch_invariant: bool = False
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
@@ -137,7 +145,8 @@ class MoESpec:
         _check_choice("routing", self.routing, ROUTINGS)
         _check_choice("backend", self.backend, BACKENDS)
         _check_choice("capacity_drop", self.capacity_drop, CAPACITY_DROP)
-        for name in ("renormalize", "bias", "save_activations", "shared_expert_gate"):
+        for name in ("renormalize", "bias", "save_activations", "shared_expert_gate",
+                     "batch_invariant"):
             if not isinstance(getattr(self, name), bool):
                 raise SpecError(f"MoESpec.{name} must be True or False, got {getattr(self, name)!r}")
         if self.arch is not None:
@@ -238,6 +247,7 @@ _NAME_SUFFIXES = (
     ("swiglu_alpha", lambda v: f"a{_num(v)}"),
     ("swiglu_limit", lambda v: f"lim{_num(v)}"),
     ("shared_expert_gate", lambda v: "sg"),
+    ("batch_invariant", lambda v: "binv"),
 )
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(MoESpec)}
 

@@ -87,7 +87,8 @@ OTHER = {"num_experts": 8, "top_k": 1, "hidden_dim": 48, "ffn_dim": 32, "dtype":
          "n_group": 2, "topk_group": 2, "routed_scaling_factor": 2.5, "num_shared_experts": 1,
          "capacity_factor": 1.25, "capacity_drop": "weight",
          "save_activations": True, "router_dtype": "float32",
-         "swiglu_alpha": 1.5, "swiglu_limit": 5.0, "shared_expert_gate": True}
+         "swiglu_alpha": 1.5, "swiglu_limit": 5.0, "shared_expert_gate": True,
+         "batch_invariant": True}
 # Fields that apply only beside another setting: the key is compared with and without them.
 NEEDS = {"router_dtype": {"dtype": "bfloat16"}, "swiglu_alpha": {"activation": "swiglu_clamped"},
          "swiglu_limit": {"activation": "swiglu_clamped"},

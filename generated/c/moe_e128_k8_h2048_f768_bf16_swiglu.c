@@ -158,14 +158,15 @@ static ALWAYS_INLINE void hsum4(vf v0, vf v1, vf v2, vf v3, float *out)
         out[j] = r[j];
 }
 
-static ALWAYS_INLINE void tile_dot(const int m, const int kdim, const float *const *a,
+/* The tile's sums over k in [k0, kdim). */
+static ALWAYS_INLINE void tile_dot(const int m, const int k0, const int kdim, const float *const *a,
                                    const w_t *const *b, float c[BM][BN])
 {
     vf acc[BM][BN];
     for (int i = 0; i < BM; i++)
         for (int j = 0; j < BN; j++)
             acc[i][j] = (vf){0};
-    int k = 0;
+    int k = k0;
     for (; k + kLanes <= kdim; k += kLanes) {
         vf av[BM];
         for (int i = 0; i < m; i++) {
@@ -204,109 +205,109 @@ enum { K_CHUNK, K_LAST, K_WHOLE };
 static __attribute__((noinline)) void tile_ffn1_1(const float *const *a,
         const w_t *const *b, float c[BM][BN])
 {
-    tile_dot(1, BK, a, b, c);
+    tile_dot(1, 0, BK, a, b, c);
 }
 
 static __attribute__((noinline)) void tile_ffn1_last_1(const float *const *a,
         const w_t *const *b, float c[BM][BN])
 {
-    tile_dot(1, kLastH, a, b, c);
+    tile_dot(1, 0, kLastH, a, b, c);
 }
 
 static __attribute__((noinline)) void tile_ffn1_whole_1(const float *const *a,
         const w_t *const *b, float c[BM][BN])
 {
-    tile_dot(1, kHidden, a, b, c);
+    tile_dot(1, 0, kHidden, a, b, c);
 }
 
 static __attribute__((noinline)) void tile_ffn1_2(const float *const *a,
         const w_t *const *b, float c[BM][BN])
 {
-    tile_dot(2, BK, a, b, c);
+    tile_dot(2, 0, BK, a, b, c);
 }
 
 static __attribute__((noinline)) void tile_ffn1_last_2(const float *const *a,
         const w_t *const *b, float c[BM][BN])
 {
-    tile_dot(2, kLastH, a, b, c);
+    tile_dot(2, 0, kLastH, a, b, c);
 }
 
 static __attribute__((noinline)) void tile_ffn1_whole_2(const float *const *a,
         const w_t *const *b, float c[BM][BN])
 {
-    tile_dot(2, kHidden, a, b, c);
+    tile_dot(2, 0, kHidden, a, b, c);
 }
 
 static __attribute__((noinline)) void tile_ffn1_3(const float *const *a,
         const w_t *const *b, float c[BM][BN])
 {
-    tile_dot(3, BK, a, b, c);
+    tile_dot(3, 0, BK, a, b, c);
 }
 
 static __attribute__((noinline)) void tile_ffn1_last_3(const float *const *a,
         const w_t *const *b, float c[BM][BN])
 {
-    tile_dot(3, kLastH, a, b, c);
+    tile_dot(3, 0, kLastH, a, b, c);
 }
 
 static __attribute__((noinline)) void tile_ffn1_whole_3(const float *const *a,
         const w_t *const *b, float c[BM][BN])
 {
-    tile_dot(3, kHidden, a, b, c);
+    tile_dot(3, 0, kHidden, a, b, c);
 }
 
 static __attribute__((noinline)) void tile_ffn2_1(const float *const *a,
         const w_t *const *b, float c[BM][BN])
 {
-    tile_dot(1, BK, a, b, c);
+    tile_dot(1, 0, BK, a, b, c);
 }
 
 static __attribute__((noinline)) void tile_ffn2_last_1(const float *const *a,
         const w_t *const *b, float c[BM][BN])
 {
-    tile_dot(1, kLastF, a, b, c);
+    tile_dot(1, 0, kLastF, a, b, c);
 }
 
 static __attribute__((noinline)) void tile_ffn2_whole_1(const float *const *a,
         const w_t *const *b, float c[BM][BN])
 {
-    tile_dot(1, kFfn, a, b, c);
+    tile_dot(1, 0, kFfn, a, b, c);
 }
 
 static __attribute__((noinline)) void tile_ffn2_2(const float *const *a,
         const w_t *const *b, float c[BM][BN])
 {
-    tile_dot(2, BK, a, b, c);
+    tile_dot(2, 0, BK, a, b, c);
 }
 
 static __attribute__((noinline)) void tile_ffn2_last_2(const float *const *a,
         const w_t *const *b, float c[BM][BN])
 {
-    tile_dot(2, kLastF, a, b, c);
+    tile_dot(2, 0, kLastF, a, b, c);
 }
 
 static __attribute__((noinline)) void tile_ffn2_whole_2(const float *const *a,
         const w_t *const *b, float c[BM][BN])
 {
-    tile_dot(2, kFfn, a, b, c);
+    tile_dot(2, 0, kFfn, a, b, c);
 }
 
 static __attribute__((noinline)) void tile_ffn2_3(const float *const *a,
         const w_t *const *b, float c[BM][BN])
 {
-    tile_dot(3, BK, a, b, c);
+    tile_dot(3, 0, BK, a, b, c);
 }
 
 static __attribute__((noinline)) void tile_ffn2_last_3(const float *const *a,
         const w_t *const *b, float c[BM][BN])
 {
-    tile_dot(3, kLastF, a, b, c);
+    tile_dot(3, 0, kLastF, a, b, c);
 }
 
 static __attribute__((noinline)) void tile_ffn2_whole_3(const float *const *a,
         const w_t *const *b, float c[BM][BN])
 {
-    tile_dot(3, kFfn, a, b, c);
+    tile_dot(3, 0, kFfn, a, b, c);
 }
 
 /* ---- small helpers ---- */

@@ -71,6 +71,7 @@ class CPlan:
     item_cols1: int              # h columns of one ffn1 work item (whole bn1 tiles)
     item_cols2: int              # y columns of one ffn2 work item (whole bn tiles)
     whole_rows: int              # a row block of at most this many rows is not cut along k
+    chunk_sums: bool             # such a block still sums k per BK chunk, as the cut path does
     cache_line: int              # bytes
     route_rows: int
     route_chunk: int
@@ -136,7 +137,7 @@ class CPlan:
         out = {"spec": self.spec.name, "target": self.target, "options": list(self.options),
                "tile": f"{self.bm}x{self.bn} (BM x BN), BK {self.bk}", "lanes": self.lanes,
                "widen": self.widen, "pair_dot": self.pair_dot}
-        for name in ("cache_line", "row_block", "item_cols1", "item_cols2", "whole_rows", "route_rows",
+        for name in ("cache_line", "row_block", "item_cols1", "item_cols2", "whole_rows", "chunk_sums", "route_rows",
                      "route_chunk", "par_min_work"):
             out[name] = getattr(self, name)
         out["functions"] = self.fn
@@ -204,5 +205,6 @@ def make(spec: MoESpec, target: str, tuning: dict | None = None) -> CPlan:
         pair_dot=dt == "bfloat16" and "avx512_bf16" in tier.needs and tier.vec_floats == 16,
         row_block=ROW_BLOCK, item_cols1=_round_up(ITEM_COLS, bn1),
         item_cols2=_round_up(ITEM_COLS, tier.ncol), whole_rows=WHOLE_K_TILES * tier.mr,
+        chunk_sums=spec.batch_invariant,
         cache_line=CACHE_LINE, route_rows=ROUTE_ROWS, route_chunk=ROUTE_CHUNK, par_min_work=tuned["par_min_work"],
         functions=functions, tuning=tuple(sorted((tuning or {}).items())))

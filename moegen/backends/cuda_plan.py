@@ -174,7 +174,10 @@ def plan(spec: MoESpec, target: str, tuning: dict, sms: int | None = None) -> Cu
     et = spec.num_experts + spec.num_shared_experts
     warps = group_warps(spec.num_experts, et)
     mma = cuda_tiles.use_mma(spec)
-    route = RoutePlan(tensor_cores=mma)
+    # Batch-invariant: the router's GEMM (no GEMV below gemv_max_tokens) without split-K for
+    # every token count, so a token's logits are summed in one order whatever T is.
+    route = (RoutePlan(tensor_cores=mma, gemv_max_tokens=0, max_splits=1) if spec.batch_invariant
+             else RoutePlan(tensor_cores=mma))
     group = GroupPlan(warps=warps, fused_warps=min(16, warps))
     return CudaPlan(sms=sms, vec_h=vec_width(spec.hidden_dim, spec.dt.itemsize),
                     tensor_cores=mma, wgmma=cuda_tiles.use_wgmma(spec, target),

@@ -188,10 +188,14 @@ def _splits(spec: MoESpec, tile: GemmTile, tokens: int, sms: int) -> int:
 
 
 def _bucket_limits(spec: MoESpec) -> list[tuple[str, int, float]]:
-    """(name, bm, max average rows per expert) of each bucket, smallest first."""
+    """(name, bm, max average rows per expert) of each bucket, smallest first.  A
+    batch-invariant spec has the unbounded bucket alone: one tile per stage and no split-K for
+    every token count, so a row's arithmetic does not depend on T."""
     if use_mma(spec):
-        return [("bm16", 16, 8.0), ("bm64", 64, 48.0), ("bm128", 128, math.inf)]
-    return [("bm16", 16, 8.0), ("bm64", 64, math.inf)]
+        limits = [("bm16", 16, 8.0), ("bm64", 64, 48.0), ("bm128", 128, math.inf)]
+    else:
+        limits = [("bm16", 16, 8.0), ("bm64", 64, math.inf)]
+    return limits[-1:] if spec.batch_invariant else limits
 
 
 # Tensor-core tiles (ffn1, ffn2) of each bucket height.  Tuning candidates are swapped in here
