@@ -17,13 +17,13 @@ from . import arrays  # noqa: E402,F401  (moegen.arrays.host/describe for users)
 
 def compile(spec):  # noqa: A001
     """A compiled, cached `MoEKernel` for ``spec`` (see `moegen.jit.compile`)."""
-    from .jit import compile as _compile
+    from .jit import compile as _compile  # on first use: `import moegen` stays light
     return _compile(spec)
 
 
 def build(spec):
     """Compile ``spec`` into the cache without loading it (see `moegen.jit.build`)."""
-    from .jit import build as _build
+    from .jit import build as _build  # on first use: `import moegen` stays light
     return _build(spec)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+import ml_dtypes
 import numpy as np
 
 _TYPESTR = {"<f4": "float32", "<f2": "float16", "<i4": "int32", "<i8": "int64", "<u2": "uint16",
@@ -145,5 +146,24 @@ def check(info: ArrayInfo, name: str, *, shape=None, dtype=None, device_kind=Non
 
 def host(a) -> np.ndarray:
     """Copy any supported array to a host NumPy array (bf16 as ml_dtypes.bfloat16)."""
-    from .layout import _as_numpy
-    return _as_numpy(a, "array")
+    return to_numpy(a, "array")
+
+
+def to_numpy(a, name: str = "array") -> np.ndarray:
+    """Any array (NumPy, CuPy, torch, list) as a host NumPy array, keeping bf16 as ml_dtypes."""
+    if a is None:
+        return None
+    mod = type(a).__module__
+    if mod.startswith("torch"):
+        import torch  # optional heavy package: only for torch inputs
+        t = a.detach()
+        if t.dtype == torch.bfloat16:
+            return t.cpu().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return t.cpu().numpy()
+    if mod.startswith("cupy"):
+        return a.get()
+    try:
+        return np.asarray(a)
+    except Exception as exc:  # pragma: no cover - defensive
+        raise TypeError(f"{name} must be an array (NumPy, CuPy or torch), got {type(a).__name__}") from exc
+

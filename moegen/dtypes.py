@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import ml_dtypes
 import numpy as np
 
 
@@ -31,7 +32,6 @@ class DType:
     def numpy(self) -> np.dtype:
         """The NumPy dtype of the storage (``ml_dtypes.bfloat16`` for bf16)."""
         if self.name == "bfloat16":
-            import ml_dtypes
             return np.dtype(ml_dtypes.bfloat16)
         return np.dtype(self.name)
 

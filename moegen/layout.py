@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from .arrays import to_numpy
 from .spec import MoESpec
 
 
@@ -148,26 +149,6 @@ class PackedWeights:
 # --------------------------------------------------------------------------------------------
 # Packing
 
-def _as_numpy(a, name: str) -> np.ndarray:
-    """Any array (NumPy, CuPy, torch, list) as a host NumPy array, keeping bf16 as ml_dtypes."""
-    if a is None:
-        return None
-    mod = type(a).__module__
-    if mod.startswith("torch"):
-        import torch
-        t = a.detach()
-        if t.dtype == torch.bfloat16:
-            import ml_dtypes
-            return t.cpu().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-        return t.cpu().numpy()
-    if mod.startswith("cupy"):
-        return a.get()
-    try:
-        return np.asarray(a)
-    except Exception as exc:  # pragma: no cover - defensive
-        raise TypeError(f"{name} must be an array (NumPy, CuPy or torch), got {type(a).__name__}") from exc
-
-
 def _library(a) -> str:
     """"torch", "cupy" or "numpy": the array library of ``a``."""
     mod = type(a).__module__
@@ -184,7 +165,7 @@ def _convert(a, name: str, device: bool):
     """``a`` as a host NumPy array, or (``device``) left where it is when it is a GPU array."""
     if device and a is not None and on_gpu(a):
         return a.detach() if _library(a) == "torch" else a
-    return _as_numpy(a, name)
+    return to_numpy(a, name)
 
 
 def _stack_like(arrs: list):
@@ -470,7 +451,7 @@ def unpack_host(packed: PackedWeights) -> dict[str, np.ndarray]:
     layout = packed.layout
     spec = layout.spec
     n, H, F, G = layout.num_slots_experts, spec.hidden_dim, spec.ffn_dim, layout.gate_rows
-    buf = _as_numpy(packed.buffer, "buffer").reshape(n, layout.expert_stride)
+    buf = to_numpy(packed.buffer, "buffer").reshape(n, layout.expert_stride)
     off = layout.offsets
     inv = np.argsort(layout.gate_up_row_order())
     w13 = buf[:, off["w13"]:off["w13"] + layout.w13_size]
@@ -478,7 +459,7 @@ def unpack_host(packed: PackedWeights) -> dict[str, np.ndarray]:
     w13 = w13[:, inv]
     w2 = buf[:, off["w2"]:off["w2"] + layout.w2_size]
     w2 = w2.reshape(n, F, H).transpose(0, 2, 1) if layout.w2_order == "kn" else w2.reshape(n, H, F)
-    router = _as_numpy(packed.router, "router")
+    router = to_numpy(packed.router, "router")
     out = {"router": router.T if layout.router_order == "he" and router is not None else router,
            "w1": w13[:, :F], "w3": w13[:, F:] if spec.gated else None, "w2": w2,
            "b1": None, "b3": None, "b2": None, "expert_ids": packed.expert_ids}

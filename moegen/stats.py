@@ -12,6 +12,7 @@ import functools
 
 import numpy as np
 
+from . import arrays
 from .spec import MoESpec
 
 
@@ -40,7 +41,6 @@ class LayerStats:
 
     @functools.cached_property
     def _host(self) -> dict:
-        from . import arrays
         counts = np.asarray(arrays.host(self._counts), dtype=np.float64)
         sums = np.asarray(arrays.host(self._sums), dtype=np.float64)
         dropped = self._dropped if isinstance(self._dropped, int) else int(np.sum(arrays.host(self._dropped)))

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import settings
+from ..arrays import to_numpy
 from ..reference import capacity as expert_capacity
 from .c_plan import CACHE_LINE, CPlan
 
@@ -217,10 +218,9 @@ class CModule:
             return info.obj
         if info.kind == "torch":
             t = info.obj
-            if _torch_numpy(t) is not None:     # as layout._as_numpy, less its checks
+            if _torch_numpy(t) is not None:     # as arrays.to_numpy, less its checks
                 return (t.detach() if t.requires_grad else t).numpy()
-            from ..layout import _as_numpy
-            return _as_numpy(t, "array")
+            return to_numpy(t, "array")
         raise TypeError(f"the c backend needs host arrays (NumPy or torch CPU), got {info.kind}")
 
     def empty_like(self, info):

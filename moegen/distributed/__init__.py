@@ -8,6 +8,8 @@ process group (gloo + the c backend on CPUs, NCCL + the cuda backend on GPUs).
 Importing this package imports neither torch nor any kernel; the names below load on first use.
 """
 
+import importlib
+
 __all__ = ["ExpertParallelMoE", "Placement", "run_ep_bench"]
 
 _HOMES = {"ExpertParallelMoE": ".layer", "Placement": ".placement", "run_ep_bench": ".bench"}
@@ -17,5 +19,4 @@ def __getattr__(name):
     home = _HOMES.get(name)
     if home is None:
         raise AttributeError(f"module 'moegen.distributed' has no attribute {name!r}")
-    import importlib
     return getattr(importlib.import_module(home, __name__), name)

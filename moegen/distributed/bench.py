@@ -22,15 +22,18 @@ import time
 import numpy as np
 
 from .. import settings
+from ..bench.shapes import SHAPES
+from ..jit import resolve
 from ..spec import MoESpec
+from .dispatch import prebuild
 from .launch import launch
+from .layer import STAGE_NAMES, ExpertParallelMoE
 from .placement import Placement
 
 _TORCH_BACKEND = {"c": "gloo", "cuda": "nccl"}
 
 
 def _stage_names():
-    from .layer import STAGE_NAMES
     return STAGE_NAMES
 
 
@@ -67,7 +70,6 @@ def _bench_rank(rank: int, spec: MoESpec, tokens: int, warmup: int, repeat: int,
                 chunks: int) -> dict:
     import torch  # optional heavy dependency: only spawned ranks need it
     import torch.distributed as dist
-    from .layer import ExpertParallelMoE
     ranks = dist.get_world_size()
     x = np.random.default_rng(100 + rank).standard_normal((tokens, spec.hidden_dim))
     x = x.astype(np.float32).astype(spec.dt.numpy)
@@ -123,8 +125,6 @@ def run_ep_bench(spec: MoESpec, ranks: int, tokens: int, backend: str | None = N
     a rank (its rows for its own experts stay), over the exchange (dispatch, with the count
     exchange) and return stages of that rank.
     """
-    from ..jit import resolve
-    from .dispatch import prebuild
     if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 1:
         raise ValueError(f"tokens must be an int >= 1, got {tokens!r}")
     if not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 1:
@@ -194,7 +194,6 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=5)
     a = p.parse_args(argv)
     if a.shape:
-        from ..bench.matrix import SHAPES
         if a.shape not in SHAPES:
             p.error(f"--shape must be one of {sorted(SHAPES)}, got {a.shape!r}")
         a.experts, a.topk, a.hidden, a.ffn = SHAPES[a.shape]

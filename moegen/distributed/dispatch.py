@@ -21,9 +21,13 @@ import numpy as np
 from .. import __version__, settings
 from ..backends import get_backend
 from ..backends.base import Artifact, Sources
+from ..backends.c import write_library
+from ..backends.cuda import _load_raw_module
 from ..cache import CACHE_FORMAT, default_cache, digest
+from ..jit import build, resolve
 from ..render import render_template
 from ..spec import MoESpec
+from .experts import expert_spec
 
 # Rows below which the C loops stay on the calling thread (a thread team costs more).
 _PAR_MIN_ROWS = 64
@@ -103,7 +107,6 @@ class CDispatch:
     """The c backend's dispatch functions (ctypes; they release the GIL while they run)."""
 
     def __init__(self, spec: MoESpec, artifact: Artifact):
-        from ..backends.c import write_library
         self.spec = spec
         self._lib = ctypes.CDLL(str(write_library(artifact.binary)))
         self._fn = {}
@@ -130,7 +133,6 @@ class CudaDispatch:
     torch's current stream CuPy's current one around its launches)."""
 
     def __init__(self, spec: MoESpec, artifact: Artifact):
-        from ..backends.cuda import _load_raw_module
         self.spec = spec
         self._raw = _load_raw_module(artifact.binary)
         self._fn = {name: self._raw.get_function(name)
@@ -170,9 +172,6 @@ def prebuild(spec: MoESpec, ranks: int) -> None:
     """Compile into the cache every binary an expert-parallel layer of ``spec`` over ``ranks``
     ranks loads (the router's kernel, a rank's expert kernel, the shared experts' kernel, the
     dispatch kernels), so spawned ranks only read the cache."""
-    from .. import build
-    from ..jit import resolve
-    from .experts import expert_spec
     spec = resolve(spec)
     build(spec)
     build(expert_spec(spec, spec.num_experts // ranks, 1))

@@ -25,8 +25,10 @@ import time
 import numpy as np
 
 from .. import arrays
+from ..arrays import to_numpy
 from ..backends.base import Call
-from ..layout import PackedWeights, _as_numpy
+from ..jit import compile as compile_kernel, resolve
+from ..layout import PackedWeights
 from ..stats import LayerStats
 from .dispatch import dispatch_kernels
 from .experts import ExpertStage, expert_spec
@@ -144,8 +146,6 @@ class ExpertParallelMoE:
                  router_layout: str | None = None, **weights):
         torch = _torch()
         import torch.distributed as dist  # optional heavy dependency (see _torch)
-        from .. import compile as compile_kernel
-        from ..jit import resolve
         self._dist = dist
         if not dist.is_initialized():
             raise ValueError("ExpertParallelMoE needs torch.distributed initialised "
@@ -202,7 +202,7 @@ class ExpertParallelMoE:
     # -- construction helpers --------------------------------------------------------------------
     def _check_ranks_agree(self, weights: dict, router_layout) -> None:
         router = weights.get("router")
-        router = None if router is None else np.ascontiguousarray(_as_numpy(router, "router"))
+        router = None if router is None else np.ascontiguousarray(to_numpy(router, "router"))
         mine = {"spec": self.spec.to_dict(), "chunks": self.chunks, "router_layout": router_layout,
                 "weights": {k: _signature(v) for k, v in sorted(weights.items())},
                 # the router's values too (it is small): every rank must route alike
@@ -238,7 +238,7 @@ class ExpertParallelMoE:
     def _pack_router(self, router, router_layout):
         spec, kernel = self.spec, self.route_kernel
         E, H = spec.num_experts, spec.hidden_dim
-        r = _as_numpy(router, "router")
+        r = to_numpy(router, "router")
         if r is None:
             raise ValueError(f"router weight is required: shape (E, H) = ({E}, {H})")
         if router_layout == "he" or (router_layout is None and r.shape == (H, E) and E != H):
