@@ -157,3 +157,26 @@ def test_op_dispatch_is_direct():
     x = _x(spec, 2)
     y = torch.ops.moegen.moe(x, block.packed, block.router, None, block.handle)
     assert not y.requires_grad and torch.equal(y, block(x))
+
+
+def test_a_deleted_block_frees_its_weights():
+    """The ops' memo of validated weights keeps no tensor alive: deleting a block frees them."""
+    import gc
+    import weakref
+
+    from moegen.torch import MoEBlock
+    spec = MoESpec(4, 2, 32, 48, backend="c")
+    rng = np.random.default_rng(3)
+    w = {"router": rng.standard_normal((4, 32), dtype=np.float32),
+         "w1": rng.standard_normal((4, 48, 32), dtype=np.float32) / 6,
+         "w3": rng.standard_normal((4, 48, 32), dtype=np.float32) / 6,
+         "w2": rng.standard_normal((4, 32, 48), dtype=np.float32) / 7}
+    block = MoEBlock(spec, w)
+    x = torch.from_numpy(rng.standard_normal((3, 32), dtype=np.float32))
+    with torch.no_grad():
+        block(x)
+        torch.ops.moegen.moe(x, block.packed, block.router, None, block.handle)
+    alive = [weakref.ref(t) for t in (block.packed, block.router)]
+    del block
+    gc.collect()
+    assert all(r() is None for r in alive)

@@ -70,22 +70,19 @@ def kernel_for(handle: str) -> MoEKernel:
     return kernel
 
 
-# Validated PackedWeights per (kernel handle, buffer, router) tensor objects, dropped when a
-# tensor is freed: the kernel then checks the weights once, not on every call.  ``_last`` holds
-# the newest of them per handle: a model calls each block with the same tensors, and comparing
-# two identities is cheaper than building the key.
-_packed: dict[tuple, PackedWeights] = {}
-_last: dict[str, PackedWeights] = {}
-
-
-def _forget(key) -> None:
-    pw = _packed.pop(key, None)
-    if pw is not None and _last.get(key[0]) is pw:
-        del _last[key[0]]
+# Validated PackedWeights per (kernel handle, buffer, router) tensor objects: the kernel then
+# checks the weights once, not on every call.  Nothing here keeps the tensors alive: each
+# PackedWeights is held by its buffer tensor (a cycle the garbage collector frees with the
+# block that owns the tensors), and these tables hold weak references.  ``_last`` is the newest
+# per handle: a model calls each block with the same tensors, and comparing two identities is
+# cheaper than building the key.
+_packed: "weakref.WeakValueDictionary[tuple, PackedWeights]" = weakref.WeakValueDictionary()
+_last: dict[str, weakref.ref] = {}
 
 
 def packed_weights(kernel: MoEKernel, handle: str, buffer, router) -> PackedWeights:
-    pw = _last.get(handle)
+    ref = _last.get(handle)
+    pw = None if ref is None else ref()
     if pw is not None and pw.buffer is buffer and pw.router is router:
         return pw
     key = (handle, id(buffer), id(router))
@@ -93,10 +90,8 @@ def packed_weights(kernel: MoEKernel, handle: str, buffer, router) -> PackedWeig
     if pw is None or pw.buffer is not buffer or pw.router is not router:
         pw = PackedWeights(buffer, router, kernel.layout)
         _packed[key] = pw
-        weakref.finalize(buffer, _forget, key)
-        if router is not None:
-            weakref.finalize(router, _forget, key)
-    _last[handle] = pw
+        buffer.__dict__.setdefault("_moegen_packed", {})[handle] = pw
+    _last[handle] = weakref.ref(pw)
     return pw
 
 
