@@ -314,8 +314,11 @@ def cli_args(spec: MoESpec) -> str:
         parts.append("--no-renormalize")
     if spec.bias:
         parts.append("--bias")
-    if spec.shared_expert_gate:
-        parts.append("--shared-expert-gate")
+    for field, flag in (("shared_expert_gate", "--shared-expert-gate"),
+                        ("batch_invariant", "--batch-invariant"),
+                        ("save_activations", "--save-activations")):
+        if getattr(spec, field):
+            parts.append(flag)
     for field, flag in (("n_group", "--n-group"), ("topk_group", "--topk-group"),
                         ("routed_scaling_factor", "--routed-scaling-factor"),
                         ("num_shared_experts", "--shared-experts"),

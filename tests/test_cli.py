@@ -93,6 +93,7 @@ def test_grid_options_expand(run):
             num_shared_experts=2, shared_expert_gate=True, backend="c"),
     MoESpec(8, 2, 32, 24, activation="swiglu_clamped", swiglu_alpha=1.5, swiglu_limit=6.0,
             routing="topk_softmax", bias=True, backend="c"),
+    MoESpec(8, 2, 600, 24, batch_invariant=True, save_activations=True, backend="c"),
 ], ids=lambda s: s.name)
 def test_every_variant_is_reachable_and_cli_args_round_trip(run, spec):
     """The command moegen prints in messages (offline misses) rebuilds the same spec."""

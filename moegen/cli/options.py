@@ -90,6 +90,11 @@ def spec_options(fn):
                      help="limit of --activation swiglu_clamped"),
         click.option("--shared-expert-gate/--no-shared-expert-gate", default=False, show_default=True,
                      help="scale the shared experts by sigmoid(x·g) (Qwen2-MoE; c backend)"),
+        click.option("--batch-invariant/--no-batch-invariant", default=False, show_default=True,
+                     help="each token's output bitwise the same whatever the batch around it"),
+        click.option("--save-activations/--no-save-activations", default=False,
+                     show_default=True,
+                     help="training: keep the gate/up pre-activations for the backward"),
         click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True),
         click.option("--arch", callback=_str_list,
                      help="CUDA target(s), e.g. sm_90 or sm_80,sm_90 (cuda backend only)"),
@@ -102,7 +107,7 @@ def spec_options(fn):
 SPEC_KEYS = ("experts", "topk", "hidden", "ffn", "dtype", "activation", "routing", "renormalize",
              "bias", "n_group", "topk_group", "routed_scaling_factor", "shared_experts",
              "capacity_factor", "capacity_drop", "router_dtype", "swiglu_alpha", "swiglu_limit",
-             "shared_expert_gate", "backend", "arch")
+             "shared_expert_gate", "batch_invariant", "save_activations", "backend", "arch")
 DEFAULT_DTYPE = "float32"
 
 
@@ -145,6 +150,8 @@ def specs_from_options(o: dict, *, required: bool = True) -> list[MoESpec]:
                            swiglu_alpha=o.get("swiglu_alpha", SWIGLU_ALPHA),
                            swiglu_limit=o.get("swiglu_limit", SWIGLU_LIMIT),
                            shared_expert_gate=o.get("shared_expert_gate", False),
+                           batch_invariant=o.get("batch_invariant", False),
+                           save_activations=o.get("save_activations", False),
                            backend=backend_for(o["backend"], arch), arch=arch))
     return out
 
