@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 
 import numpy as np
 
@@ -23,8 +22,8 @@ from ..backends import get_backend
 from ..backends.base import Artifact, Sources
 from ..backends.c import write_library
 from ..backends.cuda import _load_raw_module
-from ..cache import CACHE_FORMAT, default_cache, digest
-from ..jit import build, resolve
+from ..cache import default_cache, digest
+from ..jit import build, key_parts_of, plan_for, resolve, toolchain_identity
 from ..render import render_template
 from ..spec import MoESpec
 from .experts import expert_spec
@@ -53,12 +52,14 @@ def render_dispatch(spec: MoESpec, ranks: int) -> Sources:
 
 
 def _key_parts(spec: MoESpec, ranks: int, sources: Sources) -> dict:
+    """Every input that changes the dispatch binary: the layer's key parts (`jit.key_parts_of`
+    over the spec's plan and the dispatch sources) plus the rank count."""
     be = get_backend(spec.backend)
-    target = be.target(spec)
-    return {"format": CACHE_FORMAT, "moegen": __version__, "kind": "ep_dispatch", "ranks": ranks,
-            "source": hashlib.sha256(sources.text.encode()).hexdigest(), "backend": be.name,
-            "toolchain": be.toolchain(), "target": target, "options": be.options(spec, target),
-            "spec": spec.to_dict(), "settings": settings.code_settings()}
+    plan = plan_for(spec)
+    parts = key_parts_of(plan, sources, toolchain_identity(be), be.options(spec, plan.target),
+                         settings.code_settings())
+    parts["dispatch"] = {"ranks": ranks}
+    return parts
 
 
 def build_dispatch(spec: MoESpec, ranks: int) -> Artifact:
@@ -73,7 +74,7 @@ def build_dispatch(spec: MoESpec, ranks: int) -> Artifact:
     def compile_now() -> Artifact:
         art = be.compile(sources, spec, parts["target"], key)
         meta = dict(art.meta, key=key, spec_name=name, spec=spec.to_dict(), backend=be.name,
-                    target=parts["target"], toolchain=parts["toolchain"],
+                    target=parts["target"], toolchain=parts.get("toolchain"),
                     options=parts["options"], moegen_version=__version__)
         return Artifact(art.binary, meta)
 
