@@ -219,7 +219,8 @@ WGMMA_TILES: dict[int, tuple[GemmTile, GemmTile]] = {
 # The persistent warp-specialised prefill tile (sm_90a, `use_ws`): 128 x 256, 4 stages, 384
 # threads.  H200, 2026-12-01, whole layer (benchmarks/prefill_gemm.py): 6-27% faster than
 # _PREFILL_WGMMA at T = 4096 and 16384 (mixtral T=16384 19.27 vs 22.05 ms, qwen3 2.47 vs 3.38),
-# bitwise repeatable, racecheck clean; the GPU tests pass with it as the default.
+# bitwise repeatable, racecheck clean; tests/test_cuda_gpu.py passes with it as the default
+# (docs/PERF.md, 2026-12-01).
 WS_TILES: dict[int, GemmTile] = {
     128: GemmTile("wgmma_ws", 128, 256, MMA_BK, 2, 4, 4),
 }
