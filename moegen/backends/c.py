@@ -110,12 +110,6 @@ class CBackend:
         text = render_template(TEMPLATE, **_context(plan))
         return Sources(backend=self.name, files={SOURCE_NAME: text}, entry=SOURCE_NAME)
 
-    def render_context(self, spec: MoESpec, tuning: dict | None = None) -> dict:
-        """Template variables for ``spec`` on the tier `target` resolves: the plan ``p``, its
-        spec ``s`` and dtype ``dt``, and the moegen version.  ``tuning`` overrides TUNABLES
-        constants; a value outside the allowed ones is a ValueError."""
-        return _context(self.plan(spec, None, tuning))
-
     def toolchain(self) -> dict:
         """{"cc": resolved compiler path, "version": first line of ``cc --version``}; with no
         compiler here, {"cc": the name asked for, "version": "", "missing": why}: asking never
