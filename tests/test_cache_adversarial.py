@@ -25,6 +25,7 @@ import filelock
 import pytest
 from click.testing import CliRunner
 
+from cache_rows import plant  # tests/cache_rows.py
 import moegen
 import moegen.cache as cache_mod
 from moegen import signing
@@ -61,17 +62,6 @@ def new_cache(tmp_path, name="cache") -> KernelCache:
     return kc
 
 
-def plant(directory: Path, skey, *, mode=diskcache.core.MODE_BINARY, filename=None, value=None):
-    con = sqlite3.connect(str(directory / "cache.db"))
-    now = time.time()
-    with con:
-        con.execute("INSERT INTO Cache (key, raw, store_time, expire_time, access_time, "
-                    "access_count, tag, size, mode, filename, value) "
-                    "VALUES (?, 1, ?, NULL, ?, 0, NULL, 0, ?, ?, ?)",
-                    (skey, now, now, mode, filename, value))
-    con.close()
-
-
 def outside_file(tmp_path, data=b"precious") -> Path:
     """A file alone in two folders outside the cache: deleting it would also delete them."""
     f = tmp_path / "victim" / "deep" / "secret.val"
@@ -92,17 +82,17 @@ def test_planted_filename_outside_the_cache_is_never_read_or_deleted(tmp_path, h
     victim = outside_file(tmp_path, encode(NAME, KEY, art(b"v", created=1.0)))
     kc = new_cache(tmp_path)
     name = str(victim) if how == "absolute" else os.path.relpath(victim, kc.directory)
-    plant(kc.directory, f"{NAME}.{KEY}", filename=name)
+    plant(kc.directory, key=f"{NAME}.{KEY}", filename=name)
     with pytest.warns(CacheWarning, match="refused"):
         assert kc.get(NAME, KEY) is None                       # read: refused, a miss
-    plant(kc.directory, f"{NAME}.{KEY}", filename=name)
+    plant(kc.directory, key=f"{NAME}.{KEY}", filename=name)
     assert all(e.name != NAME for e in kc.entries())           # listing does not follow it
     assert kc.prune(older_than=0) >= 0                         # prune: never reaches it
     assert any("refused" in p.message for p in kc.verify())
     kc.verify(repair=True)                                     # verify --repair: row only
-    plant(kc.directory, f"{NAME}.{KEY}", filename=name)
+    plant(kc.directory, key=f"{NAME}.{KEY}", filename=name)
     assert kc.get_or_build(NAME, KEY, lambda: art(b"n"))[1]    # a compile replaces the entry
-    plant(kc.directory, "moe_other." + KEY, filename=name)
+    plant(kc.directory, key="moe_other." + KEY, filename=name)
     kc.clear()                                                 # clear
     assert victim.read_bytes()[:8] == MAGIC and victim.parent.parent.is_dir()
 
@@ -626,7 +616,7 @@ def test_cli_commands_survive_hostile_entries(tmp_path, monkeypatch):
     kc = new_cache(tmp_path)
     kc._open().set(f"{NAME}.{KEY}", frame_with_header(HOSTILE_HEADERS["deep"], b"\0" * BIG))
     kc._open().set(f"moe_big.{KEY}", frame_with_header(HOSTILE_HEADERS["huge size"]))
-    plant(kc.directory, "moe_out." + KEY, filename=str(outside_file(tmp_path)))
+    plant(kc.directory, key="moe_out." + KEY, filename=str(outside_file(tmp_path)))
     kc.close()
     run = CliRunner().invoke
     for args, code in ((["ls"], 0), (["info"], 0), (["verify"], 1),

@@ -6,7 +6,6 @@ import os
 import pickle
 import shutil
 import sqlite3
-import time
 from pathlib import Path
 
 import diskcache
@@ -14,6 +13,7 @@ import pytest
 
 import moegen.cache as cache_mod
 import moegen.trust as trust
+from cache_rows import plant  # tests/cache_rows.py
 from moegen.backends.base import Artifact
 from moegen.cache import CacheWarning, KernelCache, digest
 from moegen.cache_format import ENTRIES_DIR, encode, entry_filename
@@ -37,17 +37,6 @@ class Evil:
 
     def __reduce__(self):
         return (open, (self.marker, "w"))
-
-
-def plant(directory: Path, *, key, raw: int, mode: int, value=None, filename=None) -> None:
-    con = sqlite3.connect(str(directory / "cache.db"))
-    now = time.time()
-    with con:
-        con.execute("INSERT INTO Cache (key, raw, store_time, expire_time, access_time, "
-                    "access_count, tag, size, mode, filename, value) "
-                    "VALUES (?, ?, ?, NULL, ?, 0, NULL, ?, ?, ?, ?)",
-                    (key, raw, now, now, len(value or b""), mode, filename, value))
-    con.close()
 
 
 def new_cache(tmp_path, name="cache") -> KernelCache:
