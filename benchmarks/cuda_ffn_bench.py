@@ -32,6 +32,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from moegen.backends import cuda_ffn, cuda_plan, cuda_tiles  # noqa: E402
+from moegen.backends.cuda_workspace import Workspace  # noqa: E402
 from moegen.plan import make_plan  # noqa: E402
 from moegen.backends.base import Call  # noqa: E402
 from moegen.bench.shapes import SHAPES, TARGET_TOKENS  # noqa: E402
@@ -75,10 +76,6 @@ class Module:
         if name not in self._fn:
             self._fn[name] = self.raw.get_function(name)
         return self._fn[name]
-
-
-class Workspace:
-    pass
 
 
 def bf16_bits(a):
@@ -213,12 +210,13 @@ def run_point(shape, spec, mod, buf, T, rng):
     cfg = cuda_tiles.bucket_for(mod.plan.buckets, T)
     sizes = cuda_tiles.workspace_sizes(spec, cfg, T)
     sr, te, tr, nt = cuda_tiles.grouped_layout_host(spec, ids_np, cfg.bm, sizes["max_tiles"])
-    ws = Workspace()
-    ws.bucket, ws.tokens = cfg, T
-    ws.sorted_rows, ws.tile_expert, ws.tile_row0, ws.num_tiles = map(cp.asarray, (sr, te, tr, nt))
-    ws.h = cp.empty(sizes["h"], cp.uint16)
-    ws.y_slot = cp.full(sizes["y_slot"], 0xFFFF, cp.uint16)      # NaN poison
-    ws.topk_weights = cp.asarray(wts_np)
+    # The library's own workspace (so the persistent kernels find their tile counters and
+    # tensor maps), with the grouped layout built on the host written into it.
+    ws = Workspace(spec, mod.plan, cfg, T).view(T)
+    for dst, src in ((ws.sorted_rows, sr), (ws.tile_expert, te), (ws.tile_row0, tr), (ws.num_tiles, nt),
+                     (ws.topk_weights, wts_np)):
+        dst[...] = cp.asarray(src).reshape(dst.shape)
+    ws.y_slot.view(cp.uint16)[...] = 0xFFFF                         # NaN poison
     packed = PackedWeights(buf, None, mod.layout)
     call = Call(x=x, packed=packed, out=None, tokens=T)
 

@@ -94,7 +94,7 @@ def main() -> None:
         w13 = (torch.randn(E, 2 * F, H, device="cuda", generator=g) / H ** 0.5).bfloat16()
         w2 = (torch.randn(E, H, F, device="cuda", generator=g) / F ** 0.5).bfloat16()
         wg = (torch.randn(H, E, device="cuda", generator=g) / H ** 0.5).bfloat16()
-        packed = kern.pack(router=wg, w1=w13[:, :F], w3=w13[:, F:], w2=w2)
+        packed = kern.pack(router=wg, w13=w13, w2=w2)
         other = next(iter(plugin.contenders(E, k, H, F, w13, w2, wg.t().contiguous()).items())) if plugin else None
         for T in (int(t) for t in a.tokens.split(",")):
             x = torch.randn(T, H, device="cuda", generator=g).bfloat16()
