@@ -177,8 +177,9 @@ def test_plan_covers_every_token_expert_and_h(spec, T):
     gx, gy, gz = (tuple(p.route_grid) + (1,))[:3]
     if T <= r.gemv_max_tokens:
         assert p.route_kernel == "moe_route_logits_gemv" and p.route_splits == 1
-        assert gx * r.warps >= E and gy * r.gemv_tokens >= T
-        assert p.route_block == 32 * r.warps
+        assert gx == E and gy * r.gemv_tokens >= T         # one block per router row
+        assert p.route_block == r.gemv_threads and r.gemv_threads % 32 == 0
+        assert 32 <= r.gemv_threads <= 256
     else:
         mma = cp.tensor_cores
         assert p.route_kernel == ("moe_route_logits_mma" if mma else "moe_route_logits_tiled")

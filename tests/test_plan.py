@@ -208,7 +208,7 @@ def test_every_stage_launches_the_plans_kernels_with_the_plans_blocks(spec, monk
         for stage in m.stages:
             m.run_stage(stage, ws, call)
     blocks = {name: block for name, _, block, _ in log}
-    want = {"moe_route_logits_gemv": (32 * cp.route.warps,), "moe_route_select": (32 * cp.route.warps,),
+    want = {"moe_route_logits_gemv": (cp.route.gemv_threads,), "moe_route_select": (32 * cp.route.warps,),
             "moe_route_select_group": (32 * cp.group.fused_warps,),
             "moe_group_single": (32 * cp.group.warps,), "moe_group_scan": (cp.group.scan_threads,),
             "moe_group_count": (32 * cp.group.block_units,), "moe_combine": (cp.combine_threads,)}

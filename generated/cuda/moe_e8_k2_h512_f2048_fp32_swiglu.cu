@@ -119,26 +119,32 @@ __device__ __forceinline__ int lane_id() { return threadIdx.x & 31; }
 // per token turns its kExperts logits into kTopK expert ids and weights.  The router weight is [kExperts, kHidden]
 // ("eh"), so one router row is one contiguous dot product.
 
-constexpr int kRouteWarps = 8;  // warps per block of the GEMV and the select
+constexpr int kRouteWarps = 8;  // warps per block of the select
 constexpr int kGemvTokens = 4;  // tokens sharing one pass over a router row
 constexpr int kHiddenVecs = kHidden / kVecH;
 
-// logits[t, e] = x[t, :] . wr[e, :] for a handful of tokens: one warp per (expert, 4 tokens),
-// lanes stride over kHidden with 16-byte loads, so each router row is read once per 4 tokens.
-extern "C" __global__ void __launch_bounds__(kRouteWarps * 32)
+// logits[t, e] = x[t, :] . wr[e, :] for a handful of tokens: one block per (expert, kGemvTokens
+// tokens), its threads striding over kHidden with 16-byte loads, so every SM streams a router
+// row at once (one warp per row left a small-E router's few rows to a few warps, latency-bound:
+// 13 us for Mixtral's 64 KB router on an H200).  Each router row is read once per kGemvTokens
+// tokens; the block sums its warps' partials in a fixed order (deterministic).
+constexpr int kGemvThreads = 64;
+constexpr int kGemvWarps = kGemvThreads / 32;
+
+extern "C" __global__ void __launch_bounds__(kGemvThreads)
 moe_route_logits_gemv(const elem_t* __restrict__ x, const elem_t* __restrict__ wr,
                       float* __restrict__ logits, int tokens)
 {
-    const int lane = lane_id();
-    const int e = blockIdx.x * kRouteWarps + (threadIdx.x >> 5);
+    __shared__ float partial[kGemvTokens][kGemvWarps];
+    const int lane = lane_id(), warp = threadIdx.x >> 5;
+    const int e = blockIdx.x;
     const int t0 = blockIdx.y * kGemvTokens;
-    if (e >= kExperts) return;                       // whole warp: e is warp-uniform
     const elem_t* w_row = wr + (size_t)e * kHidden;
     float acc[kGemvTokens];
     #pragma unroll
     for (int j = 0; j < kGemvTokens; ++j) acc[j] = 0.f;
-    #pragma unroll 4                          // several 16-byte loads in flight per lane
-    for (int c = lane; c < kHiddenVecs; c += 32) {
+    #pragma unroll 2
+    for (int c = threadIdx.x; c < kHiddenVecs; c += kGemvThreads) {
         float w[kVecH];
         load_vec<kVecH>(w_row + c * kVecH, w);
         #pragma unroll
@@ -154,7 +160,14 @@ moe_route_logits_gemv(const elem_t* __restrict__ x, const elem_t* __restrict__ w
     #pragma unroll
     for (int j = 0; j < kGemvTokens; ++j) {
         const float s = warp_sum(acc[j]);
-        if (lane == 0 && t0 + j < tokens) logits[(size_t)(t0 + j) * kExperts + e] = s;
+        if (lane == 0) partial[j][warp] = s;
+    }
+    __syncthreads();
+    if (threadIdx.x < kGemvTokens && t0 + threadIdx.x < tokens) {
+        float s = 0.f;
+        #pragma unroll
+        for (int w = 0; w < kGemvWarps; ++w) s += partial[threadIdx.x][w];
+        logits[(size_t)(t0 + threadIdx.x) * kExperts + e] = s;
     }
 }
 

@@ -32,7 +32,8 @@ RENDER_ARCH = "sm_90"
 @dataclass(frozen=True)
 class RoutePlan:
     """The route stage: logits (GEMV, tiled SIMT GEMM or tensor-core GEMM), then select."""
-    warps: int = 8                  # warps per block of the GEMV and of the select kernel
+    warps: int = 8                  # warps per block of the select kernel
+    gemv_threads: int = 256         # block of the GEMV (one block per expert row, `gemv_threads`)
     gemv_tokens: int = 4            # tokens sharing one pass of the GEMV over a router row
     gemv_max_tokens: int = 16       # the GEMV up to this many tokens, a tiled GEMM above
     tile_m: int = 64                # tokens per tile of the tiled GEMMs
@@ -125,6 +126,12 @@ def vec_width(n: int, itemsize: int) -> int:
     return v
 
 
+def gemv_threads(hidden_vecs: int) -> int:
+    """Threads of the router GEMV's block (one router row): about two 16-byte vectors per
+    thread, a whole number of warps, 32 to 256."""
+    return max(32, min(256, 32 * -(-hidden_vecs // 64)))
+
+
 def arch_sms(target: str) -> int:
     """The multiprocessor count of ``target``'s reference GPU (`ARCH_SMS`, else DEFAULT_SMS)."""
     return ARCH_SMS.get(target, DEFAULT_SMS)
@@ -176,10 +183,12 @@ def plan(spec: MoESpec, target: str, tuning: dict, sms: int | None = None) -> Cu
     mma = cuda_tiles.use_mma(spec)
     # Batch-invariant: the router's GEMM (no GEMV below gemv_max_tokens) without split-K for
     # every token count, so a token's logits are summed in one order whatever T is.
-    route = (RoutePlan(tensor_cores=mma, gemv_max_tokens=0, max_splits=1) if spec.batch_invariant
-             else RoutePlan(tensor_cores=mma))
+    vec_h = vec_width(spec.hidden_dim, spec.dt.itemsize)
+    threads = gemv_threads(spec.hidden_dim // vec_h)
+    route = (RoutePlan(tensor_cores=mma, gemv_max_tokens=0, max_splits=1, gemv_threads=threads)
+             if spec.batch_invariant else RoutePlan(tensor_cores=mma, gemv_threads=threads))
     group = GroupPlan(warps=warps, fused_warps=min(16, warps))
-    return CudaPlan(sms=sms, vec_h=vec_width(spec.hidden_dim, spec.dt.itemsize),
+    return CudaPlan(sms=sms, vec_h=vec_h,
                     tensor_cores=mma, wgmma=cuda_tiles.use_wgmma(spec, target),
                     interleave=cuda_tiles.interleave(spec), route=route, group=group,
                     buckets=buckets, kernels=_kernel_names(spec, mma, buckets))

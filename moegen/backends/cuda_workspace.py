@@ -57,8 +57,8 @@ def launch_shapes(spec: MoESpec, plan: CudaPlan, tokens: int) -> LaunchShapes:
     r, g, sms = plan.route, plan.group, plan.sms
     kt = spec.top_k + spec.num_shared_experts
     if tokens <= r.gemv_max_tokens:
-        kernel, block, smem = "moe_route_logits_gemv", r.warps * 32, 0
-        grid, splits, chunk = (_cdiv(E, r.warps), max(1, _cdiv(tokens, r.gemv_tokens)), 1), 1, H
+        kernel, block, smem = "moe_route_logits_gemv", r.gemv_threads, 0
+        grid, splits, chunk = (E, max(1, _cdiv(tokens, r.gemv_tokens)), 1), 1, H
     else:
         # split-K over H when the token x expert tiles cannot fill the GPU
         step = r.mma_bk if r.tensor_cores else r.tile_k
