@@ -235,6 +235,7 @@ def render_context(spec: MoESpec, p: CudaPlan) -> dict:
         "route": p.route,
         "group": p.group,
         "combine_threads": p.combine_threads,
+        "combine_splits": sorted({b.ffn2_splits for b in p.buckets}),
         "capacity_threads": p.capacity_threads,
         **_ffn_context(spec, p),
     }
