@@ -247,8 +247,8 @@ def main(argv=None):
     ap.add_argument("--tokens", default=",".join(map(str, TOKENS)))
     ap.add_argument("--json", default=None)
     ap.add_argument("--tile", action="append", default=[],
-                    help="tile candidate KIND:BM:BN:WM:WN:STAGES[:MINBLOCKS] for bucket BM; KIND mma or "
-                         "wgmma, or mma-ffn1, wgmma-ffn2... for one GEMM only")
+                    help="tile candidate KIND:BM:BN:WM:WN:STAGES[:MINBLOCKS[:BK]] for bucket BM; KIND mma or "
+                         "wgmma, or mma-ffn1, wgmma-ffn2... for one GEMM only; BK 64 (default) or 128 (mma)")
     ap.add_argument("--no-baselines", action="store_true", help="time moegen only")
     ap.add_argument("--arch", default=None, help="target (default: sm_90a on sm_90 devices, else the device's)")
     args = ap.parse_args(argv)
@@ -258,7 +258,8 @@ def main(argv=None):
         if kind.endswith("-ffn1") or kind.endswith("-ffn2"):
             kind, stage = kind.rsplit("-", 1)
         table = cuda_tiles.WGMMA_TILES if kind == "wgmma" else cuda_tiles.MMA_TILES
-        tile = cuda_tiles.GemmTile(kind, int(bm), int(bn), cuda_tiles.MMA_BK, int(wm), int(wn), int(st),
+        bk = int(extra[1]) if len(extra) > 1 else cuda_tiles.MMA_BK
+        tile = cuda_tiles.GemmTile(kind, int(bm), int(bn), bk, int(wm), int(wn), int(st),
                                    min_blocks=int(extra[0]) if extra else 1)
         f1, f2 = table[int(bm)]
         table[int(bm)] = (tile if stage != "ffn2" else f1, tile if stage != "ffn1" else f2)

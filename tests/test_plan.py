@@ -112,7 +112,7 @@ def test_a_tile_changed_in_the_plan_reaches_render_workspace_and_launch(monkeypa
 
     # render
     old_src, new_src = render(base).text, render(changed).text
-    assert "ffn2_mma<32, 128, 2, 4, 3, 3>(" in new_src and "ffn2_mma<32, 128" not in old_src
+    assert "ffn2_mma<32, 128, 2, 4, 3, 3, 64>(" in new_src and "ffn2_mma<32, 128" not in old_src
     assert "moe_ffn2_mma_bm32_bn128_bk64_w2x4_s3_k3(" in new_src
     assert "constexpr int kRouteBM = 32;" in new_src and "constexpr int kRouteBM = 64;" in old_src
 

@@ -984,9 +984,11 @@ __device__ __forceinline__ void raster(int n_tiles, int& m, int& n)
     raster_at<GROUP_M>(blockIdx.x, gridDim.x / n_tiles, n_tiles, m, n);
 }
 
-template <int BM, int BN, int WM, int WN, int STAGES>
+// BK = 64 or 128: a stage holds BK / 64 panels of [rows][64] (each 128-byte row swizzled on its
+// own), so with BK = 128 a thread's two chunks of a row are 256 contiguous bytes of global memory.
+template <int BM, int BN, int WM, int WN, int STAGES, int BK = 64>
 struct MmaTile {
-    static constexpr int kBK = 64;
+    static constexpr int kBK = BK, kPanels = BK / 64;
     static constexpr int kWM = WM, kWN = WN, kStages = STAGES;
     static constexpr int kThreads = 32 * WM * WN;
     static constexpr int kWarpM = BM / WM, kWarpN = BN / WN;
@@ -995,8 +997,10 @@ struct MmaTile {
     // kThreads a multiple of 8 every thread keeps one k chunk and walks rows kRowStep apart.
     static constexpr int kRowStep = kThreads / 8;
     static constexpr int kAChunks = BM * 8 / kThreads, kBChunks = BN * 8 / kThreads;
-    static constexpr int kABytes = BM * 128, kStageBytes = (BM + BN) * 128;
+    static constexpr int kAPanelBytes = BM * 128, kBPanelBytes = BN * 128;
+    static constexpr int kABytes = kPanels * kAPanelBytes, kStageBytes = kPanels * (BM + BN) * 128;
     static constexpr int kSmem = STAGES * kStageBytes;
+    static_assert(BK == 64 || BK == 128, "k tile must be one or two 128-byte panels");
     static_assert(kWarpM % 16 == 0 && kWarpN % 16 == 0, "warp tile must be whole m16 x n16 blocks");
     static_assert((BM * 8) % kThreads == 0 && (BN * 8) % kThreads == 0, "tile chunks must split evenly");
     static_assert(STAGES >= 2, "pipeline needs two stages");
@@ -1010,17 +1014,22 @@ __device__ __forceinline__ void mma_load_tile(const elem_t* const (&a_rows)[Tile
                                               int k, int k_end, const elem_t* safe, unsigned base,
                                               int chunk, int row)
 {
-    const bool k_ok = k < k_end;
 #pragma unroll
-    for (int i = 0; i < Tile::kAChunks; ++i) {
-        const bool ok = k_ok && a_rows[i] != nullptr;
-        cp_async_16(base + swizzle(row + i * Tile::kRowStep, chunk), ok ? a_rows[i] + k : safe, ok);
-    }
+    for (int p = 0; p < Tile::kPanels; ++p) {
+        const int kp = k + p * 64;
+        const bool k_ok = kp < k_end;
 #pragma unroll
-    for (int j = 0; j < Tile::kBChunks; ++j) {
-        const bool ok = k_ok && b_rows[j] != nullptr;
-        cp_async_16(base + Tile::kABytes + swizzle(row + j * Tile::kRowStep, chunk),
-                    ok ? b_rows[j] + k : safe, ok);
+        for (int i = 0; i < Tile::kAChunks; ++i) {
+            const bool ok = k_ok && a_rows[i] != nullptr;
+            cp_async_16(base + p * Tile::kAPanelBytes + swizzle(row + i * Tile::kRowStep, chunk),
+                        ok ? a_rows[i] + kp : safe, ok);
+        }
+#pragma unroll
+        for (int j = 0; j < Tile::kBChunks; ++j) {
+            const bool ok = k_ok && b_rows[j] != nullptr;
+            cp_async_16(base + Tile::kABytes + p * Tile::kBPanelBytes + swizzle(row + j * Tile::kRowStep, chunk),
+                        ok ? b_rows[j] + kp : safe, ok);
+        }
     }
 }
 
@@ -1063,17 +1072,20 @@ __device__ __forceinline__ void mma_mainloop(float (&acc)[Tile::kMI][Tile::kNI][
         const unsigned a_base = smem + (kt % Tile::kStages) * Tile::kStageBytes;
         const unsigned b_base = a_base + Tile::kABytes;
 #pragma unroll
-        for (int ks = 0; ks < Tile::kBK / 16; ++ks) {
+        for (int kk = 0; kk < Tile::kBK / 16; ++kk) {
+            const int p = kk / 4, ks = kk % 4;            // panel, k16 step within it
+            const unsigned a_panel = a_base + p * Tile::kAPanelBytes;
+            const unsigned b_panel = b_base + p * Tile::kBPanelBytes;
             unsigned af[Tile::kMI][4], bf[Tile::kNI][2];
 #pragma unroll
             for (int mi = 0; mi < Tile::kMI; ++mi)
-                ldmatrix_x4(af[mi], a_base + swizzle(wm * Tile::kWarpM + mi * 16 + (lane & 15),
-                                                     ks * 2 + (lane >> 4)));
+                ldmatrix_x4(af[mi], a_panel + swizzle(wm * Tile::kWarpM + mi * 16 + (lane & 15),
+                                                      ks * 2 + (lane >> 4)));
 #pragma unroll
             for (int nj = 0; nj < Tile::kNI / 2; ++nj) {
                 unsigned r[4];
-                ldmatrix_x4(r, b_base + swizzle(wn * Tile::kWarpN + nj * 16 + (lane & 7) + ((lane >> 4) << 3),
-                                                ks * 2 + ((lane >> 3) & 1)));
+                ldmatrix_x4(r, b_panel + swizzle(wn * Tile::kWarpN + nj * 16 + (lane & 7) + ((lane >> 4) << 3),
+                                                 ks * 2 + ((lane >> 3) & 1)));
                 bf[2 * nj][0] = r[0]; bf[2 * nj][1] = r[1];
                 bf[2 * nj + 1][0] = r[2]; bf[2 * nj + 1][1] = r[3];
             }
@@ -1197,13 +1209,13 @@ __device__ __forceinline__ void ffn2_store(const float (&acc)[NI][4], int r16, i
 }
 
 // ffn1 on tensor cores (mma.sync): N runs over packed w13 rows.
-template <int BM, int BN, int WM, int WN, int STAGES>
+template <int BM, int BN, int WM, int WN, int STAGES, int BK>
 __device__ __forceinline__ void ffn1_mma(const elem_t* __restrict__ x, const elem_t* __restrict__ w,
                                          const int* __restrict__ sorted_rows, const int* __restrict__ tile_expert,
                                          const int* __restrict__ tile_row0, const int* __restrict__ num_tiles,
                                          elem_t* __restrict__ h)
 {
-    using Tile = MmaTile<BM, BN, WM, WN, STAGES>;
+    using Tile = MmaTile<BM, BN, WM, WN, STAGES, BK>;
     static_assert(!kGated || kInterleave == 8, "gated mma path needs the 8-row gate/up interleave");
     int tile, n_tile;
     raster<kGroupM>((kGateRows + BN - 1) / BN, tile, n_tile);
@@ -1232,14 +1244,14 @@ __device__ __forceinline__ void ffn1_mma(const elem_t* __restrict__ x, const ele
 
 // ffn2 on tensor cores (mma.sync), split-K over F: split z writes its partial sum to y_slot[z]
 // (b2 only in split 0), already times the routing weight; combine adds the splits in order.
-template <int BM, int BN, int WM, int WN, int STAGES, int SPLITS>
+template <int BM, int BN, int WM, int WN, int STAGES, int SPLITS, int BK>
 __device__ __forceinline__ void ffn2_mma(const elem_t* __restrict__ h, const elem_t* __restrict__ w,
                                          const int* __restrict__ sorted_rows, const int* __restrict__ tile_expert,
                                          const int* __restrict__ tile_row0, const int* __restrict__ num_tiles,
                                          const float* __restrict__ topk_weights, int slot_count,
                                          elem_t* __restrict__ y_slot)
 {
-    using Tile = MmaTile<BM, BN, WM, WN, STAGES>;
+    using Tile = MmaTile<BM, BN, WM, WN, STAGES, BK>;
     int tile, n_tile;
     raster<kGroupM>((kHidden + BN - 1) / BN, tile, n_tile);
     if (tile >= *num_tiles) return;
@@ -1275,7 +1287,7 @@ moe_ffn1_mma_bm16_bn64_bk64_w1x4_s4(const elem_t* __restrict__ x, const elem_t* 
     const int* __restrict__ sorted_rows, const int* __restrict__ tile_expert,
     const int* __restrict__ tile_row0, const int* __restrict__ num_tiles, elem_t* __restrict__ h)
 {
-    moe_ffn::ffn1_mma<16, 64, 1, 4, 4>(
+    moe_ffn::ffn1_mma<16, 64, 1, 4, 4, 64>(
         x, w, sorted_rows, tile_expert, tile_row0, num_tiles, h);
 }
 
@@ -1285,7 +1297,7 @@ moe_ffn2_mma_bm16_bn64_bk64_w1x4_s4_k3(const elem_t* __restrict__ h, const elem_
     const int* __restrict__ tile_row0, const int* __restrict__ num_tiles,
     const float* __restrict__ topk_weights, int slot_count, elem_t* __restrict__ y_slot)
 {
-    moe_ffn::ffn2_mma<16, 64, 1, 4, 4, 3>(
+    moe_ffn::ffn2_mma<16, 64, 1, 4, 4, 3, 64>(
         h, w, sorted_rows, tile_expert, tile_row0, num_tiles, topk_weights, slot_count, y_slot);
 }
 
@@ -1294,7 +1306,7 @@ moe_ffn1_mma_bm64_bn128_bk64_w2x4_s4(const elem_t* __restrict__ x, const elem_t*
     const int* __restrict__ sorted_rows, const int* __restrict__ tile_expert,
     const int* __restrict__ tile_row0, const int* __restrict__ num_tiles, elem_t* __restrict__ h)
 {
-    moe_ffn::ffn1_mma<64, 128, 2, 4, 4>(
+    moe_ffn::ffn1_mma<64, 128, 2, 4, 4, 64>(
         x, w, sorted_rows, tile_expert, tile_row0, num_tiles, h);
 }
 
@@ -1304,7 +1316,7 @@ moe_ffn2_mma_bm64_bn128_bk64_w2x4_s4_k2(const elem_t* __restrict__ h, const elem
     const int* __restrict__ tile_row0, const int* __restrict__ num_tiles,
     const float* __restrict__ topk_weights, int slot_count, elem_t* __restrict__ y_slot)
 {
-    moe_ffn::ffn2_mma<64, 128, 2, 4, 4, 2>(
+    moe_ffn::ffn2_mma<64, 128, 2, 4, 4, 2, 64>(
         h, w, sorted_rows, tile_expert, tile_row0, num_tiles, topk_weights, slot_count, y_slot);
 }
 
@@ -1313,7 +1325,7 @@ moe_ffn1_mma_bm128_bn256_bk64_w2x4_s4(const elem_t* __restrict__ x, const elem_t
     const int* __restrict__ sorted_rows, const int* __restrict__ tile_expert,
     const int* __restrict__ tile_row0, const int* __restrict__ num_tiles, elem_t* __restrict__ h)
 {
-    moe_ffn::ffn1_mma<128, 256, 2, 4, 4>(
+    moe_ffn::ffn1_mma<128, 256, 2, 4, 4, 64>(
         x, w, sorted_rows, tile_expert, tile_row0, num_tiles, h);
 }
 
@@ -1323,7 +1335,7 @@ moe_ffn2_mma_bm128_bn256_bk64_w2x4_s4_k1(const elem_t* __restrict__ h, const ele
     const int* __restrict__ tile_row0, const int* __restrict__ num_tiles,
     const float* __restrict__ topk_weights, int slot_count, elem_t* __restrict__ y_slot)
 {
-    moe_ffn::ffn2_mma<128, 256, 2, 4, 4, 1>(
+    moe_ffn::ffn2_mma<128, 256, 2, 4, 4, 1, 64>(
         h, w, sorted_rows, tile_expert, tile_row0, num_tiles, topk_weights, slot_count, y_slot);
 }
 
