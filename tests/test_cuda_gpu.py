@@ -250,7 +250,7 @@ def test_router_logit_kernels(name, T):
         ws.logits.fill(np.nan)
         fn = mod.function(kname)
         if kname.endswith("gemv"):
-            fn((-(-E // r.warps), -(-T // r.gemv_tokens)), (r.warps * 32,),
+            fn((E, -(-T // r.gemv_tokens)), (r.gemv_threads,),
                (xn, packed.router, ws.logits, np.int32(T)))
         elif kname.endswith("mma"):
             fn((-(-T // r.tile_m), -(-E // r.tile_n), 1), (r.mma_threads,),

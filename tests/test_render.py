@@ -87,7 +87,7 @@ def test_cuda_renders_carry_the_spec_numbers_where_they_belong(label):
     for b in plan.detail.buckets:
         t = b.ffn2
         call = (f"moe_ffn::ffn2_{t.kind}<{t.bm}, {t.bn}, {t.warps_m}, {t.warps_n}, {t.stages}, "
-                f"{b.ffn2_splits}>(" if t.kind == "mma" else None)
+                f"{b.ffn2_splits}, {t.bk}>(" if t.kind == "mma" else None)
         assert f"{b.ffn1_kernel}(" in text and f"{b.ffn2_kernel}(" in text
         if call:
             assert call in text, call

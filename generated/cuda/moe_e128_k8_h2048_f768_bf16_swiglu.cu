@@ -1282,41 +1282,41 @@ __device__ __forceinline__ void ffn2_mma(const elem_t* __restrict__ h, const ele
 }  // namespace moe_ffn
 
 // ---- entry points: one per tile configuration used by a token-count bucket ----------------
-extern "C" __global__ void __launch_bounds__(128, 4)
-moe_ffn1_mma_bm16_bn64_bk64_w1x4_s4(const elem_t* __restrict__ x, const elem_t* __restrict__ w,
+extern "C" __global__ void __launch_bounds__(128, 3)
+moe_ffn1_mma_bm16_bn64_bk128_w1x4_s3(const elem_t* __restrict__ x, const elem_t* __restrict__ w,
     const int* __restrict__ sorted_rows, const int* __restrict__ tile_expert,
     const int* __restrict__ tile_row0, const int* __restrict__ num_tiles, elem_t* __restrict__ h)
 {
-    moe_ffn::ffn1_mma<16, 64, 1, 4, 4, 64>(
+    moe_ffn::ffn1_mma<16, 64, 1, 4, 3, 128>(
         x, w, sorted_rows, tile_expert, tile_row0, num_tiles, h);
 }
 
-extern "C" __global__ void __launch_bounds__(128, 4)
-moe_ffn2_mma_bm16_bn64_bk64_w1x4_s4_k2(const elem_t* __restrict__ h, const elem_t* __restrict__ w,
+extern "C" __global__ void __launch_bounds__(128, 3)
+moe_ffn2_mma_bm16_bn64_bk128_w1x4_s3_k1(const elem_t* __restrict__ h, const elem_t* __restrict__ w,
     const int* __restrict__ sorted_rows, const int* __restrict__ tile_expert,
     const int* __restrict__ tile_row0, const int* __restrict__ num_tiles,
     const float* __restrict__ topk_weights, int slot_count, elem_t* __restrict__ y_slot)
 {
-    moe_ffn::ffn2_mma<16, 64, 1, 4, 4, 2, 64>(
+    moe_ffn::ffn2_mma<16, 64, 1, 4, 3, 1, 128>(
         h, w, sorted_rows, tile_expert, tile_row0, num_tiles, topk_weights, slot_count, y_slot);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 2)
-moe_ffn1_mma_bm64_bn128_bk64_w2x4_s4(const elem_t* __restrict__ x, const elem_t* __restrict__ w,
+moe_ffn1_mma_bm64_bn128_bk128_w2x4_s2(const elem_t* __restrict__ x, const elem_t* __restrict__ w,
     const int* __restrict__ sorted_rows, const int* __restrict__ tile_expert,
     const int* __restrict__ tile_row0, const int* __restrict__ num_tiles, elem_t* __restrict__ h)
 {
-    moe_ffn::ffn1_mma<64, 128, 2, 4, 4, 64>(
+    moe_ffn::ffn1_mma<64, 128, 2, 4, 2, 128>(
         x, w, sorted_rows, tile_expert, tile_row0, num_tiles, h);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 2)
-moe_ffn2_mma_bm64_bn128_bk64_w2x4_s4_k1(const elem_t* __restrict__ h, const elem_t* __restrict__ w,
+moe_ffn2_mma_bm64_bn128_bk128_w2x4_s2_k1(const elem_t* __restrict__ h, const elem_t* __restrict__ w,
     const int* __restrict__ sorted_rows, const int* __restrict__ tile_expert,
     const int* __restrict__ tile_row0, const int* __restrict__ num_tiles,
     const float* __restrict__ topk_weights, int slot_count, elem_t* __restrict__ y_slot)
 {
-    moe_ffn::ffn2_mma<64, 128, 2, 4, 4, 1, 64>(
+    moe_ffn::ffn2_mma<64, 128, 2, 4, 2, 1, 128>(
         h, w, sorted_rows, tile_expert, tile_row0, num_tiles, topk_weights, slot_count, y_slot);
 }
 
@@ -1456,5 +1456,4 @@ moe_combine(const elem_t* __restrict__ y_slot, elem_t* __restrict__ out, int tok
     const int c = (int)(chunk - t * kHiddenVecs) * kVecH;
     // the plan's split counts (one per bucket); splits is always one of them
     if (splits == 1) { combine_vec<1>(y_slot, out, t, c, tokens); return; }
-    if (splits == 2) { combine_vec<2>(y_slot, out, t, c, tokens); return; }
 }

@@ -10,9 +10,12 @@ Why these tiles (H100, 132 SMs):
 * ``bm16`` (decode: at most ~8 rows per expert on average).  The GEMMs are weight-bandwidth
   bound: every touched expert's weights must stream once at copy bandwidth.  A 16-row tile wastes
   no weight traffic, 64-column N tiles and (for ffn2, where N = H is small) split-K give several
-  CTAs per SM, and a 4-stage cp.async pipeline keeps ~24 KB of loads in flight per CTA.
+  CTAs per SM, and 128-wide k tiles (two swizzled panels) make each weight row's reads 256
+  contiguous bytes per stage: 3 stages, 3 CTAs per SM (H200: Mixtral T=8 GEMMs 0.700 -> 0.651 ms,
+  DeepSeek-V3 T=64 4.54 -> 4.34 ms against 64-wide k tiles; docs/PERF.md).
 * ``bm64`` (mid: up to ~48 rows per expert).  Weights are still read about once per expert
-  (one or two M tiles), now with 64x128 tiles and 8 warps so the tensor cores keep up.
+  (one or two M tiles), now with 64x128 tiles, 8 warps and 128-wide k tiles in 2 stages, 2 CTAs
+  per SM (H200: Mixtral T=64 0.747 -> 0.700 ms, DeepSeek-V3 T=512 5.71 -> 5.51 ms).
 * ``bm128`` (prefill): tensor-core bound.  On sm_90a: wgmma m64n256k16 (524 TFLOP/s on H100 at
   Mixtral T=16384), two warpgroups of
   64x256, 4 stages of 48 KB.  On plain sm_90 (no wgmma): mma.sync 128x256 tiles, 8 warps of
@@ -200,8 +203,8 @@ def _bucket_limits(spec: MoESpec) -> list[tuple[str, int, float]]:
 
 # Tensor-core tiles (ffn1, ffn2) of each bucket height.  Tuning candidates are swapped in here
 # by benchmarks/cuda_ffn_bench.py --tile.
-_DECODE = GemmTile("mma", 16, 64, MMA_BK, 1, 4, 4, min_blocks=4)
-_MID = GemmTile("mma", 64, 128, MMA_BK, 2, 4, 4, min_blocks=2)
+_DECODE = GemmTile("mma", 16, 64, 2 * MMA_BK, 1, 4, 3, min_blocks=3)
+_MID = GemmTile("mma", 64, 128, 2 * MMA_BK, 2, 4, 2, min_blocks=2)
 _PREFILL_MMA = GemmTile("mma", 128, 256, MMA_BK, 2, 4, 4)   # 0.56 of floor vs 0.48 for 128x128 (H100)
 MMA_TILES: dict[int, tuple[GemmTile, GemmTile]] = {
     16: (_DECODE, _DECODE),
@@ -229,8 +232,8 @@ WS_TILES: dict[int, GemmTile] = {
 WS_DEFAULT = True
 # Further tensor-core tiles `moegen tune` may try per bucket height (after the default).
 ALT_TILES: dict[int, tuple[GemmTile, ...]] = {
-    16: (GemmTile("mma", 16, 128, MMA_BK, 1, 4, 4, min_blocks=2),),
-    64: (GemmTile("mma", 64, 64, MMA_BK, 2, 2, 4, min_blocks=2),),
+    16: (GemmTile("mma", 16, 64, MMA_BK, 1, 4, 4, min_blocks=4), GemmTile("mma", 16, 128, MMA_BK, 1, 4, 4, min_blocks=2)),
+    64: (GemmTile("mma", 64, 128, MMA_BK, 2, 4, 4, min_blocks=2), GemmTile("mma", 64, 64, MMA_BK, 2, 2, 4, min_blocks=2)),
     128: (_PREFILL_MMA, GemmTile("mma", 128, 128, MMA_BK, 2, 4, 4)),
 }
 
