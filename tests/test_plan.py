@@ -101,8 +101,8 @@ def test_a_tile_changed_in_the_plan_reaches_render_workspace_and_launch(monkeypa
     base = make_plan(SPEC, "sm_90", {})
     bucket = base.detail.buckets[0]
     assert bucket.bm == 16 and bucket.ffn2.bn == 64
-    # the decode bucket gets 32-row tiles 128 wide, and 3 K splits
-    tile = cuda_tiles.GemmTile("mma", 32, 128, 64, 2, 4, 3, min_blocks=1)
+    # the decode bucket gets 32-row tiles 64 wide (a shape no default bucket uses), and 3 K splits
+    tile = cuda_tiles.GemmTile("mma", 32, 64, 64, 2, 2, 3, min_blocks=1)
     new_bucket = dataclasses.replace(bucket, bm=32, ffn1=tile, ffn2=tile, ffn2_splits=3,
                                      ffn1_kernel=f"moe_ffn1_{tile.tag}",
                                      ffn2_kernel=f"moe_ffn2_{tile.tag}_k3")
@@ -112,8 +112,8 @@ def test_a_tile_changed_in_the_plan_reaches_render_workspace_and_launch(monkeypa
 
     # render
     old_src, new_src = render(base).text, render(changed).text
-    assert "ffn2_mma<32, 128, 2, 4, 3, 3, 64>(" in new_src and "ffn2_mma<32, 128" not in old_src
-    assert "moe_ffn2_mma_bm32_bn128_bk64_w2x4_s3_k3(" in new_src
+    assert "ffn2_mma<32, 64, 2, 2, 3, 3, 64>(" in new_src and "ffn2_mma<32, 64, 2, 2" not in old_src
+    assert "moe_ffn2_mma_bm32_bn64_bk64_w2x2_s3_k3(" in new_src
     assert "constexpr int kRouteBM = 32;" in new_src and "constexpr int kRouteBM = 64;" in old_src
 
     # workspace and launch
@@ -125,10 +125,10 @@ def test_a_tile_changed_in_the_plan_reaches_render_workspace_and_launch(monkeypa
     assert ws1.sorted_rows.size == ws1.max_tiles * 32 and ws0.sorted_rows.size == ws0.max_tiles * 16
     (n1, grid1, block1, smem1), (n2, grid2, block2, smem2) = log1
     assert n1 == new_bucket.ffn1_kernel and n2 == new_bucket.ffn2_kernel
-    assert block1 == block2 == (tile.threads, 1, 1) == (256, 1, 1)
-    assert smem2 == tile.smem_bytes(2) == 3 * (32 + 128) * 64 * 2
+    assert block1 == block2 == (tile.threads, 1, 1) == (128, 1, 1)
+    assert smem2 == tile.smem_bytes(2) == 3 * (32 + 64) * 64 * 2
     m_tiles = min(T * 2, -(-T * 2 // 32) + 8)
-    assert grid2 == (m_tiles * -(-256 // 128), 1, 3)
+    assert grid2 == (m_tiles * -(-256 // 64), 1, 3)
     assert log0[1][1] == (min(T * 2, -(-T * 2 // 16) + 8) * -(-256 // 64), 1, bucket.ffn2_splits)
     # route launches follow the plan's route tile
     assert launch_shapes(SPEC, detail, 100).route_grid[0] == -(-100 // 32)
@@ -202,7 +202,7 @@ def test_every_stage_launches_the_plans_kernels_with_the_plans_blocks(spec, monk
     plan = make_plan(spec, spec.arch, {})
     cp, log = plan.detail, []
     m = _dry_module(plan, log)
-    for T in (0, 3, 17, 100, 9000):          # 9000 slots: past the one-block group
+    for T in (0, 3, 17, 50, 100, 9000):      # one per bucket; 9000 slots: past the one-block group
         ws = m.workspace(T)
         call = Call(x=0, packed=types.SimpleNamespace(buffer=0, router=0), out=0, tokens=T)
         for stage in m.stages:

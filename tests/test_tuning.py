@@ -131,7 +131,7 @@ def test_cuda_tiles_are_tunable():
     pytest.importorskip("cupy")
     spec = MoESpec(8, 2, 256, 512, dtype="bfloat16", backend="cuda", arch="sm_90")
     allowed = get_backend("cuda").tunables(spec)
-    assert sorted(allowed) == ["tile_bm128", "tile_bm16", "tile_bm64"]
+    assert sorted(allowed) == ["tile_bm128", "tile_bm16", "tile_bm32", "tile_bm64"]
     assert allowed["tile_bm128"][0] == "mma_bm128_bn256_bk64_w2x4_s4"
     fp32 = MoESpec(4, 2, 40, 24, backend="cuda", arch="sm_90")
     assert candidates(get_backend("cuda").tunables(fp32)) == [{}]

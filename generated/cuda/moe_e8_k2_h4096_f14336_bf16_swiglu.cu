@@ -1301,6 +1301,25 @@ moe_ffn2_mma_bm16_bn64_bk128_w1x4_s3_k3(const elem_t* __restrict__ h, const elem
         h, w, sorted_rows, tile_expert, tile_row0, num_tiles, topk_weights, slot_count, y_slot);
 }
 
+extern "C" __global__ void __launch_bounds__(128, 2)
+moe_ffn1_mma_bm32_bn128_bk128_w1x4_s2(const elem_t* __restrict__ x, const elem_t* __restrict__ w,
+    const int* __restrict__ sorted_rows, const int* __restrict__ tile_expert,
+    const int* __restrict__ tile_row0, const int* __restrict__ num_tiles, elem_t* __restrict__ h)
+{
+    moe_ffn::ffn1_mma<32, 128, 1, 4, 2, 128>(
+        x, w, sorted_rows, tile_expert, tile_row0, num_tiles, h);
+}
+
+extern "C" __global__ void __launch_bounds__(128, 2)
+moe_ffn2_mma_bm32_bn128_bk128_w1x4_s2_k2(const elem_t* __restrict__ h, const elem_t* __restrict__ w,
+    const int* __restrict__ sorted_rows, const int* __restrict__ tile_expert,
+    const int* __restrict__ tile_row0, const int* __restrict__ num_tiles,
+    const float* __restrict__ topk_weights, int slot_count, elem_t* __restrict__ y_slot)
+{
+    moe_ffn::ffn2_mma<32, 128, 1, 4, 2, 2, 128>(
+        h, w, sorted_rows, tile_expert, tile_row0, num_tiles, topk_weights, slot_count, y_slot);
+}
+
 extern "C" __global__ void __launch_bounds__(256, 2)
 moe_ffn1_mma_bm64_bn128_bk128_w2x4_s2(const elem_t* __restrict__ x, const elem_t* __restrict__ w,
     const int* __restrict__ sorted_rows, const int* __restrict__ tile_expert,

@@ -195,7 +195,7 @@ def _bucket_limits(spec: MoESpec) -> list[tuple[str, int, float]]:
     batch-invariant spec has the unbounded bucket alone: one tile per stage and no split-K for
     every token count, so a row's arithmetic does not depend on T."""
     if use_mma(spec):
-        limits = [("bm16", 16, 8.0), ("bm64", 64, 48.0), ("bm128", 128, math.inf)]
+        limits = [("bm16", 16, 8.0), ("bm32", 32, 24.0), ("bm64", 64, 48.0), ("bm128", 128, math.inf)]
     else:
         limits = [("bm16", 16, 8.0), ("bm64", 64, math.inf)]
     return limits[-1:] if spec.batch_invariant else limits
@@ -204,10 +204,12 @@ def _bucket_limits(spec: MoESpec) -> list[tuple[str, int, float]]:
 # Tensor-core tiles (ffn1, ffn2) of each bucket height.  Tuning candidates are swapped in here
 # by benchmarks/cuda_ffn_bench.py --tile.
 _DECODE = GemmTile("mma", 16, 64, 2 * MMA_BK, 1, 4, 3, min_blocks=3)
+_SMALL = GemmTile("mma", 32, 128, 2 * MMA_BK, 1, 4, 2, min_blocks=2)
 _MID = GemmTile("mma", 64, 128, 2 * MMA_BK, 2, 4, 2, min_blocks=2)
 _PREFILL_MMA = GemmTile("mma", 128, 256, MMA_BK, 2, 4, 4)   # 0.56 of floor vs 0.48 for 128x128 (H100)
 MMA_TILES: dict[int, tuple[GemmTile, GemmTile]] = {
     16: (_DECODE, _DECODE),
+    32: (_SMALL, _SMALL),
     64: (_MID, _MID),
     128: (_PREFILL_MMA, _PREFILL_MMA),
 }
