@@ -23,11 +23,15 @@ from __future__ import annotations
 import numpy as np
 
 from . import cuda_tiles, cuda_tma
+from .cuda_launch import Slot
 
 
 def _ptr(a):
-    """A kernel argument for a device array: CuPy arrays pass as they are, raw pointers
-    (ints, e.g. from torch tensors) as 64-bit values."""
+    """A kernel argument for a device array: CuPy arrays and recorded pointers
+    (`cuda_launch.Slot`) pass as they are, raw pointers (ints, e.g. from torch tensors) as
+    64-bit values."""
+    if type(a) is Slot:
+        return a
     if isinstance(a, (int, np.integer)):
         return np.uint64(a)
     return a
