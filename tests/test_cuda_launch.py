@@ -278,3 +278,48 @@ def test_a_failed_recording_launches_nothing_and_keeps_nothing(monkeypatch):
     assert m.log == [] and not m._programs and m._recorder is None
     m.enqueue(m.stages, ws, (0x1000, 0x2000, 0x3000, 0x4000, None, None, None), False, False)
     assert len(m._programs) == 1 and m.log
+
+
+class _DeviceArray:
+    """A device array by ``__cuda_array_interface__`` at a chosen address (nothing behind it:
+    the stand-in driver only reads the parameters)."""
+
+    def __init__(self, shape, typestr: str, ptr: int):
+        self.__cuda_array_interface__ = {"shape": tuple(shape), "typestr": typestr,
+                                         "data": (ptr, False), "strides": None, "version": 3}
+
+
+def test_kernel_hands_the_module_its_validated_pointers(monkeypatch):
+    """MoEKernel on a pointer-taking module: the launches read exactly the call's x, out,
+    weights and router_bias addresses (as the direct path launches them), and a misaligned x,
+    out or router_bias is refused before anything is launched."""
+    from moegen import arrays
+    from moegen.kernel import MoEKernel
+    from moegen.layout import PackedWeights
+    spec = SPECS[3]
+    m = _module(spec, monkeypatch)
+    monkeypatch.setattr(arrays, "_pointer_device", lambda ptr: "cuda:0")
+    m.native = lambda info: (m.check_aligned(info), info.obj)[1]     # no CuPy views here
+    k = MoEKernel(spec, m)
+    E, H, T = spec.num_experts, spec.hidden_dim, 5
+    ts = {"float16": "<f2", "float32": "<f4"}
+    router_shape = (E, H) if k.layout.router_order == "eh" else (H, E)
+    weights = PackedWeights(_DeviceArray((k.layout.total,), ts[spec.dtype], 0x7000000),
+                            _DeviceArray(router_shape, ts[spec.router_dt.name], 0x8000000), k.layout)
+    x = _DeviceArray((T, H), ts[spec.dtype], 0x1000000)
+    out = _DeviceArray((T, H), ts[spec.dtype], 0x2000000)
+    bias = _DeviceArray((E,), "<f4", 0x3000000)
+    k(x, weights, out=out, router_bias=bias)
+    replayed = list(m.log)
+    m.log.clear()
+    _direct(m, m.stages, m.workspace(T),
+            (0x1000000, 0x2000000, 0x7000000, 0x8000000, 0x3000000, None, None), False)
+    assert replayed == m.log
+    m.log.clear()
+    for bad in (dict(x=_DeviceArray((T, H), ts[spec.dtype], 0x1000002)),
+                dict(out=_DeviceArray((T, H), ts[spec.dtype], 0x2000004)),
+                dict(router_bias=_DeviceArray((E,), "<f4", 0x3000002))):
+        args = {"x": x, "out": out, "router_bias": bias, **bad}
+        with pytest.raises(ValueError, match="aligned"):
+            k(args.pop("x"), weights, **args)
+    assert m.log == []

@@ -234,6 +234,9 @@ class CudaModule:
         self._torch_stream = None
         self._launchers = (cupy.cuda.driver.launchKernel, cupy.cuda.runtime.memsetAsync)
         self._storage_names = arrays.storage_dtypes(self.spec.dtype, self.device_kind)
+        dt = self.spec.dt
+        self._activation_align = max(vec_width(self.spec.hidden_dim, dt.itemsize) * dt.itemsize,
+                                     cuda_tiles.x_alignment(self.spec))
 
     def kernel_names(self) -> list[str]:
         return list(self.plan.kernels)
@@ -293,9 +296,7 @@ class CudaModule:
         if (info.dtype not in self._storage_names or not info.shape
                 or info.shape[-1] != self.spec.hidden_dim):
             return 4
-        dt = self.spec.dt
-        return max(vec_width(self.spec.hidden_dim, dt.itemsize) * dt.itemsize,
-                   cuda_tiles.x_alignment(self.spec))
+        return self._activation_align
 
     def empty_like(self, info):
         """An uninitialised array of the user's kind: torch in -> torch out, else CuPy."""
