@@ -12,6 +12,7 @@ the module, the h map made once with the bucket's workspace (``ws.h_map``).
 
 What they read:
     module.spec, module.plan (`CudaPlan`), module.layout, module.function(name) -> cupy.RawKernel
+    (or, while `CudaModule.enqueue` records a call, a `cuda_launch.RecordingKernel`)
     ws.bucket (a `cuda_tiles.BucketConfig`), ws.tokens, ws.sorted_rows, ws.tile_expert,
     ws.tile_row0, ws.num_tiles, ws.h, ws.y_slot, ws.topk_weights (and ws.sched1, ws.sched2,
     ws.h_map for persistent tiles)
