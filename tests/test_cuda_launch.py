@@ -321,3 +321,57 @@ def test_kernel_hands_the_module_its_validated_pointers(monkeypatch):
         with pytest.raises(ValueError, match="aligned"):
             k(args.pop("x"), weights, **args)
     assert m.log == []
+
+
+# -- the parameter kinds against the compiled kernels (NVRTC, no GPU) --------------------------
+_KPARAM_INFO = 0x17       # EIATTR_KPARAM_INFO in a cubin's .nv.info.<kernel> section
+
+
+def _cubin_param_sizes(cubin: bytes) -> dict[str, dict[int, int]]:
+    """Kernel name -> {parameter ordinal: bytes}, from the KPARAM_INFO attributes of the cubin
+    (an ELF64 file): each is (index u32, ordinal u16, offset u16, flags u32) with the size in
+    the flags' top 14 bits."""
+    import struct
+    shoff, = struct.unpack_from("<Q", cubin, 0x28)
+    entsize, count, strndx = struct.unpack_from("<HHH", cubin, 0x3A)
+    secs = [struct.unpack_from("<IIQQQQ", cubin, shoff + i * entsize) for i in range(count)]
+    names_at = secs[strndx][4]
+
+    def name(o):
+        return cubin[names_at + o:cubin.index(b"\0", names_at + o)].decode()
+    out = {}
+    for sname, _, _, _, off, size in secs:
+        n = name(sname)
+        if not n.startswith(".nv.info."):
+            continue
+        params, p = {}, off
+        while p + 4 <= off + size:
+            fmt, attr, value = cubin[p], cubin[p + 1], struct.unpack_from("<H", cubin, p + 2)[0]
+            if fmt != 4:              # no value, byte or half value: 4 bytes in all
+                p += 4
+                continue
+            if attr == _KPARAM_INFO:
+                _, ordinal, _, flags = struct.unpack_from("<IHHI", cubin, p + 4)
+                params[ordinal] = flags >> 18
+            p += 4 + value
+        out[n[len(".nv.info."):]] = params
+    return out
+
+
+@pytest.mark.nvrtc
+@pytest.mark.parametrize("spec", [SPECS[0], SPECS[2]], ids=lambda s: s.name)
+def test_parameter_kinds_have_the_compiled_kernels_sizes(spec):
+    """Every kernel's parameter kinds (parsed from the rendered source) have the byte sizes
+    the compiled cubin declares, which is what cuLaunchKernel copies from each pointer."""
+    from moegen.backends.cuda import CudaBackend
+    be = CudaBackend()
+    if not be.can_compile():
+        pytest.skip("CuPy/NVRTC not installed")
+    plan = make_plan(spec, spec.arch, {})
+    sources = be.render(plan)
+    cubin = be.compile(sources, spec, spec.arch, "t" * 64).binary
+    compiled = _cubin_param_sizes(cubin)
+    kinds = cuda_launch.signatures(sources.text)
+    for name in plan.detail.kernels:
+        want = {i: cuda_launch.KINDS[k][0] for i, k in enumerate(kinds[name])}
+        assert compiled[name] == want, name
