@@ -10,8 +10,9 @@ The calls are timed interleaved (each round times every row once, in batches of 
 calls), so a load change on a shared machine hits every row alike; each row's figure is the
 median over ``--rounds`` rounds, and the overhead is the median of the per-round differences
 to the raw call, with its spread (the rounds' 25th and 75th percentiles).  ``--parts`` also
-times the host-side pieces of a call (describe, native views, output allocation, weights
-lookup, workspace).  Prints a table and writes JSON.
+times the host-side pieces of a call (describe, output allocation, weights lookup, workspace;
+on c the NumPy view, on cuda the alignment check, torch's stream and the replay of the
+recorded launches).  Prints a table and writes JSON.
 
     python benchmarks/torch_overhead.py [--backend c|cuda] [--rounds 60] [--batch 200]
                                         [--parts] [--json out.json]
