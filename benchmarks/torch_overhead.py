@@ -10,8 +10,9 @@ The calls are timed interleaved (each round times every row once, in batches of 
 calls), so a load change on a shared machine hits every row alike; each row's figure is the
 median over ``--rounds`` rounds, and the overhead is the median of the per-round differences
 to the raw call, with its spread (the rounds' 25th and 75th percentiles).  ``--parts`` also
-times the host-side pieces of a call (describe, native views, output allocation, weights
-lookup, workspace).  Prints a table and writes JSON.
+times the host-side pieces of a call (describe, output allocation, weights lookup, workspace;
+on c the NumPy view, on cuda the alignment check, torch's stream and the replay of the
+recorded launches).  Prints a table and writes JSON.
 
     python benchmarks/torch_overhead.py [--backend c|cuda] [--rounds 60] [--batch 200]
                                         [--parts] [--json out.json]
@@ -64,23 +65,31 @@ def interleaved(rows: dict, rounds: int, batch: int, sync) -> dict[str, list[flo
 
 
 def _parts(kernel, block, x):
-    """The host-side pieces of one torch call on their own (no launch)."""
+    """The host-side pieces of one torch call on their own: on the c backend the native
+    (NumPy) view the stages take; on cuda the alignment check, torch's stream and the replay
+    of the recorded launches (`CudaModule.enqueue`: the launches' host time alone)."""
     from moegen import arrays
     from moegen.torch.ops import kernel_for, packed_weights
     mod, handle = kernel.module, block.handle
     info = arrays.describe(x, "x")
-    nx = mod.native(info)
-    return {
+    parts = {
         "part: describe(x)": lambda: arrays.describe(x, "x"),
-        "part: module.native(x)": lambda: mod.native(info),
         "part: module.empty_like(x)": lambda: mod.empty_like(info),
         "part: kernel_for(handle)": lambda: kernel_for(handle),
         "part: packed_weights lookup": lambda: packed_weights(kernel, handle, block.packed,
                                                               block.router),
         "part: module.workspace(1)": lambda: mod.workspace(1),
-        **({"part: stream lookup (cuda)": lambda: mod._stream_of(nx)}
-           if kernel.backend == "cuda" else {}),
     }
+    if kernel.backend != "cuda":
+        return {**parts, "part: module.native(x)": lambda: mod.native(info)}
+    out = torch.empty_like(x)
+    checked = kernel._check_weights(packed_weights(kernel, handle, block.packed, block.router))
+    ptrs = (x.data_ptr(), out.data_ptr(), *checked.ptrs, None, None, None)
+    ws = mod.workspace(1)
+    return {**parts,
+            "part: check_aligned(x)": lambda: mod.check_aligned(info),
+            "part: torch stream lookup": mod._torch_stream_ptr,
+            "part: enqueue (replay launches)": lambda: mod.enqueue(kernel.stages, ws, ptrs, False, True)}
 
 
 def main() -> None:

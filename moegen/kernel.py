@@ -54,6 +54,9 @@ class MoEKernel:
         # (user's array, module's native view) of a new output in one step, where the module
         # has it (the c backend: NumPy memory shared with torch, no second conversion)
         self._empty_native = getattr(module, "empty_native", None)
+        # Modules that take the call's data pointers and replay pre-packed launches (cuda):
+        # no per-call array views.
+        self._enqueue = getattr(module, "enqueue", None)
 
     # -- identity ----------------------------------------------------------------------------
     @property
@@ -200,6 +203,7 @@ class MoEKernel:
         shapes = {"buffer": (self.layout.total,),
                   "router": (E, H) if self.layout.router_order == "eh" else (H, E)}
         native = {"router": None}
+        ptrs = {"router": None}
         for part, shape in shapes.items():
             if getattr(weights, part) is None:
                 continue
@@ -211,7 +215,9 @@ class MoEKernel:
                 raise ValueError(f"{name} must start on a {_WEIGHT_ALIGN}-byte boundary (the cuda "
                                  f"kernels use vector loads), got address {info.ptr:#x}")
             native[part] = self._module.native(info)
+            ptrs[part] = info.ptr
         checked = PackedWeights(native["buffer"], native["router"], self.layout, weights.expert_ids)
+        checked.__dict__["ptrs"] = (ptrs["buffer"], ptrs["router"])   # for pointer-taking modules
         weights.__dict__["_native"] = (self, weights.buffer, weights.router, checked)
         return checked
 
@@ -264,6 +270,9 @@ class MoEKernel:
         oinfo = self._check_out(out, xinfo)
         binfo = self._check_router_bias(router_bias)
         rinfo = self._check_routing(topk_ids, topk_weights, tokens) if topk_ids is not None else None
+        if self._enqueue is not None:
+            return self._run_pointers(stages, xinfo, tokens, weights, out, oinfo, binfo, rinfo,
+                                      want_stats)
         mod = self._module
         native_out = None
         if out is None:
@@ -282,6 +291,25 @@ class MoEKernel:
                     want_stats=want_stats, x_ptr=xinfo.ptr, out_ptr=oinfo.ptr)
         for stage in stages:
             mod.run_stage(stage, ws, call)
+        return out, ws
+
+    def _run_pointers(self, stages, xinfo, tokens, weights, out, oinfo, binfo, rinfo, want_stats):
+        """`_run` for a module that takes data pointers (`CudaModule.enqueue`): the validated
+        arrays' addresses go to the module as they are; the alignment the kernels need is
+        checked here, as the module's ``native`` views check it."""
+        mod = self._module
+        for info in (xinfo, oinfo, binfo) + (rinfo or ()):
+            if info is not None:
+                mod.check_aligned(info)
+        if out is None:
+            out, out_ptr = mod.new_output(xinfo)
+        else:
+            out_ptr = oinfo.ptr
+        ws = mod.workspace(tokens)
+        buf, router = weights.ptrs
+        ptrs = (xinfo.ptr, out_ptr, buf, router, binfo.ptr if binfo else None,
+                rinfo[0].ptr if rinfo else None, rinfo[1].ptr if rinfo else None)
+        self._enqueue(stages, ws, ptrs, want_stats, xinfo.kind == "torch")
         return out, ws
 
     def __call__(self, x, weights: PackedWeights, *, router_bias=None, out=None,

@@ -745,3 +745,94 @@ def test_bad_inputs_rejected_and_out_untouched():
         k.experts(xd, packed, cp.asarray(bad), cp.ones((20, spec.top_k), cp.float32), out=out)
     cp.cuda.Device().synchronize()
     assert bool(cp.isnan(out).all()), "a rejected call wrote to out"
+
+
+# -- the recorded launch programs (moegen.backends.cuda_launch) ------------------------------
+def _direct_layer(k, xd, packed, out, bias):
+    """The layer through the direct path (each stage launched by CuPy's RawKernel, on CuPy
+    views of the arrays), as before launches were recorded and replayed."""
+    from moegen.backends.base import Call
+    mod = k.module
+    T = int(np.prod(xd.shape[:-1]))
+    w = k._check_weights(packed)
+    call = Call(x=mod.native(arrays.describe(xd, "x")), packed=w,
+                out=mod.native(arrays.describe(out, "out")), tokens=T,
+                router_bias=None if bias is None else mod.native(arrays.describe(bias, "router_bias")))
+    ws = mod.workspace(T)
+    for stage in k.stages:
+        mod.run_stage(stage, ws, call)
+
+
+@pytest.mark.parametrize("name", ["e8-k2-h512-f2048-bf16-swiglu", "e64-k6-h1000-f1408-fp16-geglu-topksm-bias",
+                                  "cap-e16-k4-h256-f128-bf16-token-raw", "e2-k1-h100-f1000-fp32-relu"])
+def test_replayed_calls_follow_new_arrays_weights_and_token_counts(name):
+    """Calls replay recorded launch programs: token counts interleaved across buckets, and on
+    every call new x / out / router_bias arrays and the other of two packed weights, so each
+    replay must read the pointers of its own call.  Every output (NaN-poisoned first) against
+    the float64 reference, and bitwise equal to the direct RawKernel path's."""
+    spec = ALL_SPECS[name]
+    k = kernel_for(name)
+    w1, packed1 = weights_for(name)
+    _, w2 = reference.random_problem(spec, 0, seed=5)
+    packed2 = k.pack(**reference.weight_kwargs(spec, w2), router_layout="eh")
+    counts = (1, 17, 1, 300, 16, 17, 1, 129, 300) + ((3000, 1) if name in LARGE_LAYER else ())
+    for i, T in enumerate(counts):
+        w, packed = (w1, packed1) if i % 2 else (w2, packed2)
+        x = random_x(spec, T, seed=300 + i)
+        xd = to_device(x)
+        bias = (np.random.default_rng(i).standard_normal(spec.num_experts) * 0.1).astype(np.float32)
+        b = cp.asarray(bias) if i % 3 else None
+        out = poisoned_like(xd)
+        assert k(xd, packed, out=out, router_bias=b) is out
+        ids, wts = k.route(xd, packed, router_bias=b)
+        ref, _ = reference.moe(spec, x, w, topk_ids=cp.asnumpy(ids), topk_weights=cp.asnumpy(wts))
+        err = reference.rel_error(to_host(out), ref)
+        assert err <= spec.dt.tolerance, (T, i, err)
+        direct = poisoned_like(xd)
+        _direct_layer(k, xd, packed, direct, b)
+        cp.cuda.Device().synchronize()
+        assert to_host(direct).tobytes() == to_host(out).tobytes(), (T, i)
+
+
+def test_graph_captures_a_replay_with_other_pointers():
+    """A capture after the call shape was recorded with other arrays: the captured launches
+    read the captured call's arrays (new x and out), and replay correctly on new inputs."""
+    name = "e64-k6-h1000-f1408-fp16-geglu-topksm-bias"
+    T = 1
+    spec, k, x, w, packed, bias, xd = problem(name, T, seed=4)
+    k(xd, packed, out=poisoned_like(xd))                 # recorded with these pointers
+    cp.cuda.Device().synchronize()
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        x2d = cp.asarray(random_x(spec, T, seed=5))
+        out = poisoned_like(x2d)
+        stream.begin_capture()
+        k(x2d, packed, out=out)
+        graph = stream.end_capture()
+        x3 = random_x(spec, T, seed=6)
+        x2d[...] = cp.asarray(x3)
+        graph.launch()
+        stream.synchronize()
+    ids, wts = k.route(x2d, packed)
+    ref, _ = reference.moe(spec, x3, w, topk_ids=cp.asnumpy(ids), topk_weights=cp.asnumpy(wts))
+    assert reference.rel_error(to_host(out), ref) <= spec.dt.tolerance
+
+
+def test_experts_and_stats_replay_with_new_routing_arrays():
+    """experts() with caller routing (topk arrays as pointers) and return_stats (a memset in
+    the program): each call's own arrays, against the reference, three calls in a row."""
+    name = "e64-k6-h1000-f1408-fp16-geglu-topksm-bias"
+    T = 33
+    spec, k, x, w, packed, bias, xd = problem(name, T, seed=8)
+    for seed in (1, 2, 3):
+        rng = np.random.default_rng(seed)
+        ids = np.stack([rng.permutation(spec.num_experts)[:spec.top_k] for _ in range(T)]).astype(np.int32)
+        wts = rng.random((T, spec.top_k)).astype(np.float32)
+        out = poisoned_like(xd)
+        k.experts(xd, packed, cp.asarray(ids), cp.asarray(wts), out=out)
+        ref, _ = reference.moe(spec, x, w, topk_ids=ids, topk_weights=wts)
+        assert reference.rel_error(to_host(out), ref) <= spec.dt.tolerance
+        _, stats = k(xd, packed, return_stats=True)
+        r_ids, _ = k.route(xd, packed)
+        counts = np.bincount(cp.asnumpy(r_ids).reshape(-1), minlength=spec.num_experts)
+        np.testing.assert_array_equal(stats.tokens_per_expert, counts)

@@ -105,3 +105,73 @@ def test_decode_graph_example_runs():
     proc = subprocess.run([sys.executable, str(root / "examples" / "decode_graph.py"), "--steps", "20"],
                           capture_output=True, text=True, timeout=600, cwd=root)
     assert proc.returncode == 0 and "replay == eager: OK" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_launches_follow_the_current_torch_stream():
+    """x is written on a side stream behind a long sleep; the block and the op called on that
+    stream must run after the write (on torch's current stream), so both see the new x."""
+    spec = SPECS[0]
+    w, kw = _cuda_weights(spec)
+    block = MoEBlock(spec, kw)
+    x1, _ = R.random_problem(spec, 3, seed=11)
+    x2, _ = R.random_problem(spec, 3, seed=12)
+    dev = lambda a: torch.from_numpy(R.f64(a).astype(np.float32)).to(torch.bfloat16).cuda()  # noqa: E731
+    xs, new = dev(x1), dev(x2)
+    block(xs)                                       # recorded on the default stream
+    torch.cuda.synchronize()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        torch.cuda._sleep(100_000_000)              # ~50 ms of GPU time ahead of the write
+        xs.copy_(new)
+        y = block(xs)
+        y2 = torch.ops.moegen.moe(xs, block.packed, block.router, None, block.handle)
+    torch.cuda.synchronize()
+    ref, _ = R.moe(spec, x2, w)
+    assert R.rel_error(y.float().cpu().numpy(), ref) <= spec.dt.tolerance
+    assert torch.equal(y, y2)
+
+
+def test_op_host_time_is_near_the_raw_call():
+    """The torch op's host time over the raw callable's, both replaying recorded launches
+    (a loose bound for a shared machine; benchmarks/torch_overhead.py measures it)."""
+    import time
+    from moegen.torch.ops import packed_weights
+    spec = SPECS[0]
+    _, kw = _cuda_weights(spec)
+    block = MoEBlock(spec, kw)
+    x = torch.randn(1, spec.hidden_dim, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty_like(x)
+    k, op = block.kernel, torch.ops.moegen.moe
+    packed = packed_weights(k, block.handle, block.packed, block.router)
+
+    def best(fn, n=200, rounds=15):
+        times = []
+        for _ in range(rounds):
+            t = time.perf_counter()
+            for _ in range(n):
+                fn()
+            times.append((time.perf_counter() - t) / n)
+            torch.cuda.synchronize()
+        return min(times) * 1e6
+    with torch.no_grad():
+        raw = best(lambda: k(x, packed, out=out))
+        via_op = best(lambda: op(x, block.packed, block.router, None, block.handle))
+    assert via_op - raw < 15, (raw, via_op)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_call_with_another_device_current_runs_on_the_kernels_device():
+    """Tensors on the kernel's device while another device is current: the launches go to
+    the kernel's device (and torch's stream there)."""
+    spec = SPECS[0]
+    w, kw = _cuda_weights(spec)
+    block = MoEBlock(spec, kw)
+    x, _ = R.random_problem(spec, 5, seed=13)
+    xt = torch.from_numpy(R.f64(x).astype(np.float32)).to(torch.bfloat16).to(block.packed.device)
+    want = block(xt)
+    other = 1 if block.kernel.device_index == 0 else 0
+    with torch.cuda.device(other):
+        y = block(xt)
+    torch.cuda.synchronize()
+    assert torch.equal(y, want)

@@ -18,17 +18,20 @@ import dataclasses
 import logging
 import os
 import tempfile
+import threading
 import time
+from collections import OrderedDict
+from typing import NamedTuple
 
 import numpy as np
 
-from .. import settings
+from .. import arrays, settings
 from ..errors import SpecError
 from ..reference import capacity as expert_capacity
 from ..render import render_files
 from ..spec import MoESpec
-from . import cuda_plan, cuda_tiles
-from .base import STAGES, Artifact, Sources
+from . import cuda_launch, cuda_plan, cuda_tiles
+from .base import STAGES, Artifact, Call, Sources
 from .cuda_ffn import launch_ffn1, launch_ffn2
 from .cuda_nvrtc import compile_cubin, nvrtc_version
 from .cuda_plan import CudaPlan, vec_width
@@ -77,8 +80,7 @@ class CudaBackend:
 
     def render(self, plan) -> Sources:
         """The one .cu source of a `moegen.plan.KernelPlan`, rendered from the plan alone."""
-        files = render_files(self.templates, cuda_plan.render_context(plan.spec, plan.detail))
-        return Sources(backend=self.name, files=files, entry=next(iter(files)))
+        return render_sources(plan.spec, plan.detail)
 
     def sm_count(self, target: str) -> int | None:
         """Multiprocessors of the current device when it is of ``target``'s arch, else None
@@ -139,6 +141,12 @@ class CudaBackend:
 
 
 # ---------------------------------------------------------------------------------------------
+def render_sources(spec: MoESpec, plan: CudaPlan) -> Sources:
+    """The one .cu source of ``spec``'s `CudaPlan` (pure)."""
+    files = render_files(CudaBackend.templates, cuda_plan.render_context(spec, plan))
+    return Sources(backend=CudaBackend.name, files=files, entry=next(iter(files)))
+
+
 def _load_raw_module(cubin: bytes):
     """A cupy.RawModule over the cubin bytes (through a private temp file, removed at once)."""
     import cupy
@@ -158,12 +166,37 @@ def _arg(a):
     return np.uint64(0) if a is None else a
 
 
+# Recorded launch programs kept per module (an LRU): one per call shape in use (stages, token
+# count, optional arrays given); a decode loop uses one, a server a few token counts.
+PROGRAMS_KEPT = 32
+
+
+class _Packed(NamedTuple):
+    """The packed weights as a recorded call's stages see them (`cuda_launch.Slot` pointers)."""
+    buffer: object
+    router: object
+
+
+def _torch_stream_getter():
+    """A function: device index -> torch's current raw stream handle there."""
+    import torch  # optional heavy package: only torch inputs ask for torch's stream
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)   # what torch.compile's code calls
+    if raw is not None:
+        return raw
+    return lambda index: torch.cuda.current_stream(index).cuda_stream
+
+
 class CudaModule:
     """One loaded cubin for one spec (the Module contract of moegen.backends.base).
 
     Launches go to the current CuPy stream, or torch's current stream when the call's x is a
     torch tensor; nothing here synchronises or allocates inside a call once the call's bucket
     has its workspace, so calls can be captured in a CUDA graph.
+
+    `enqueue` (what `moegen.kernel.MoEKernel` calls) takes the call's data pointers and replays
+    the call's launches, recorded once per call shape and packed for ``cuLaunchKernel``
+    (`moegen.backends.cuda_launch`); `run_stage` launches one stage directly through CuPy
+    (profiling, the distributed layer).  Both run the same stage code.
     """
 
     device_kind = "cuda"
@@ -181,17 +214,45 @@ class CudaModule:
         self._functions: dict = {}
         self._workspaces: dict = {}
         self._external_streams: dict = {}     # torch stream handle -> CuPy wrapper
+        self._recorder = None                 # the steps list while a call is recorded
         for name in self.kernel_names():       # a cubin missing a kernel is a bad binary
             self.function(name)
+        self._init_launch_path(cupy)
+
+    def _init_launch_path(self, cupy) -> None:
+        """The state of `enqueue`: parameter kinds from the source the cubin was built from,
+        the recorded programs, and the driver entry points, resolved once (``cupy``: the CuPy
+        module, or a stand-in with the same entry points)."""
+        self._recorder = None
+        self._kinds = cuda_launch.signatures(render_sources(self.spec, self.plan).text)
+        self._programs: OrderedDict = OrderedDict()
+        self._recording_kernels: dict = {}
+        self._lock = threading.Lock()
+        self._device_id = int(self.device.id)
+        self._get_device = cupy.cuda.runtime.getDevice
+        self._cupy_stream = cupy.cuda.get_current_stream
+        self._torch_stream = None
+        self._launchers = (cupy.cuda.driver.launchKernel, cupy.cuda.runtime.memsetAsync)
+        self._storage_names = arrays.storage_dtypes(self.spec.dtype, self.device_kind)
+        dt = self.spec.dt
+        self._activation_align = max(vec_width(self.spec.hidden_dim, dt.itemsize) * dt.itemsize,
+                                     cuda_tiles.x_alignment(self.spec))
 
     def kernel_names(self) -> list[str]:
         return list(self.plan.kernels)
 
     def function(self, name: str):
-        """The cupy.RawKernel ``name`` of this cubin (cached)."""
+        """The cupy.RawKernel ``name`` of this cubin (cached); while a call is recorded, its
+        `cuda_launch.RecordingKernel`."""
         fn = self._functions.get(name)
         if fn is None:
             fn = self._functions[name] = self._raw.get_function(name)
+        if self._recorder is not None:
+            rec = self._recording_kernels.get(name)
+            if rec is None:
+                rec = self._recording_kernels[name] = cuda_launch.RecordingKernel(
+                    fn, name, self._record_launch)
+            return rec
         return fn
 
     # -- arrays ------------------------------------------------------------------------------
@@ -202,15 +263,19 @@ class CudaModule:
             a = a.view(np.uint16)
         return self.xp.asarray(a)
 
-    def native(self, info):
-        """CuPy arrays as they are; torch tensors and __cuda_array_interface__ objects as
-        zero-copy CuPy views of their memory (bf16 as uint16); the source object stays alive
-        as the memory's owner."""
+    def check_aligned(self, info) -> None:
+        """ValueError when the array's data is not aligned as the kernels read it."""
         align = self._alignment(info)
         if info.ptr % align:
             raise ValueError(f"a {info.dtype} device array of shape {tuple(info.shape)} starts at "
                              f"{info.ptr:#x}, not {align}-byte aligned (a sliced view?): the cuda "
                              f"kernels use {align}-byte loads; pass a fresh contiguous array")
+
+    def native(self, info):
+        """CuPy arrays as they are; torch tensors and __cuda_array_interface__ objects as
+        zero-copy CuPy views of their memory (bf16 as uint16); the source object stays alive
+        as the memory's owner."""
+        self.check_aligned(info)
         if info.kind == "cupy":
             return info.obj
         if info.kind not in ("torch", "cuda_array_interface"):
@@ -225,19 +290,27 @@ class CudaModule:
 
     def _alignment(self, info) -> int:
         """Byte alignment the kernels need of an array's data: activations are read in vectors
-        (and by cp.async in the tensor-core GEMMs), everything else element by element."""
-        if info.dtype != self.spec.dtype or not info.shape or info.shape[-1] != self.spec.hidden_dim:
+        (and by cp.async in the tensor-core GEMMs), everything else element by element.  An
+        activation is an [..., H] array of the spec dtype or its storage alias (bf16 bits as
+        uint16 in CuPy)."""
+        if (info.dtype not in self._storage_names or not info.shape
+                or info.shape[-1] != self.spec.hidden_dim):
             return 4
-        dt = self.spec.dt
-        return max(vec_width(self.spec.hidden_dim, dt.itemsize) * dt.itemsize,
-                   cuda_tiles.x_alignment(self.spec))
+        return self._activation_align
 
     def empty_like(self, info):
         """An uninitialised array of the user's kind: torch in -> torch out, else CuPy."""
+        return self.new_output(info)[0]
+
+    def new_output(self, info):
+        """(an uninitialised contiguous array like x, of the user's kind: torch in -> torch
+        out, else CuPy; its data pointer)."""
         if info.kind == "torch":
-            import torch
-            return torch.empty(info.shape, dtype=info.obj.dtype, device=info.obj.device)
-        return self.xp.empty(info.shape, storage_dtype(self.spec))
+            import torch  # optional heavy package: only torch inputs get torch outputs
+            out = torch.empty_like(info.obj, memory_format=torch.contiguous_format)
+            return out, out.data_ptr()
+        out = self.xp.empty(info.shape, storage_dtype(self.spec))
+        return out, out.data.ptr
 
     def count_out_of_range(self, ids, num_experts: int) -> int:
         """Ids outside [0, num_experts) (synchronises: the count is read back)."""
@@ -296,6 +369,66 @@ class CudaModule:
             self._external_streams[ts.cuda_stream] = cached
         return cached
 
+    # -- the launch path -----------------------------------------------------------------------
+    def enqueue(self, stages, ws, ptrs, want_stats: bool = False, torch_stream: bool = False) -> None:
+        """Enqueue ``stages`` for a call of ``ws.tokens`` tokens on torch's current stream of
+        the module's device (``torch_stream``, for torch inputs) or CuPy's current stream.
+        ``ptrs``: the data pointers of the call's arrays in `cuda_launch.SLOTS` order (None: not
+        given), already validated.  The launches are recorded once per call shape and
+        replayed; no sync, no allocation."""
+        stream = (self._torch_stream_ptr() if torch_stream else self._cupy_stream().ptr)
+        key = (stages, ws, want_stats, ptrs[3] is None, ptrs[4] is None, ptrs[5] is None,
+               ptrs[6] is None, ptrs[2] if ws.weight_maps else 0)
+        if self._get_device() == self._device_id:
+            self._replay(key, stages, ws, ptrs, want_stats, stream)
+        else:
+            with self.device:
+                self._replay(key, stages, ws, ptrs, want_stats, stream)
+
+    def _replay(self, key, stages, ws, ptrs, want_stats, stream) -> None:
+        with self._lock:
+            prog = self._programs.get(key)
+            if prog is None:
+                prog = self._record(stages, ws, ptrs, want_stats)
+                if len(self._programs) >= PROGRAMS_KEPT:
+                    self._programs.popitem(last=False)
+                self._programs[key] = prog
+            else:
+                self._programs.move_to_end(key)
+            prog.run(stream, ptrs)
+
+    def _record(self, stages, ws, ptrs, want_stats):
+        """The `cuda_launch.Program` of the stages for this call shape: the stage code run with
+        the user's pointers as named `cuda_launch.Slot` values, its launches recorded."""
+        x, out, buf, router, bias, ids, wts = (
+            None if p is None else cuda_launch.Slot(p, name) for p, name in zip(ptrs, cuda_launch.SLOTS))
+        call = Call(x=x, packed=_Packed(buf, router), out=out, tokens=ws.tokens, router_bias=bias,
+                    topk_ids=ids, topk_weights=wts, want_stats=want_stats,
+                    x_ptr=int(x or 0), out_ptr=int(out or 0))
+        steps = self._recorder = []
+        try:
+            for stage in stages:
+                self._stage(stage, ws, call)
+        finally:
+            self._recorder = None
+        return cuda_launch.Program(steps, self._kinds_of, *self._launchers)
+
+    def _record_launch(self, name, raw, grid, block, args, smem) -> None:
+        self._recorder.append(cuda_launch.Launch(name, raw.kernel.ptr, grid, block, smem, args))
+
+    def _kinds_of(self, name: str) -> tuple:
+        kinds = self._kinds.get(name)
+        if kinds is None:
+            raise ValueError(f"kernel {name} has no extern \"C\" __global__ signature in the "
+                             f"rendered source of {self.spec.name}")
+        return kinds
+
+    def _torch_stream_ptr(self) -> int:
+        get = self._torch_stream
+        if get is None:
+            get = self._torch_stream = _torch_stream_getter()
+        return get(self._device_id)
+
     # -- stages --------------------------------------------------------------------------------
     def run_stage(self, stage: str, ws, call) -> None:
         """Enqueue one stage on the current stream (see the module docstring)."""
@@ -304,23 +437,29 @@ class CudaModule:
         if ctx is None:
             ctx = call.__dict__["_stream"] = self._stream_of(call.x)
         with ctx:
-            if stage == "route":
-                self._route(ws, call)
-            elif stage == "group":
-                self._group(ws, call)
-            elif stage == "ffn1":
-                launch_ffn1(self, ws, call)
-            elif stage == "ffn2":
-                if ws.cap_weights is not None:
-                    # capacity + renormalize: ffn2 weighs the kept slots by the rescaled weights
-                    call = dataclasses.replace(call, topk_weights=ws.cap_weights)
-                launch_ffn2(self, ws, call)
-            elif stage == "combine":
-                self._combine(ws, call)
-            else:
-                raise ValueError(f"stage must be one of {list(self.stages)}, got {stage!r}")
+            self._stage(stage, ws, call)
+
+    def _stage(self, stage: str, ws, call) -> None:
+        if stage == "route":
+            self._route(ws, call)
+        elif stage == "group":
+            self._group(ws, call)
+        elif stage == "ffn1":
+            launch_ffn1(self, ws, call)
+        elif stage == "ffn2":
+            if ws.cap_weights is not None:
+                # capacity + renormalize: ffn2 weighs the kept slots by the rescaled weights
+                call = dataclasses.replace(call, topk_weights=ws.cap_weights)
+            launch_ffn2(self, ws, call)
+        elif stage == "combine":
+            self._combine(ws, call)
+        else:
+            raise ValueError(f"stage must be one of {list(self.stages)}, got {stage!r}")
 
     def _memset(self, arr) -> None:
+        if self._recorder is not None:
+            self._recorder.append(cuda_launch.Memset(arr.data.ptr, arr.nbytes))
+            return
         rt = self.xp.cuda.runtime
         rt.memsetAsync(arr.data.ptr, 0, arr.nbytes, self.xp.cuda.get_current_stream().ptr)
 

@@ -12,6 +12,7 @@ the module, the h map made once with the bucket's workspace (``ws.h_map``).
 
 What they read:
     module.spec, module.plan (`CudaPlan`), module.layout, module.function(name) -> cupy.RawKernel
+    (or, while `CudaModule.enqueue` records a call, a `cuda_launch.RecordingKernel`)
     ws.bucket (a `cuda_tiles.BucketConfig`), ws.tokens, ws.sorted_rows, ws.tile_expert,
     ws.tile_row0, ws.num_tiles, ws.h, ws.y_slot, ws.topk_weights (and ws.sched1, ws.sched2,
     ws.h_map for persistent tiles)
@@ -23,11 +24,15 @@ from __future__ import annotations
 import numpy as np
 
 from . import cuda_tiles, cuda_tma
+from .cuda_launch import Slot
 
 
 def _ptr(a):
-    """A kernel argument for a device array: CuPy arrays pass as they are, raw pointers
-    (ints, e.g. from torch tensors) as 64-bit values."""
+    """A kernel argument for a device array: CuPy arrays and recorded pointers
+    (`cuda_launch.Slot`) pass as they are, raw pointers (ints, e.g. from torch tensors) as
+    64-bit values."""
+    if type(a) is Slot:
+        return a
     if isinstance(a, (int, np.integer)):
         return np.uint64(a)
     return a

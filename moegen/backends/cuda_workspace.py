@@ -96,6 +96,7 @@ class WorkspaceView:
     cap_weights [T, K] float32 (the kept weights rescaled, read by ffn2).
     Persistent prefill tiles only (else None): sched1 / sched2 (the tile counters of ffn1 and
     ffn2, int32, 0 between launches) and h_map (the TMA tensor map of h, made once).
+    ``weight_maps``: True when a persistent tile's launch takes the weights' TMA maps.
     """
 
     def __init__(self, ws: "Workspace", tokens: int, shapes: LaunchShapes):
@@ -126,6 +127,9 @@ class WorkspaceView:
         self.cap_weights = (ws.cap_weights[:tokens * K].reshape(tokens, K)
                             if ws.cap_weights is not None else None)
         self.sched1, self.sched2, self.h_map = ws.sched1, ws.sched2, ws.h_map
+        # A persistent tile's launch takes TMA maps encoded from the weights' address, so the
+        # recorded launches of this view depend on that address (`CudaModule.enqueue`).
+        self.weight_maps = cfg.ffn1.persistent or cfg.ffn2.persistent
 
 
 class Workspace:

@@ -16,8 +16,9 @@ when this process has not registered it (a graph that torch's compile cache stor
 process) compiles it through `moegen.compile` (disk cache, per-process memo).  The handle names
 the layer, never a process-local id or address, so a cached graph cannot call the wrong kernel.
 
-Tensors are used zero-copy: CPU tensors are viewed as NumPy arrays (c backend), CUDA tensors as
-CuPy arrays of the same memory (cuda backend).  On the GPU the launches go to
+Tensors are used zero-copy: CPU tensors are viewed as NumPy arrays (c backend); CUDA tensors'
+data pointers go to the cuda backend's launches as they are, after the same checks (cuda
+backend, `moegen.backends.cuda_launch`).  On the GPU the launches go to
 ``torch.cuda.current_stream()`` of the tensors' device; a tensor on another device than the
 kernel's is refused with one line.  ``moe`` and ``route`` never synchronise; ``experts`` checks
 the caller's expert ids before any launch, which reads one int back on the GPU (as
