@@ -24,7 +24,9 @@ import pytest
 
 import moegen
 from moegen import reference as R
+from moegen.backends import cuda_tiles
 from moegen.backends.cuda import CudaBackend
+from moegen.layout import logical_weights, pack_device, pack_host
 from moegen.plan import make_plan
 from moegen.render import render
 from moegen.spec import MoESpec
@@ -110,6 +112,29 @@ def test_rendered_source_has_what_each_semantic_needs():
     r32 = src(SPECS["router32-e16-k2-h512-f256-bf16"])
     assert "typedef float router_t;" in r32 and "moe_route_logits_mma" not in r32
     assert "typedef unsigned short router_t;" in grouped
+
+
+@pytest.mark.parametrize("name", ["router32-e16-k2-h512-f256-bf16", "all-e16-k3-h128-f64-fp16",
+                                  "gate-e16-k4-h256-f128-bf16-sh2"])
+def test_pack_device_keeps_the_float32_router_and_the_gate(name):
+    """`pack_device` (the GPU packer, here over NumPy) gives pack_host's bytes for the cuda
+    layout: the router in router_zeros' float32, the gate in the shared experts' blocks."""
+    spec = _cuda(SPECS[name]).replace(arch="sm_90")
+    lay = cuda_tiles.packed_layout(spec)
+    _, w = R.random_problem(spec, 0, seed=6)
+    logical = logical_weights(spec, **R.weight_kwargs(spec, w), router_layout="eh")
+    buf, router = pack_host(lay, logical)
+    dbuf, drouter = pack_device(lay, logical, lambda shape: np.zeros(shape, spec.dt.numpy),
+                                lambda shape: np.zeros(shape, spec.router_dt.numpy))
+    np.testing.assert_array_equal(dbuf.view(np.uint8), buf.view(np.uint8))
+    assert drouter.dtype == router.dtype == spec.router_dt.numpy
+    np.testing.assert_array_equal(drouter, router)
+    if spec.shared_expert_gate:
+        gate = buf.reshape(lay.num_slots_experts, -1)[:, lay.offsets["gate"]:][:, :spec.hidden_dim]
+        assert not gate[:spec.num_experts].any()
+        np.testing.assert_array_equal(gate[spec.num_experts:].astype(np.float32),
+                                      np.broadcast_to(w["shared_gate"].astype(np.float32),
+                                                      (spec.num_shared_experts, spec.hidden_dim)))
 
 
 # -- nvrtc: every kernel compiles for sm_90 and sm_90a ----------------------------------------
@@ -364,3 +389,69 @@ def test_grouped_softmax_keeps_only_the_best_group(module_cache):
                 w2=np.ones((8, 8, 4), np.float32))
     ids, _ = kernel.route(cp.asarray(x), kernel.pack(router=router, router_layout="eh", **ones))
     assert sorted(cp.asnumpy(ids)[0].tolist()) == [0, 1]
+
+
+def _bytes(a) -> np.ndarray:
+    """The bytes of a device array (torch tensor or CuPy array), on the host."""
+    if type(a).__module__.startswith("torch"):
+        return a.detach().contiguous().view(-1).view(_torch().uint8).cpu().numpy()
+    import cupy
+    return cupy.asnumpy(a).reshape(-1).view(np.uint8)
+
+
+def _torch():
+    try:
+        import torch  # optional heavy package: only the torch device-packing case needs it
+    except Exception:  # noqa: BLE001
+        pytest.skip("needs torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs torch with CUDA")
+    return torch
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("source", ["cupy", "torch"])
+@pytest.mark.parametrize("name", ["router32-e16-k2-h512-f256-bf16", "router32-e8-k2-h70-f33-fp16",
+                                  "gate-e16-k4-h256-f128-bf16-sh2", "all-e16-k3-h128-f64-bf16",
+                                  "clamped-e32-k4-h256-f256-bf16-topksm-bias"])
+def test_packing_on_the_device_is_the_host_packing(name, source, warm_cache):
+    """Weights already on the GPU (CuPy, bf16 as uint16 bits; or torch) pack on the GPU into the
+    same bytes as the host packing: the float32 router stays float32 (widened exactly from bf16
+    bits), the shared gate lands in the shared experts' blocks."""
+    cp = _gpu_or_skip()
+    spec = SPECS[name]
+    kernel = _kernel(name)
+    w = _weights(spec, seed=4)
+    kw = R.weight_kwargs(spec, w)
+    host = kernel.pack(**kw, router_layout="eh")
+    if source == "torch":
+        torch = _torch()
+
+        def dev(a):
+            a = np.ascontiguousarray(a)
+            if a.dtype.name == "bfloat16":
+                return torch.from_numpy(a.view(np.int16)).cuda().view(torch.bfloat16)
+            return torch.from_numpy(a).cuda()
+    else:
+        def dev(a):
+            return _dev(cp, a)
+    packed = kernel.pack(**{k: dev(v) for k, v in kw.items()}, router_layout="eh")
+    assert type(packed.buffer).__module__.split(".")[0] == source
+    np.testing.assert_array_equal(_bytes(packed.buffer), _bytes(host.buffer))
+    np.testing.assert_array_equal(_bytes(packed.router), _bytes(host.router))
+    if spec.router_dtype:
+        assert _bytes(packed.router).size == 4 * spec.num_experts * spec.hidden_dim
+    if spec.router_dtype and spec.dtype == "bfloat16" and source == "cupy":
+        # a bf16 router given as CuPy bf16 bits is widened to float32 exactly
+        r16 = w["router"].astype(spec.dt.numpy)
+        want = kernel.pack(**dict(kw, router=r16), router_layout="eh").router
+        got = kernel.pack(**{k: dev(v) for k, v in dict(kw, router=r16).items()},
+                          router_layout="eh").router
+        np.testing.assert_array_equal(_bytes(got), _bytes(want))
+    T = 17
+    x = _x(spec, T, seed=5)
+    out = _poisoned(cp, spec, T)
+    kernel(_dev(cp, x), packed, out=out)
+    ids, wts = kernel.route(_dev(cp, x), packed)
+    ref, _ = R.moe(spec, x, w, topk_ids=cp.asnumpy(ids), topk_weights=cp.asnumpy(wts))
+    assert R.rel_error(_host(cp, spec, out), ref) <= spec.dt.tolerance
