@@ -15,6 +15,7 @@ sigmoid-gated shared expert and a float32 router beside bf16/fp16 experts.
 from __future__ import annotations
 
 import concurrent.futures
+import copy
 import functools
 import multiprocessing
 import re
@@ -455,3 +456,58 @@ def test_packing_on_the_device_is_the_host_packing(name, source, warm_cache):
     ids, wts = kernel.route(_dev(cp, x), packed)
     ref, _ = R.moe(spec, x, w, topk_ids=cp.asnumpy(ids), topk_weights=cp.asnumpy(wts))
     assert R.rel_error(_host(cp, spec, out), ref) <= spec.dt.tolerance
+
+
+# Hugging Face blocks needing these semantics (tests/test_torch_hf.py's tiny configs).
+HF_BLOCKS = ("qwen2_moe", "gpt_oss", "deepseek_v2-grouped", "deepseek_v3")
+
+
+def hf_block_case(name: str, dtype: str, device: str, backend: str, T: int = 21):
+    """A transformers block of tests/test_torch_hf.py with random weights rounded to ``dtype``
+    (DeepSeek's router and correction bias kept float32, as transformers keeps them), converted
+    by from_hf on ``device``, against the same block in float32 on the CPU: the same expert ids
+    for every token, outputs within the dtype tolerance.  Returns the moegen block."""
+    torch = _torch() if device == "cuda" else pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from test_torch_hf import _block_class, _configs, _hf_ids, randomize  # the CPU tests' blocks
+    from moegen.torch import from_hf
+    cfg = _configs()[name]
+    tdt = getattr(torch, dtype)
+    hf32 = randomize(_block_class(cfg.model_type)(cfg).eval(), seed=3)
+    fp32_router = name.startswith("deepseek")
+    with torch.no_grad():
+        for key, t in hf32.state_dict(keep_vars=True).items():
+            if t.is_floating_point() and not (fp32_router and key.startswith("gate.")):
+                t.copy_(t.to(tdt).float())              # the reference holds the dtype's values
+    hf = copy.deepcopy(hf32).to(device=device, dtype=tdt)
+    if fp32_router:                                     # back to float32, as transformers keeps it
+        hf.gate.weight.data = hf32.gate.weight.data.to(device).clone()
+        if hasattr(hf.gate, "e_score_correction_bias"):
+            hf.gate.e_score_correction_bias.data = hf32.gate.e_score_correction_bias.data.to(device).clone()
+    ours = from_hf(hf, backend=backend)
+    assert ours.spec.backend == backend and ours.spec.dtype == dtype
+    assert (ours.spec.router_dtype == "float32") == fp32_router
+    H = cfg.hidden_size
+    x = torch.randn(1, T, H, generator=torch.Generator().manual_seed(7)).to(tdt)
+    with torch.no_grad():
+        want = hf32(x.float())
+        got = ours(x.to(device))
+        if isinstance(want, tuple):                     # GPT-OSS: (hidden states, router scores)
+            want, got = want[0], got[0]
+        ids, _ = ours.route(x.to(device))
+        hf_ids = _hf_ids(hf32, x.float().view(-1, H))
+    assert got.dtype == tdt and got.device.type == device
+    np.testing.assert_array_equal(np.sort(ids.cpu().numpy(), 1), np.sort(hf_ids.numpy(), 1))
+    err = R.rel_error(got.float().cpu().numpy(), want.numpy().astype(np.float64))
+    assert err <= ours.spec.dt.tolerance, f"{name} {dtype}: rel error {err:.3g}"
+    return ours
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("name", HF_BLOCKS)
+def test_hf_block_on_cuda_matches_transformers(name, dtype, module_cache):
+    """Qwen2-MoE's gated shared expert, GPT-OSS's clamped SwiGLU with biases, DeepSeek-V2's
+    grouped softmax and DeepSeek's float32 router, from_hf on CUDA tensors."""
+    _gpu_or_skip()
+    hf_block_case(name, dtype, "cuda", "cuda")
