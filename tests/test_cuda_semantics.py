@@ -259,12 +259,8 @@ def _route_reference(spec, x, w, bias):
     sel = bias if spec.routing == "sigmoid_topk" else None
     logit_bias = None if spec.routing == "sigmoid_topk" else bias
     ids, wts, probs, logits = R.route(spec, x, w["router"], logit_bias, sel)
-    if spec.routing == "topk_softmax":
-        choice = logits
-    elif spec.routing == "sigmoid_topk":
-        choice = probs + bias
-    else:
-        choice = probs
+    # the scores the selection ranks: logits, biased sigmoid scores, or softmax probabilities
+    choice = {"topk_softmax": logits, "sigmoid_topk": probs + bias}.get(spec.routing, probs)
     return ids, wts, choice
 
 
@@ -511,3 +507,9 @@ def test_hf_block_on_cuda_matches_transformers(name, dtype, module_cache):
     grouped softmax and DeepSeek's float32 router, from_hf on CUDA tensors."""
     _gpu_or_skip()
     hf_block_case(name, dtype, "cuda", "cuda")
+
+
+@pytest.mark.parametrize("name", ["qwen2_moe", "deepseek_v2-grouped"])
+def test_hf_block_case_on_the_cpu(name, module_cache):
+    """The same comparison on the c backend (CI runs it; the GPU run runs the cuda one)."""
+    hf_block_case(name, "float16", "cpu", "c")
