@@ -499,13 +499,33 @@ def hf_block_case(name: str, dtype: str, device: str, backend: str, T: int = 21)
     return ours
 
 
+@pytest.fixture(scope="module")
+def hf_warm(module_cache):
+    """The specs from_hf makes of HF_BLOCKS on CUDA, compiled once in parallel processes."""
+    _gpu_or_skip()
+    _torch()
+    pytest.importorskip("transformers")
+    from test_torch_hf import _configs  # the CPU tests' tiny configs
+    from moegen.torch.hf import spec_from_config
+    specs = []
+    for name in HF_BLOCKS:
+        for dtype in ("bfloat16", "float16"):
+            spec = spec_from_config(_configs()[name], dtype=dtype, backend="cuda")
+            if name.startswith("deepseek"):
+                spec = spec.replace(router_dtype="float32")
+            specs.append(spec.to_dict())
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(8, mp_context=ctx) as pool:
+        list(pool.map(_warm, specs))
+    return module_cache
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("name", HF_BLOCKS)
-def test_hf_block_on_cuda_matches_transformers(name, dtype, module_cache):
+def test_hf_block_on_cuda_matches_transformers(name, dtype, hf_warm):
     """Qwen2-MoE's gated shared expert, GPT-OSS's clamped SwiGLU with biases, DeepSeek-V2's
     grouped softmax and DeepSeek's float32 router, from_hf on CUDA tensors."""
-    _gpu_or_skip()
     hf_block_case(name, dtype, "cuda", "cuda")
 
 
