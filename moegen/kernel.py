@@ -14,8 +14,8 @@ import numpy as np
 
 from . import arrays
 from .backends.base import Call
-from .layout import (PACK_KEYWORDS, PackedWeights, cupy_bf16_bits, logical_weights, on_gpu,
-                     pack_device, pack_host)
+from .layout import (PACK_KEYWORDS, PackedWeights, bf16_bits_as_float32, cupy_bf16_bits,
+                     logical_weights, on_gpu, pack_device, pack_host)
 from .profiling import profile_kernel
 from .spec import MoESpec
 from .stats import LayerStats
@@ -138,19 +138,25 @@ class MoEKernel:
         first = next(v for k, v in logical.items() if k != "expert_ids" and v is not None)
         if type(first).__module__.startswith("torch"):
             import torch  # torch inputs: pack with torch ops on their device
-            tdt = getattr(torch, self.spec.dtype)
+            tdt, rdt = getattr(torch, self.spec.dtype), getattr(torch, self.spec.router_dt.name)
             dev = first.device
             buf, router = pack_device(self.layout, logical,
-                                      lambda shape: torch.zeros(shape, dtype=tdt, device=dev))
+                                      lambda shape: torch.zeros(shape, dtype=tdt, device=dev),
+                                      lambda shape: torch.zeros(shape, dtype=rdt, device=dev))
         else:
             xp = self._module.xp
             storage = np.dtype(np.uint16) if self.spec.dtype == "bfloat16" else self.spec.dt.numpy
+            # a float32 router (spec.router_dtype) is packed as float32 (from bf16 bits exactly)
+            rstorage = np.float32 if self.spec.router_dtype else storage
             if self.spec.dtype == "bfloat16":
-                logical = {k: (v if v is None or k == "expert_ids" else cupy_bf16_bits(v))
+                logical = {k: (v if v is None or k == "expert_ids" else
+                               bf16_bits_as_float32(v) if k == "router" and self.spec.router_dtype
+                               else cupy_bf16_bits(v))
                            for k, v in logical.items()}
             with xp.cuda.Device(self.device_index):
                 buf, router = pack_device(self.layout, logical,
-                                          lambda shape: xp.zeros(shape, dtype=storage))
+                                          lambda shape: xp.zeros(shape, dtype=storage),
+                                          lambda shape: xp.zeros(shape, dtype=rstorage))
         return PackedWeights(buf, router, self.layout, logical["expert_ids"])
 
     def to_host(self, a) -> np.ndarray:

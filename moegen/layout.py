@@ -387,13 +387,15 @@ def pack_host(layout: PackedLayout, logical: dict[str, np.ndarray]) -> tuple[np.
     return buf.reshape(-1), np.ascontiguousarray(router)
 
 
-def pack_device(layout: PackedLayout, logical: dict, zeros) -> tuple[Any, Any]:
+def pack_device(layout: PackedLayout, logical: dict, zeros, router_zeros=None) -> tuple[Any, Any]:
     """Pack logical weights that live on a GPU (torch CUDA tensors or CuPy arrays, from
     ``logical_weights(..., device=True)``) on that GPU: nothing goes through host memory.
 
     ``zeros(shape)`` allocates a zeroed array of the storage dtype on the device (torch, or CuPy
     with bf16 as uint16 bits); assignment casts to it (a CuPy source for a bf16 layout must
-    already be bf16 bits, see `cupy_bf16_bits`).  Writes, one expert at a time (so the
+    already be bf16 bits, see `cupy_bf16_bits`).  ``router_zeros(shape)`` allocates the router
+    in ``spec.router_dt`` (float32 beside 16-bit experts with ``router_dtype``); None: ``zeros``.
+    Writes, one expert at a time (so the
     temporaries stay one expert large), the same bytes as `pack_host`.  Returns (buffer
     [layout.total], router in ``layout.router_order``, or None for a shard).
     """
@@ -429,7 +431,7 @@ def pack_device(layout: PackedLayout, logical: dict, zeros) -> tuple[Any, Any]:
     r = logical["router"]
     if r is None:
         return buf.reshape(-1), None
-    router = zeros(tuple(r.shape) if layout.router_order == "eh" else (H, r.shape[0]))
+    router = (router_zeros or zeros)(tuple(r.shape) if layout.router_order == "eh" else (H, r.shape[0]))
     router[...] = r if layout.router_order == "eh" else r.T
     return buf.reshape(-1), router
 
@@ -444,6 +446,15 @@ def cupy_bf16_bits(a):
     b = f.view(cupy.uint32)
     rounded = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16).astype(cupy.uint16)
     return cupy.where(cupy.isnan(f), cupy.uint16(0x7FC0), rounded)
+
+
+def bf16_bits_as_float32(a):
+    """A CuPy array as float32: uint16 is taken to be bf16 bits (widened exactly), any other
+    dtype is cast."""
+    import cupy  # only CuPy inputs come here
+    if a.dtype == cupy.uint16:
+        return (a.astype(cupy.uint32) << 16).view(cupy.float32)
+    return a.astype(cupy.float32)
 
 
 def unpack_host(packed: PackedWeights) -> dict[str, np.ndarray]:

@@ -11,7 +11,8 @@ Supported families (``model_type``) and the fields read (experts, k, expert ffn 
   scoring_func, topk_method (greedy; group_limited_greedy: softmax scores with grouped
   selection, n_group, topk_group), routed_scaling_factor, norm_topk_prob, and n_shared_experts
   shared experts.  DeepSeek keeps its router in float32: with ``backend="c"`` the spec does too
-  (router_dtype); the cuda kernels store it in the layer dtype, which is warned about.
+  (router_dtype); for other backends the spec stores it in the layer dtype, which is warned
+  about.
 - olmoe: num_experts (or num_local_experts), num_experts_per_tok, intermediate_size; softmax,
   norm_topk_prob.
 - gpt_oss: num_local_experts, experts_per_token, intermediate_size; top-k of the logits then
@@ -93,9 +94,8 @@ def parse_model_config(path_or_dict: str | Path | dict, *, dtype: str | None = N
             fields["router_dtype"] = "float32"
         else:
             _warn(f"model config ({family}): the model keeps its router in float32; with backend="
-                  f"{backend!r} the router is stored in {fields['dtype']} (the cuda kernels have no "
-                  f"float32 router yet), so near ties may pick other experts; backend 'c' keeps "
-                  f"it float32")
+                  f"{backend!r} this spec stores it in {fields['dtype']}, so near ties may pick "
+                  f"other experts; backend 'c' keeps it float32")
     try:
         MoESpec(**fields)
     except ValueError as exc:

@@ -123,6 +123,25 @@ constexpr int kRouteWarps = 8;  // warps per block of the select
 constexpr int kGemvTokens = 4;  // tokens sharing one pass over a router row
 constexpr int kHiddenVecs = kHidden / kVecH;
 
+// The router weight's storage: bfloat16.
+typedef unsigned short router_t;
+__device__ __forceinline__ float router_f32(router_t v) { return ld_bf16(v); }
+
+// N consecutive router elements -> fp32, in accesses of at most 16 bytes.  p must be aligned to
+// min(N * sizeof(router_t), 16) bytes: an N-element chunk of a row of kHidden (a multiple of N).
+template <int N>
+__device__ __forceinline__ void load_router(const router_t* __restrict__ p, float (&out)[N]) {
+    constexpr int kPer = N * (int)sizeof(router_t) > 16 ? 16 / (int)sizeof(router_t) : N;
+    typedef typename RawBits<kPer * (int)sizeof(router_t)>::type R;
+    #pragma unroll
+    for (int c = 0; c < N; c += kPer) {
+        union { R raw; router_t e[kPer]; } u;
+        u.raw = __ldg(reinterpret_cast<const R*>(p + c));
+        #pragma unroll
+        for (int i = 0; i < kPer; ++i) out[c + i] = router_f32(u.e[i]);
+    }
+}
+
 // logits[t, e] = x[t, :] . wr[e, :] for a handful of tokens: one block per (expert, kGemvTokens
 // tokens), its threads striding over kHidden with 16-byte loads, so every SM streams a router
 // row at once (one warp per row left a small-E router's few rows to a few warps, latency-bound:
@@ -132,21 +151,21 @@ constexpr int kGemvThreads = 128;
 constexpr int kGemvWarps = kGemvThreads / 32;
 
 extern "C" __global__ void __launch_bounds__(kGemvThreads)
-moe_route_logits_gemv(const elem_t* __restrict__ x, const elem_t* __restrict__ wr,
+moe_route_logits_gemv(const elem_t* __restrict__ x, const router_t* __restrict__ wr,
                       float* __restrict__ logits, int tokens)
 {
     __shared__ float partial[kGemvTokens][kGemvWarps];
     const int lane = lane_id(), warp = threadIdx.x >> 5;
     const int e = blockIdx.x;
     const int t0 = blockIdx.y * kGemvTokens;
-    const elem_t* w_row = wr + (size_t)e * kHidden;
+    const router_t* w_row = wr + (size_t)e * kHidden;
     float acc[kGemvTokens];
     #pragma unroll
     for (int j = 0; j < kGemvTokens; ++j) acc[j] = 0.f;
     #pragma unroll 2
     for (int c = threadIdx.x; c < kHiddenVecs; c += kGemvThreads) {
         float w[kVecH];
-        load_vec<kVecH>(w_row + c * kVecH, w);
+        load_router<kVecH>(w_row + c * kVecH, w);
         #pragma unroll
         for (int j = 0; j < kGemvTokens; ++j) {
             if (t0 + j < tokens) {
@@ -183,7 +202,7 @@ constexpr int kRouteThreads = 256;  // 16 x 16 threads, 4 x 4 outputs each
 constexpr int kRouteVecs = kRouteBK / kVecH;  // vectors per staged row
 
 extern "C" __global__ void __launch_bounds__(kRouteThreads)
-moe_route_logits_tiled(const elem_t* __restrict__ x, const elem_t* __restrict__ wr,
+moe_route_logits_tiled(const elem_t* __restrict__ x, const router_t* __restrict__ wr,
                        float* __restrict__ logits, int tokens, int k_chunk)
 {
     // Stored k-major so the inner loop reads 4 consecutive tokens / experts as one float4;
@@ -218,7 +237,7 @@ moe_route_logits_tiled(const elem_t* __restrict__ x, const elem_t* __restrict__ 
             const int r = v / kRouteVecs, c = (v % kRouteVecs) * kVecH;
             const int e = n0 + r, k = k0 + c;
             float tmp[kVecH];
-            if (e < kExperts && k < k_end) load_vec<kVecH>(wr + (size_t)e * kHidden + k, tmp);
+            if (e < kExperts && k < k_end) load_router<kVecH>(wr + (size_t)e * kHidden + k, tmp);
             else {
                 #pragma unroll
                 for (int i = 0; i < kVecH; ++i) tmp[i] = 0.f;
@@ -738,6 +757,8 @@ constexpr long long kOffB2 = 0;
 __device__ __forceinline__ float act_silu(float g) { return g / (1.0f + expf(-g)); }
 __device__ __forceinline__ float act_gelu(float g) { return 0.5f * g * (1.0f + erff(g * 0.7071067811865476f)); }
 __device__ __forceinline__ float act_relu(float g) { return g < 0.0f ? 0.0f : g; }
+// The gated activation's up factor: up itself.
+__device__ __forceinline__ float up_of(float u) { return u; }
 __device__ __forceinline__ float act(float g) { return act_silu(g); }
 // The fast epilogue's activation (__expf, __fdividef): SiLU within 1.3e-5 relative of act_silu.
 __device__ __forceinline__ float act_silu_fast(float g) { return __fdividef(g, 1.0f + __expf(-g)); }
@@ -834,7 +855,7 @@ __device__ __forceinline__ void ffn1_simt(const elem_t* __restrict__ x, const el
             const int f = f0 + tx + 16 * j;
             if (f >= kFfn) continue;
             float v = act(g[i][j] + (kBias ? to_f32(b13[gate_row(f)]) : 0.0f));
-            if (kGated) v *= u[i][j] + (kBias ? to_f32(b13[up_row(f)]) : 0.0f);
+            if (kGated) v *= up_of(u[i][j] + (kBias ? to_f32(b13[up_row(f)]) : 0.0f));
             h[r * kFfn + f] = from_f32(v);
         }
     }
@@ -1167,7 +1188,8 @@ __device__ __forceinline__ void ffn1_store(const float (&acc)[NI][4], long long 
                     g0 += to_f32(b13[p]); g1 += to_f32(b13[p + 1]);
                     u0 += to_f32(b13[p + 8]); u1 += to_f32(b13[p + 9]);
                 }
-                *reinterpret_cast<unsigned*>(hrow + f) = pack<FAST>(act_of<FAST>(g0) * u0, act_of<FAST>(g1) * u1);
+                *reinterpret_cast<unsigned*>(hrow + f) = pack<FAST>(act_of<FAST>(g0) * up_of(u0),
+                                                                    act_of<FAST>(g1) * up_of(u1));
             }
         } else {
 #pragma unroll

@@ -546,4 +546,6 @@ class CudaModule:
         args = (ws.y_slot, call.out, np.int32(T), np.int32(ws.bucket.ffn2_splits))
         if ws.kept is not None:
             args += (ws.kept,)                # capacity: dropped slots are skipped
+        if self.spec.shared_expert_gate:
+            args += (call.x, call.packed.buffer)  # the gate sigmoid(x·g), g in the packed weights
         self.function("moe_combine")((ws.shapes.combine_blocks,), (self.plan.combine_threads,), args)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import SpecError
 from ..spec import MoESpec
 from . import cuda_tiles
 
@@ -142,34 +141,10 @@ def tunables(spec: MoESpec, target: str) -> dict[str, tuple]:
     return cuda_tiles.tile_choices(spec, target)
 
 
-def c_only_semantics(spec: MoESpec) -> list[str]:
-    """The semantics of ``spec`` that the cuda kernels do not have yet (no GPU has verified
-    them): each as the spec setting that asks for it."""
-    out = []
-    if spec.n_group > 1 and spec.routing == "softmax_topk":
-        out.append("grouped softmax selection (routing='softmax_topk' with n_group > 1)")
-    if spec.activation == "swiglu_clamped":
-        out.append("activation='swiglu_clamped'")
-    if spec.shared_expert_gate:
-        out.append("shared_expert_gate=True")
-    if spec.router_dtype is not None:
-        out.append(f"router_dtype={spec.router_dtype!r} with dtype={spec.dtype!r}")
-    return out
-
-
-def refuse_c_only(spec: MoESpec) -> None:
-    """SpecError, one line, when ``spec`` uses a semantic only the c backend has."""
-    missing = c_only_semantics(spec)
-    if missing:
-        raise SpecError(f"{' and '.join(missing)} is not yet available on the cuda backend; "
-                        f"use backend='c'")
-
-
 def plan(spec: MoESpec, target: str, tuning: dict, sms: int | None = None) -> CudaPlan:
     """The CudaPlan of ``spec`` for ``target`` on a GPU of ``sms`` multiprocessors (None: the
     arch's reference count).  ``tuning`` picks bucket tiles by tag (`tunables`); anything else
-    is a ValueError; a semantic only the c backend has is a SpecError (`refuse_c_only`)."""
-    refuse_c_only(spec)
+    is a ValueError."""
     sms = int(sms) if sms else arch_sms(target)
     allowed = tunables(spec, target)
     for name, value in tuning.items():
@@ -181,24 +156,27 @@ def plan(spec: MoESpec, target: str, tuning: dict, sms: int | None = None) -> Cu
     et = spec.num_experts + spec.num_shared_experts
     warps = group_warps(spec.num_experts, et)
     mma = cuda_tiles.use_mma(spec)
+    # The router GEMM runs on tensor cores only with a 16-bit router (a float32 router beside
+    # bf16/fp16 experts, `router_dtype`, goes through the fp32 SIMT kernels).
+    route_mma = mma and spec.router_dtype is None
     # Batch-invariant: the router's GEMM (no GEMV below gemv_max_tokens) without split-K for
     # every token count, so a token's logits are summed in one order whatever T is.
     vec_h = vec_width(spec.hidden_dim, spec.dt.itemsize)
     threads = gemv_threads(spec.hidden_dim // vec_h)
-    route = (RoutePlan(tensor_cores=mma, gemv_max_tokens=0, max_splits=1, gemv_threads=threads)
-             if spec.batch_invariant else RoutePlan(tensor_cores=mma, gemv_threads=threads))
+    route = (RoutePlan(tensor_cores=route_mma, gemv_max_tokens=0, max_splits=1, gemv_threads=threads)
+             if spec.batch_invariant else RoutePlan(tensor_cores=route_mma, gemv_threads=threads))
     group = GroupPlan(warps=warps, fused_warps=min(16, warps))
     return CudaPlan(sms=sms, vec_h=vec_h,
                     tensor_cores=mma, wgmma=cuda_tiles.use_wgmma(spec, target),
                     interleave=cuda_tiles.interleave(spec), route=route, group=group,
-                    buckets=buckets, kernels=_kernel_names(spec, mma, buckets))
+                    buckets=buckets, kernels=_kernel_names(spec, route.tensor_cores, buckets))
 
 
-def _kernel_names(spec: MoESpec, mma: bool, buckets) -> tuple:
+def _kernel_names(spec: MoESpec, route_mma: bool, buckets) -> tuple:
     names = ["moe_route_logits_gemv", "moe_route_logits_tiled", "moe_route_select",
              "moe_group_single", "moe_route_select_group", "moe_group_count", "moe_group_scan",
              "moe_group_scatter", "moe_count_bad_ids", "moe_combine"]
-    if mma:
+    if route_mma:
         names.append("moe_route_logits_mma")
     if spec.capacity_factor is not None:
         names += ["moe_capacity_select", "moe_group_single_masked", "moe_group_count_masked",
@@ -212,7 +190,7 @@ def _kernel_names(spec: MoESpec, mma: bool, buckets) -> tuple:
 
 def render_context(spec: MoESpec, p: CudaPlan) -> dict:
     """Template variables of templates/cuda/*.jinja, from the spec and the plan only."""
-    dt = spec.dt
+    dt, rdt = spec.dt, spec.router_dt
     return {
         "spec_name": spec.name,
         "num_experts": spec.num_experts,
@@ -231,6 +209,13 @@ def render_context(spec: MoESpec, p: CudaPlan) -> dict:
         "topk_group": spec.topk_group,
         "capacity": spec.capacity_factor is not None,
         "capacity_drop": spec.capacity_drop,
+        "router_t": rdt.cuda_raw,
+        "router_ld_fn": rdt.cuda_load,
+        "router_dtype": rdt.name,
+        "swiglu_alpha": spec.swiglu_alpha,
+        "swiglu_limit": spec.swiglu_limit,
+        "shared_gate": spec.shared_expert_gate,
+        "shared_gate_offset": cuda_tiles.packed_layout(spec).offsets.get("gate", 0),
         "vec_h": p.vec_h,
         "route": p.route,
         "group": p.group,

@@ -41,7 +41,8 @@ from ..layout import PackedLayout
 from ..spec import MoESpec
 
 # CUDA device-function names of the activations (defined in templates/cuda/ffn.cu.jinja).
-ACT_FUNCTIONS = {"silu": "act_silu", "gelu": "act_gelu", "relu": "act_relu"}
+ACT_FUNCTIONS = {"silu": "act_silu", "gelu": "act_gelu", "relu": "act_relu",
+                 "silu_clamped": "act_silu_clamped"}
 # The fast epilogue's variants (__expf, __fdividef), where one exists; the others use the exact
 # function.  The persistent prefill kernel uses them (h within 1.3e-5 relative of the exact).
 ACT_FAST_FUNCTIONS = {"silu": "act_silu_fast"}
