@@ -10,9 +10,8 @@ Supported families (``model_type``) and the fields read (experts, k, expert ffn 
 - deepseek_v2, deepseek_v3: n_routed_experts, num_experts_per_tok, moe_intermediate_size;
   scoring_func, topk_method (greedy; group_limited_greedy: softmax scores with grouped
   selection, n_group, topk_group), routed_scaling_factor, norm_topk_prob, and n_shared_experts
-  shared experts.  DeepSeek keeps its router in float32: with ``backend="c"`` the spec does too
-  (router_dtype); for other backends the spec stores it in the layer dtype, which is warned
-  about.
+  shared experts.  DeepSeek keeps its router in float32, and so does the spec (router_dtype),
+  on every backend.
 - olmoe: num_experts (or num_local_experts), num_experts_per_tok, intermediate_size; softmax,
   norm_topk_prob.
 - gpt_oss: num_local_experts, experts_per_token, intermediate_size; top-k of the logits then
@@ -24,8 +23,9 @@ transformers 5 writes it; ``"torch.bfloat16"`` is read too), bfloat16 when the c
 Multimodal configs are searched through ``text_config``.  When ``model_type`` is missing or
 unknown, ``architectures`` (e.g. ``DeepseekV3ForCausalLM``) picks the family.
 
-What moegen cannot express is refused with ValueError; what a backend cannot keep exact is
-warned about (DeepSeek's float32 router on a backend other than c).
+What moegen cannot express is refused with ValueError; what the generated layer leaves out on
+purpose is warned about (a training-time ``router_jitter_noise``: moegen computes the
+noise-free routing that transformers uses in eval mode).
 """
 
 from __future__ import annotations
@@ -90,12 +90,11 @@ def parse_model_config(path_or_dict: str | Path | dict, *, dtype: str | None = N
                          f"(one of {sorted(set(_DTYPES.values()))})")
     fields.update(dtype=_DTYPES[dt], backend=backend)
     if family in _FP32_ROUTER and fields["dtype"] != "float32":
-        if backend == "c":
-            fields["router_dtype"] = "float32"
-        else:
-            _warn(f"model config ({family}): the model keeps its router in float32; with backend="
-                  f"{backend!r} this spec stores it in {fields['dtype']}, so near ties may pick "
-                  f"other experts; backend 'c' keeps it float32")
+        fields["router_dtype"] = "float32"
+    jitter = cfg.get("router_jitter_noise") or 0
+    if isinstance(jitter, (int, float)) and jitter > 0:
+        _warn(f"model config ({family}): router_jitter_noise={jitter} perturbs the router only "
+              f"while training; the generated layer computes the noise-free routing (eval mode)")
     try:
         MoESpec(**fields)
     except ValueError as exc:

@@ -210,13 +210,13 @@ def test_deeply_nested_config_is_one_line(tmp_path, cache_dir):
 
 def test_a_model_config_warning_prints_once(tmp_path, cache_dir):
     cfg = tmp_path / "config.json"
-    cfg.write_text(json.dumps({"model_type": "deepseek_v3", "hidden_size": 32, "moe_intermediate_size": 16,
-                               "n_routed_experts": 4, "num_experts_per_tok": 2, "n_group": 1,
-                               "topk_group": 1, "hidden_act": "silu", "torch_dtype": "bfloat16"}))
+    cfg.write_text(json.dumps({"model_type": "mixtral", "hidden_size": 32, "intermediate_size": 16,
+                               "num_local_experts": 4, "num_experts_per_tok": 2, "hidden_act": "silu",
+                               "router_jitter_noise": 0.01, "torch_dtype": "bfloat16"}))
     rc, out, err = moegen("build", "--from-config", str(cfg), "--backend", "auto",
                           env={"MOEGEN_CACHE_DIR": str(cache_dir)})
     assert rc == 0, err
-    assert err.count("keeps its router in float32") == 1, err
+    assert err.count("perturbs the router only while training") == 1, err
 
 
 def test_bench_names_no_option_it_lacks(tmp_path, cache_dir):
@@ -231,13 +231,13 @@ def test_warnings_reach_each_command_run_in_one_process(tmp_path, cache_dir):
     """The CLI's log handler follows the current stderr and forgets what it printed between
     commands, so a second command in the same process still shows its warning."""
     cfg = tmp_path / "config.json"
-    cfg.write_text(json.dumps({"model_type": "deepseek_v3", "hidden_size": 32, "moe_intermediate_size": 16,
-                               "n_routed_experts": 4, "num_experts_per_tok": 2, "n_group": 1,
-                               "topk_group": 1, "hidden_act": "silu", "torch_dtype": "bfloat16"}))
+    cfg.write_text(json.dumps({"model_type": "mixtral", "hidden_size": 32, "intermediate_size": 16,
+                               "num_local_experts": 4, "num_experts_per_tok": 2, "hidden_act": "silu",
+                               "router_jitter_noise": 0.01, "torch_dtype": "bfloat16"}))
     for _ in range(2):
         r = CliRunner().invoke(main, ["build", "--from-config", str(cfg), "--backend", "auto"])
         assert r.exit_code == 0, r.output
-        assert r.output.count("keeps its router in float32") == 1, r.output
+        assert r.output.count("perturbs the router only while training") == 1, r.output
 
 
 def test_a_closed_pipe_stops_quietly(cache_dir):

@@ -102,16 +102,25 @@ def test_unknown_architecture_is_a_clear_error():
 
 def test_grouped_softmax_and_the_float32_router():
     """DeepSeek-V2's group_limited_greedy is softmax_topk with groups; DeepSeek keeps its router
-    in float32, which the c backend does too and a cuda build is warned about."""
+    in float32, and so does the spec on every backend."""
     (f,) = parse_model_config(DATA / "deepseek_v2_grouped.json", backend="c")
     assert (f["routing"], f["n_group"], f["topk_group"]) == ("softmax_topk", 8, 3)
     assert f["router_dtype"] == "float32" and f["dtype"] == "bfloat16"
     assert MoESpec(**f).router_dtype == "float32"
-    with pytest.warns(ModelConfigWarning, match="keeps its router in float32"):
-        (f,) = parse_model_config(DATA / "deepseek_v3.json", backend="cuda")
-    assert "router_dtype" not in f
+    for backend in ("cuda", "auto"):
+        (f,) = parse_model_config(DATA / "deepseek_v3.json", backend=backend)
+        assert f["router_dtype"] == "float32" and f["dtype"] == "bfloat16"
     (f,) = parse_model_config(DATA / "deepseek_v3.json", backend="c", dtype="float32")
     assert "router_dtype" not in f
+
+
+def test_training_time_router_jitter_is_warned_about():
+    cfg = json.loads((DATA / "mixtral_8x7b.json").read_text())
+    (plain,) = parse_model_config(cfg)
+    cfg["router_jitter_noise"] = 0.01
+    with pytest.warns(ModelConfigWarning, match="router_jitter_noise=0.01 perturbs the router only while training"):
+        (f,) = parse_model_config(cfg)
+    assert f == plain
 
 
 def test_missing_field_is_named():
