@@ -1,0 +1,286 @@
+"""The layer's backward pass on the cuda backend: templates/cuda/backward.cu.jinja, driven here.
+
+    bwd = CudaBackward(spec)                       # the backward cubin, from the kernel cache
+    g = bwd.backward(kernel, x, params, dy, router_bias, daux, balance_coeff=..., z_coeff=...)
+    g["x"], g["w1"], g["router"], ...              # fp32 torch tensors, logical orientation
+
+``kernel`` is the layer's forward `MoEKernel` (cuda): its own route and group stages rebuild the
+forward's routing (bitwise the same top-k, capacity and grouped layout), and the backward
+kernels read that grouped layout (sorted_rows, tile_expert, tile_row0, num_tiles) from its
+workspace.  ``params`` are the logical weights as torch CUDA tensors in the spec dtype (router
+[E, H], w1/w3 [E+S, F, H], w2 [E+S, H, F], biases); ``daux`` is the aux loss's gradient as a
+device scalar (never read back on the host).  The loss differentiated is
+`moegen.reference_backward`'s, exactly as the c backward (`moegen.backward`) computes it.
+The gate/up pre-activations are always recomputed (``save_activations`` is not built on CUDA).
+
+Deterministic: no atomics; every output element is summed by one thread in a fixed order.
+The GEMMs are a SIMT tile (fp32 accumulation, any shape); launches go to torch's current
+stream and nothing synchronises.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import __version__, jit, settings
+from ..backward import check_trainable
+from ..cache import default_cache, digest
+from ..errors import BackendUnavailable
+from ..plan import KernelPlan
+from ..reference import weight_kwargs
+from ..render import render_template
+from ..spec import MoESpec
+from .base import Artifact, Sources
+from .cuda import CudaBackend, _load_raw_module
+
+TEMPLATE = "cuda/backward.cu.jinja"
+SOURCE_NAME = "backward.cu"
+# Appended to the spec name: the cache entry of the backward cubin.
+ENTRY_SUFFIX = "_backward"
+
+# The GEMM tile of bwd_gemm_tile (its thread map is written for exactly these).
+TILE_M, TILE_N, TILE_K, TILE_THREADS = 64, 64, 16, 256
+# Threads of one padded row in bwd_rows (a power of two: its reduction is a halving tree).
+ROW_THREADS = 128
+# Threads per block of the one-thread-per-item kernels.
+ITEM_THREADS = 256
+ROUTE_THREADS = 128
+
+KERNELS = ("bwd_segments", "bwd_gateup", "bwd_dhidden", "bwd_rows", "bwd_dx_rows", "bwd_logits",
+           "bwd_usage", "bwd_route", "bwd_dx_router", "bwd_combine", "bwd_dw13", "bwd_dw2",
+           "bwd_drouter", "bwd_db13", "bwd_db2", "bwd_dbias")
+
+
+@dataclass(frozen=True)
+class CudaBackwardPlan:
+    """The backward build of one cuda spec: the forward's plan (spec, target) and the
+    backward's own constants."""
+    forward: KernelPlan
+    bm: int = TILE_M
+    bn: int = TILE_N
+    bk: int = TILE_K
+    threads: int = TILE_THREADS
+    row_threads: int = ROW_THREADS
+
+    @property
+    def spec(self) -> MoESpec:
+        return self.forward.spec
+
+    def own(self) -> dict:
+        """The backward's constants (the forward plan left out), for the key."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "forward"}
+
+
+def gate_cols(spec: MoESpec) -> int:
+    """Rows of W13 per expert: gate then up (gated), else F."""
+    return spec.ffn_dim * (2 if spec.gated else 1)
+
+
+def backward_plan(spec: MoESpec) -> CudaBackwardPlan:
+    """The backward plan of a cuda ``spec`` (its arch, else the current device's)."""
+    if spec.backend != "cuda":
+        raise ValueError(f"the CUDA backward needs spec.backend 'cuda', got {spec.backend!r}")
+    check_trainable(spec)
+    if spec.save_activations:
+        raise ValueError("save_activations=True is not built on the cuda backend yet (the CUDA "
+                         "backward recomputes the gate/up pre-activations); use the default False")
+    return CudaBackwardPlan(jit.plan_for(spec))
+
+
+def render_backward(plan: CudaBackwardPlan) -> Sources:
+    """The backward source of ``plan`` (pure: reads templates, writes nothing)."""
+    s = plan.spec
+    dt = s.dt
+    text = render_template(TEMPLATE, s=s, b=plan, gate_cols=gate_cols(s), spec_name=s.name,
+                           dtype=dt.name, t_store=dt.cuda_raw, ld_fn=dt.cuda_load,
+                           st_fn=dt.cuda_store)
+    return Sources(backend="cuda", files={SOURCE_NAME: text}, entry=SOURCE_NAME)
+
+
+def key_parts(plan: CudaBackwardPlan, sources: Sources, toolchain: dict | None) -> dict:
+    """Every input that changes the backward cubin (pure)."""
+    be = CudaBackend()
+    parts = jit.key_parts_of(plan.forward, sources, toolchain,
+                             be.options(plan.spec, plan.forward.target), settings.code_settings())
+    parts["backward"] = plan.own()
+    return parts
+
+
+def compile_backward(plan: CudaBackwardPlan) -> Artifact:
+    """NVRTC -> the backward cubin of ``plan`` (no GPU needed).  Raises CompileError."""
+    be = CudaBackend()
+    sources = render_backward(plan)
+    return be.compile(sources, plan.spec, plan.forward.target, "")
+
+
+def load_backward_cubin(plan: CudaBackwardPlan) -> bytes:
+    """The backward cubin of ``plan``: found in the kernel cache, else compiled and stored."""
+    be = CudaBackend()
+    sources = render_backward(plan)
+    toolchain = jit.toolchain_identity(be)
+    if toolchain is None:
+        raise BackendUnavailable(f"no NVRTC to build the CUDA backward of {plan.spec.name}")
+    parts = key_parts(plan, sources, toolchain)
+    key = digest(parts)
+    name = plan.spec.name + ENTRY_SUFFIX
+    target = plan.forward.target
+
+    def compile_now() -> Artifact:
+        t = time.perf_counter()
+        art = be.compile(sources, plan.spec, target, key)
+        meta = dict(art.meta)
+        meta.update(key=key, plan_key=jit.plan_key(parts), key_parts=parts, spec_name=name,
+                    kind="backward", spec=plan.spec.to_dict(), backend="cuda", target=target,
+                    tuning=dict(plan.forward.tuning), moegen_version=__version__,
+                    build_seconds=round(time.perf_counter() - t, 4), created=time.time())
+        return Artifact(art.binary, meta)
+
+    artifact, _ = default_cache().get_or_build(
+        name, key, compile_now, hint=f"moegen.backends.cuda_backward.CudaBackward({plan.spec.name})")
+    return artifact.binary
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _ptr(a):
+    """A kernel argument: a torch tensor or CuPy array as its device address, None as null."""
+    if a is None:
+        return np.uint64(0)
+    if hasattr(a, "data_ptr"):
+        return np.uint64(a.data_ptr())
+    return np.uint64(a.data.ptr)
+
+
+class CudaBackward:
+    """The backward kernels of one cuda spec (see the module docstring)."""
+
+    def __init__(self, spec: MoESpec):
+        if not isinstance(spec, MoESpec):
+            raise TypeError(f"spec must be a MoESpec, got {type(spec).__name__}")
+        self.plan = backward_plan(spec)
+        self.spec = self.plan.spec
+        self._raw = _load_raw_module(load_backward_cubin(self.plan))
+        self._fn = {name: self._raw.get_function(name) for name in KERNELS}
+
+    def _launch(self, name: str, grid: tuple, block: int, args: tuple) -> None:
+        self._fn[name](grid, (block,), args)
+
+    def backward(self, kernel, x, params: dict, dy, router_bias, daux, *,
+                 balance_coeff: float = 0.0, z_coeff: float = 0.0, adaptive: bool = True) -> dict:
+        """Gradients of ``<dy, y> + daux · aux`` as fp32 torch tensors: x, router, router_bias
+        (None for sigmoid_topk or no bias), w1, w3, w2, b1, b3, b2 (None where absent),
+        topk_weights [T, k] (0 for dropped slots) and balance_coeff (a device scalar).
+        ``x``, ``dy`` [T, H] and ``params`` (name -> tensor) are CUDA tensors of the spec
+        dtype, contiguous; ``router_bias`` float32 [E] or None; ``daux`` a float32 device
+        tensor of one element."""
+        import cupy  # optional heavy package: only a GPU run launches
+        import torch  # the training op's tensors
+        spec = self.spec
+        E, S, K, H, F = (spec.num_experts, spec.num_shared_experts, spec.top_k, spec.hidden_dim,
+                         spec.ffn_dim)
+        G, n, T = gate_cols(spec), E + S, x.shape[0]
+        dev = x.device
+        f32 = dict(dtype=torch.float32, device=dev)
+        if spec.gated:
+            w13 = torch.cat([params["w1"], params["w3"]], dim=1).contiguous()
+            b13 = torch.cat([params["b1"], params["b3"]], dim=1).contiguous() if spec.bias else None
+        else:
+            w13, b13 = params["w1"], params.get("b1")
+        w2, b2, router = params["w2"], params.get("b2"), params["router"]
+        has_bias_grad = router_bias is not None and spec.routing != "sigmoid_topk"
+        dw13 = torch.zeros((n, G, H), **f32)
+        dw2 = torch.zeros((n, H, F), **f32)
+        db13 = torch.zeros((n, G), **f32) if spec.bias else None
+        db2 = torch.zeros((n, H), **f32) if spec.bias else None
+        drouter = torch.zeros((E, H), **f32)
+        dbias = torch.zeros(E, **f32) if has_bias_grad else None
+        dx = torch.zeros((T, H), **f32)
+        dfinal = torch.zeros((T, K), **f32)
+        factors = torch.zeros(3, **f32)
+        if T:
+            self._run(kernel, x, dy, params, w13, b13, w2, b2, router, router_bias, daux, balance_coeff,
+                      z_coeff, adaptive, dict(dw13=dw13, dw2=dw2, db13=db13, db2=db2,
+                                              drouter=drouter, dbias=dbias, dx=dx, dfinal=dfinal,
+                                              factors=factors), cupy, torch)
+        out = {"x": dx, "router": drouter, "router_bias": dbias, "w2": dw2, "b2": db2,
+               "topk_weights": dfinal, "balance_coeff": factors[2]}
+        out["w1"] = dw13[:, :F] if spec.gated else dw13
+        out["w3"] = dw13[:, F:] if spec.gated else None
+        out["b1"] = (db13[:, :F] if spec.gated else db13) if spec.bias else None
+        out["b3"] = db13[:, F:] if spec.bias and spec.gated else None
+        return out
+
+    def _run(self, kernel, x, dy, params, w13, b13, w2, b2, router, router_bias, daux, balance_coeff,
+             z_coeff, adaptive, o, cupy, torch) -> None:
+        spec = self.spec
+        E, S, K, H, F = (spec.num_experts, spec.num_shared_experts, spec.top_k, spec.hidden_dim,
+                         spec.ffn_dim)
+        G, n, T = gate_cols(spec), E + S, x.shape[0]
+        dev = x.device
+        f32 = dict(dtype=torch.float32, device=dev)
+        i32 = dict(dtype=torch.int32, device=dev)
+        packed = kernel.pack(**weight_kwargs(spec, params))
+        stages = tuple(st for st in kernel.stages if st.startswith("route") or st == "group")
+        _, ws = kernel.launch(stages, x, packed, None, router_bias)
+        bm, tiles = ws.bucket.bm, ws.max_tiles
+        R = tiles * bm
+        final_w = ws.cap_weights if ws.cap_weights is not None else ws.topk_weights
+        grouped = (ws.tile_expert, ws.tile_row0, ws.num_tiles, np.int32(bm))
+        nsub = _cdiv(bm, TILE_M)
+        gu, dhu, h, dgu = (torch.empty((R, c), **f32) for c in (G, F, F, G))
+        dxs = torch.empty((R, H), **f32)
+        row_w, row_tok = torch.empty(R, **f32), torch.empty(R, **i32)
+        pos = torch.full((T * (K + S),), -1, **i32)
+        seg = torch.zeros((2, n), **i32)
+        logits, dlogits = torch.empty((T, E), **f32), torch.empty((T, E), **f32)
+        usage, dxr = torch.empty(E, **f32), torch.empty((T, H), **f32)
+        daux32 = daux.to(**f32).reshape(1).contiguous()
+        stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(dev).cuda_stream, dev.index or 0)
+        with stream:
+            L = self._launch
+            P = _ptr
+            L("bwd_segments", (_cdiv(tiles, ITEM_THREADS),), ITEM_THREADS,
+              (*grouped, P(seg[0]), P(seg[1])))
+            L("bwd_gateup", (tiles * nsub, _cdiv(G, TILE_N)), TILE_THREADS,
+              (P(x), P(w13), P(b13), ws.sorted_rows, *grouped, P(gu)))
+            L("bwd_dhidden", (tiles * nsub, _cdiv(F, TILE_N)), TILE_THREADS,
+              (P(dy), P(w2), ws.sorted_rows, *grouped, P(dhu)))
+            L("bwd_rows", (R,), ROW_THREADS,
+              (P(gu), P(dhu), P(dy), P(b2), final_w, ws.sorted_rows, ws.tile_expert,
+               ws.num_tiles, np.int32(bm), np.int32(R), P(h), P(dgu), P(o["dfinal"]), P(row_w),
+               P(row_tok), P(pos)))
+            L("bwd_dx_rows", (tiles * nsub, _cdiv(H, TILE_N)), TILE_THREADS,
+              (P(dgu), P(w13), *grouped, P(dxs)))
+            L("bwd_logits", (_cdiv(T, TILE_M), _cdiv(E, TILE_N)), TILE_THREADS,
+              (P(x), P(router), P(router_bias), np.int32(T), P(logits)))
+            L("bwd_usage", (1,), 1,
+              (ws.counts, P(daux32), np.float32(balance_coeff), np.float32(z_coeff),
+               np.int32(1 if adaptive else 0), np.int32(T), P(usage), P(o["factors"])))
+            L("bwd_route", (_cdiv(T, ROUTE_THREADS),), ROUTE_THREADS,
+              (P(logits), ws.topk_ids, ws.topk_weights, P(ws.kept), P(o["dfinal"]), P(usage),
+               P(o["factors"]), np.int32(T), P(dlogits)))
+            L("bwd_dx_router", (_cdiv(T, TILE_M), _cdiv(H, TILE_N)), TILE_THREADS,
+              (P(dlogits), P(router), np.int32(T), P(dxr)))
+            L("bwd_combine", (_cdiv(T * H, ITEM_THREADS),), ITEM_THREADS,
+              (P(dxs), P(dxr), P(pos), np.int32(T), P(o["dx"])))
+            L("bwd_dw13", (_cdiv(G, TILE_M), _cdiv(H, TILE_N), n), TILE_THREADS,
+              (P(dgu), P(x), P(row_tok), P(seg[0]), P(seg[1]), P(o["dw13"])))
+            L("bwd_dw2", (_cdiv(H, TILE_M), _cdiv(F, TILE_N), n), TILE_THREADS,
+              (P(dy), P(row_w), P(row_tok), P(h), P(seg[0]), P(seg[1]), P(o["dw2"])))
+            L("bwd_drouter", (_cdiv(E, TILE_M), _cdiv(H, TILE_N)), TILE_THREADS,
+              (P(dlogits), P(x), np.int32(T), P(o["drouter"])))
+            if o["db13"] is not None:
+                L("bwd_db13", (_cdiv(G, ITEM_THREADS), n), ITEM_THREADS,
+                  (P(dgu), P(seg[0]), P(seg[1]), P(o["db13"])))
+                L("bwd_db2", (_cdiv(H, ITEM_THREADS), n), ITEM_THREADS,
+                  (P(dy), P(row_w), P(row_tok), P(seg[0]), P(seg[1]), P(o["db2"])))
+            if o["dbias"] is not None:
+                L("bwd_dbias", (_cdiv(E, ITEM_THREADS),), ITEM_THREADS,
+                  (P(dlogits), np.int32(T), P(o["dbias"])))
+
