@@ -172,13 +172,54 @@ class CudaBackward:
         self._fn[name](grid, (block,), args)
 
     def backward(self, kernel, x, params: dict, dy, router_bias, daux, *,
-                 balance_coeff: float = 0.0, z_coeff: float = 0.0, adaptive: bool = True) -> dict:
+                 balance_coeff: float = 0.0, z_coeff: float = 0.0, adaptive: bool = True,
+                 out: dict | None = None) -> dict:
         """Gradients of ``<dy, y> + daux · aux`` as fp32 torch tensors: x, router, router_bias
         (None for sigmoid_topk or no bias), w1, w3, w2, b1, b3, b2 (None where absent),
         topk_weights [T, k] (0 for dropped slots) and balance_coeff (a device scalar).
         ``x``, ``dy`` [T, H] and ``params`` (name -> tensor) are CUDA tensors of the spec
         dtype, contiguous; ``router_bias`` float32 [E] or None; ``daux`` a float32 device
-        tensor of one element."""
+        tensor of one element.  ``out``: fp32 tensors to write the weight gradients and dx
+        into, by name (``dw13`` [E+S, G, H], ``dw2``, ``db13``, ``db2``, ``drouter``, ``dbias``,
+        ``dx``); every element of each is written.  Missing ones are allocated."""
+        import torch  # the training op's tensors
+        spec = self.spec
+        E, S, K, H, F = (spec.num_experts, spec.num_shared_experts, spec.top_k, spec.hidden_dim,
+                         spec.ffn_dim)
+        G, n, T = gate_cols(spec), E + S, x.shape[0]
+        has_bias_grad = router_bias is not None and spec.routing != "sigmoid_topk"
+        shapes = {"dw13": (n, G, H), "dw2": (n, H, F), "db13": (n, G) if spec.bias else None,
+                  "db2": (n, H) if spec.bias else None, "drouter": (E, H),
+                  "dbias": (E,) if has_bias_grad else None, "dx": (T, H)}
+        o = dict(out or {})
+        for name, shape in shapes.items():
+            a = o.get(name)
+            if shape is None:
+                o[name] = None
+            elif a is None:
+                o[name] = (torch.empty if T else torch.zeros)(shape, dtype=torch.float32,
+                                                             device=x.device)
+            elif tuple(a.shape) != shape or a.dtype != torch.float32 or not a.is_contiguous():
+                raise ValueError(f"out[{name!r}] must be a contiguous float32 tensor of shape "
+                                 f"{shape}, got {a.dtype} of shape {tuple(a.shape)}")
+            elif not T:
+                a.zero_()
+        o["dfinal"] = torch.zeros((T, K), dtype=torch.float32, device=x.device)
+        o["factors"] = torch.zeros(3, dtype=torch.float32, device=x.device)
+        if T:
+            self._run(kernel, x, dy, params, router_bias, daux, balance_coeff, z_coeff,
+                      adaptive, o)
+        dw13, db13 = o["dw13"], o["db13"]
+        result = {"x": o["dx"], "router": o["drouter"], "router_bias": o["dbias"], "w2": o["dw2"],
+                  "b2": o["db2"], "topk_weights": o["dfinal"], "balance_coeff": o["factors"][2]}
+        result["w1"] = dw13[:, :F] if spec.gated else dw13
+        result["w3"] = dw13[:, F:] if spec.gated else None
+        result["b1"] = (db13[:, :F] if spec.gated else db13) if spec.bias else None
+        result["b3"] = db13[:, F:] if spec.bias and spec.gated else None
+        return result
+
+    def _run(self, kernel, x, dy, params, router_bias, daux, balance_coeff, z_coeff, adaptive,
+             o) -> None:
         import cupy  # optional heavy package: only a GPU run launches
         import torch  # the training op's tensors
         spec = self.spec
@@ -187,44 +228,13 @@ class CudaBackward:
         G, n, T = gate_cols(spec), E + S, x.shape[0]
         dev = x.device
         f32 = dict(dtype=torch.float32, device=dev)
+        i32 = dict(dtype=torch.int32, device=dev)
         if spec.gated:
-            w13 = torch.cat([params["w1"], params["w3"]], dim=1).contiguous()
-            b13 = torch.cat([params["b1"], params["b3"]], dim=1).contiguous() if spec.bias else None
+            w13 = torch.cat([params["w1"], params["w3"]], dim=1)
+            b13 = torch.cat([params["b1"], params["b3"]], dim=1) if spec.bias else None
         else:
             w13, b13 = params["w1"], params.get("b1")
         w2, b2, router = params["w2"], params.get("b2"), params["router"]
-        has_bias_grad = router_bias is not None and spec.routing != "sigmoid_topk"
-        dw13 = torch.zeros((n, G, H), **f32)
-        dw2 = torch.zeros((n, H, F), **f32)
-        db13 = torch.zeros((n, G), **f32) if spec.bias else None
-        db2 = torch.zeros((n, H), **f32) if spec.bias else None
-        drouter = torch.zeros((E, H), **f32)
-        dbias = torch.zeros(E, **f32) if has_bias_grad else None
-        dx = torch.zeros((T, H), **f32)
-        dfinal = torch.zeros((T, K), **f32)
-        factors = torch.zeros(3, **f32)
-        if T:
-            self._run(kernel, x, dy, params, w13, b13, w2, b2, router, router_bias, daux, balance_coeff,
-                      z_coeff, adaptive, dict(dw13=dw13, dw2=dw2, db13=db13, db2=db2,
-                                              drouter=drouter, dbias=dbias, dx=dx, dfinal=dfinal,
-                                              factors=factors), cupy, torch)
-        out = {"x": dx, "router": drouter, "router_bias": dbias, "w2": dw2, "b2": db2,
-               "topk_weights": dfinal, "balance_coeff": factors[2]}
-        out["w1"] = dw13[:, :F] if spec.gated else dw13
-        out["w3"] = dw13[:, F:] if spec.gated else None
-        out["b1"] = (db13[:, :F] if spec.gated else db13) if spec.bias else None
-        out["b3"] = db13[:, F:] if spec.bias and spec.gated else None
-        return out
-
-    def _run(self, kernel, x, dy, params, w13, b13, w2, b2, router, router_bias, daux, balance_coeff,
-             z_coeff, adaptive, o, cupy, torch) -> None:
-        spec = self.spec
-        E, S, K, H, F = (spec.num_experts, spec.num_shared_experts, spec.top_k, spec.hidden_dim,
-                         spec.ffn_dim)
-        G, n, T = gate_cols(spec), E + S, x.shape[0]
-        dev = x.device
-        f32 = dict(dtype=torch.float32, device=dev)
-        i32 = dict(dtype=torch.int32, device=dev)
         packed = kernel.pack(**weight_kwargs(spec, params))
         stages = tuple(st for st in kernel.stages if st.startswith("route") or st == "group")
         _, ws = kernel.launch(stages, x, packed, None, router_bias)

@@ -25,7 +25,12 @@ forward (`moegen.reference.moe`) and reference backward (`moegen.reference_backw
 ``torch.autograd.gradcheck`` checks the very formulas the kernels implement.  ``spec`` travels
 as the kernel handle: the canonical JSON of the c-backend `MoESpec`.
 
-CUDA tensors are refused with one line: the CUDA backward is not built yet.
+CUDA tensors (of the spec's dtype: float32, float16 or bfloat16) run the cuda backend: the
+forward is the compiled cuda kernel of the spec (``backend='cuda'``, the device's arch) and the
+backward the generated CUDA backward kernels (`moegen.backends.cuda_backward.CudaBackward`),
+which rebuild the forward's routing with the kernel's own route and group stages.  Gradients are
+computed in fp32 and returned in the tensors' dtype.  ``save_activations`` is refused on CUDA
+(the CUDA backward always recomputes the gate/up pre-activations).
 """
 
 from __future__ import annotations
@@ -38,13 +43,17 @@ import numpy as np
 import torch
 
 from .. import reference as ref
+from ..backends.cuda_backward import CudaBackward
 from ..backward import MoEBackward, check_trainable, weight_shapes
 from ..reference_backward import aux_loss, balance_coefficient, moe_backward
 from ..spec import MoESpec
 from .ops import kernel_for
 
-CUDA_MISSING = ("moegen training op: the CUDA backward is not built yet; train on the CPU "
-                "(c backend, float32 or float64 tensors)")
+CUDA_MISSING = ("moegen training op: save_activations=True is not built on CUDA yet (the CUDA "
+                "backward recomputes the gate/up pre-activations); use save_activations=False")
+
+# torch dtype of each spec dtype the cuda training path takes
+_CUDA_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 _WEIGHTS = ("w1", "w3", "w2", "b1", "b3", "b2")
 
@@ -82,14 +91,30 @@ def _backward(handle: str) -> MoEBackward:
     return bwd
 
 
-def _refuse_cuda(*tensors) -> None:
-    if any(t is not None and t.is_cuda for t in tensors):
-        raise ValueError(CUDA_MISSING)
+def _cuda_spec(handle: str) -> MoESpec:
+    """The cuda-backend spec of a (c-backend) handle; its arch is the device's."""
+    return MoESpec.from_dict(json.loads(handle)).replace(backend="cuda", arch=None)
+
+
+# The cuda forward kernel and backward kernels of each handle in this process.
+_cuda_layers: dict[str, tuple] = {}
+
+
+def _cuda_layer(handle: str) -> tuple:
+    """(forward MoEKernel, CudaBackward) of a handle, built (or found in the cache) once."""
+    layer = _cuda_layers.get(handle)
+    if layer is None:
+        s = _cuda_spec(handle)
+        kernel = kernel_for(json.dumps(s.to_dict(), sort_keys=True, separators=(",", ":")))
+        layer = (kernel, CudaBackward(kernel.spec))
+        with _lock:
+            layer = _cuda_layers.setdefault(handle, layer)
+    return layer
 
 
 def _gu_rows(spec: MoESpec, x: torch.Tensor) -> int:
-    """Rows of the kept pre-activations: T·(k+S) when kept (float32 path), else 0."""
-    keep = spec.save_activations and x.dtype == torch.float32
+    """Rows of the kept pre-activations: T·(k+S) when kept (float32 c path), else 0."""
+    keep = spec.save_activations and x.dtype == torch.float32 and not x.is_cuda
     return x.shape[0] * (spec.top_k + spec.num_shared_experts) if keep else 0
 
 
@@ -106,9 +131,18 @@ def _logical(spec: MoESpec, params) -> dict:
 
 def _check(spec: MoESpec, x, params, router_bias) -> None:
     """One clear line for a wrong argument, before anything runs."""
-    _refuse_cuda(x, router_bias, *params)
     check_trainable(spec)
-    if x.dtype not in (torch.float32, torch.float64):
+    if x.is_cuda:
+        want = _CUDA_DTYPES.get(spec.dtype)
+        if x.dtype != want:
+            raise TypeError(f"x on CUDA must have the spec's dtype {spec.dtype} (float32, float16 "
+                            f"or bfloat16 specs), got {x.dtype}")
+        if spec.save_activations:
+            raise ValueError(CUDA_MISSING)
+        for name, t in (("router_bias", router_bias), *zip(weight_shapes(spec), params)):
+            if t is not None and t.device != x.device:
+                raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
+    elif x.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"x must be float32 (c backend kernels) or float64 (reference), got {x.dtype}")
     if x.dim() != 2 or x.shape[1] != spec.hidden_dim:
         raise ValueError(f"x must have shape [T, {spec.hidden_dim}], got {tuple(x.shape)}")
@@ -129,7 +163,8 @@ def _check(spec: MoESpec, x, params, router_bias) -> None:
 def _forward(x: torch.Tensor, params: list[torch.Tensor], router_bias: Optional[torch.Tensor],
              spec: str, balance_coeff: float, z_coeff: float,
              adaptive: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _refuse_cuda(x, router_bias, *params)
+    if x.is_cuda:
+        return _cuda_forward(x, params, router_bias, spec, balance_coeff, z_coeff, adaptive)
     s = _spec(spec)
     w = _logical(s, params)
     bias = _np(router_bias) if router_bias is not None else None
@@ -157,7 +192,40 @@ def _forward(x: torch.Tensor, params: list[torch.Tensor], router_bias: Optional[
 
 def _empty_gu(s: MoESpec, x: torch.Tensor) -> torch.Tensor:
     G = s.ffn_dim * (2 if s.gated else 1)
-    return torch.zeros((_gu_rows(s, x), G), dtype=torch.float32)
+    return torch.zeros((_gu_rows(s, x), G), dtype=torch.float32, device=x.device)
+
+
+def _cuda_forward(x, params, router_bias, handle, balance_coeff, z_coeff, adaptive):
+    """The forward on CUDA tensors: the cuda kernel, its statistics for the aux loss (read back
+    to the host: this synchronises), no kept pre-activations."""
+    kernel, bwd = _cuda_layer(handle)
+    s = bwd.spec
+    w = dict(zip(param_names(s), params))
+    packed = kernel.pack(**ref.weight_kwargs(s, w))
+    bias = None if router_bias is None else router_bias.float().contiguous()
+    y, st = kernel(x, packed, router_bias=bias, return_stats=True)
+    T = x.shape[0]
+    aux = 0.0
+    if T:
+        d = st.as_dict()
+        coef = balance_coefficient(d["usage"], balance_coeff, adaptive)
+        aux = coef * d["aux_loss"] + z_coeff * d["z_loss"]
+    return y, torch.tensor(aux, dtype=x.dtype, device=x.device), _empty_gu(s, x)
+
+
+def _cuda_backward(dy, daux, x, params, router_bias, spec, balance_coeff, z_coeff, adaptive):
+    """The backward on CUDA tensors: the generated CUDA backward kernels (fp32 gradients,
+    returned in x's dtype)."""
+    kernel, bwd = _cuda_layer(spec)
+    s = bwd.spec
+    w = dict(zip(param_names(s), params))
+    bias = None if router_bias is None else router_bias.float().contiguous()
+    g = bwd.backward(kernel, x, w, dy.to(x.dtype).contiguous(), bias, daux,
+                     balance_coeff=balance_coeff, z_coeff=z_coeff, adaptive=adaptive)
+    dt = x.dtype
+    dbias = g["router_bias"] if g["router_bias"] is not None else torch.zeros(
+        s.num_experts, dtype=dt, device=x.device)
+    return g["x"].to(dt), [g[n].to(dt).contiguous() for n in param_names(s)], dbias.to(dt)
 
 
 @_forward.register_fake
@@ -173,7 +241,9 @@ def _backward_op(dy: torch.Tensor, daux: torch.Tensor, x: torch.Tensor,
                  params: list[torch.Tensor], router_bias: Optional[torch.Tensor], gu: torch.Tensor,
                  spec: str, balance_coeff: float, z_coeff: float,
                  adaptive: bool) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
-    _refuse_cuda(dy, x, router_bias, *params)
+    if x.is_cuda:
+        return _cuda_backward(dy, daux, x, params, router_bias, spec, balance_coeff, z_coeff,
+                              adaptive)
     s = _spec(spec)
     w = _logical(s, params)
     bias = _np(router_bias) if router_bias is not None else None

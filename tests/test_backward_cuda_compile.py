@@ -1,0 +1,87 @@
+"""The CUDA backward without a GPU: its plan, its source and an NVRTC compile of every kernel.
+
+Marked ``nvrtc`` where NVRTC is needed (CuPy's, no GPU).  The grid covers every dtype,
+activation and routing, biases, shared experts, capacity with and without renormalisation,
+E up to 1024 and odd H/F, on sm_90 and sm_90a.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from moegen.backends import cuda_backward as cb
+from moegen.backends.cuda import CudaBackend
+from moegen.spec import MoESpec
+
+GRID = {
+    "e8-k2-h512-f2048-bf16-swiglu": MoESpec(8, 2, 512, 2048, dtype="bfloat16"),
+    "e2-k1-h100-f1000-fp32-relu": MoESpec(2, 1, 100, 1000, dtype="float32", activation="relu"),
+    "e64-k6-h1000-f1408-fp16-geglu-topksm-bias": MoESpec(
+        64, 6, 1000, 1408, dtype="float16", activation="geglu", routing="topk_softmax", bias=True),
+    "e128-k8-h1408-f100-bf16-silu-raw-rs2.5": MoESpec(
+        128, 8, 1408, 100, dtype="bfloat16", activation="silu", renormalize=False,
+        routed_scaling_factor=2.5),
+    "e256-k8-h256-f128-bf16-sigmoid-g8-tg4-sh1": MoESpec(
+        256, 8, 256, 128, dtype="bfloat16", routing="sigmoid_topk", n_group=8, topk_group=4,
+        routed_scaling_factor=2.5, num_shared_experts=1),
+    "e8-k2-h100-f100-fp32-gelu-bias-cap": MoESpec(
+        8, 2, 100, 100, dtype="float32", activation="gelu", bias=True, capacity_factor=1.0),
+    "e16-k4-h256-f128-bf16-gelu-cap-raw": MoESpec(
+        16, 4, 256, 128, dtype="bfloat16", activation="gelu", capacity_factor=0.75,
+        renormalize=False),
+    "e1024-k16-h100-f100-fp16-silu-sigmoid-g32": MoESpec(
+        1024, 16, 100, 100, dtype="float16", activation="silu", routing="sigmoid_topk",
+        n_group=32, topk_group=4),
+}
+
+
+def _need_nvrtc():
+    if not CudaBackend().can_compile():
+        pytest.skip("CuPy/NVRTC not installed")
+
+
+def _plan(spec: MoESpec, arch: str) -> cb.CudaBackwardPlan:
+    return cb.backward_plan(spec.replace(backend="cuda", arch=arch))
+
+
+@pytest.mark.nvrtc
+@pytest.mark.parametrize("arch", ["sm_90", "sm_90a"])
+@pytest.mark.parametrize("name", list(GRID))
+def test_every_backward_kernel_compiles(name, arch):
+    _need_nvrtc()
+    art = cb.compile_backward(_plan(GRID[name], arch))
+    assert art.meta["target"] == arch
+    for kernel in cb.KERNELS:
+        assert kernel.encode() in art.binary, kernel
+
+
+@pytest.mark.parametrize("name", list(GRID))
+def test_the_source_has_no_atomics_and_every_kernel(name):
+    src = cb.render_backward(_plan(GRID[name], "sm_90")).text
+    assert not re.search(r"atomic\w*\s*\(|\batom\.|\bred\.", src)     # no atomic op, C++ or PTX
+    defined = set(re.findall(r'extern "C" __global__ void(?: __launch_bounds__\(\w+\))?\s+(\w+)\(', src))
+    assert defined == set(cb.KERNELS)
+    spec = GRID[name]
+    assert f"constexpr int kGate = {spec.ffn_dim * (2 if spec.gated else 1)};" in src
+    assert f"act_{spec.act.fn}(gf)" in src and f"dact_{spec.act.fn}(gf)" in src
+
+
+def test_render_is_pure_and_follows_the_plan():
+    plan = _plan(GRID["e8-k2-h512-f2048-bf16-swiglu"], "sm_90")
+    a, b = cb.render_backward(plan).text, cb.render_backward(plan).text
+    assert a == b
+    other = cb.render_backward(_plan(GRID["e8-k2-h512-f2048-bf16-swiglu"].replace(top_k=3), "sm_90"))
+    assert "constexpr int kTopK = 3;" in other.text and "constexpr int kTopK = 2;" in a
+    assert cb.key_parts(plan, cb.render_backward(plan), None)["backward"] == plan.own()
+
+
+def test_what_the_cuda_backward_lacks_is_refused_in_one_line():
+    spec = GRID["e8-k2-h512-f2048-bf16-swiglu"]
+    with pytest.raises(ValueError, match="save_activations=True is not built on the cuda backend"):
+        _plan(spec.replace(save_activations=True), "sm_90")
+    with pytest.raises(ValueError, match="the CUDA backward needs spec.backend 'cuda', got 'c'"):
+        cb.backward_plan(spec.replace(backend="c"))
+    with pytest.raises(TypeError, match="spec must be a MoESpec, got dict"):
+        cb.CudaBackward({})
