@@ -49,8 +49,12 @@ from ..reference_backward import aux_loss, balance_coefficient, moe_backward
 from ..spec import MoESpec
 from .ops import kernel_for
 
-CUDA_MISSING = ("moegen training op: save_activations=True is not built on CUDA yet (the CUDA "
-                "backward recomputes the gate/up pre-activations); use save_activations=False")
+CUDA_SAVE_ACTIVATIONS = ("moegen training op: save_activations=True is not built on CUDA yet (the "
+                         "CUDA backward recomputes the gate/up pre-activations); use "
+                         "save_activations=False")
+# MoEBlock's refusal of trainable=True on CUDA (the block is not wired to the CUDA path yet).
+CUDA_MISSING = ("the trainable block runs on the CPU only yet (c backend, float32); on CUDA call "
+                "moegen.torch.autograd.moe_train with CUDA tensors")
 
 # torch dtype of each spec dtype the cuda training path takes
 _CUDA_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -65,10 +69,12 @@ def param_names(spec: MoESpec) -> tuple[str, ...]:
 
 @torch.compiler.assume_constant_result      # a pure function of a frozen spec: no trace needed
 def spec_handle(spec: MoESpec) -> str:
-    """The canonical JSON of ``spec`` with backend c: the ops' ``spec`` argument."""
+    """The canonical JSON of ``spec`` with backend c (no arch): the ops' ``spec`` argument (the
+    CUDA path makes the cuda spec of it, for the device's arch)."""
     if not isinstance(spec, MoESpec):
         raise TypeError(f"spec must be a MoESpec, got {type(spec).__name__}")
-    return json.dumps(spec.replace(backend="c").to_dict(), sort_keys=True, separators=(",", ":"))
+    return json.dumps(spec.replace(backend="c", arch=None).to_dict(), sort_keys=True,
+                      separators=(",", ":"))
 
 
 def _spec(handle: str) -> MoESpec:
@@ -138,7 +144,7 @@ def _check(spec: MoESpec, x, params, router_bias) -> None:
             raise TypeError(f"x on CUDA must have the spec's dtype {spec.dtype} (float32, float16 "
                             f"or bfloat16 specs), got {x.dtype}")
         if spec.save_activations:
-            raise ValueError(CUDA_MISSING)
+            raise ValueError(CUDA_SAVE_ACTIVATIONS)
         for name, t in (("router_bias", router_bias), *zip(weight_shapes(spec), params)):
             if t is not None and t.device != x.device:
                 raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
@@ -201,15 +207,14 @@ def _cuda_forward(x, params, router_bias, handle, balance_coeff, z_coeff, adapti
     kernel, bwd = _cuda_layer(handle)
     s = bwd.spec
     w = dict(zip(param_names(s), params))
+    if not x.shape[0]:
+        return torch.empty_like(x), torch.zeros((), dtype=x.dtype, device=x.device), _empty_gu(s, x)
     packed = kernel.pack(**ref.weight_kwargs(s, w))
     bias = None if router_bias is None else router_bias.float().contiguous()
     y, st = kernel(x, packed, router_bias=bias, return_stats=True)
-    T = x.shape[0]
-    aux = 0.0
-    if T:
-        d = st.as_dict()
-        coef = balance_coefficient(d["usage"], balance_coeff, adaptive)
-        aux = coef * d["aux_loss"] + z_coeff * d["z_loss"]
+    d = st.as_dict()
+    coef = balance_coefficient(d["usage"], balance_coeff, adaptive)
+    aux = coef * d["aux_loss"] + z_coeff * d["z_loss"]
     return y, torch.tensor(aux, dtype=x.dtype, device=x.device), _empty_gu(s, x)
 
 

@@ -1,0 +1,243 @@
+"""The CUDA backward on a GPU: every gradient against the float64 reference backward.
+
+Marked ``gpu``; skipped without torch CUDA and CuPy.  Specs cover every dtype, activation and
+routing (grouped selection, routed scaling, no renormalisation), biases, shared experts and
+capacity with and without renormalisation; token counts sit on both sides of the forward's
+group tiles and of its token-count buckets, and T = 1 leaves most experts without a token.
+Gradient outputs are NaN-poisoned before every run, so an element the kernels leave unwritten
+fails the comparison.
+
+The reference routes in float64 and the kernels in fp32: inputs whose top-k selection changes
+under a 1e-3 relative perturbation of the router are redrawn (`stable_problem`), so the two
+always pick the same experts and a gradient difference is the kernels' own.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+
+import moegen
+from moegen import reference as ref
+from moegen.reference_backward import moe_backward
+from moegen.spec import MoESpec
+
+torch = pytest.importorskip("torch")
+
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("module_cache")]
+
+if not torch.cuda.is_available():
+    pytest.skip("needs torch with a CUDA device", allow_module_level=True)
+pytest.importorskip("cupy")
+
+from moegen.backends.cuda_backward import CudaBackward  # noqa: E402
+from moegen.torch.autograd import moe_train, param_names  # noqa: E402
+
+SPECS = {
+    "e8-k2-h512-f2048-bf16-swiglu": MoESpec(8, 2, 512, 2048, dtype="bfloat16"),
+    "e2-k1-h100-f1000-fp32-relu": MoESpec(2, 1, 100, 1000, dtype="float32", activation="relu"),
+    "e64-k6-h1000-f1408-fp16-geglu-topksm-bias": MoESpec(
+        64, 6, 1000, 1408, dtype="float16", activation="geglu", routing="topk_softmax", bias=True),
+    "e128-k8-h1408-f100-bf16-silu-raw-rs2.5": MoESpec(
+        128, 8, 1408, 100, dtype="bfloat16", activation="silu", renormalize=False,
+        routed_scaling_factor=2.5),
+    "e256-k8-h256-f128-bf16-sigmoid-g8-tg4-sh1": MoESpec(
+        256, 8, 256, 128, dtype="bfloat16", routing="sigmoid_topk", n_group=8, topk_group=4,
+        routed_scaling_factor=2.5, num_shared_experts=1),
+    "e8-k2-h100-f100-fp32-gelu-bias-cap": MoESpec(
+        8, 2, 100, 100, dtype="float32", activation="gelu", bias=True, capacity_factor=1.0),
+    "e16-k4-h256-f128-bf16-gelu-cap0.75-raw": MoESpec(
+        16, 4, 256, 128, dtype="bfloat16", activation="gelu", capacity_factor=0.75,
+        renormalize=False),
+    "e16-k2-h64-f64-fp16-sigmoid-sh2": MoESpec(16, 2, 64, 64, dtype="float16",
+                                               routing="sigmoid_topk", num_shared_experts=2),
+}
+TOKENS = (1, 17, 128, 129, 333)
+# Specs small enough for the float64 reference at the forward's bucket boundaries (<= 2048).
+BOUNDARY_SPECS = ("e8-k2-h100-f100-fp32-gelu-bias-cap", "e16-k2-h64-f64-fp16-sigmoid-sh2",
+                  "e256-k8-h256-f128-bf16-sigmoid-g8-tg4-sh1", "e16-k4-h256-f128-bf16-gelu-cap0.75-raw")
+COEFFS = dict(balance_coeff=0.05, z_coeff=0.01)
+DAUX = 0.5              # exact in every dtype (the aux loss's gradient travels in x's dtype)
+TOL = 1e-3              # fp32 gradients (fp32 accumulation) against float64
+TOL_ROUNDED = 1.5e-2    # gradients returned in fp16/bf16 by the training op
+GRADS = ("x", "router", "router_bias", "w1", "w3", "w2", "b1", "b3", "b2")
+OUT_NAMES = ("dw13", "dw2", "db13", "db2", "drouter", "dbias", "dx")
+
+
+@functools.lru_cache(maxsize=None)
+def layer(name: str):
+    """(forward MoEKernel, CudaBackward) of a spec, built once per session."""
+    kernel = moegen.compile(SPECS[name].replace(backend="cuda"))
+    return kernel, CudaBackward(kernel.spec)
+
+
+def _biases(spec: MoESpec, bias):
+    """(logit bias, selection bias) of the reference's route for the op's router_bias."""
+    return (None, bias) if spec.routing == "sigmoid_topk" else (bias, None)
+
+
+def _ids(spec, x, router, bias):
+    return np.sort(ref.route(spec, x, router, *_biases(spec, bias))[0], axis=1)
+
+
+def stable_problem(spec: MoESpec, T: int, seed: int = 0):
+    """(x, weights, router bias, dy) in the spec dtype (bias fp32 of dtype-exact values), with
+    every token's expert selection stable under small perturbations of the router."""
+    x, w = ref.random_problem(spec, T, seed=seed)
+    rng = np.random.default_rng(seed + 100)
+    bias = (rng.standard_normal(spec.num_experts) * 0.1).astype(spec.dt.numpy).astype(np.float32)
+    router = ref.f64(w["router"])
+    for _ in range(50):
+        base = _ids(spec, x, router, bias)
+        fragile = np.zeros(T, bool)
+        for _ in range(3):
+            moved = router * (1.0 + 1e-3 * rng.standard_normal(router.shape))
+            fragile |= (_ids(spec, x, moved, bias) != base).any(axis=1)
+        if not fragile.any():
+            break
+        x[fragile] = rng.standard_normal((int(fragile.sum()), spec.hidden_dim)).astype(
+            np.float32).astype(spec.dt.numpy)
+    else:
+        raise AssertionError("could not draw a problem with a stable routing")
+    dy = rng.standard_normal((T, spec.hidden_dim)).astype(np.float32).astype(spec.dt.numpy)
+    return x, w, bias, dy
+
+
+def cuda(a: np.ndarray, dtype=None):
+    """Host array -> torch CUDA tensor (bf16 through its bits: torch has no ml_dtypes)."""
+    a = np.ascontiguousarray(a)
+    if a.dtype.name == "bfloat16":
+        return torch.from_numpy(a.view(np.int16)).cuda().view(torch.bfloat16)
+    t = torch.from_numpy(a).cuda()
+    return t if dtype is None else t.to(dtype)
+
+
+def host(t) -> np.ndarray:
+    return t.detach().float().cpu().numpy()
+
+
+def poisoned_out(spec: MoESpec, T: int, has_bias_grad: bool) -> dict:
+    E, S, H, F = spec.num_experts, spec.num_shared_experts, spec.hidden_dim, spec.ffn_dim
+    n, G = E + S, F * (2 if spec.gated else 1)
+    shapes = {"dw13": (n, G, H), "dw2": (n, H, F), "drouter": (E, H), "dx": (T, H)}
+    if spec.bias:
+        shapes.update(db13=(n, G), db2=(n, H))
+    if has_bias_grad:
+        shapes["dbias"] = (E,)
+    return {k: torch.full(s, float("nan"), dtype=torch.float32, device="cuda") for k, s in shapes.items()}
+
+
+def run_backward(name: str, x, w, bias, dy):
+    spec = SPECS[name]
+    kernel, bwd = layer(name)
+    params = {k: cuda(w[k]) for k in param_names(spec)}
+    has_bias_grad = spec.routing != "sigmoid_topk"
+    out = poisoned_out(spec, len(x), has_bias_grad)
+    g = bwd.backward(kernel, cuda(x), params, cuda(dy), cuda(bias), torch.tensor([DAUX], device="cuda"),
+                     out=out, **COEFFS)
+    torch.cuda.synchronize()
+    return g
+
+
+def check_against_reference(spec, g, r, tol, what=""):
+    for k in GRADS:
+        if r[k] is None:
+            assert g[k] is None, (what, k)
+            continue
+        err = ref.rel_error(host(g[k]), r[k])
+        assert err < tol, f"{what} {k}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("T", TOKENS)
+@pytest.mark.parametrize("name", list(SPECS))
+def test_gradients_match_the_float64_reference(name, T):
+    spec = SPECS[name]
+    x, w, bias, dy = stable_problem(spec, T, seed=T)
+    g = run_backward(name, x, w, bias, dy)
+    r = moe_backward(spec, x, w, dy, bias, daux=DAUX, **COEFFS)
+    check_against_reference(spec, g, r, TOL, f"{name} T={T}")
+    # the gradient of each slot's final routing weight (slots compared as sorted rows)
+    assert ref.rel_error(np.sort(host(g["topk_weights"]), axis=1),
+                         np.sort(r["topk_weights"], axis=1)) < TOL
+    assert abs(float(g["balance_coeff"]) - r["balance_coeff"]) <= 1e-6 * max(1.0, r["balance_coeff"])
+
+
+@pytest.mark.parametrize("name", BOUNDARY_SPECS)
+def test_gradients_across_the_forward_buckets(name):
+    spec = SPECS[name]
+    kernel, _ = layer(name)
+    edges = [b.max_tokens for b in kernel.module.buckets if b.max_tokens and b.max_tokens < 2048]
+    for T in sorted({t for m in edges for t in (m, m + 1)} | {2048}):
+        x, w, bias, dy = stable_problem(spec, T, seed=T)
+        g = run_backward(name, x, w, bias, dy)
+        r = moe_backward(spec, x, w, dy, bias, daux=DAUX, **COEFFS)
+        check_against_reference(spec, g, r, TOL, f"{name} T={T}")
+
+
+def test_experts_without_tokens_get_exact_zeros():
+    name = "e64-k6-h1000-f1408-fp16-geglu-topksm-bias"
+    spec = SPECS[name]
+    x, w, bias, dy = stable_problem(spec, 1, seed=3)
+    g = run_backward(name, x, w, bias, dy)
+    used = set(_ids(spec, x, ref.f64(w["router"]), bias)[0].tolist())
+    idle = [e for e in range(spec.num_experts) if e not in used]
+    assert len(idle) == spec.num_experts - spec.top_k
+    for k in ("w1", "w3", "w2", "b1", "b3", "b2"):
+        assert torch.count_nonzero(g[k][idle]) == 0, k
+        assert torch.count_nonzero(g[k][sorted(used)]) > 0, k
+
+
+@pytest.mark.parametrize("name", ["e8-k2-h512-f2048-bf16-swiglu", "e8-k2-h100-f100-fp32-gelu-bias-cap",
+                                  "e256-k8-h256-f128-bf16-sigmoid-g8-tg4-sh1"])
+def test_two_backward_passes_are_bitwise_equal(name):
+    spec = SPECS[name]
+    x, w, bias, dy = stable_problem(spec, 257, seed=7)
+    a = run_backward(name, x, w, bias, dy)
+    b = run_backward(name, x, w, bias, dy)
+    for k in GRADS + ("topk_weights",):
+        if a[k] is not None:
+            assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("name", ["e8-k2-h512-f2048-bf16-swiglu", "e8-k2-h100-f100-fp32-gelu-bias-cap",
+                                  "e16-k2-h64-f64-fp16-sigmoid-sh2",
+                                  "e64-k6-h1000-f1408-fp16-geglu-topksm-bias"])
+def test_autograd_through_the_training_op_on_cuda(name):
+    spec = SPECS[name]
+    T = 129
+    x, w, bias, dy = stable_problem(spec, T, seed=11)
+    tdt = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[spec.dtype]
+    xt = cuda(x).requires_grad_()
+    ps = [cuda(w[k]).requires_grad_() for k in param_names(spec)]
+    bt = cuda(bias, tdt).requires_grad_()
+    y, aux = moe_train(spec.replace(backend="cuda"), xt, ps, bt, **COEFFS)
+    assert y.is_cuda and y.dtype == tdt and aux.dtype == tdt
+    loss = (y.float() * cuda(dy).float()).sum() + DAUX * aux
+    grads = torch.autograd.grad(loss, [xt, bt, *ps])
+    tol = TOL if spec.dtype == "float32" else TOL_ROUNDED
+    y_ref, _ = ref.moe(spec, x, w, router_bias=bias)
+    assert ref.rel_error(host(y), y_ref) < tol
+    r = moe_backward(spec, x, w, dy, bias, daux=DAUX, **COEFFS)
+    assert abs(float(aux) - r["aux"]) <= tol * max(1e-3, abs(r["aux"]))
+    for k, gk in zip(["x", "router_bias", *param_names(spec)], grads):
+        assert gk.dtype == tdt and gk.is_cuda, k
+        if r[k] is None:                        # sigmoid_topk: a selection bias, no gradient
+            assert torch.count_nonzero(gk) == 0, k
+            continue
+        err = ref.rel_error(host(gk), r[k])
+        assert err < tol, f"{k}: relative error {err:.2e}"
+
+
+def test_no_tokens_gives_zero_gradients_on_cuda():
+    spec = SPECS["e8-k2-h512-f2048-bf16-swiglu"]
+    _, w, _, _ = stable_problem(spec, 1)
+    xt = torch.zeros((0, spec.hidden_dim), dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    ps = [cuda(w[k]).requires_grad_() for k in param_names(spec)]
+    y, aux = moe_train(spec, xt, ps, None, **COEFFS)
+    assert y.shape == (0, spec.hidden_dim)
+    grads = torch.autograd.grad(y.float().sum() + aux, [xt, *ps], allow_unused=True)
+    assert grads[0].shape == (0, spec.hidden_dim)
+    for gk in grads[1:]:
+        assert gk is None or torch.count_nonzero(gk) == 0
