@@ -63,7 +63,6 @@ DAUX = 0.5              # exact in every dtype (the aux loss's gradient travels 
 TOL = 1e-3              # fp32 gradients (fp32 accumulation) against float64
 TOL_ROUNDED = 1.5e-2    # gradients returned in fp16/bf16 by the training op
 GRADS = ("x", "router", "router_bias", "w1", "w3", "w2", "b1", "b3", "b2")
-OUT_NAMES = ("dw13", "dw2", "db13", "db2", "drouter", "dbias", "dx")
 
 
 @functools.lru_cache(maxsize=None)
@@ -119,13 +118,18 @@ def host(t) -> np.ndarray:
 
 
 def poisoned_out(spec: MoESpec, T: int, has_bias_grad: bool) -> dict:
+    """NaN-filled fp32 gradient outputs of every gradient the layer has."""
     E, S, H, F = spec.num_experts, spec.num_shared_experts, spec.hidden_dim, spec.ffn_dim
-    n, G = E + S, F * (2 if spec.gated else 1)
-    shapes = {"dw13": (n, G, H), "dw2": (n, H, F), "drouter": (E, H), "dx": (T, H)}
+    n = E + S
+    shapes = {"x": (T, H), "router": (E, H), "w1": (n, F, H), "w2": (n, H, F)}
+    if spec.gated:
+        shapes["w3"] = (n, F, H)
     if spec.bias:
-        shapes.update(db13=(n, G), db2=(n, H))
+        shapes.update(b1=(n, F), b2=(n, H))
+        if spec.gated:
+            shapes["b3"] = (n, F)
     if has_bias_grad:
-        shapes["dbias"] = (E,)
+        shapes["router_bias"] = (E,)
     return {k: torch.full(s, float("nan"), dtype=torch.float32, device="cuda") for k, s in shapes.items()}
 
 
@@ -138,6 +142,8 @@ def run_backward(name: str, x, w, bias, dy):
     g = bwd.backward(kernel, cuda(x), params, cuda(dy), cuda(bias), torch.tensor([DAUX], device="cuda"),
                      out=out, **COEFFS)
     torch.cuda.synchronize()
+    for k, a in out.items():
+        assert g[k] is a, k                     # written in place
     return g
 
 

@@ -173,24 +173,27 @@ class CudaBackward:
 
     def backward(self, kernel, x, params: dict, dy, router_bias, daux, *,
                  balance_coeff: float = 0.0, z_coeff: float = 0.0, adaptive: bool = True,
-                 out: dict | None = None) -> dict:
+                 packed=None, out: dict | None = None) -> dict:
         """Gradients of ``<dy, y> + daux · aux`` as fp32 torch tensors: x, router, router_bias
         (None for sigmoid_topk or no bias), w1, w3, w2, b1, b3, b2 (None where absent),
         topk_weights [T, k] (0 for dropped slots) and balance_coeff (a device scalar).
         ``x``, ``dy`` [T, H] and ``params`` (name -> tensor) are CUDA tensors of the spec
         dtype, contiguous; ``router_bias`` float32 [E] or None; ``daux`` a float32 device
-        tensor of one element.  ``out``: fp32 tensors to write the weight gradients and dx
-        into, by name (``dw13`` [E+S, G, H], ``dw2``, ``db13``, ``db2``, ``drouter``, ``dbias``,
-        ``dx``); every element of each is written.  Missing ones are allocated."""
+        tensor of one element.  ``packed``: ``kernel.pack`` of the same params (the forward
+        pass's), else they are packed here.  ``out``: fp32 tensors to write the gradients
+        into, by gradient name (x, router, router_bias, w1, w3, w2, b1, b3, b2); every element
+        of each is written.  Missing ones are allocated."""
         import torch  # the training op's tensors
         spec = self.spec
         E, S, K, H, F = (spec.num_experts, spec.num_shared_experts, spec.top_k, spec.hidden_dim,
                          spec.ffn_dim)
-        G, n, T = gate_cols(spec), E + S, x.shape[0]
+        n, T = E + S, x.shape[0]
         has_bias_grad = router_bias is not None and spec.routing != "sigmoid_topk"
-        shapes = {"dw13": (n, G, H), "dw2": (n, H, F), "db13": (n, G) if spec.bias else None,
-                  "db2": (n, H) if spec.bias else None, "drouter": (E, H),
-                  "dbias": (E,) if has_bias_grad else None, "dx": (T, H)}
+        shapes = {"x": (T, H), "router": (E, H), "router_bias": (E,) if has_bias_grad else None,
+                  "w1": (n, F, H), "w3": (n, F, H) if spec.gated else None, "w2": (n, H, F),
+                  "b1": (n, F) if spec.bias else None,
+                  "b3": (n, F) if spec.bias and spec.gated else None,
+                  "b2": (n, H) if spec.bias else None}
         o = dict(out or {})
         for name, shape in shapes.items():
             a = o.get(name)
@@ -204,22 +207,18 @@ class CudaBackward:
                                  f"{shape}, got {a.dtype} of shape {tuple(a.shape)}")
             elif not T:
                 a.zero_()
-        o["dfinal"] = torch.zeros((T, K), dtype=torch.float32, device=x.device)
-        o["factors"] = torch.zeros(3, dtype=torch.float32, device=x.device)
+        o["topk_weights"] = torch.zeros((T, K), dtype=torch.float32, device=x.device)
+        factors = torch.zeros(3, dtype=torch.float32, device=x.device)
         if T:
-            self._run(kernel, x, dy, params, router_bias, daux, balance_coeff, z_coeff,
-                      adaptive, o)
-        dw13, db13 = o["dw13"], o["db13"]
-        result = {"x": o["dx"], "router": o["drouter"], "router_bias": o["dbias"], "w2": o["dw2"],
-                  "b2": o["db2"], "topk_weights": o["dfinal"], "balance_coeff": o["factors"][2]}
-        result["w1"] = dw13[:, :F] if spec.gated else dw13
-        result["w3"] = dw13[:, F:] if spec.gated else None
-        result["b1"] = (db13[:, :F] if spec.gated else db13) if spec.bias else None
-        result["b3"] = db13[:, F:] if spec.bias and spec.gated else None
-        return result
+            if packed is None:
+                packed = kernel.pack(**weight_kwargs(spec, params))
+            self._run(kernel, packed, x, dy, params, router_bias, daux, balance_coeff, z_coeff,
+                      adaptive, o, factors)
+        o["balance_coeff"] = factors[2]
+        return o
 
-    def _run(self, kernel, x, dy, params, router_bias, daux, balance_coeff, z_coeff, adaptive,
-             o) -> None:
+    def _run(self, kernel, packed, x, dy, params, router_bias, daux, balance_coeff, z_coeff,
+             adaptive, o, factors) -> None:
         import cupy  # optional heavy package: only a GPU run launches
         import torch  # the training op's tensors
         spec = self.spec
@@ -229,13 +228,8 @@ class CudaBackward:
         dev = x.device
         f32 = dict(dtype=torch.float32, device=dev)
         i32 = dict(dtype=torch.int32, device=dev)
-        if spec.gated:
-            w13 = torch.cat([params["w1"], params["w3"]], dim=1)
-            b13 = torch.cat([params["b1"], params["b3"]], dim=1) if spec.bias else None
-        else:
-            w13, b13 = params["w1"], params.get("b1")
-        w2, b2, router = params["w2"], params.get("b2"), params["router"]
-        packed = kernel.pack(**weight_kwargs(spec, params))
+        w1, w3, w2, router = params["w1"], params.get("w3"), params["w2"], params["router"]
+        b1, b3, b2 = params.get("b1"), params.get("b3"), params.get("b2")
         stages = tuple(st for st in kernel.stages if st.startswith("route") or st == "group")
         _, ws = kernel.launch(stages, x, packed, None, router_bias)
         bm, tiles = ws.bucket.bm, ws.max_tiles
@@ -258,39 +252,39 @@ class CudaBackward:
             L("bwd_segments", (_cdiv(tiles, ITEM_THREADS),), ITEM_THREADS,
               (*grouped, P(seg[0]), P(seg[1])))
             L("bwd_gateup", (tiles * nsub, _cdiv(G, TILE_N)), TILE_THREADS,
-              (P(x), P(w13), P(b13), ws.sorted_rows, *grouped, P(gu)))
+              (P(x), P(w1), P(w3), P(b1), P(b3), ws.sorted_rows, *grouped, P(gu)))
             L("bwd_dhidden", (tiles * nsub, _cdiv(F, TILE_N)), TILE_THREADS,
               (P(dy), P(w2), ws.sorted_rows, *grouped, P(dhu)))
             L("bwd_rows", (R,), ROW_THREADS,
               (P(gu), P(dhu), P(dy), P(b2), final_w, ws.sorted_rows, ws.tile_expert,
-               ws.num_tiles, np.int32(bm), np.int32(R), P(h), P(dgu), P(o["dfinal"]), P(row_w),
+               ws.num_tiles, np.int32(bm), np.int32(R), P(h), P(dgu), P(o["topk_weights"]), P(row_w),
                P(row_tok), P(pos)))
             L("bwd_dx_rows", (tiles * nsub, _cdiv(H, TILE_N)), TILE_THREADS,
-              (P(dgu), P(w13), *grouped, P(dxs)))
+              (P(dgu), P(w1), P(w3), *grouped, P(dxs)))
             L("bwd_logits", (_cdiv(T, TILE_M), _cdiv(E, TILE_N)), TILE_THREADS,
               (P(x), P(router), P(router_bias), np.int32(T), P(logits)))
             L("bwd_usage", (1,), 1,
               (ws.counts, P(daux32), np.float32(balance_coeff), np.float32(z_coeff),
-               np.int32(1 if adaptive else 0), np.int32(T), P(usage), P(o["factors"])))
+               np.int32(1 if adaptive else 0), np.int32(T), P(usage), P(factors)))
             L("bwd_route", (_cdiv(T, ROUTE_THREADS),), ROUTE_THREADS,
-              (P(logits), ws.topk_ids, ws.topk_weights, P(ws.kept), P(o["dfinal"]), P(usage),
-               P(o["factors"]), np.int32(T), P(dlogits)))
+              (P(logits), ws.topk_ids, ws.topk_weights, P(ws.kept), P(o["topk_weights"]),
+               P(usage), P(factors), np.int32(T), P(dlogits)))
             L("bwd_dx_router", (_cdiv(T, TILE_M), _cdiv(H, TILE_N)), TILE_THREADS,
               (P(dlogits), P(router), np.int32(T), P(dxr)))
             L("bwd_combine", (_cdiv(T * H, ITEM_THREADS),), ITEM_THREADS,
-              (P(dxs), P(dxr), P(pos), np.int32(T), P(o["dx"])))
+              (P(dxs), P(dxr), P(pos), np.int32(T), P(o["x"])))
             L("bwd_dw13", (_cdiv(G, TILE_M), _cdiv(H, TILE_N), n), TILE_THREADS,
-              (P(dgu), P(x), P(row_tok), P(seg[0]), P(seg[1]), P(o["dw13"])))
+              (P(dgu), P(x), P(row_tok), P(seg[0]), P(seg[1]), P(o["w1"]), P(o["w3"])))
             L("bwd_dw2", (_cdiv(H, TILE_M), _cdiv(F, TILE_N), n), TILE_THREADS,
-              (P(dy), P(row_w), P(row_tok), P(h), P(seg[0]), P(seg[1]), P(o["dw2"])))
+              (P(dy), P(row_w), P(row_tok), P(h), P(seg[0]), P(seg[1]), P(o["w2"])))
             L("bwd_drouter", (_cdiv(E, TILE_M), _cdiv(H, TILE_N)), TILE_THREADS,
-              (P(dlogits), P(x), np.int32(T), P(o["drouter"])))
-            if o["db13"] is not None:
+              (P(dlogits), P(x), np.int32(T), P(o["router"])))
+            if spec.bias:
                 L("bwd_db13", (_cdiv(G, ITEM_THREADS), n), ITEM_THREADS,
-                  (P(dgu), P(seg[0]), P(seg[1]), P(o["db13"])))
+                  (P(dgu), P(seg[0]), P(seg[1]), P(o["b1"]), P(o["b3"])))
                 L("bwd_db2", (_cdiv(H, ITEM_THREADS), n), ITEM_THREADS,
-                  (P(dy), P(row_w), P(row_tok), P(seg[0]), P(seg[1]), P(o["db2"])))
-            if o["dbias"] is not None:
+                  (P(dy), P(row_w), P(row_tok), P(seg[0]), P(seg[1]), P(o["b2"])))
+            if o["router_bias"] is not None:
                 L("bwd_dbias", (_cdiv(E, ITEM_THREADS),), ITEM_THREADS,
-                  (P(dlogits), np.int32(T), P(o["dbias"])))
+                  (P(dlogits), np.int32(T), P(o["router_bias"])))
 

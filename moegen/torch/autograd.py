@@ -201,36 +201,55 @@ def _empty_gu(s: MoESpec, x: torch.Tensor) -> torch.Tensor:
     return torch.zeros((_gu_rows(s, x), G), dtype=torch.float32, device=x.device)
 
 
+def _packed(handle: str, kernel, s: MoESpec, params):
+    """``kernel.pack`` of the parameter tensors, kept per handle for the backward of the same
+    step: reused while every tensor is the same memory at the same version (an optimiser
+    step bumps the versions, so the next forward packs again)."""
+    key = tuple((p.data_ptr(), p._version, tuple(p.shape)) for p in params)
+    hit = _cuda_packed.get(handle)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    packed = kernel.pack(**ref.weight_kwargs(s, dict(zip(param_names(s), params))))
+    _cuda_packed[handle] = (key, packed)
+    return packed
+
+
+# The packed weights of the last CUDA forward per handle (see `_packed`).
+_cuda_packed: dict[str, tuple] = {}
+
+
 def _cuda_forward(x, params, router_bias, handle, balance_coeff, z_coeff, adaptive):
     """The forward on CUDA tensors: the cuda kernel, its statistics for the aux loss (read back
     to the host: this synchronises), no kept pre-activations."""
     kernel, bwd = _cuda_layer(handle)
     s = bwd.spec
-    w = dict(zip(param_names(s), params))
     if not x.shape[0]:
         return torch.empty_like(x), torch.zeros((), dtype=x.dtype, device=x.device), _empty_gu(s, x)
-    packed = kernel.pack(**ref.weight_kwargs(s, w))
     bias = None if router_bias is None else router_bias.float().contiguous()
-    y, st = kernel(x, packed, router_bias=bias, return_stats=True)
+    y, st = kernel(x, _packed(handle, kernel, s, params), router_bias=bias, return_stats=True)
     d = st.as_dict()
     coef = balance_coefficient(d["usage"], balance_coeff, adaptive)
     aux = coef * d["aux_loss"] + z_coeff * d["z_loss"]
     return y, torch.tensor(aux, dtype=x.dtype, device=x.device), _empty_gu(s, x)
 
 
-def _cuda_backward(dy, daux, x, params, router_bias, spec, balance_coeff, z_coeff, adaptive):
+def _cuda_backward(dy, daux, x, params, router_bias, handle, balance_coeff, z_coeff, adaptive):
     """The backward on CUDA tensors: the generated CUDA backward kernels (fp32 gradients,
-    returned in x's dtype)."""
-    kernel, bwd = _cuda_layer(spec)
+    each converted to x's dtype and dropped in turn, so at most one extra copy is alive)."""
+    kernel, bwd = _cuda_layer(handle)
     s = bwd.spec
-    w = dict(zip(param_names(s), params))
     bias = None if router_bias is None else router_bias.float().contiguous()
-    g = bwd.backward(kernel, x, w, dy.to(x.dtype).contiguous(), bias, daux,
-                     balance_coeff=balance_coeff, z_coeff=z_coeff, adaptive=adaptive)
+    packed = _packed(handle, kernel, s, params) if x.shape[0] else None
+    g = bwd.backward(kernel, x, dict(zip(param_names(s), params)), dy.to(x.dtype).contiguous(),
+                     bias, daux, balance_coeff=balance_coeff, z_coeff=z_coeff, adaptive=adaptive,
+                     packed=packed)
     dt = x.dtype
-    dbias = g["router_bias"] if g["router_bias"] is not None else torch.zeros(
-        s.num_experts, dtype=dt, device=x.device)
-    return g["x"].to(dt), [g[n].to(dt).contiguous() for n in param_names(s)], dbias.to(dt)
+    dx = g.pop("x").to(dt)
+    dparams = [g.pop(n).to(dt) for n in param_names(s)]
+    dbias = g.pop("router_bias")
+    dbias = (torch.zeros(s.num_experts, dtype=dt, device=x.device) if dbias is None
+             else dbias.to(dt))
+    return dx, dparams, dbias
 
 
 @_forward.register_fake
