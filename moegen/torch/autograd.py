@@ -201,20 +201,23 @@ def _empty_gu(s: MoESpec, x: torch.Tensor) -> torch.Tensor:
     return torch.zeros((_gu_rows(s, x), G), dtype=torch.float32, device=x.device)
 
 
-def _packed(handle: str, kernel, s: MoESpec, params):
-    """``kernel.pack`` of the parameter tensors, kept per handle for the backward of the same
-    step: reused while every tensor is the same memory at the same version (an optimiser
-    step bumps the versions, so the next forward packs again)."""
+def _packed(handle: str, kernel, s: MoESpec, params, *, keep: bool):
+    """``kernel.pack`` of the parameter tensors.  The forward keeps its packing per handle
+    (``keep``) for the backward of the same step, which takes it back if every tensor is still
+    the same memory at the same version (else it packs again), so the copy lives from a
+    forward to its backward only."""
     key = tuple((p.data_ptr(), p._version, tuple(p.shape)) for p in params)
-    hit = _cuda_packed.get(handle)
+    hit = _cuda_packed.pop(handle, None)
     if hit is not None and hit[0] == key:
-        return hit[1]
-    packed = kernel.pack(**ref.weight_kwargs(s, dict(zip(param_names(s), params))))
-    _cuda_packed[handle] = (key, packed)
+        packed = hit[1]
+    else:
+        packed = kernel.pack(**ref.weight_kwargs(s, dict(zip(param_names(s), params))))
+    if keep:
+        _cuda_packed[handle] = (key, packed)
     return packed
 
 
-# The packed weights of the last CUDA forward per handle (see `_packed`).
+# The packed weights of the last CUDA forward per handle, for its backward (see `_packed`).
 _cuda_packed: dict[str, tuple] = {}
 
 
@@ -226,7 +229,8 @@ def _cuda_forward(x, params, router_bias, handle, balance_coeff, z_coeff, adapti
     if not x.shape[0]:
         return torch.empty_like(x), torch.zeros((), dtype=x.dtype, device=x.device), _empty_gu(s, x)
     bias = None if router_bias is None else router_bias.float().contiguous()
-    y, st = kernel(x, _packed(handle, kernel, s, params), router_bias=bias, return_stats=True)
+    y, st = kernel(x, _packed(handle, kernel, s, params, keep=True), router_bias=bias,
+                   return_stats=True)
     d = st.as_dict()
     coef = balance_coefficient(d["usage"], balance_coeff, adaptive)
     aux = coef * d["aux_loss"] + z_coeff * d["z_loss"]
@@ -239,7 +243,7 @@ def _cuda_backward(dy, daux, x, params, router_bias, handle, balance_coeff, z_co
     kernel, bwd = _cuda_layer(handle)
     s = bwd.spec
     bias = None if router_bias is None else router_bias.float().contiguous()
-    packed = _packed(handle, kernel, s, params) if x.shape[0] else None
+    packed = _packed(handle, kernel, s, params, keep=False) if x.shape[0] else None
     g = bwd.backward(kernel, x, dict(zip(param_names(s), params)), dy.to(x.dtype).contiguous(),
                      bias, daux, balance_coeff=balance_coeff, z_coeff=z_coeff, adaptive=adaptive,
                      packed=packed)
