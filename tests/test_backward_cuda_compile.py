@@ -68,6 +68,20 @@ def test_the_source_has_no_atomics_and_every_kernel(name):
     assert f"act_{spec.act.fn}(gf)" in src and f"dact_{spec.act.fn}(gf)" in src
 
 
+@pytest.mark.parametrize("name", list(GRID))
+def test_bf16_takes_tensor_cores_and_the_rest_simt(name):
+    spec = GRID[name]
+    for arch in ("sm_80", "sm_90", "sm_90a"):
+        plan = _plan(spec, arch)
+        src = cb.render_backward(plan).text
+        tc = spec.dtype == "bfloat16"
+        assert plan.tensor_cores is tc
+        assert ("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32" in src) is tc
+        assert "#define BWD_TILE " + ("bwd_mma_tile" if tc else "bwd_gemm_tile") in src
+        assert (plan.bm, plan.bn, plan.bk) == ((128, 128, 64) if tc else (64, 64, 16))
+    assert not _plan(spec, "sm_75").tensor_cores
+
+
 def test_render_is_pure_and_follows_the_plan():
     plan = _plan(GRID["e8-k2-h512-f2048-bf16-swiglu"], "sm_90")
     a, b = cb.render_backward(plan).text, cb.render_backward(plan).text

@@ -14,8 +14,9 @@ device scalar (never read back on the host).  The loss differentiated is
 The gate/up pre-activations are always recomputed (``save_activations`` is not built on CUDA).
 
 Deterministic: no atomics; every output element is summed by one thread in a fixed order.
-The GEMMs are a SIMT tile (fp32 accumulation, any shape); launches go to torch's current
-stream and nothing synchronises.
+The GEMMs are one tile routine over operand accessors: on tensor cores (mma.sync, bf16 on
+sm_80+; fp32 intermediates are rounded to bf16 as they are staged) or SIMT (fp32 and fp16), fp32
+accumulation, any shape.  Launches go to torch's current stream and nothing synchronises.
 """
 
 from __future__ import annotations
@@ -42,8 +43,12 @@ SOURCE_NAME = "backward.cu"
 # Appended to the spec name: the cache entry of the backward cubin.
 ENTRY_SUFFIX = "_backward"
 
-# The GEMM tile of bwd_gemm_tile (its thread map is written for exactly these).
-TILE_M, TILE_N, TILE_K, TILE_THREADS = 64, 64, 16, 256
+# The GEMM tiles (M, N, K, threads): bwd_gemm_tile (SIMT; its thread map is written for exactly
+# these) and bwd_mma_tile (tensor cores: 8 warps of 64 x 32 over the forward's 64-wide k tile).
+SIMT_TILE = (64, 64, 16, 256)
+MMA_TILE = (128, 128, 64, 256)
+# The first arch with bf16 mma.sync.
+MMA_MIN_ARCH = 80
 # Threads of one padded row in bwd_rows (a power of two: its reduction is a halving tree).
 ROW_THREADS = 128
 # Threads per block of the one-thread-per-item kernels.
@@ -60,10 +65,11 @@ class CudaBackwardPlan:
     """The backward build of one cuda spec: the forward's plan (spec, target) and the
     backward's own constants."""
     forward: KernelPlan
-    bm: int = TILE_M
-    bn: int = TILE_N
-    bk: int = TILE_K
-    threads: int = TILE_THREADS
+    tensor_cores: bool
+    bm: int
+    bn: int
+    bk: int
+    threads: int
     row_threads: int = ROW_THREADS
 
     @property
@@ -88,7 +94,17 @@ def backward_plan(spec: MoESpec) -> CudaBackwardPlan:
     if spec.save_activations:
         raise ValueError("save_activations=True is not built on the cuda backend yet (the CUDA "
                          "backward recomputes the gate/up pre-activations); use the default False")
-    return CudaBackwardPlan(jit.plan_for(spec))
+    fwd = jit.plan_for(spec)
+    tc = uses_tensor_cores(fwd.spec, fwd.target)
+    bm, bn, bk, threads = MMA_TILE if tc else SIMT_TILE
+    return CudaBackwardPlan(fwd, tc, bm, bn, bk, threads)
+
+
+def uses_tensor_cores(spec: MoESpec, target: str) -> bool:
+    """bf16 layers on sm_80 and later take the tensor-core GEMM tile.  fp16 stays on SIMT: the
+    tile rounds its fp32 intermediate gradients (dgu, h, dlogits) to the operand type, and
+    fp16 would flush small gradients to zero without loss scaling; fp32 has no mma.sync."""
+    return spec.dtype == "bfloat16" and int(target[3:].rstrip("a")) >= MMA_MIN_ARCH
 
 
 def render_backward(plan: CudaBackwardPlan) -> Sources:
@@ -97,7 +113,7 @@ def render_backward(plan: CudaBackwardPlan) -> Sources:
     dt = s.dt
     text = render_template(TEMPLATE, s=s, b=plan, gate_cols=gate_cols(s), spec_name=s.name,
                            dtype=dt.name, t_store=dt.cuda_raw, ld_fn=dt.cuda_load,
-                           st_fn=dt.cuda_store)
+                           st_fn=dt.cuda_store, ffn={"mma_type": dt.cuda_mma})
     return Sources(backend="cuda", files={SOURCE_NAME: text}, entry=SOURCE_NAME)
 
 
@@ -236,7 +252,8 @@ class CudaBackward:
         R = tiles * bm
         final_w = ws.cap_weights if ws.cap_weights is not None else ws.topk_weights
         grouped = (ws.tile_expert, ws.tile_row0, ws.num_tiles, np.int32(bm))
-        nsub = _cdiv(bm, TILE_M)
+        BM, BN, TH = self.plan.bm, self.plan.bn, self.plan.threads
+        nsub = _cdiv(bm, BM)
         gu, dhu, h, dgu = (torch.empty((R, c), **f32) for c in (G, F, F, G))
         dxs = torch.empty((R, H), **f32)
         row_w, row_tok = torch.empty(R, **f32), torch.empty(R, **i32)
@@ -251,17 +268,17 @@ class CudaBackward:
             P = _ptr
             L("bwd_segments", (_cdiv(tiles, ITEM_THREADS),), ITEM_THREADS,
               (*grouped, P(seg[0]), P(seg[1])))
-            L("bwd_gateup", (tiles * nsub, _cdiv(G, TILE_N)), TILE_THREADS,
+            L("bwd_gateup", (tiles * nsub, _cdiv(G, BN)), TH,
               (P(x), P(w1), P(w3), P(b1), P(b3), ws.sorted_rows, *grouped, P(gu)))
-            L("bwd_dhidden", (tiles * nsub, _cdiv(F, TILE_N)), TILE_THREADS,
+            L("bwd_dhidden", (tiles * nsub, _cdiv(F, BN)), TH,
               (P(dy), P(w2), ws.sorted_rows, *grouped, P(dhu)))
             L("bwd_rows", (R,), ROW_THREADS,
               (P(gu), P(dhu), P(dy), P(b2), final_w, ws.sorted_rows, ws.tile_expert,
                ws.num_tiles, np.int32(bm), np.int32(R), P(h), P(dgu), P(o["topk_weights"]), P(row_w),
                P(row_tok), P(pos)))
-            L("bwd_dx_rows", (tiles * nsub, _cdiv(H, TILE_N)), TILE_THREADS,
+            L("bwd_dx_rows", (tiles * nsub, _cdiv(H, BN)), TH,
               (P(dgu), P(w1), P(w3), *grouped, P(dxs)))
-            L("bwd_logits", (_cdiv(T, TILE_M), _cdiv(E, TILE_N)), TILE_THREADS,
+            L("bwd_logits", (_cdiv(T, BM), _cdiv(E, BN)), TH,
               (P(x), P(router), P(router_bias), np.int32(T), P(logits)))
             L("bwd_usage", (1,), 1,
               (ws.counts, P(daux32), np.float32(balance_coeff), np.float32(z_coeff),
@@ -269,15 +286,15 @@ class CudaBackward:
             L("bwd_route", (_cdiv(T, ROUTE_THREADS),), ROUTE_THREADS,
               (P(logits), ws.topk_ids, ws.topk_weights, P(ws.kept), P(o["topk_weights"]),
                P(usage), P(factors), np.int32(T), P(dlogits)))
-            L("bwd_dx_router", (_cdiv(T, TILE_M), _cdiv(H, TILE_N)), TILE_THREADS,
+            L("bwd_dx_router", (_cdiv(T, BM), _cdiv(H, BN)), TH,
               (P(dlogits), P(router), np.int32(T), P(dxr)))
             L("bwd_combine", (_cdiv(T * H, ITEM_THREADS),), ITEM_THREADS,
               (P(dxs), P(dxr), P(pos), np.int32(T), P(o["x"])))
-            L("bwd_dw13", (_cdiv(G, TILE_M), _cdiv(H, TILE_N), n), TILE_THREADS,
+            L("bwd_dw13", (_cdiv(G, BM), _cdiv(H, BN), n), TH,
               (P(dgu), P(x), P(row_tok), P(seg[0]), P(seg[1]), P(o["w1"]), P(o["w3"])))
-            L("bwd_dw2", (_cdiv(H, TILE_M), _cdiv(F, TILE_N), n), TILE_THREADS,
+            L("bwd_dw2", (_cdiv(H, BM), _cdiv(F, BN), n), TH,
               (P(dy), P(row_w), P(row_tok), P(h), P(seg[0]), P(seg[1]), P(o["w2"])))
-            L("bwd_drouter", (_cdiv(E, TILE_M), _cdiv(H, TILE_N)), TILE_THREADS,
+            L("bwd_drouter", (_cdiv(E, BM), _cdiv(H, BN)), TH,
               (P(dlogits), P(x), np.int32(T), P(o["router"])))
             if spec.bias:
                 L("bwd_db13", (_cdiv(G, ITEM_THREADS), n), ITEM_THREADS,
