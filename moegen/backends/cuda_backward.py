@@ -187,6 +187,13 @@ class CudaBackward:
     def _launch(self, name: str, grid: tuple, block: int, args: tuple) -> None:
         self._fn[name](grid, (block,), args)
 
+    def _stream(self, device):
+        """Context making torch's current stream of ``device`` CuPy's current one."""
+        import cupy  # optional heavy package: only a GPU run launches
+        import torch  # the training op's tensors
+        return cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream,
+                                        device.index or 0)
+
     def backward(self, kernel, x, params: dict, dy, router_bias, daux, *,
                  balance_coeff: float = 0.0, z_coeff: float = 0.0, adaptive: bool = True,
                  packed=None, out: dict | None = None) -> dict:
@@ -235,7 +242,6 @@ class CudaBackward:
 
     def _run(self, kernel, packed, x, dy, params, router_bias, daux, balance_coeff, z_coeff,
              adaptive, o, factors) -> None:
-        import cupy  # optional heavy package: only a GPU run launches
         import torch  # the training op's tensors
         spec = self.spec
         E, S, K, H, F = (spec.num_experts, spec.num_shared_experts, spec.top_k, spec.hidden_dim,
@@ -262,8 +268,7 @@ class CudaBackward:
         logits, dlogits = torch.empty((T, E), **f32), torch.empty((T, E), **f32)
         usage, dxr = torch.empty(E, **f32), torch.empty((T, H), **f32)
         daux32 = daux.to(**f32).reshape(1).contiguous()
-        stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(dev).cuda_stream, dev.index or 0)
-        with stream:
+        with self._stream(dev):
             L = self._launch
             P = _ptr
             L("bwd_segments", (_cdiv(tiles, ITEM_THREADS),), ITEM_THREADS,

@@ -1,0 +1,151 @@
+"""Run generated CUDA kernels on the CPU, for tests on machines without a GPU.
+
+The kernel source is compiled by the host C++ compiler with a small shim: ``__global__`` and
+friends vanish, ``__shared__`` becomes ``static`` (one block runs at a time), every thread of a
+block is an OS thread, ``__syncthreads`` a ``std::barrier`` of the block, and blockIdx /
+threadIdx are thread-locals.  Inline PTX (``asm``) compiles to nothing, so only kernels whose
+executed paths use no PTX can be emulated (the fp32 SIMT ones).  A launch takes the same
+argument tuple a ``cupy.RawKernel`` call gets, with host memory (CPU torch tensors, NumPy
+arrays) where the GPU would have device memory.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+
+import numpy as np
+
+SHIM = r"""
+#include <algorithm>
+#include <barrier>
+#include <cmath>
+#include <cstring>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <string>
+#include <thread>
+#include <utility>
+#include <vector>
+struct dim3 { unsigned x = 1, y = 1, z = 1; };
+static thread_local dim3 threadIdx, blockIdx;
+static dim3 blockDim, gridDim;
+static std::barrier<>* g_barrier;
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __restrict__
+#define __launch_bounds__(...)
+#define __shared__ static
+#define __align__(n) alignas(n)
+#define asm(...) ((void)0)
+static inline void __syncthreads() { g_barrier->arrive_and_wait(); }
+static inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
+static inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
+using std::min; using std::max;
+"""
+
+LAUNCHER = r"""
+template <class... A, std::size_t... I>
+static void call_with(void (*k)(A...), void** a, std::index_sequence<I...>) {
+    k(*reinterpret_cast<std::remove_cv_t<std::remove_reference_t<A>>*>(a[I])...);
+}
+template <class... A>
+static void launch(void (*k)(A...), dim3 g, dim3 b, void** a) {
+    gridDim = g; blockDim = b;
+    const unsigned nt = b.x * b.y * b.z;
+    for (unsigned z = 0; z < g.z; ++z)
+        for (unsigned y = 0; y < g.y; ++y)
+            for (unsigned x = 0; x < g.x; ++x) {
+                std::barrier<> bar(nt);
+                g_barrier = &bar;
+                std::vector<std::thread> ts;
+                for (unsigned t = 0; t < nt; ++t)
+                    ts.emplace_back([=, &bar]() {
+                        blockIdx = dim3{x, y, z};
+                        threadIdx = dim3{t % b.x, (t / b.x) % b.y, t / (b.x * b.y)};
+                        call_with(k, a, std::index_sequence_for<A...>{});
+                        bar.arrive_and_drop();
+                    });
+                for (auto& th : ts) th.join();
+            }
+}
+extern "C" int emu_launch(const char* name, unsigned gx, unsigned gy, unsigned gz, unsigned bx,
+                          void** args) {
+    static const std::map<std::string, std::function<void(dim3, dim3, void**)>> table = {
+%s
+    };
+    auto it = table.find(name);
+    if (it == table.end()) return 1;
+    it->second(dim3{gx, gy, gz}, dim3{bx, 1, 1}, args);
+    return 0;
+}
+"""
+
+
+def available() -> bool:
+    """A host C++20 compiler is here."""
+    return shutil.which("g++") is not None
+
+
+class Emulator:
+    """The kernels ``names`` of CUDA ``source``, compiled for the CPU."""
+
+    def __init__(self, source: str, names):
+        entries = ",\n".join(f'        {{"{n}", [](dim3 g, dim3 b, void** a) {{ launch({n}, g, b, a); }}}}'
+                             for n in names)
+        text = SHIM + source + LAUNCHER.replace("%s", entries)
+        digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+        self._dir = tempfile.mkdtemp(prefix="moegen-emu-")
+        src = os.path.join(self._dir, f"k{digest}.cpp")
+        lib = os.path.join(self._dir, f"k{digest}.so")
+        with open(src, "w") as fh:
+            fh.write(text)
+        r = subprocess.run(["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-w", src,
+                            "-o", lib], capture_output=True, text=True)
+        if r.returncode:
+            raise RuntimeError(f"emulator compile failed:\n{r.stderr[-4000:]}")
+        self._lib = ctypes.CDLL(lib)
+        self._lib.emu_launch.argtypes = (ctypes.c_char_p, ctypes.c_uint, ctypes.c_uint,
+                                         ctypes.c_uint, ctypes.c_uint,
+                                         ctypes.POINTER(ctypes.c_void_p))
+        self.launches: list[str] = []
+
+    def close(self) -> None:
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    @staticmethod
+    def _value(a):
+        """A kernel argument as the ctypes value the kernel's parameter holds."""
+        if isinstance(a, np.uint64):
+            return ctypes.c_uint64(int(a))
+        if isinstance(a, np.int32):
+            return ctypes.c_int32(int(a))
+        if isinstance(a, np.float32):
+            return ctypes.c_float(float(a))
+        if hasattr(a, "data_ptr"):                   # a torch tensor (CPU)
+            return ctypes.c_uint64(a.data_ptr())
+        if isinstance(a, np.ndarray):
+            return ctypes.c_uint64(a.ctypes.data)
+        raise TypeError(f"kernel argument of type {type(a).__name__}")
+
+    def launch(self, name: str, grid: tuple, block: int, args: tuple) -> None:
+        vals = [self._value(a) for a in args]
+        ptrs = (ctypes.c_void_p * len(vals))(*[ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in vals])
+        g = tuple(grid) + (1,) * (3 - len(grid))
+        rc = self._lib.emu_launch(name.encode(), g[0], g[1], g[2], block, ptrs)
+        if rc:
+            raise KeyError(f"no kernel {name!r} in the emulated source")
+        self.launches.append(name)
+
+
+def kernel_names(source: str) -> list[str]:
+    """The extern "C" __global__ kernels a source defines."""
+    return re.findall(r'extern "C" __global__ void(?: __launch_bounds__\(\w+\))?\s+(\w+)\(', source)
