@@ -1,6 +1,7 @@
 """The CUDA backward's generated kernels, run on the CPU (tests/cuda_emulator.py), against the
-float64 reference backward: fp32 specs (the SIMT path, no PTX) of every routing, gated and
-ungated activations, biases, shared experts, capacity with and without renormalisation.
+float64 reference backward: fp32 specs (the SIMT GEMM tile) and bf16 specs (the tensor-core
+tile, its ldmatrix/mma.sync emulated) of every routing, gated and ungated activations, biases,
+shared experts, capacity with and without renormalisation, several k steps and output tiles.
 
 `CudaBackward.backward` runs as it does on a GPU (the same launches, grids and argument
 tuples); only the launcher, the stream and the forward kernel's route and group stages are
@@ -39,6 +40,18 @@ SPECS = {
         16, 4, 32, 16, dtype="float32", activation="geglu", routing="sigmoid_topk", n_group=4,
         topk_group=2, routed_scaling_factor=2.5, num_shared_experts=1, bias=True),
 }
+# bf16: the tensor-core tile (128 x 128 x 64): H = 136 and 2F = 144 make several k steps and
+# output tiles, T = 150 several k steps of the weight gradients.
+TC_SPECS = {
+    "e4-k2-h136-f72-bf16-swiglu": MoESpec(4, 2, 136, 72, dtype="bfloat16"),
+    "e6-k2-h24-f40-bf16-gelu-bias-cap1-sh1": MoESpec(
+        6, 2, 24, 40, dtype="bfloat16", activation="gelu", bias=True, capacity_factor=1.0,
+        num_shared_experts=1),
+    "e16-k4-h32-f16-bf16-relu-sigmoid-g4-tg2": MoESpec(
+        16, 4, 32, 16, dtype="bfloat16", activation="relu", routing="sigmoid_topk", n_group=4,
+        topk_group=2, routed_scaling_factor=2.5),
+}
+TOL = {"float32": 1e-4, "bfloat16": 1e-2}
 BM = 16                 # the group stage's tile rows in these runs
 JUNK_TILES = 2          # tiles past num_tiles, filled with junk
 COEFFS = dict(balance_coeff=0.05, z_coeff=0.01)
@@ -103,8 +116,9 @@ def emulated():
 
     def get(name):
         if name not in made:
-            plan = cb.backward_plan(SPECS[name].replace(backend="cuda", arch="sm_90"))
-            assert not plan.tensor_cores
+            spec = {**SPECS, **TC_SPECS}[name]
+            plan = cb.backward_plan(spec.replace(backend="cuda", arch="sm_90"))
+            assert plan.tensor_cores is (name in TC_SPECS)
             emu = cuda_emulator.Emulator(cb.render_backward(plan).text, cb.KERNELS)
             bwd = cb.CudaBackward.__new__(cb.CudaBackward)
             bwd.plan, bwd.spec = plan, plan.spec
@@ -117,34 +131,53 @@ def emulated():
         emu.close()
 
 
-@pytest.mark.parametrize("T", [1, 37])
-@pytest.mark.parametrize("name", list(SPECS))
-def test_emulated_kernels_match_the_float64_reference(emulated, name, T):
-    spec = SPECS[name]
+def check(emulated, spec, name, T):
     bwd, emu = emulated(name)
     x, w = ref.random_problem(spec, T, seed=T)
     rng = np.random.default_rng(T + 1)
-    bias = (rng.standard_normal(spec.num_experts) * 0.1).astype(np.float32)
-    dy = rng.standard_normal((T, spec.hidden_dim)).astype(np.float32)
+    bias = (rng.standard_normal(spec.num_experts) * 0.1).astype(spec.dt.numpy).astype(np.float32)
+    dy = rng.standard_normal((T, spec.hidden_dim)).astype(np.float32).astype(spec.dt.numpy)
     fwd = FakeForward(spec, x, w, bias)
-    params = {k: torch.tensor(w[k]) for k in weight_shapes(spec)}
+    params = {k: host_tensor(w[k]) for k in weight_shapes(spec)}
     out = {k: torch.full(tuple(p.shape), float("nan")) for k, p in params.items()}
     out["x"] = torch.full((T, spec.hidden_dim), float("nan"))
     has_bias_grad = spec.routing != "sigmoid_topk"
     if has_bias_grad:
         out["router_bias"] = torch.full((spec.num_experts,), float("nan"))
     emu.launches.clear()
-    g = bwd.backward(fwd, torch.tensor(x), params, torch.tensor(dy), torch.tensor(bias),
+    g = bwd.backward(fwd, host_tensor(x), params, host_tensor(dy), torch.tensor(bias),
                      torch.tensor([DAUX]), packed=object(), out=out, **COEFFS)
     assert fwd.stages_run == ("route", "group")
-    assert emu.launches[0] == "bwd_segments" and len(emu.launches) >= 14
+    assert emu.launches[0] == "bwd_segments" and len(emu.launches) >= 13
     r = moe_backward(spec, x, w, dy, bias, daux=DAUX, **COEFFS)
+    tol = TOL[spec.dtype]
     for k in ("x", "router", "router_bias", "w1", "w3", "w2", "b1", "b3", "b2"):
         if r[k] is None:
             assert g[k] is None, k
             continue
         assert g[k] is out[k], k
         err = ref.rel_error(g[k].numpy(), r[k])
-        assert err < 1e-4, f"{k}: relative error {err:.2e}"
-    assert ref.rel_error(np.sort(g["topk_weights"].numpy(), 1), np.sort(r["topk_weights"], 1)) < 1e-4
+        assert err < tol, f"{k}: relative error {err:.2e}"
+    assert ref.rel_error(np.sort(g["topk_weights"].numpy(), 1), np.sort(r["topk_weights"], 1)) < tol
     assert abs(float(g["balance_coeff"]) - r["balance_coeff"]) < 1e-6
+
+
+def host_tensor(a: np.ndarray):
+    """A CPU torch tensor of a NumPy array (bf16 through its bits)."""
+    a = np.ascontiguousarray(a)
+    if a.dtype.name == "bfloat16":
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
+
+
+@pytest.mark.parametrize("T", [1, 37])
+@pytest.mark.parametrize("name", list(SPECS))
+def test_emulated_simt_kernels_match_the_float64_reference(emulated, name, T):
+    check(emulated, SPECS[name], name, T)
+
+
+@pytest.mark.parametrize("name, T", [("e4-k2-h136-f72-bf16-swiglu", 1), ("e4-k2-h136-f72-bf16-swiglu", 150),
+                                     ("e6-k2-h24-f40-bf16-gelu-bias-cap1-sh1", 37),
+                                     ("e16-k4-h32-f16-bf16-relu-sigmoid-g4-tg2", 37)])
+def test_emulated_tensor_core_kernels_match_the_float64_reference(emulated, name, T):
+    check(emulated, TC_SPECS[name], name, T)
