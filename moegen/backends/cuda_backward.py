@@ -22,13 +22,13 @@ accumulation, any shape.  Launches go to torch's current stream and nothing sync
 from __future__ import annotations
 
 import dataclasses
-import time
 from dataclasses import dataclass
 
 import numpy as np
 
-from .. import __version__, jit, settings
+from .. import jit
 from ..backward import check_trainable
+from ..backward_build import ENTRY_SUFFIX, backward_builder, backward_key_parts
 from ..cache import default_cache, digest
 from ..errors import BackendUnavailable
 from ..plan import KernelPlan
@@ -40,8 +40,6 @@ from .cuda import CudaBackend, _load_raw_module
 
 TEMPLATE = "cuda/backward.cu.jinja"
 SOURCE_NAME = "backward.cu"
-# Appended to the spec name: the cache entry of the backward cubin.
-ENTRY_SUFFIX = "_backward"
 
 # The GEMM tiles (M, N, K, threads): bwd_gemm_tile (SIMT; its thread map is written for exactly
 # these) and bwd_mma_tile (tensor cores: 8 warps of 64 x 32 over the forward's 64-wide k tile).
@@ -119,11 +117,7 @@ def render_backward(plan: CudaBackwardPlan) -> Sources:
 
 def key_parts(plan: CudaBackwardPlan, sources: Sources, toolchain: dict | None) -> dict:
     """Every input that changes the backward cubin (pure)."""
-    be = CudaBackend()
-    parts = jit.key_parts_of(plan.forward, sources, toolchain,
-                             be.options(plan.spec, plan.forward.target), settings.code_settings())
-    parts["backward"] = plan.own()
-    return parts
+    return backward_key_parts(CudaBackend(), plan, sources, toolchain)
 
 
 def compile_backward(plan: CudaBackwardPlan) -> Artifact:
@@ -142,21 +136,9 @@ def load_backward_cubin(plan: CudaBackwardPlan) -> bytes:
         raise BackendUnavailable(f"no NVRTC to build the CUDA backward of {plan.spec.name}")
     parts = key_parts(plan, sources, toolchain)
     key = digest(parts)
-    name = plan.spec.name + ENTRY_SUFFIX
-    target = plan.forward.target
-
-    def compile_now() -> Artifact:
-        t = time.perf_counter()
-        art = be.compile(sources, plan.spec, target, key)
-        meta = dict(art.meta)
-        meta.update(key=key, plan_key=jit.plan_key(parts), key_parts=parts, spec_name=name,
-                    kind="backward", spec=plan.spec.to_dict(), backend="cuda", target=target,
-                    tuning=dict(plan.forward.tuning), moegen_version=__version__,
-                    build_seconds=round(time.perf_counter() - t, 4), created=time.time())
-        return Artifact(art.binary, meta)
-
     artifact, _ = default_cache().get_or_build(
-        name, key, compile_now, hint=f"moegen.backends.cuda_backward.CudaBackward({plan.spec.name})")
+        plan.spec.name + ENTRY_SUFFIX, key, backward_builder(be, plan, sources, parts, key),
+        hint=f"moegen.backends.cuda_backward.CudaBackward({plan.spec.name})")
     return artifact.binary
 
 
