@@ -242,7 +242,10 @@ class CudaBackward:
         grouped = (ws.tile_expert, ws.tile_row0, ws.num_tiles, np.int32(bm))
         BM, BN, TH = self.plan.bm, self.plan.bn, self.plan.threads
         nsub = _cdiv(bm, BM)
-        gu, dhu, h, dgu = (torch.empty((R, c), **f32) for c in (G, F, F, G))
+        gu, dhu = torch.empty((R, G), **f32), torch.empty((R, F), **f32)
+        # h and dgu: bf16 on the tensor-core path (its GEMMs read them as bf16), else fp32
+        inter = dict(dtype=torch.bfloat16 if self.plan.tensor_cores else torch.float32, device=dev)
+        h, dgu = torch.empty((R, F), **inter), torch.empty((R, G), **inter)
         dxs = torch.empty((R, H), **f32)
         row_w, row_tok = torch.empty(R, **f32), torch.empty(R, **i32)
         pos = torch.full((T * (K + S),), -1, **i32)
