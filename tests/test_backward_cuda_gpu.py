@@ -47,7 +47,7 @@ DAUX = 0.5              # exact in every dtype (the aux loss's gradient travels 
 # fp32 gradients against float64: SIMT GEMMs (fp32, fp16) accumulate in fp32 from exact
 # operands; the bf16 tensor-core GEMMs also round their fp32 intermediate operands (dgu, h,
 # weighted dy, dlogits) to bf16.
-TOL = {"float32": 1e-3, "float16": 1e-3, "bfloat16": 1e-2}
+TOL = {"float32": 1e-3, "float16": 2e-3, "bfloat16": 1e-2}
 TOL_ROUNDED = 1.5e-2    # gradients returned in fp16/bf16 by the training op
 GRADS = ("x", "router", "router_bias", "w1", "w3", "w2", "b1", "b3", "b2")
 
