@@ -14,7 +14,9 @@ always pick the same experts and a gradient difference is the kernels' own.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
+import multiprocessing
 
 import numpy as np
 import pytest
@@ -50,6 +52,28 @@ DAUX = 0.5              # exact in every dtype (the aux loss's gradient travels 
 TOL = {"float32": 1e-3, "float16": 2e-3, "bfloat16": 1e-2}
 TOL_ROUNDED = 1.5e-2    # gradients returned in fp16/bf16 by the training op
 GRADS = ("x", "router", "router_bias", "w1", "w3", "w2", "b1", "b3", "b2")
+
+
+def _prebuild(spec_dict: dict) -> str:
+    """In a worker process: the forward and backward binaries of a spec into the cache."""
+    from moegen import jit
+    from moegen.backends import cuda_backward as cb
+    try:
+        spec = MoESpec.from_dict(spec_dict)
+        jit.build(spec)
+        cb.load_backward_cubin(cb.backward_plan(spec))
+    except Exception as exc:  # noqa: BLE001 - the test that needs the spec reports it
+        return f"{type(exc).__name__}: {exc}"
+    return ""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def prebuilt(module_cache):
+    """Every spec's binaries compiled once, in parallel processes (NVRTC is single-threaded)."""
+    ctx = multiprocessing.get_context("spawn")
+    specs = [s.replace(backend="cuda").to_dict() for s in SPECS.values()]
+    with concurrent.futures.ProcessPoolExecutor(min(len(specs), 8), mp_context=ctx) as pool:
+        list(pool.map(_prebuild, specs))
 
 
 @functools.lru_cache(maxsize=None)
