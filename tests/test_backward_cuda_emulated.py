@@ -21,7 +21,8 @@ import pytest
 from moegen import reference as ref
 from moegen.backends import cuda_backward as cb
 from moegen.backward import weight_shapes
-from moegen.reference_backward import moe_backward
+from moegen.reference_backward import balance_coefficient, moe_backward
+from moegen.stats import LayerStats
 from moegen.spec import MoESpec
 
 import cuda_emulator
@@ -181,3 +182,20 @@ def test_emulated_simt_kernels_match_the_float64_reference(emulated, name, T):
                                      ("e16-k4-h32-f16-bf16-relu-sigmoid-g4-tg2", 37)])
 def test_emulated_tensor_core_kernels_match_the_float64_reference(emulated, name, T):
     check(emulated, TC_SPECS[name], name, T)
+
+
+@pytest.mark.parametrize("adaptive", [True, False])
+def test_emulated_aux_loss_value_matches_the_layer_statistics(emulated, adaptive):
+    name = "e8-k2-h40-f24-swiglu"
+    spec = SPECS[name]
+    _, emu = emulated(name)
+    rng = np.random.default_rng(5)
+    E, T = spec.num_experts, 13
+    for counts in (rng.integers(0, 9, E).astype(np.int32), np.zeros(E, np.int32)):
+        sums = (rng.random(E + 1) * 5).astype(np.float32)
+        aux = np.full(1, np.nan, np.float32)
+        emu.launch("train_aux_loss", (1,), 1, (counts, sums, np.int32(T), np.float32(0.05),
+                                              np.float32(0.01), np.int32(adaptive), aux))
+        d = LayerStats(spec, T, counts, sums).as_dict()
+        want = balance_coefficient(d["usage"], 0.05, adaptive) * d["aux_loss"] + 0.01 * d["z_loss"]
+        assert abs(float(aux[0]) - want) <= 1e-5 * max(1.0, abs(want))

@@ -55,7 +55,7 @@ ROUTE_THREADS = 128
 
 KERNELS = ("bwd_segments", "bwd_gateup", "bwd_dhidden", "bwd_rows", "bwd_dx_rows", "bwd_logits",
            "bwd_usage", "bwd_route", "bwd_dx_router", "bwd_combine", "bwd_dw13", "bwd_dw2",
-           "bwd_drouter", "bwd_db13", "bwd_db2", "bwd_dbias")
+           "bwd_drouter", "bwd_db13", "bwd_db2", "bwd_dbias", "train_aux_loss")
 
 
 @dataclass(frozen=True)
@@ -175,6 +175,21 @@ class CudaBackward:
         import torch  # the training op's tensors
         return cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream,
                                         device.index or 0)
+
+    def forward(self, kernel, x, packed, router_bias, *, balance_coeff: float = 0.0,
+                z_coeff: float = 0.0, adaptive: bool = True):
+        """The layer's forward pass for training: (y, aux) with aux the aux loss of
+        `moegen.reference_backward` as a float32 device tensor of shape [1], computed on the
+        device from the forward's statistics (nothing is read back, nothing synchronises).
+        ``x`` [T >= 1, H] a CUDA tensor of the spec dtype; ``packed`` ``kernel.pack``'s."""
+        import torch  # the training op's tensors
+        y, ws = kernel.launch(kernel.stages, x, packed, None, router_bias, want_stats=True)
+        aux = torch.empty(1, dtype=torch.float32, device=x.device)
+        with self._stream(x.device):
+            self._launch("train_aux_loss", (1,), 1,
+                         (ws.counts, ws.router_sums, np.int32(x.shape[0]), np.float32(balance_coeff),
+                          np.float32(z_coeff), np.int32(1 if adaptive else 0), _ptr(aux)))
+        return y, aux
 
     def backward(self, kernel, x, params: dict, dy, router_bias, daux, *,
                  balance_coeff: float = 0.0, z_coeff: float = 0.0, adaptive: bool = True,

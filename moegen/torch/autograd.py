@@ -222,19 +222,16 @@ _cuda_packed: dict[str, tuple] = {}
 
 
 def _cuda_forward(x, params, router_bias, handle, balance_coeff, z_coeff, adaptive):
-    """The forward on CUDA tensors: the cuda kernel, its statistics for the aux loss (read back
-    to the host: this synchronises), no kept pre-activations."""
+    """The forward on CUDA tensors: the cuda kernel and the aux loss computed on the device
+    from its statistics (no read-back, no synchronisation); no kept pre-activations."""
     kernel, bwd = _cuda_layer(handle)
     s = bwd.spec
     if not x.shape[0]:
         return torch.empty_like(x), torch.zeros((), dtype=x.dtype, device=x.device), _empty_gu(s, x)
     bias = None if router_bias is None else router_bias.float().contiguous()
-    y, st = kernel(x, _packed(handle, kernel, s, params, keep=True), router_bias=bias,
-                   return_stats=True)
-    d = st.as_dict()
-    coef = balance_coefficient(d["usage"], balance_coeff, adaptive)
-    aux = coef * d["aux_loss"] + z_coeff * d["z_loss"]
-    return y, torch.tensor(aux, dtype=x.dtype, device=x.device), _empty_gu(s, x)
+    y, aux = bwd.forward(kernel, x, _packed(handle, kernel, s, params, keep=True), bias,
+                         balance_coeff=balance_coeff, z_coeff=z_coeff, adaptive=adaptive)
+    return y, aux.reshape(()).to(x.dtype), _empty_gu(s, x)
 
 
 def _cuda_backward(dy, daux, x, params, router_bias, handle, balance_coeff, z_coeff, adaptive):
