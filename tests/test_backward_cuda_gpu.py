@@ -258,3 +258,51 @@ def test_no_tokens_gives_zero_gradients_on_cuda():
     assert grads[0].shape == (0, spec.hidden_dim)
     for gk in grads[1:]:
         assert gk is None or torch.count_nonzero(gk) == 0
+
+
+def _train_step(spec, xt, ps, bt, dy):
+    """One step through the training op: the gradients of <dy, y> + DAUX·aux."""
+    y, aux = moe_train(spec, xt, ps, bt, **COEFFS)
+    loss = (y.float() * dy).sum() + DAUX * aux.float()
+    return torch.autograd.grad(loss, [xt, bt, *ps])
+
+
+def _step_inputs(name: str, T: int):
+    spec = SPECS[name]
+    x, w, bias, dy = stable_problem(spec, T, seed=5)
+    xt = cuda(x).requires_grad_()
+    ps = [cuda(w[k]).requires_grad_() for k in param_names(spec)]
+    bt = cuda(bias, xt.dtype).requires_grad_()
+    return spec.replace(backend="cuda"), xt, ps, bt, cuda(dy).float()
+
+
+def test_a_training_step_allocates_no_new_memory_after_warm_up():
+    spec, xt, ps, bt, dy = _step_inputs("e8-k2-h512-f2048-bf16-swiglu", 300)
+    for _ in range(2):
+        _train_step(spec, xt, ps, bt, dy)
+    torch.cuda.synchronize()
+    reserved = torch.cuda.memory_reserved()
+    for _ in range(3):
+        _train_step(spec, xt, ps, bt, dy)
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_reserved() == reserved
+
+
+def test_a_training_step_captures_in_a_cuda_graph_and_replays_bitwise():
+    spec, xt, ps, bt, dy = _step_inputs("e8-k2-h512-f2048-bf16-swiglu", 300)
+    eager = [g.clone() for g in _train_step(spec, xt, ps, bt, dy)]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):                # warm-up on a side stream, as torch asks
+        for _ in range(2):
+            _train_step(spec, xt, ps, bt, dy)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = _train_step(spec, xt, ps, bt, dy)
+    for g in captured:
+        g.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    for e, c in zip(eager, captured):
+        assert torch.equal(e, c)
