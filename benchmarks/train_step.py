@@ -19,7 +19,10 @@ recomputed gate/up GEMM not counted), and ``ceiling`` is that rate over the dens
 A shape that does not fit in memory is reported as skipped.
 
     python benchmarks/train_step.py --json train_step.json [--shapes mixtral-8x7b,deepseek-v3]
-                                    [--tokens 4096,16384] [--reps 3]
+                                    [--tokens 4096,16384] [--reps 3] [--kernels]
+
+``--kernels`` also profiles one moegen step per point (torch.profiler, CUDA activity) and
+prints its GPU kernels by total time (the JSON rows get them as ``moegen_kernels``).
 """
 
 from __future__ import annotations
@@ -127,7 +130,19 @@ def grouped_mm_step(torch, spec: MoESpec, p: dict):
     return step
 
 
-def measure(torch, name: str, T: int, reps: int, ceiling: float) -> dict:
+def kernel_times(torch, step, top: int = 12) -> list:
+    """[(kernel name, total ms, calls)] of one ``step()``, the ``top`` longest (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    rows = [(e.key, e.device_time_total / 1e3, e.count) for e in prof.key_averages()
+            if e.device_time_total > 0]
+    rows.sort(key=lambda r: -r[1])
+    return [(k[:60], round(ms, 3), n) for k, ms, n in rows[:top]]
+
+
+def measure(torch, name: str, T: int, reps: int, ceiling: float, kernels: bool = False) -> dict:
     """One (shape, T) point: both steps timed, or skipped when it does not fit."""
     E, k, H, F = (shape_fields(name)[f] for f in ("num_experts", "top_k", "hidden_dim", "ffn_dim"))
     spec = MoESpec(**shape_fields(name), dtype="bfloat16", backend="cuda")
@@ -145,6 +160,8 @@ def measure(torch, name: str, T: int, reps: int, ceiling: float) -> dict:
             dx[label] = step().float()                 # warm-up (compiles, workspaces)
             torch.cuda.synchronize()
             results[label] = median_ms(torch, step, reps)
+            if kernels and label == "moegen":
+                row["moegen_kernels"] = kernel_times(torch, step)
             del step
             gc.collect()
             torch.cuda.empty_cache()
@@ -171,6 +188,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="comma-separated T")
     ap.add_argument("--reps", type=int, default=3, help="timed steps per point (median)")
     ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--kernels", action="store_true",
+                    help="also list the GPU kernels of one moegen step by time")
     args = ap.parse_args(argv)
     shapes = [s for s in args.shapes.split(",") if s]
     for s in shapes:
@@ -193,7 +212,7 @@ def main(argv=None) -> int:
           f"{'moegen/ceil':>13}{'gmm/ceil':>10}{'dx diff':>10}")
     for name in shapes:
         for T in tokens:
-            r = measure(torch, name, T, args.reps, ceiling)
+            r = measure(torch, name, T, args.reps, ceiling, args.kernels)
             rows.append(r)
             if "skipped" in r:
                 print(f"{name:<15}{T:>7}  skipped: {r['skipped']}")
@@ -201,6 +220,8 @@ def main(argv=None) -> int:
             print(f"{name:<15}{T:>7}{r['moegen_ms']:>11.2f}{r['grouped_mm_ms']:>10.2f}"
                   f"{r['speedup']:>9.2f}{r['moegen_ceiling']:>13.3f}{r['grouped_mm_ceiling']:>10.3f}"
                   f"{r['dx_diff']:>10.1e}")
+            for kname, ms, calls in r.get("moegen_kernels", []):
+                print(f"    {ms:>9.3f} ms  x{calls:<3} {kname}")
     out = {"benchmark": "train_step", "commit": commit(), "device": torch.cuda.get_device_name(),
            "torch": torch.__version__, "ceiling_tflops": round(ceiling, 1), "reps": args.reps,
            "rows": rows}
