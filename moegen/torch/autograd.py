@@ -204,8 +204,8 @@ def _empty_gu(s: MoESpec, x: torch.Tensor) -> torch.Tensor:
 def _packed(handle: str, kernel, s: MoESpec, params, *, keep: bool):
     """``kernel.pack`` of the parameter tensors.  The forward keeps its packing per handle
     (``keep``) for the backward of the same step, which takes it back if every tensor is still
-    the same memory at the same version (else it packs again), so the copy lives from a
-    forward to its backward only."""
+    the same memory at the same version (else it packs again): one packed copy per handle,
+    held until that backward or the handle's next forward."""
     key = tuple((p.data_ptr(), p._version, tuple(p.shape)) for p in params)
     hit = _cuda_packed.pop(handle, None)
     if hit is not None and hit[0] == key:
