@@ -30,6 +30,8 @@ SHIM = r"""
 #include <cmath>
 #include <cstring>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <functional>
 #include <map>
 #include <memory>
@@ -54,6 +56,19 @@ static inline void __syncthreads() { g_barrier->arrive_and_wait(); }
 static inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
 static inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
 using std::min; using std::max;
+struct uint4 { unsigned x, y, z, w; };
+struct uint2 { unsigned x, y; };
+static inline unsigned __shfl_xor_sync(unsigned, unsigned v, int) { return v; }   // never called
+static inline float __shfl_xor_sync(unsigned, float v, int) { return v; }
+static inline unsigned long long __shfl_xor_sync(unsigned, unsigned long long v, int) { return v; }
+// A read-only vector load: the GPU faults on a misaligned one, so the emulation aborts.
+template <class T> static inline T __ldg(const T* p) {
+    if (reinterpret_cast<std::uintptr_t>(p) % alignof(T) != 0 || reinterpret_cast<std::uintptr_t>(p) % sizeof(T) != 0) {
+        std::fprintf(stderr, "emulator: misaligned %zu-byte load at %p\n", sizeof(T), (const void*)p);
+        std::abort();
+    }
+    return *p;
+}
 
 // Tensor-core emulation: "shared addresses" are offsets from an anchor in this module.
 static char g_anchor;

@@ -82,3 +82,14 @@ def test_what_the_cuda_backward_lacks_is_refused_in_one_line():
         cb.backward_plan(spec.replace(backend="c"))
     with pytest.raises(TypeError, match="spec must be a MoESpec, got dict"):
         cb.CudaBackward({})
+
+
+def test_tensors_off_a_16_byte_boundary_are_copied_before_vector_reads():
+    torch = pytest.importorskip("torch")
+    base = torch.arange(64, dtype=torch.bfloat16)
+    view = base[1:33]                               # 2 bytes past an aligned start
+    assert view.data_ptr() % cb.VECTOR_ALIGN != 0
+    fixed = cb._aligned(view)
+    assert fixed.data_ptr() % cb.VECTOR_ALIGN == 0 and torch.equal(fixed, view)
+    aligned = base[8:40]
+    assert cb._aligned(aligned) is aligned and cb._aligned(None) is None

@@ -42,12 +42,14 @@ SPECS = {
         topk_group=2, routed_scaling_factor=2.5, num_shared_experts=1, bias=True),
 }
 # bf16: the tensor-core tile (128 x 128 x 64): H = 136 and 2F = 144 make several k steps and
-# output tiles, T = 150 several k steps of the weight gradients.
+# output tiles, T = 150 several k steps of the weight gradients; H = 60, F = 36 rows that are
+# not 16-byte multiples (no vector reads for them).
 TC_SPECS = {
     "e4-k2-h136-f72-bf16-swiglu": MoESpec(4, 2, 136, 72, dtype="bfloat16"),
     "e6-k2-h24-f40-bf16-gelu-bias-cap1-sh1": MoESpec(
         6, 2, 24, 40, dtype="bfloat16", activation="gelu", bias=True, capacity_factor=1.0,
         num_shared_experts=1),
+    "e4-k2-h60-f36-bf16-swiglu": MoESpec(4, 2, 60, 36, dtype="bfloat16"),   # H, F not multiples of 8
     "e16-k4-h32-f16-bf16-relu-sigmoid-g4-tg2": MoESpec(
         16, 4, 32, 16, dtype="bfloat16", activation="relu", routing="sigmoid_topk", n_group=4,
         topk_group=2, routed_scaling_factor=2.5),
@@ -179,6 +181,7 @@ def test_emulated_simt_kernels_match_the_float64_reference(emulated, name, T):
 
 @pytest.mark.parametrize("name, T", [("e4-k2-h136-f72-bf16-swiglu", 1), ("e4-k2-h136-f72-bf16-swiglu", 150),
                                      ("e6-k2-h24-f40-bf16-gelu-bias-cap1-sh1", 37),
+                                     ("e4-k2-h60-f36-bf16-swiglu", 37),
                                      ("e16-k4-h32-f16-bf16-relu-sigmoid-g4-tg2", 37)])
 def test_emulated_tensor_core_kernels_match_the_float64_reference(emulated, name, T):
     check(emulated, TC_SPECS[name], name, T)

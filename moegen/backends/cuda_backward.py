@@ -146,6 +146,15 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+# Byte alignment of every tensor the backward kernels read as vectors.
+VECTOR_ALIGN = 16
+
+
+def _aligned(t):
+    """``t``, or a fresh copy of it when its data is not `VECTOR_ALIGN`-aligned."""
+    return t if t is None or t.data_ptr() % VECTOR_ALIGN == 0 else t.clone()
+
+
 def _ptr(a):
     """A kernel argument: a torch tensor or CuPy array as its device address, None as null."""
     if a is None:
@@ -227,6 +236,10 @@ class CudaBackward:
                                  f"{shape}, got {a.dtype} of shape {tuple(a.shape)}")
             elif not T:
                 a.zero_()
+        # the tensor-core tile reads 16-byte vectors of x, dy and the weights: a tensor that
+        # starts off a 16-byte boundary (an offset view) is copied first
+        x, dy = _aligned(x), _aligned(dy)
+        params = {k: _aligned(v) for k, v in params.items()}
         o["topk_weights"] = torch.zeros((T, K), dtype=torch.float32, device=x.device)
         factors = torch.zeros(3, dtype=torch.float32, device=x.device)
         if T:
