@@ -1,7 +1,8 @@
-"""Train a tiny MoE regression model on the CPU with moegen's generated backward kernels.
+"""Train a tiny MoE regression model with moegen's generated backward kernels.
 
     python examples/train_tiny_moe.py                       # 300 steps, writes train_tiny_moe.png
     python examples/train_tiny_moe.py --steps 50 --out /tmp/curves.png
+    python examples/train_tiny_moe.py --device cuda         # the same in bf16 on the GPU
 
 The model is one MoE layer (8 experts, top-2, swiglu, c backend, fp32) fitted to a fixed random
 teacher function.  The router starts skewed (a router bias that sends most tokens to the first
@@ -12,9 +13,10 @@ balance loss as the baseline.  Every run's loss and expert-usage imbalance (coef
 variation of the tokens per expert) are printed and plotted to one PNG.
 
 The forward pass is the compiled forward kernel and the backward pass the generated backward
-kernels (moegen.torch.autograd), both on the c backend.  The CUDA backward is not built yet:
-``--device cuda`` says so and exits with status 2 (a machine with a GPU still runs the CPU
-training by default).
+kernels (moegen.torch.autograd): on the CPU the c backend in fp32; on the GPU (``--device cuda``,
+the default when one is present) the cuda backend in bf16, with fp32 master weights that the
+optimiser updates and that are cast to bf16 for each step.  ``--device cuda`` without a GPU
+says so and exits with status 2.
 """
 
 from __future__ import annotations
@@ -22,14 +24,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-import numpy as np
 import torch
 
 from moegen.spec import MoESpec
 from moegen.torch.autograd import moe_train, param_names
 
-CUDA_MISSING = ("the CUDA backward kernels are not built yet (moegen issue 13): training runs on "
-                "the CPU only; rerun with --device cpu")
+NO_GPU = "--device cuda needs a CUDA GPU (torch.cuda.is_available() is False); rerun with --device cpu"
 
 
 def init_params(spec: MoESpec, seed: int):
@@ -62,17 +62,22 @@ def usage_cv(spec: MoESpec, x, router, bias) -> float:
     return float(counts.std(unbiased=False) / counts.mean())
 
 
-def train(spec: MoESpec, steps: int, tokens: int, base: float, adaptive: bool, seed: int, lr: float):
-    """One training run; returns the per-step history."""
+def train(spec: MoESpec, steps: int, tokens: int, base: float, adaptive: bool, seed: int, lr: float,
+          device: str = "cpu"):
+    """One training run; returns the per-step history.  The parameters are fp32 (the optimiser's
+    master weights) and are cast to the spec dtype for each step."""
     params, bias = init_params(spec, seed)
-    params = [p.requires_grad_() for p in params]
-    bias = bias.requires_grad_()
+    params = [p.to(device).requires_grad_() for p in params]
+    bias = bias.to(device).requires_grad_()
     opt = torch.optim.Adam(params + [bias], lr=lr)
+    dt = getattr(torch, spec.dtype)
     hist = {"loss": [], "mse": [], "usage_cv": []}
     for x, target in teacher_data(spec, tokens, steps, seed):
-        y, aux = moe_train(spec, x, params, bias, balance_coeff=base, z_coeff=1e-4, adaptive=adaptive)
-        mse = torch.mean((y - target) ** 2)
-        loss = mse + aux
+        x, target = x.to(device), target.to(device)
+        y, aux = moe_train(spec, x.to(dt), [p.to(dt) for p in params], bias.to(dt),
+                           balance_coeff=base, z_coeff=1e-4, adaptive=adaptive)
+        mse = torch.mean((y.float() - target) ** 2)
+        loss = mse + aux.float()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -106,22 +111,28 @@ def main(argv=None) -> dict:
     p.add_argument("--base-coeff", type=float, default=0.05, help="balance loss coefficient (base)")
     p.add_argument("--lr", type=float, default=5e-3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto: cuda (bf16) when a GPU is present, else cpu (fp32)")
     p.add_argument("--out", default="train_tiny_moe.png", help="PNG path for the curves")
     args = p.parse_args(argv)
     if args.steps < 1 or args.tokens < 1:
         p.error(f"--steps and --tokens must be >= 1, got {args.steps} and {args.tokens}")
-    if args.device == "cuda":
-        print(CUDA_MISSING, file=sys.stderr)
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        print(NO_GPU, file=sys.stderr)
         raise SystemExit(2)
-    if torch.cuda.is_available():
-        print(f"note: a GPU is present, but {CUDA_MISSING}; training on the CPU", file=sys.stderr)
     spec = MoESpec(num_experts=8, top_k=2, hidden_dim=16, ffn_dim=32, backend="c")
+    if device == "cuda":
+        spec = spec.replace(backend="cuda", dtype="bfloat16")
+    print(f"training on {device} ({spec.dtype}, {spec.backend} backend)")
     runs = {}
     for label, base, adaptive in (("adaptive coefficient", args.base_coeff, True),
                                   ("fixed coefficient", args.base_coeff, False),
                                   ("no balance loss", 0.0, False)):
-        hist = runs[label] = train(spec, args.steps, args.tokens, base, adaptive, args.seed, args.lr)
+        hist = runs[label] = train(spec, args.steps, args.tokens, base, adaptive, args.seed, args.lr,
+                                   device)
         print(f"{label:21s} MSE {hist['mse'][0]:.4f} -> {hist['mse'][-1]:.4f}   "
               f"usage cv {hist['usage_cv'][0]:.3f} -> {hist['usage_cv'][-1]:.3f}")
     plot(runs, args.out)

@@ -135,7 +135,8 @@ class MoEBackward:
             raise TypeError(f"spec must be a MoESpec, got {type(spec).__name__}")
         if spec.backend not in ("c", "auto"):
             raise ValueError(f"MoEBackward runs on the c backend; spec.backend must be 'c', "
-                             f"got {spec.backend!r} (the CUDA backward is not built yet)")
+                             f"got {spec.backend!r} (the CUDA backward is moegen.backends.cuda_backward."
+                             f"CudaBackward)")
         check_trainable(spec)
         self.spec = spec.replace(backend="c")
         self.save_activations = self.spec.save_activations

@@ -71,11 +71,32 @@ def render_backward(plan: BackwardPlan) -> Sources:
 def key_parts(plan: BackwardPlan, sources: Sources, toolchain: dict | None) -> dict:
     """Every input that changes the backward binary (pure): the forward's key parts over the
     backward sources, plus the backward's own plan."""
-    be = CBackend()
+    return backward_key_parts(CBackend(), plan, sources, toolchain)
+
+
+def backward_key_parts(be, plan, sources: Sources, toolchain: dict | None) -> dict:
+    """The key parts of any backend's backward build: ``plan`` has ``forward`` (the forward's
+    `KernelPlan`), ``spec`` and ``own()`` (the backward's own constants)."""
     parts = jit.key_parts_of(plan.forward, sources, toolchain,
                              be.options(plan.spec, plan.forward.target), settings.code_settings())
     parts["backward"] = plan.own()
     return parts
+
+
+def backward_builder(be, plan, sources: Sources, parts: dict, key: str):
+    """The ``build`` callable of the cache for a backward binary: ``be`` compiles ``sources``,
+    and the artifact carries the entry's metadata (kind "backward")."""
+    def compile_now() -> Artifact:
+        t = time.perf_counter()
+        art = be.compile(sources, plan.spec, plan.forward.target, key)
+        meta = dict(art.meta)
+        meta.update(key=key, plan_key=jit.plan_key(parts), key_parts=parts,
+                    spec_name=plan.spec.name + ENTRY_SUFFIX, kind="backward",
+                    spec=plan.spec.to_dict(), backend=be.name, target=plan.forward.target,
+                    tuning=dict(plan.forward.tuning), moegen_version=__version__,
+                    build_seconds=round(time.perf_counter() - t, 4), created=time.time())
+        return Artifact(art.binary, meta)
+    return compile_now
 
 
 def load_backward(spec: MoESpec) -> Path:
@@ -92,18 +113,7 @@ def load_backward(spec: MoESpec) -> Path:
     parts = key_parts(plan, sources, toolchain)
     key = digest(parts)
     name = plan.spec.name + ENTRY_SUFFIX
-    target = plan.forward.target
-
-    def compile_now() -> Artifact:
-        t = time.perf_counter()
-        art = be.compile(sources, plan.spec, target, key)
-        meta = dict(art.meta)
-        meta.update(key=key, plan_key=jit.plan_key(parts), key_parts=parts, spec_name=name,
-                    kind="backward", spec=plan.spec.to_dict(), backend="c", target=target,
-                    tuning=dict(plan.forward.tuning), moegen_version=__version__,
-                    build_seconds=round(time.perf_counter() - t, 4), created=time.time())
-        return Artifact(art.binary, meta)
-
+    compile_now = backward_builder(be, plan, sources, parts, key)
     cache = default_cache()
     artifact, built = cache.get_or_build(name, key, compile_now,
                                          hint=f"moegen.backward.MoEBackward({plan.spec.name})")

@@ -109,29 +109,22 @@ def test_save_activations_keeps_gate_up_and_gives_the_same_bits():
         assert torch.equal(a, c)
 
 
-def test_cuda_tensors_are_refused_in_one_line():
+class OnGpu(torch.Tensor):                      # no GPU here: a CPU tensor that says it is one
+    @property
+    def is_cuda(self):
+        return True
+
+
+def test_what_cuda_lacks_is_refused_in_one_line_before_any_launch():
     spec = MoESpec(backend="c", **SPECS[0])
     xt, b, ps = tensors(spec, 4, torch.float32)
-
-    class OnGpu(torch.Tensor):                  # no GPU here: a CPU tensor that says it is one
-        @property
-        def is_cuda(self):
-            return True
-
     xg = xt.detach().as_subclass(OnGpu)
-    with pytest.raises(ValueError, match="the CUDA backward is not built yet"):
-        moe_train(spec, xg, ps, b)
-    with pytest.raises(ValueError, match="the CUDA backward is not built yet"):
-        _forward(xg, ps, b, spec_handle(spec), 0.1, 0.0, True)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_tensors_are_refused_on_a_gpu():
-    spec = MoESpec(backend="c", **SPECS[0])
-    xt, b, ps = tensors(spec, 4, torch.float32)
-    with pytest.raises(ValueError, match="the CUDA backward is not built yet"):
-        moe_train(spec, xt.detach().cuda(), [p.detach().cuda() for p in ps], b.detach().cuda())
+    with pytest.raises(ValueError, match="save_activations=True is not built on CUDA"):
+        moe_train(spec.replace(save_activations=True), xg, ps, b)
+    with pytest.raises(TypeError, match="x on CUDA must have the spec's dtype bfloat16.*got torch.float32"):
+        moe_train(spec.replace(dtype="bfloat16"), xg, ps, b)
+    with pytest.raises(TypeError, match="x on CUDA must have the spec's dtype float32.*got torch.float64"):
+        moe_train(spec, xt.detach().double().as_subclass(OnGpu), ps, b)
 
 
 def test_compile_fullgraph_traces_forward_and_backward():

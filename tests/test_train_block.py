@@ -65,7 +65,7 @@ def test_frozen_block_needs_no_graph():
 
 
 def test_trainable_refusals_are_one_line():
-    with pytest.raises(ValueError, match="the CUDA backward is not built yet"):
+    with pytest.raises(ValueError, match="the trainable block runs on the CPU only yet"):
         MoEBlock(SPEC.replace(backend="cuda", arch="sm_90"), trainable=True)
     with pytest.raises(ValueError, match="needs spec.dtype 'float32'"):
         MoEBlock(SPEC.replace(dtype="bfloat16"), trainable=True)

@@ -25,7 +25,12 @@ forward (`moegen.reference.moe`) and reference backward (`moegen.reference_backw
 ``torch.autograd.gradcheck`` checks the very formulas the kernels implement.  ``spec`` travels
 as the kernel handle: the canonical JSON of the c-backend `MoESpec`.
 
-CUDA tensors are refused with one line: the CUDA backward is not built yet.
+CUDA tensors (of the spec's dtype: float32, float16 or bfloat16) run the cuda backend: the
+forward is the compiled cuda kernel of the spec (``backend='cuda'``, the device's arch) and the
+backward the generated CUDA backward kernels (`moegen.backends.cuda_backward.CudaBackward`),
+which rebuild the forward's routing with the kernel's own route and group stages.  Gradients are
+computed in fp32 and returned in the tensors' dtype.  ``save_activations`` is refused on CUDA
+(the CUDA backward always recomputes the gate/up pre-activations).
 """
 
 from __future__ import annotations
@@ -38,13 +43,21 @@ import numpy as np
 import torch
 
 from .. import reference as ref
+from ..backends.cuda_backward import CudaBackward
 from ..backward import MoEBackward, check_trainable, weight_shapes
 from ..reference_backward import aux_loss, balance_coefficient, moe_backward
 from ..spec import MoESpec
 from .ops import kernel_for
 
-CUDA_MISSING = ("moegen training op: the CUDA backward is not built yet; train on the CPU "
-                "(c backend, float32 or float64 tensors)")
+CUDA_SAVE_ACTIVATIONS = ("moegen training op: save_activations=True is not built on CUDA yet (the "
+                         "CUDA backward recomputes the gate/up pre-activations); use "
+                         "save_activations=False")
+# MoEBlock's refusal of trainable=True on CUDA (the block is not wired to the CUDA path yet).
+CUDA_MISSING = ("the trainable block runs on the CPU only yet (c backend, float32); on CUDA call "
+                "moegen.torch.autograd.moe_train with CUDA tensors")
+
+# torch dtype of each spec dtype the cuda training path takes
+_CUDA_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 _WEIGHTS = ("w1", "w3", "w2", "b1", "b3", "b2")
 
@@ -56,10 +69,12 @@ def param_names(spec: MoESpec) -> tuple[str, ...]:
 
 @torch.compiler.assume_constant_result      # a pure function of a frozen spec: no trace needed
 def spec_handle(spec: MoESpec) -> str:
-    """The canonical JSON of ``spec`` with backend c: the ops' ``spec`` argument."""
+    """The canonical JSON of ``spec`` with backend c (no arch): the ops' ``spec`` argument (the
+    CUDA path makes the cuda spec of it, for the device's arch)."""
     if not isinstance(spec, MoESpec):
         raise TypeError(f"spec must be a MoESpec, got {type(spec).__name__}")
-    return json.dumps(spec.replace(backend="c").to_dict(), sort_keys=True, separators=(",", ":"))
+    return json.dumps(spec.replace(backend="c", arch=None).to_dict(), sort_keys=True,
+                      separators=(",", ":"))
 
 
 def _spec(handle: str) -> MoESpec:
@@ -82,14 +97,30 @@ def _backward(handle: str) -> MoEBackward:
     return bwd
 
 
-def _refuse_cuda(*tensors) -> None:
-    if any(t is not None and t.is_cuda for t in tensors):
-        raise ValueError(CUDA_MISSING)
+def _cuda_spec(handle: str) -> MoESpec:
+    """The cuda-backend spec of a (c-backend) handle; its arch is the device's."""
+    return MoESpec.from_dict(json.loads(handle)).replace(backend="cuda", arch=None)
+
+
+# The cuda forward kernel and backward kernels of each handle in this process.
+_cuda_layers: dict[str, tuple] = {}
+
+
+def _cuda_layer(handle: str) -> tuple:
+    """(forward MoEKernel, CudaBackward) of a handle, built (or found in the cache) once."""
+    layer = _cuda_layers.get(handle)
+    if layer is None:
+        s = _cuda_spec(handle)
+        kernel = kernel_for(json.dumps(s.to_dict(), sort_keys=True, separators=(",", ":")))
+        layer = (kernel, CudaBackward(kernel.spec))
+        with _lock:
+            layer = _cuda_layers.setdefault(handle, layer)
+    return layer
 
 
 def _gu_rows(spec: MoESpec, x: torch.Tensor) -> int:
-    """Rows of the kept pre-activations: T·(k+S) when kept (float32 path), else 0."""
-    keep = spec.save_activations and x.dtype == torch.float32
+    """Rows of the kept pre-activations: T·(k+S) when kept (float32 c path), else 0."""
+    keep = spec.save_activations and x.dtype == torch.float32 and not x.is_cuda
     return x.shape[0] * (spec.top_k + spec.num_shared_experts) if keep else 0
 
 
@@ -106,9 +137,18 @@ def _logical(spec: MoESpec, params) -> dict:
 
 def _check(spec: MoESpec, x, params, router_bias) -> None:
     """One clear line for a wrong argument, before anything runs."""
-    _refuse_cuda(x, router_bias, *params)
     check_trainable(spec)
-    if x.dtype not in (torch.float32, torch.float64):
+    if x.is_cuda:
+        want = _CUDA_DTYPES.get(spec.dtype)
+        if x.dtype != want:
+            raise TypeError(f"x on CUDA must have the spec's dtype {spec.dtype} (float32, float16 "
+                            f"or bfloat16 specs), got {x.dtype}")
+        if spec.save_activations:
+            raise ValueError(CUDA_SAVE_ACTIVATIONS)
+        for name, t in (("router_bias", router_bias), *zip(weight_shapes(spec), params)):
+            if t is not None and t.device != x.device:
+                raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
+    elif x.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"x must be float32 (c backend kernels) or float64 (reference), got {x.dtype}")
     if x.dim() != 2 or x.shape[1] != spec.hidden_dim:
         raise ValueError(f"x must have shape [T, {spec.hidden_dim}], got {tuple(x.shape)}")
@@ -129,7 +169,8 @@ def _check(spec: MoESpec, x, params, router_bias) -> None:
 def _forward(x: torch.Tensor, params: list[torch.Tensor], router_bias: Optional[torch.Tensor],
              spec: str, balance_coeff: float, z_coeff: float,
              adaptive: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _refuse_cuda(x, router_bias, *params)
+    if x.is_cuda:
+        return _cuda_forward(x, params, router_bias, spec, balance_coeff, z_coeff, adaptive)
     s = _spec(spec)
     w = _logical(s, params)
     bias = _np(router_bias) if router_bias is not None else None
@@ -157,7 +198,59 @@ def _forward(x: torch.Tensor, params: list[torch.Tensor], router_bias: Optional[
 
 def _empty_gu(s: MoESpec, x: torch.Tensor) -> torch.Tensor:
     G = s.ffn_dim * (2 if s.gated else 1)
-    return torch.zeros((_gu_rows(s, x), G), dtype=torch.float32)
+    return torch.zeros((_gu_rows(s, x), G), dtype=torch.float32, device=x.device)
+
+
+def _packed(handle: str, kernel, s: MoESpec, params, *, keep: bool):
+    """``kernel.pack`` of the parameter tensors.  The forward keeps its packing per handle
+    (``keep``) for the backward of the same step, which takes it back if every tensor is still
+    the same memory at the same version (else it packs again): one packed copy per handle,
+    held until that backward or the handle's next forward."""
+    key = tuple((p.data_ptr(), p._version, tuple(p.shape)) for p in params)
+    hit = _cuda_packed.pop(handle, None)
+    if hit is not None and hit[0] == key:
+        packed = hit[1]
+    else:
+        packed = kernel.pack(**ref.weight_kwargs(s, dict(zip(param_names(s), params))))
+    if keep:
+        _cuda_packed[handle] = (key, packed)
+    return packed
+
+
+# The packed weights of the last CUDA forward per handle, for its backward (see `_packed`).
+_cuda_packed: dict[str, tuple] = {}
+
+
+def _cuda_forward(x, params, router_bias, handle, balance_coeff, z_coeff, adaptive):
+    """The forward on CUDA tensors: the cuda kernel and the aux loss computed on the device
+    from its statistics (no read-back, no synchronisation); no kept pre-activations."""
+    kernel, bwd = _cuda_layer(handle)
+    s = bwd.spec
+    if not x.shape[0]:
+        return torch.empty_like(x), torch.zeros((), dtype=x.dtype, device=x.device), _empty_gu(s, x)
+    bias = None if router_bias is None else router_bias.float().contiguous()
+    y, aux = bwd.forward(kernel, x, _packed(handle, kernel, s, params, keep=True), bias,
+                         balance_coeff=balance_coeff, z_coeff=z_coeff, adaptive=adaptive)
+    return y, aux.reshape(()).to(x.dtype), _empty_gu(s, x)
+
+
+def _cuda_backward(dy, daux, x, params, router_bias, handle, balance_coeff, z_coeff, adaptive):
+    """The backward on CUDA tensors: the generated CUDA backward kernels (fp32 gradients,
+    each converted to x's dtype and dropped in turn, so at most one extra copy is alive)."""
+    kernel, bwd = _cuda_layer(handle)
+    s = bwd.spec
+    bias = None if router_bias is None else router_bias.float().contiguous()
+    packed = _packed(handle, kernel, s, params, keep=False) if x.shape[0] else None
+    g = bwd.backward(kernel, x, dict(zip(param_names(s), params)), dy.to(x.dtype).contiguous(),
+                     bias, daux, balance_coeff=balance_coeff, z_coeff=z_coeff, adaptive=adaptive,
+                     packed=packed)
+    dt = x.dtype
+    dx = g.pop("x").to(dt)
+    dparams = [g.pop(n).to(dt) for n in param_names(s)]
+    dbias = g.pop("router_bias")
+    dbias = (torch.zeros(s.num_experts, dtype=dt, device=x.device) if dbias is None
+             else dbias.to(dt))
+    return dx, dparams, dbias
 
 
 @_forward.register_fake
@@ -173,7 +266,9 @@ def _backward_op(dy: torch.Tensor, daux: torch.Tensor, x: torch.Tensor,
                  params: list[torch.Tensor], router_bias: Optional[torch.Tensor], gu: torch.Tensor,
                  spec: str, balance_coeff: float, z_coeff: float,
                  adaptive: bool) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
-    _refuse_cuda(dy, x, router_bias, *params)
+    if x.is_cuda:
+        return _cuda_backward(dy, daux, x, params, router_bias, spec, balance_coeff, z_coeff,
+                              adaptive)
     s = _spec(spec)
     w = _logical(s, params)
     bias = _np(router_bias) if router_bias is not None else None

@@ -1,0 +1,95 @@
+"""The CUDA backward without a GPU: its plan, its source and an NVRTC compile of every kernel.
+
+Marked ``nvrtc`` where NVRTC is needed (CuPy's, no GPU).  The grid covers every dtype,
+activation and routing, biases, shared experts, capacity with and without renormalisation,
+E up to 1024 and odd H/F, on sm_90 and sm_90a.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from moegen.backends import cuda_backward as cb
+from moegen.backends.cuda import CudaBackend
+from moegen.spec import MoESpec
+
+from backward_cuda_specs import SPECS
+
+GRID = SPECS
+
+
+def _need_nvrtc():
+    if not CudaBackend().can_compile():
+        pytest.skip("CuPy/NVRTC not installed")
+
+
+def _plan(spec: MoESpec, arch: str) -> cb.CudaBackwardPlan:
+    return cb.backward_plan(spec.replace(backend="cuda", arch=arch))
+
+
+@pytest.mark.nvrtc
+@pytest.mark.parametrize("arch", ["sm_90", "sm_90a"])
+@pytest.mark.parametrize("name", list(GRID))
+def test_every_backward_kernel_compiles(name, arch):
+    _need_nvrtc()
+    art = cb.compile_backward(_plan(GRID[name], arch))
+    assert art.meta["target"] == arch
+    for kernel in cb.KERNELS:
+        assert kernel.encode() in art.binary, kernel
+
+
+@pytest.mark.parametrize("name", list(GRID))
+def test_the_source_has_no_atomics_and_every_kernel(name):
+    src = cb.render_backward(_plan(GRID[name], "sm_90")).text
+    assert not re.search(r"atomic\w*\s*\(|\batom\.|\bred\.", src)     # no atomic op, C++ or PTX
+    defined = set(re.findall(r'extern "C" __global__ void(?: __launch_bounds__\(\w+\))?\s+(\w+)\(', src))
+    assert defined == set(cb.KERNELS)
+    spec = GRID[name]
+    assert f"constexpr int kGate = {spec.ffn_dim * (2 if spec.gated else 1)};" in src
+    assert f"act_{spec.act.fn}(gf)" in src and f"dact_{spec.act.fn}(gf)" in src
+
+
+@pytest.mark.parametrize("name", list(GRID))
+def test_bf16_takes_tensor_cores_and_the_rest_simt(name):
+    spec = GRID[name]
+    for arch in ("sm_80", "sm_90", "sm_90a"):
+        plan = _plan(spec, arch)
+        src = cb.render_backward(plan).text
+        tc = spec.dtype == "bfloat16"
+        assert plan.tensor_cores is tc
+        assert ("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32" in src) is tc
+        assert "#define BWD_TILE " + ("bwd_mma_tile" if tc else "bwd_gemm_tile") in src
+        assert (plan.bm, plan.bn, plan.bk) == ((128, 128, 64) if tc else (64, 64, 16))
+    assert not _plan(spec, "sm_75").tensor_cores
+
+
+def test_render_is_pure_and_follows_the_plan():
+    plan = _plan(GRID["e8-k2-h512-f2048-bf16-swiglu"], "sm_90")
+    a, b = cb.render_backward(plan).text, cb.render_backward(plan).text
+    assert a == b
+    other = cb.render_backward(_plan(GRID["e8-k2-h512-f2048-bf16-swiglu"].replace(top_k=3), "sm_90"))
+    assert "constexpr int kTopK = 3;" in other.text and "constexpr int kTopK = 2;" in a
+    assert cb.key_parts(plan, cb.render_backward(plan), None)["backward"] == plan.own()
+
+
+def test_what_the_cuda_backward_lacks_is_refused_in_one_line():
+    spec = GRID["e8-k2-h512-f2048-bf16-swiglu"]
+    with pytest.raises(ValueError, match="save_activations=True is not built on the cuda backend"):
+        _plan(spec.replace(save_activations=True), "sm_90")
+    with pytest.raises(ValueError, match="the CUDA backward needs spec.backend 'cuda', got 'c'"):
+        cb.backward_plan(spec.replace(backend="c"))
+    with pytest.raises(TypeError, match="spec must be a MoESpec, got dict"):
+        cb.CudaBackward({})
+
+
+def test_tensors_off_a_16_byte_boundary_are_copied_before_vector_reads():
+    torch = pytest.importorskip("torch")
+    base = torch.arange(64, dtype=torch.bfloat16)
+    view = base[1:33]                               # 2 bytes past an aligned start
+    assert view.data_ptr() % cb.VECTOR_ALIGN != 0
+    fixed = cb._aligned(view)
+    assert fixed.data_ptr() % cb.VECTOR_ALIGN == 0 and torch.equal(fixed, view)
+    aligned = base[8:40]
+    assert cb._aligned(aligned) is aligned and cb._aligned(None) is None
