@@ -226,3 +226,15 @@ def test_patch_model_swaps_supported_blocks_and_reports_the_rest():
         with torch.no_grad():
             got = model(ids).logits
         assert R.rel_error(got.numpy(), want.numpy().astype(np.float64)) <= 1e-4, name
+
+
+def test_auto_backend_follows_the_blocks_device(monkeypatch):
+    """On a machine with a GPU, a model on the CPU is patched onto the c backend (the weights'
+    device decides), not onto cuda where its CPU tensors would be refused."""
+    import moegen.jit
+    monkeypatch.setattr(moegen.jit, "cuda_usable", lambda: True)     # as on a GPU machine
+    cfg = _configs()["mixtral"]
+    hf = randomize(_block_class(cfg.model_type)(cfg).eval(), seed=3)
+    ours = from_hf(hf)
+    assert ours.kernel.backend == "c"
+    _check(hf, ours)

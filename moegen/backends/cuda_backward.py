@@ -244,7 +244,7 @@ class CudaBackward:
         factors = torch.zeros(3, dtype=torch.float32, device=x.device)
         if T:
             if packed is None:
-                packed = kernel.pack(**weight_kwargs(spec, params))
+                packed = kernel.pack(**weight_kwargs(spec, params), router_layout="eh")   # [E, H], also when E == H
             self._run(kernel, packed, x, dy, params, router_bias, daux, balance_coeff, z_coeff,
                       adaptive, o, factors)
         o["balance_coeff"] = factors[2]

@@ -8,7 +8,8 @@
 ``aux`` is the auxiliary loss (scalar): ``coeff · E · Σ f_e·P_e + z_coeff · mean(lse²)`` with
 coeff = balance_coeff · (1 + var(f)) when ``adaptive`` (the seed's adaptive coefficient).
 
-Two ops, both with fake implementations so torch.compile traces them:
+Two ops, both with fake implementations so torch.compile traces them (``moe_train`` under
+``torch.compile`` needs torch >= 2.13: older dynamo cannot pass the frozen spec through):
 
 * ``moegen_train::forward(x, params, router_bias, spec, balance_coeff, z_coeff, adaptive)
   -> (y, aux, gu)``, with ``torch.library.register_autograd`` calling
@@ -182,7 +183,7 @@ def _forward(x: torch.Tensor, params: list[torch.Tensor], router_bias: Optional[
         return (torch.from_numpy(np.ascontiguousarray(y)), torch.tensor(aux, dtype=torch.float64),
                 _empty_gu(s, x))
     kernel = kernel_for(spec)
-    packed = kernel.pack(**ref.weight_kwargs(s, w))
+    packed = kernel.pack(**ref.weight_kwargs(s, w), router_layout="eh")       # [E, H], also when E == H
     y, st = kernel(_np(x), packed, router_bias=None if bias is None else bias.astype(np.float32),
                    return_stats=True)
     d = st.as_dict()
@@ -211,7 +212,7 @@ def _packed(handle: str, kernel, s: MoESpec, params, *, keep: bool):
     if hit is not None and hit[0] == key:
         packed = hit[1]
     else:
-        packed = kernel.pack(**ref.weight_kwargs(s, dict(zip(param_names(s), params))))
+        packed = kernel.pack(**ref.weight_kwargs(s, dict(zip(param_names(s), params))), router_layout="eh")
     if keep:
         _cuda_packed[handle] = (key, packed)
     return packed

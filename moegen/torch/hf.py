@@ -230,8 +230,10 @@ def from_hf(block, config=None, *, dtype=None, backend: str = "auto"):
     """A `MoEBlock` computing what the transformers MoE ``block`` computes.
 
     ``block``: a live transformers MoE block, or one block's state dict (keys relative to the
-    block) with ``config`` (the model's config).  Raises `Unsupported` (a ValueError) naming
-    the semantic moegen's kernels lack, before any compile.
+    block) with ``config`` (the model's config).  ``backend="auto"``: the weights' device
+    decides (CUDA tensors: cuda, else c), so a CPU model on a GPU machine stays on the CPU.
+    Raises `Unsupported` (a ValueError) naming the semantic moegen's kernels lack, before any
+    compile.
     """
     if config is None:
         if not isinstance(block, nn.Module):
@@ -243,9 +245,11 @@ def from_hf(block, config=None, *, dtype=None, backend: str = "auto"):
         if config is None:
             config = _block_config(block, mt)
     sd = _tensors(block)
+    w = sd.get("experts.gate_up_proj", sd.get("experts.0.w1.weight", sd.get("experts.0.gate_proj.weight")))
     if dtype is None:
-        w = sd.get("experts.gate_up_proj", sd.get("experts.0.w1.weight", sd.get("experts.0.gate_proj.weight")))
         dtype = w.dtype if w is not None else None
+    if backend == "auto" and w is not None:
+        backend = "cuda" if w.is_cuda else "c"
     spec = spec_from_config(config, dtype=dtype, backend=backend)
     router = sd.get("gate.weight", sd.get("router.weight"))
     if router is not None and router.dtype == torch.float32 and spec.dtype != "float32":
