@@ -5,7 +5,7 @@ tile height ``bm`` (in index space only), so ``bm`` is fixed per token-count buc
 GEMM of that bucket uses it.  Each bucket names one ffn1 and one ffn2 kernel; all of them are
 instantiated in the spec's one cubin, so one compile covers every T.
 
-Why these tiles (H100, 132 SMs):
+Why these tiles (H100 and H200, 132 SMs):
 
 * ``bm16`` (decode: at most ~8 rows per expert on average).  The GEMMs are weight-bandwidth
   bound: every touched expert's weights must stream once at copy bandwidth.  A 16-row tile wastes
@@ -13,16 +13,22 @@ Why these tiles (H100, 132 SMs):
   CTAs per SM, and 128-wide k tiles (two swizzled panels) make each weight row's reads 256
   contiguous bytes per stage: 3 stages, 3 CTAs per SM (H200: Mixtral T=8 GEMMs 0.700 -> 0.651 ms,
   DeepSeek-V3 T=64 4.54 -> 4.34 ms against 64-wide k tiles; docs/PERF.md).
+* ``bm32`` (8 to 24 rows per expert on average: Mixtral T=64, DeepSeek-V3 T=512).  A 64-row
+  tile there does 2-4x padded MMA work for the same weight bytes; 32x128 tiles, 4 warps,
+  128-wide k, 2 stages (H200: Mixtral T=64 GEMMs 0.700 -> 0.680 ms, DeepSeek-V3 T=512
+  5.51 -> 5.34 ms against the bm64 tile below).
 * ``bm64`` (mid: up to ~48 rows per expert).  Weights are still read about once per expert
   (one or two M tiles), now with 64x128 tiles, 8 warps and 128-wide k tiles in 2 stages, 2 CTAs
-  per SM (H200: Mixtral T=64 0.747 -> 0.700 ms, DeepSeek-V3 T=512 5.71 -> 5.51 ms).
+  per SM (H200: Mixtral T=64 0.747 -> 0.700 ms, DeepSeek-V3 T=512 5.71 -> 5.51 ms, when those
+  points were still in this bucket).
 * ``bm128`` (prefill): tensor-core bound.  On sm_90a: wgmma m64n256k16 (524 TFLOP/s on H100 at
   Mixtral T=16384), two warpgroups of
   64x256, 4 stages of 48 KB.  On plain sm_90 (no wgmma): mma.sync 128x256 tiles, 8 warps of
   64x64, 4 stages (measured 388 TFLOP/s on H100 at Mixtral T=16384, vs 330 for 128x128).
-  Also on sm_90a, as a tuning choice (`WS_TILES`, `use_ws`): the persistent warp-specialised
-  kernel (one CTA per SM, TMA producer warpgroup, dynamic tile scheduler), 4-18% faster in
-  ffn1 + ffn2 alone on an H200 (benchmarks/results/prefill_gemm_notes.md).
+  On sm_90a where it applies (`use_ws`) the default is the persistent warp-specialised kernel
+  (`WS_TILES`: one CTA per SM, TMA producer warpgroup, dynamic tile scheduler), 4-18% faster in
+  ffn1 + ffn2 alone on an H200 (benchmarks/results/prefill_gemm_notes.md); the wgmma tile stays
+  a tuning choice.
 * Every tensor-core grid is rasterised in groups of 8 M tiles so a wave of CTAs reuses A and B
   tiles in L2 (M-fastest order re-streamed every gathered x tile once per N tile).
 
