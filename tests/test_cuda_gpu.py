@@ -21,6 +21,8 @@ from moegen.backends.base import Call
 from moegen.kernel import MoEKernel
 from moegen.spec import MoESpec
 
+from backward_cuda_specs import SPECS as BACKWARD_SPECS  # noqa: E402  (tests/ is on sys.path)
+
 pytestmark = pytest.mark.gpu
 
 
@@ -43,22 +45,17 @@ try:
 except Exception:  # noqa: BLE001
     HAVE_TORCH = False
 
-SPECS = {
-    "e8-k2-h512-f2048-bf16-swiglu": MoESpec(8, 2, 512, 2048, dtype="bfloat16"),
-    "e2-k1-h100-f1000-fp32-relu": MoESpec(2, 1, 100, 1000, dtype="float32", activation="relu"),
-    "e64-k6-h1000-f1408-fp16-geglu-topksm-bias": MoESpec(
-        64, 6, 1000, 1408, dtype="float16", activation="geglu", routing="topk_softmax", bias=True),
-    "e128-k8-h1408-f100-bf16-silu-raw-rs2.5": MoESpec(
-        128, 8, 1408, 100, dtype="bfloat16", activation="silu", renormalize=False,
-        routed_scaling_factor=2.5),
-    "e256-k8-h256-f128-bf16-sigmoid-g8-tg4-sh1": MoESpec(
-        256, 8, 256, 128, dtype="bfloat16", routing="sigmoid_topk", n_group=8, topk_group=4,
-        routed_scaling_factor=2.5, num_shared_experts=1),
+# Five layers shared with the CUDA backward's tests (tests/backward_cuda_specs.py), then three
+# of the forward's own.
+SPECS = {name: BACKWARD_SPECS[name] for name in (
+    "e8-k2-h512-f2048-bf16-swiglu", "e2-k1-h100-f1000-fp32-relu",
+    "e64-k6-h1000-f1408-fp16-geglu-topksm-bias", "e128-k8-h1408-f100-bf16-silu-raw-rs2.5",
+    "e256-k8-h256-f128-bf16-sigmoid-g8-tg4-sh1")}
+SPECS.update({
     "e8-k2-h100-f100-fp32-gelu-bias": MoESpec(8, 2, 100, 100, dtype="float32", activation="gelu", bias=True),
     "e128-k8-h2048-f256-bf16-swiglu": MoESpec(128, 8, 2048, 256, dtype="bfloat16"),
-    "e16-k2-h64-f64-fp16-sigmoid-sh2": MoESpec(16, 2, 64, 64, dtype="float16", routing="sigmoid_topk",
-                                               num_shared_experts=2),
-}
+    "e16-k2-h64-f64-fp16-sigmoid-sh2": BACKWARD_SPECS["e16-k2-h64-f64-fp16-sigmoid-sh2"],
+})
 # Expert capacity (spec.capacity_factor): both drop modes, with and without renormalize.
 CAP_SPECS = {
     "cap-e8-k2-h128-f256-fp32-token": MoESpec(8, 2, 128, 256, dtype="float32", capacity_factor=1.0),
