@@ -356,3 +356,10 @@ def weight_kwargs(spec: MoESpec, w: dict) -> dict:
         if spec.shared_expert_gate:
             kw["shared_gate"] = w["shared_gate"]
     return kw
+
+
+def pack_kwargs(spec: MoESpec, w: dict) -> dict:
+    """`weight_kwargs` with the router's layout said ([E, H]), so that a layer with E == H, whose
+    [E, H] and [H, E] routers look alike, packs too: the keywords the training ops pass to
+    ``pack()``."""
+    return {**weight_kwargs(spec, w), "router_layout": "eh"}

@@ -32,7 +32,7 @@ from ..backward_build import ENTRY_SUFFIX, backward_builder, backward_key_parts
 from ..cache import default_cache, digest
 from ..errors import BackendUnavailable
 from ..plan import KernelPlan
-from ..reference import weight_kwargs
+from ..reference import pack_kwargs
 from ..render import render_template
 from ..spec import MoESpec
 from .base import Artifact, Sources
@@ -244,7 +244,7 @@ class CudaBackward:
         factors = torch.zeros(3, dtype=torch.float32, device=x.device)
         if T:
             if packed is None:
-                packed = kernel.pack(**weight_kwargs(spec, params), router_layout="eh")   # [E, H], also when E == H
+                packed = kernel.pack(**pack_kwargs(spec, params))
             self._run(kernel, packed, x, dy, params, router_bias, daux, balance_coeff, z_coeff,
                       adaptive, o, factors)
         o["balance_coeff"] = factors[2]

@@ -183,7 +183,7 @@ def _forward(x: torch.Tensor, params: list[torch.Tensor], router_bias: Optional[
         return (torch.from_numpy(np.ascontiguousarray(y)), torch.tensor(aux, dtype=torch.float64),
                 _empty_gu(s, x))
     kernel = kernel_for(spec)
-    packed = kernel.pack(**ref.weight_kwargs(s, w), router_layout="eh")       # [E, H], also when E == H
+    packed = kernel.pack(**ref.pack_kwargs(s, w))
     y, st = kernel(_np(x), packed, router_bias=None if bias is None else bias.astype(np.float32),
                    return_stats=True)
     d = st.as_dict()
@@ -212,7 +212,7 @@ def _packed(handle: str, kernel, s: MoESpec, params, *, keep: bool):
     if hit is not None and hit[0] == key:
         packed = hit[1]
     else:
-        packed = kernel.pack(**ref.weight_kwargs(s, dict(zip(param_names(s), params))), router_layout="eh")
+        packed = kernel.pack(**ref.pack_kwargs(s, dict(zip(param_names(s), params))))
     if keep:
         _cuda_packed[handle] = (key, packed)
     return packed
