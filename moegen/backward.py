@@ -29,6 +29,7 @@ import numpy as np
 
 from . import settings
 from .backward_build import load_backward
+from .layout import weight_shapes
 from .reference import capacity as expert_capacity
 from .reference_backward import ACT_GRAD, balance_coefficient
 from .spec import MoESpec
@@ -48,17 +49,6 @@ _SIGNATURES = {
     "bwd_combine": (_P, _P, _P, _P, _L, _P, _P, _I),
     "bwd_weights": (_P,) * 7 + (_L,) + (_P,) * 6 + (_I,),
 }
-
-
-def weight_shapes(spec: MoESpec) -> dict[str, tuple]:
-    """The logical weights a layer has, in order (router, w1, w3, w2, b1, b3, b2; absent ones
-    left out), with their shapes over the E routed and S shared experts."""
-    E, H, F = spec.num_experts, spec.hidden_dim, spec.ffn_dim
-    n = E + spec.num_shared_experts
-    shapes = {"router": (E, H), "w1": (n, F, H), "w3": (n, F, H), "w2": (n, H, F), "b1": (n, F),
-              "b3": (n, F), "b2": (n, H)}
-    present = {"w3": spec.gated, "b1": spec.bias, "b3": spec.bias and spec.gated, "b2": spec.bias}
-    return {name: shape for name, shape in shapes.items() if present.get(name, True)}
 
 
 # The MoESpec fields whose every value the backward (kernels and float64 reference) handles.

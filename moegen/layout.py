@@ -351,6 +351,17 @@ def _logical_experts(spec, r, w1, w3, w2, w13, b1, b3, b2, b13, device, pick, sh
     return out
 
 
+def weight_shapes(spec: MoESpec) -> dict[str, tuple]:
+    """The logical weights a layer has, in order (router, w1, w3, w2, b1, b3, b2; absent ones
+    left out), with their shapes over the E routed and S shared experts."""
+    E, H, F = spec.num_experts, spec.hidden_dim, spec.ffn_dim
+    n = E + spec.num_shared_experts
+    shapes = {"router": (E, H), "w1": (n, F, H), "w3": (n, F, H), "w2": (n, H, F), "b1": (n, F),
+              "b3": (n, F), "b2": (n, H)}
+    present = {"w3": spec.gated, "b1": spec.bias, "b3": spec.bias and spec.gated, "b2": spec.bias}
+    return {name: shape for name, shape in shapes.items() if present.get(name, True)}
+
+
 # The keywords `MoEKernel.pack` accepts (those of `logical_weights`), for its messages.
 PACK_KEYWORDS = tuple(p for p in inspect.signature(logical_weights).parameters
                       if p not in ("spec", "device"))

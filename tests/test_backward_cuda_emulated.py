@@ -20,7 +20,7 @@ import pytest
 
 from moegen import reference as ref
 from moegen.backends import cuda_backward as cb
-from moegen.backward import weight_shapes
+from moegen.layout import weight_shapes
 from moegen.reference_backward import balance_coefficient, moe_backward
 from moegen.stats import LayerStats
 from moegen.spec import MoESpec

@@ -23,6 +23,7 @@ import pytest
 
 import moegen
 from moegen import reference as ref
+from moegen.layout import weight_shapes
 from moegen.reference_backward import moe_backward
 from moegen.spec import MoESpec
 
@@ -130,17 +131,9 @@ def host(t) -> np.ndarray:
 
 def poisoned_out(spec: MoESpec, T: int, has_bias_grad: bool) -> dict:
     """NaN-filled fp32 gradient outputs of every gradient the layer has."""
-    E, S, H, F = spec.num_experts, spec.num_shared_experts, spec.hidden_dim, spec.ffn_dim
-    n = E + S
-    shapes = {"x": (T, H), "router": (E, H), "w1": (n, F, H), "w2": (n, H, F)}
-    if spec.gated:
-        shapes["w3"] = (n, F, H)
-    if spec.bias:
-        shapes.update(b1=(n, F), b2=(n, H))
-        if spec.gated:
-            shapes["b3"] = (n, F)
+    shapes = {"x": (T, spec.hidden_dim), **weight_shapes(spec)}
     if has_bias_grad:
-        shapes["router_bias"] = (E,)
+        shapes["router_bias"] = (spec.num_experts,)
     return {k: torch.full(s, float("nan"), dtype=torch.float32, device="cuda") for k, s in shapes.items()}
 
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from .. import reference
 from ..arrays import host
-from ..layout import PackedLayout, PackedWeights
+from ..layout import PackedLayout, PackedWeights, weight_shapes
 from ..spec import MoESpec
 
 LOGICAL_KEYS = ("router", "w1", "w3", "w2", "b1", "b3", "b2")
@@ -148,18 +148,6 @@ def _scales(spec: MoESpec) -> dict:
             "w2": 1 / math.sqrt(F), "b1": 0.1, "b3": 0.1, "b2": 0.1}
 
 
-def _shapes(spec: MoESpec) -> dict:
-    n, E, H, F = spec.num_experts + spec.num_shared_experts, spec.num_experts, spec.hidden_dim, spec.ffn_dim
-    s = {"router": (E, H), "w1": (n, F, H), "w2": (n, H, F)}
-    if spec.gated:
-        s["w3"] = (n, F, H)
-    if spec.bias:
-        s.update(b1=(n, F), b2=(n, H))
-        if spec.gated:
-            s["b3"] = (n, F)
-    return s
-
-
 def torch_logical(spec: MoESpec, seed: int, torch, device: str = "cuda") -> dict:
     """Logical weights as torch tensors on ``device``.  Gated W1/W3 are views of one stacked
     ``w13`` [n, 2F, H] (vLLM's layout), so the grouped_mm and Triton baselines need no copy."""
@@ -167,7 +155,7 @@ def torch_logical(spec: MoESpec, seed: int, torch, device: str = "cuda") -> dict
     tdt = _torch_dtype(torch, spec.dtype)
     out = dict.fromkeys(LOGICAL_KEYS)
     scales = _scales(spec)
-    shapes = _shapes(spec)
+    shapes = weight_shapes(spec)
     F = spec.ffn_dim
     if spec.gated:
         n, _, H = shapes.pop("w1")
@@ -195,7 +183,7 @@ def _cupy_logical(spec: MoESpec, seed: int, dtype) -> dict:
     rs = cupy.random.RandomState(seed)
     out = dict.fromkeys(LOGICAL_KEYS)
     scales = _scales(spec)
-    for name, shape in _shapes(spec).items():
+    for name, shape in weight_shapes(spec).items():
         t = cupy.empty(shape, dtype=dtype)
         for e in range(shape[0]):
             v = rs.standard_normal(shape[1:], dtype=cupy.float32) * scales[name]

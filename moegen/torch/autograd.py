@@ -45,7 +45,8 @@ import torch
 
 from .. import reference as ref
 from ..backends.cuda_backward import CudaBackward
-from ..backward import MoEBackward, check_trainable, weight_shapes
+from ..backward import MoEBackward, check_trainable
+from ..layout import weight_shapes
 from ..reference_backward import aux_loss, balance_coefficient, moe_backward
 from ..spec import MoESpec
 from .ops import kernel_for

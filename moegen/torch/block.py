@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from .. import compile as compile_kernel
-from ..backward import check_trainable, weight_shapes
+from ..backward import check_trainable
+from ..layout import weight_shapes
 from ..kernel import MoEKernel
 from ..layout import logical_weights
 from ..spec import MoESpec
