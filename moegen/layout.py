@@ -247,7 +247,7 @@ def logical_weights(spec: MoESpec, *, router=None, w1=None, w3=None, w2=None, w1
     over E + S experts, and expert_ids (a tuple, or None).
     Raises ValueError/TypeError naming the argument, expected and actual shape.
     """
-    E, H, F, S = spec.num_experts, spec.hidden_dim, spec.ffn_dim, spec.num_shared_experts
+    E, H = spec.num_experts, spec.hidden_dim
     pick = _check_expert_ids(expert_ids, E)
     if pick is not None:
         if router is not None:
