@@ -13,6 +13,7 @@ GEMM, and every kernel name of the cubin.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from ..spec import MoESpec
@@ -32,7 +33,7 @@ RENDER_ARCH = "sm_90"
 class RoutePlan:
     """The route stage: logits (GEMV, tiled SIMT GEMM or tensor-core GEMM), then select."""
     warps: int = 8                  # warps per block of the select kernel
-    gemv_threads: int = 256         # block of the GEMV (one block per expert row, `gemv_threads`)
+    gemv_threads: int = 256         # block of the GEMV, one per router row (plan: `gemv_threads`)
     gemv_tokens: int = 4            # tokens sharing one pass of the GEMV over a router row
     gemv_max_tokens: int = 16       # the GEMV up to this many tokens, a tiled GEMM above
     tile_m: int = 64                # tokens per tile of the tiled GEMMs
@@ -159,12 +160,12 @@ def plan(spec: MoESpec, target: str, tuning: dict, sms: int | None = None) -> Cu
     # The router GEMM runs on tensor cores only with a 16-bit router (a float32 router beside
     # bf16/fp16 experts, `router_dtype`, goes through the fp32 SIMT kernels).
     route_mma = mma and spec.router_dtype is None
-    # Batch-invariant: the router's GEMM (no GEMV below gemv_max_tokens) without split-K for
-    # every token count, so a token's logits are summed in one order whatever T is.
     vec_h = vec_width(spec.hidden_dim, spec.dt.itemsize)
-    threads = gemv_threads(spec.hidden_dim // vec_h)
-    route = (RoutePlan(tensor_cores=route_mma, gemv_max_tokens=0, max_splits=1, gemv_threads=threads)
-             if spec.batch_invariant else RoutePlan(tensor_cores=route_mma, gemv_threads=threads))
+    route = RoutePlan(tensor_cores=route_mma, gemv_threads=gemv_threads(spec.hidden_dim // vec_h))
+    if spec.batch_invariant:
+        # the router's GEMM (no GEMV below gemv_max_tokens) without split-K for every token
+        # count, so a token's logits are summed in one order whatever T is
+        route = dataclasses.replace(route, gemv_max_tokens=0, max_splits=1)
     group = GroupPlan(warps=warps, fused_warps=min(16, warps))
     return CudaPlan(sms=sms, vec_h=vec_h,
                     tensor_cores=mma, wgmma=cuda_tiles.use_wgmma(spec, target),
