@@ -548,14 +548,18 @@ __device__ void scan_experts(const int* count, int* pad_off, int* tile_off, int 
         if (lane == 31) { offsets[kExperts] = n; *num_tiles = tiles; }
     }
     __syncthreads();
-    for (int e = threadIdx.x; e < kExpertsTotal; e += blockDim.x) {
+    // One warp per expert, its lanes over the expert's tiles and padding rows: consecutive lanes
+    // write consecutive words (a thread per expert writing its up to bm - 1 padding rows one by
+    // one made every store instruction touch 32 scattered sectors).
+    const int lane = threadIdx.x & 31;
+    for (int e = threadIdx.x >> 5; e < kExpertsTotal; e += blockDim.x >> 5) {
         const int c = count[e];
         const int nt = (c + bm - 1) / bm;
-        for (int j = 0; j < nt; ++j) {
+        for (int j = lane; j < nt; j += 32) {
             tile_expert[tile_off[e] + j] = e;
             tile_row0[tile_off[e] + j] = pad_off[e] + j * bm;
         }
-        for (int r = c; r < nt * bm; ++r) sorted_rows[pad_off[e] + r] = -1;
+        for (int r = c + lane; r < nt * bm; r += 32) sorted_rows[pad_off[e] + r] = -1;
     }
 }
 
@@ -569,6 +573,7 @@ __device__ __forceinline__ void group_block(const int* ids, const unsigned char*
                                             int (*s_rows)[kExpertsTotal], int* s_count, int* s_pad_off,
                                             int* s_tile_off)
 {
+    static_assert(WARPS <= 32, "the per-expert scan holds one unit per lane");
     const int warp = threadIdx.x >> 5;
     const int n = tokens * kSlots;
     const int chunk = ((n + WARPS - 1) / WARPS + 31) / 32 * 32;
@@ -578,10 +583,19 @@ __device__ __forceinline__ void group_block(const int* ids, const unsigned char*
     __syncthreads();
     unit_count<MASKED>(ids, kept, begin, end, s_rows[warp]);
     __syncthreads();
-    for (int e = threadIdx.x; e < kExpertsTotal; e += blockDim.x) {
-        int run = 0;
-        for (int w = 0; w < WARPS; ++w) { const int c = s_rows[w][e]; s_rows[w][e] = run; run += c; }
-        s_count[e] = run;
+    // Exclusive scan over the units of each expert's counts: one warp per expert, lane w holding
+    // unit w (WARPS <= 32), five shuffles instead of a WARPS-long chain of shared loads.
+    const int lane = lane_id();
+    for (int e = warp; e < kExpertsTotal; e += WARPS) {
+        const int c = lane < WARPS ? s_rows[lane][e] : 0;
+        int run = c;
+        #pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            const int v = __shfl_up_sync(0xffffffffu, run, o);
+            if (lane >= o) run += v;
+        }
+        if (lane < WARPS) s_rows[lane][e] = run - c;
+        if (lane == 31) s_count[e] = run;
     }
     __syncthreads();
     scan_experts(s_count, s_pad_off, s_tile_off, bm, counts, offsets, sorted_rows, tile_expert,
