@@ -14,6 +14,7 @@ environment between calls.  The README lists the same table.
 | MOEGEN_ISA               | force the CPU ISA tier (x86-64-v2, x86-64-v3, avx512, avx512-bf16, generic) |
 | MOEGEN_NUM_THREADS       | threads of the c backend (default: all cores the process may use) |
 | MOEGEN_CUDA_ARCH         | CUDA target when none is given and no GPU is visible (e.g. sm_90) |
+| MOEGEN_CUDA_PDL          | 0: launch a call's kernels without programmatic dependent launch (default 1; sm_90+) |
 | MOEGEN_LOG_LEVEL         | logging level of the ``moegen`` logger (default WARNING)        |
 | MOEGEN_TRUSTED_KEYS      | Ed25519 public key files (os.pathsep-separated): prebuilt layers and imports must be signed by one |
 """
@@ -100,6 +101,11 @@ def cuda_arch() -> str | None:
     return os.environ.get("MOEGEN_CUDA_ARCH") or None
 
 
+def cuda_pdl() -> bool:
+    """Programmatic dependent launch of a call's kernels on sm_90+ (read when a module loads)."""
+    return os.environ.get("MOEGEN_CUDA_PDL", "").strip() == "" or _flag("MOEGEN_CUDA_PDL")
+
+
 _LOG_LEVELS = {"DEBUG": logging.DEBUG, "INFO": logging.INFO, "WARNING": logging.WARNING,
                "ERROR": logging.ERROR, "CRITICAL": logging.CRITICAL}
 
@@ -122,5 +128,5 @@ def describe() -> dict[str, str]:
     """Every setting and its current raw value (for ``moegen env``)."""
     names = ("MOEGEN_CACHE_DIR", "MOEGEN_PREBUILT_DIR", "MOEGEN_OFFLINE", "MOEGEN_ALWAYS_COMPILE",
              "MOEGEN_KEEP_SOURCE", "MOEGEN_CC", "MOEGEN_ISA", "MOEGEN_NUM_THREADS",
-             "MOEGEN_CUDA_ARCH", "MOEGEN_LOG_LEVEL", "MOEGEN_TRUSTED_KEYS")
+             "MOEGEN_CUDA_ARCH", "MOEGEN_CUDA_PDL", "MOEGEN_LOG_LEVEL", "MOEGEN_TRUSTED_KEYS")
     return {n: os.environ.get(n, "") for n in names}

@@ -227,3 +227,38 @@ def test_persistent_prefill_kernels_compile_for_sm90a_without_spills(spec):
         assert spills[name] == "0", (name, log)
         assert int(regs[name]) == cuda_plan.launch_registers(last.ffn1.threads), (name, log)
         assert name.encode() in nvrtc.getCUBIN(prog)
+
+
+def _kernel_bodies(text: str) -> dict[str, str]:
+    """Name -> body (between its braces) of every extern "C" __global__ kernel of ``text``."""
+    out = {}
+    for m in re.finditer(r'extern\s+"C"\s+__global__\s+void\s+(?:__launch_bounds__\s*\([^)]*\)\s*)?'
+                         r'(\w+)\s*\(', text):
+        start = text.index("{", m.end())
+        depth, i = 0, start
+        while True:
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            if depth == 0:
+                break
+            i += 1
+        out[m.group(1)] = text[start + 1:i]
+    return out
+
+
+@pytest.mark.parametrize("name", list(GRID) + ["capacity"])
+def test_every_kernel_of_a_call_waits_for_the_kernel_before_it(name):
+    """Programmatic dependent launch (cuda_launch.Program launches every kernel after the
+    first that way on sm_90+) is only safe if every kernel of the cubin waits for its
+    predecessor: pdl_enter() first, or, in ffn2's tensor-core kernels, the main loop's wait
+    after the weight prefetch."""
+    if name == "capacity":
+        spec, arch = MoESpec(16, 2, 256, 512, dtype="bfloat16", capacity_factor=1.25), "sm_90a"
+    else:
+        spec, arch = GRID[name]
+    spec = spec.replace(backend="cuda", arch=arch)
+    plan = make_plan(spec, arch, {})
+    bodies = _kernel_bodies(render(plan).text)
+    assert set(plan.detail.kernels) <= set(bodies)
+    for kernel, body in bodies.items():
+        first = body.strip().split(";")[0].strip()
+        assert first == "pdl_enter()" or ("ffn2_mma<" in body and "pdl_enter" not in body), kernel

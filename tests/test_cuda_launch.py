@@ -117,6 +117,19 @@ class _Driver:
     def memset(self, ptr, value, nbytes, stream):
         self.log.append(("memset", ptr, value, nbytes, stream))
 
+    def launch_ex(self, config, f, params):
+        """cuLaunchKernelEx: the CUlaunchConfig read back from its address, logged as the
+        launch it asks for; it must carry exactly the programmatic serialisation attribute."""
+        raw = ctypes.string_at(config, cuda_launch.CONFIG_BYTES)
+        grid_block_smem = np.frombuffer(raw[:28], np.uint32).tolist()
+        stream, attrs = np.frombuffer(raw[32:48], np.uint64).tolist()
+        assert np.frombuffer(raw[48:52], np.uint32)[0] == 1
+        attr = ctypes.string_at(attrs, cuda_launch.ATTR_BYTES)
+        assert np.frombuffer(attr[:4], np.uint32)[0] == cuda_launch.ATTR_PROGRAMMATIC_STREAM_SERIALIZATION
+        assert np.frombuffer(attr[8:12], np.int32)[0] == 1
+        self.launch(f, *grid_block_smem, stream, params, 0)
+        self.log[-1] = ("pdl",) + self.log[-1][1:]
+
 
 def test_program_replays_its_launches_and_patches_only_the_slots():
     kinds = {"a": ("ptr", "i32", "ptr"), "b": ("tma", "ptr", "ptr", "i32")}
@@ -140,6 +153,33 @@ def test_program_replays_its_launches_and_patches_only_the_slots():
     assert drv.log[2][-1] == cuda_launch.pack(kinds["b"], (desc, 0x2200, 0x1100, 5))[0]
     assert [drv.log[0][-2], drv.log[1][-1], drv.log[2][-2]] == [8, 8, 8]     # the streams
     assert prog.values.ctypes.data % 64 == 0 and prog.pointers.ctypes.data % 8 == 0
+
+
+def test_program_launches_a_kernel_after_a_kernel_as_a_programmatic_dependent_launch():
+    """With a programmatic launcher, a launch that follows a launch goes through it (the same
+    grid, block, shared memory, parameters and the call's stream); the first launch and one
+    after a memset are ordinary launches; without one every launch is ordinary."""
+    kinds = {"a": ("ptr", "i32"), "b": ("ptr",)}
+    drv = _Driver(kinds, {11: "a", 22: "b"})
+    steps = [cuda_launch.Launch("a", 11, (3,), (128,), 0, (Slot(0x100, "x"), 1)),
+             cuda_launch.Launch("b", 22, (2, 5), (64,), 4096, (Slot(0x200, "out"),)),
+             cuda_launch.Memset(0x5000, 64),
+             cuda_launch.Launch("a", 11, (1,), (32,), 0, (0x300, 2)),
+             cuda_launch.Launch("b", 22, (7,), (256,), 0, (Slot(0x100, "x"),))]
+    prog = cuda_launch.Program(steps, kinds.__getitem__, drv.launch, drv.memset, drv.launch_ex)
+    assert prog.programmatic == 2
+    for stream, x in ((7, 0x100), (9, 0x1100)):
+        drv.log.clear()
+        prog.run(stream, (x, 0x200, None, None, None, None, None))
+        assert [e[0] for e in drv.log] == ["launch", "pdl", "memset", "launch", "pdl"]
+        assert drv.log[1][1:] == ("b", (2, 5, 1), (64, 1, 1), 4096, stream,
+                                  cuda_launch.pack(kinds["b"], (0x200,))[0])
+        assert drv.log[4][1:] == ("b", (7, 1, 1), (256, 1, 1), 0, stream,
+                                  cuda_launch.pack(kinds["b"], (x,))[0])
+    plain = cuda_launch.Program(steps, kinds.__getitem__, drv.launch, drv.memset)
+    drv.log.clear()
+    plain.run(7, (0x100, 0x200, None, None, None, None, None))
+    assert plain.programmatic == 0 and [e[0] for e in drv.log].count("pdl") == 0
 
 
 # -- a whole call: recorded and replayed vs launched directly ----------------------------------
@@ -179,15 +219,16 @@ class _RawKernel:
                          shared_mem, 0, raw))
 
 
-def _module(spec, monkeypatch):
-    """A CudaModule over stand-ins: both launch paths log into ``m.log``."""
+def _module(spec, monkeypatch, cc="80"):
+    """A CudaModule over stand-ins on a device of compute capability ``cc``: both launch paths
+    log into ``m.log`` (programmatic launches, sm_90+, as "pdl")."""
     _fake_cupy(monkeypatch)
     plan = make_plan(spec, spec.arch, {})
     m = CudaModule.__new__(CudaModule)
     m.spec, m.plan = spec, plan.detail
     m.layout, m.buckets = cuda_tiles.packed_layout(spec), list(plan.detail.buckets)
     m._workspaces, m._functions, m._external_streams = {}, {}, {}
-    m.device = types.SimpleNamespace(id=0)
+    m.device = types.SimpleNamespace(id=0, compute_capability=cc)
     m.log = log = []
     kinds = cuda_launch.signatures(render_sources(spec, plan.detail).text)
     handles = {name: 1000 + i for i, name in enumerate(sorted(kinds))}
@@ -195,6 +236,7 @@ def _module(spec, monkeypatch):
         get_function=lambda name: _RawKernel(name, handles[name], kinds[name], log))
     drv = _Driver(kinds, {h: n for n, h in handles.items()})
     drv.log = log
+    monkeypatch.setattr(cuda_launch, "driver_launch_ex", lambda: drv.launch_ex)
     runtime = types.SimpleNamespace(getDevice=lambda: 0, memsetAsync=drv.memset)
     stream = types.SimpleNamespace(ptr=0)
     m.xp = types.SimpleNamespace(cuda=types.SimpleNamespace(
@@ -375,3 +417,29 @@ def test_parameter_kinds_have_the_compiled_kernels_sizes(spec):
     for name in plan.detail.kernels:
         want = {i: cuda_launch.KINDS[k][0] for i, k in enumerate(kinds[name])}
         assert compiled[name] == want, name
+
+
+@pytest.mark.parametrize("cc, pdl_env, programmatic", [("90", "", True), ("90", "0", False),
+                                                       ("80", "", False)])
+def test_a_call_on_sm90_launches_its_later_kernels_programmatically(cc, pdl_env, programmatic,
+                                                                    monkeypatch):
+    """On sm_90+ every launch of a call after the first (and not after a memset) is a
+    programmatic dependent launch with the direct path's parameters; MOEGEN_CUDA_PDL=0 and
+    older GPUs launch them all plainly."""
+    monkeypatch.setenv("MOEGEN_CUDA_PDL", pdl_env)
+    m = _module(SPECS[0], monkeypatch, cc=cc)
+    for T in (1, 300, 9000):
+        ws = m.workspace(T)
+        ptrs = (0x10000000, 0x10001000, 0x10002000, 0x10003000, None, None, None)
+        m.log.clear()
+        _direct(m, m.stages, ws, ptrs, False)
+        direct = list(m.log)
+        m.log.clear()
+        m.enqueue(m.stages, ws, ptrs, False, False)
+        replayed = list(m.log)
+        assert [e[1:] for e in replayed] == [e[1:] for e in direct]
+        kinds = [e[0] for e in replayed]
+        want = ["pdl" if programmatic and i > 0 and kinds[i - 1] != "memset" and k == "launch"
+                else k for i, k in enumerate(e[0] for e in direct)]
+        assert kinds == want, (T, kinds)
+        assert ("pdl" in kinds) == programmatic

@@ -114,6 +114,34 @@ __device__ __forceinline__ unsigned long long warp_max_u64(unsigned long long v)
 
 __device__ __forceinline__ int lane_id() { return threadIdx.x & 31; }
 
+// Programmatic dependent launch (sm_90 and newer; no-ops below, and when a launch did not ask
+// for it).  The host launches every kernel of a call after the first with the programmatic
+// stream serialisation attribute (moegen/backends/cuda_launch.py), so a kernel's CTAs may start
+// while the kernel before it in the stream still runs.  The rule every kernel keeps:
+// pdl_wait() on every path before it reads or writes anything but weights and the group stage's
+// tile list, and before it exits.  pdl_wait() returns once the previous kernel has completed and
+// its writes are visible; as every kernel waited before it completed, that includes every
+// earlier kernel.  pdl_trigger() lets the next kernel's CTAs start (once every CTA of this one
+// triggered or exited): called right after the wait, so the next kernel's CTAs take SM slots
+// only in this kernel's last wave, and may load their weights while this one finishes.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+// The start of a kernel with nothing to do before its inputs are ready.
+__device__ __forceinline__ void pdl_enter() {
+    pdl_wait();
+    pdl_trigger();
+}
+
 // ==== route: router logits, scores, top-k ===================================================
 // Two launches: logits (a GEMV for a few tokens, a tiled SIMT GEMM otherwise), then one warp
 // per token turns its kExperts logits into kTopK expert ids and weights.  The router weight is [kExperts, kHidden]
@@ -154,6 +182,7 @@ extern "C" __global__ void __launch_bounds__(kGemvThreads)
 moe_route_logits_gemv(const elem_t* __restrict__ x, const router_t* __restrict__ wr,
                       float* __restrict__ logits, int tokens)
 {
+    pdl_enter();
     __shared__ float partial[kGemvTokens][kGemvWarps];
     const int lane = lane_id(), warp = threadIdx.x >> 5;
     const int e = blockIdx.x;
@@ -205,6 +234,7 @@ extern "C" __global__ void __launch_bounds__(kRouteThreads)
 moe_route_logits_tiled(const elem_t* __restrict__ x, const router_t* __restrict__ wr,
                        float* __restrict__ logits, int tokens, int k_chunk)
 {
+    pdl_enter();
     // Stored k-major so the inner loop reads 4 consecutive tokens / experts as one float4;
     // +4 keeps rows 16-byte aligned while shifting banks between rows.
     __shared__ __align__(16) float xs[kRouteBK][kRouteBM + 4];
@@ -406,6 +436,7 @@ moe_route_select(const float* __restrict__ logits, int splits, const float* __re
                  int* __restrict__ topk_ids, float* __restrict__ topk_weights,
                  float* __restrict__ router_sums, int tokens, int want_stats)
 {
+    pdl_enter();
     __shared__ float s_sums[kExperts + 1];
     float* cs = nullptr;
     float psum[kExpertsPerLane];
@@ -613,6 +644,7 @@ moe_group_single(const int* __restrict__ ids, int tokens, int bm,
                  int* __restrict__ sorted_rows, int* __restrict__ tile_expert,
                  int* __restrict__ tile_row0, int* __restrict__ num_tiles)
 {
+    pdl_enter();
     __shared__ int s_rows[kGroupWarps][kExpertsTotal];
     __shared__ int s_count[kExpertsTotal], s_pad_off[kExpertsTotal], s_tile_off[kExpertsTotal];
     group_block<kGroupWarps>(ids, nullptr, tokens, bm, counts, offsets, sorted_rows, tile_expert, tile_row0,
@@ -634,6 +666,7 @@ moe_route_select_group(const float* __restrict__ logits, int splits, const float
                        int* __restrict__ sorted_rows, int* __restrict__ tile_expert,
                        int* __restrict__ tile_row0, int* __restrict__ num_tiles)
 {
+    pdl_enter();
     __shared__ int s_rows[kFusedWarps][kExpertsTotal];      // route: each warp's scratch; group: counts
     __shared__ int s_count[kExpertsTotal], s_pad_off[kExpertsTotal], s_tile_off[kExpertsTotal];
     __shared__ float s_sums[kExperts + 1];
@@ -674,6 +707,7 @@ __device__ __forceinline__ void group_count(const int* __restrict__ ids,
 extern "C" __global__ void __launch_bounds__(kBlockUnits * 32)
 moe_group_count(const int* __restrict__ ids, int tokens, int* __restrict__ hist)
 {
+    pdl_enter();
     group_count<false>(ids, nullptr, tokens, hist);
 }
 
@@ -687,6 +721,7 @@ moe_group_scan(int tokens, int bm, int* __restrict__ hist, int* __restrict__ pad
                int* __restrict__ sorted_rows, int* __restrict__ tile_expert,
                int* __restrict__ tile_row0, int* __restrict__ num_tiles)
 {
+    pdl_enter();
     __shared__ int s_count[kExpertsTotal], s_pad_off[kExpertsTotal], s_tile_off[kExpertsTotal];
     const int units = (tokens * kSlots + kUnitSlots - 1) / kUnitSlots;
     for (int e = threadIdx.x; e < kExpertsTotal; e += blockDim.x) {
@@ -734,6 +769,7 @@ extern "C" __global__ void __launch_bounds__(kBlockUnits * 32)
 moe_group_scatter(const int* __restrict__ ids, int tokens, const int* __restrict__ hist,
                   const int* __restrict__ pad_off, int* __restrict__ sorted_rows)
 {
+    pdl_enter();
     group_scatter<false>(ids, nullptr, tokens, hist, pad_off, sorted_rows);
 }
 
@@ -741,6 +777,7 @@ moe_group_scatter(const int* __restrict__ ids, int tokens, const int* __restrict
 extern "C" __global__ void moe_count_bad_ids(const int* __restrict__ ids, int n,
                                              int* __restrict__ bad)
 {
+    pdl_enter();
     int mine = 0;
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
         mine += (ids[i] < 0 || ids[i] >= kExperts) ? 1 : 0;
@@ -1041,38 +1078,60 @@ struct MmaTile {
     static_assert(STAGES >= 2, "pipeline needs two stages");
 };
 
-// Copy one BK-wide k tile of A and B into a pipeline stage: this thread's chunks, k = its
-// first element; rows past the tile's real rows and k past k_end become zeros.
-template <class Tile>
-__device__ __forceinline__ void mma_load_tile(const elem_t* const (&a_rows)[Tile::kAChunks],
-                                              const elem_t* const (&b_rows)[Tile::kBChunks],
-                                              int k, int k_end, const elem_t* safe, unsigned base,
-                                              int chunk, int row)
+// Copy one BK-wide k tile of one operand (CHUNKS row chunks a thread, panels PANEL_BYTES apart)
+// into a pipeline stage at base: this thread's chunks, k = its first element; rows past the
+// tile's real rows (nullptr) and k past k_end become zeros.
+template <class Tile, int CHUNKS, int PANEL_BYTES>
+__device__ __forceinline__ void mma_load_rows(const elem_t* const (&rows)[CHUNKS], int k, int k_end,
+                                              const elem_t* safe, unsigned base, int chunk, int row)
 {
 #pragma unroll
     for (int p = 0; p < Tile::kPanels; ++p) {
         const int kp = k + p * 64;
         const bool k_ok = kp < k_end;
 #pragma unroll
-        for (int i = 0; i < Tile::kAChunks; ++i) {
-            const bool ok = k_ok && a_rows[i] != nullptr;
-            cp_async_16(base + p * Tile::kAPanelBytes + swizzle(row + i * Tile::kRowStep, chunk),
-                        ok ? a_rows[i] + kp : safe, ok);
-        }
-#pragma unroll
-        for (int j = 0; j < Tile::kBChunks; ++j) {
-            const bool ok = k_ok && b_rows[j] != nullptr;
-            cp_async_16(base + Tile::kABytes + p * Tile::kBPanelBytes + swizzle(row + j * Tile::kRowStep, chunk),
-                        ok ? b_rows[j] + kp : safe, ok);
+        for (int i = 0; i < CHUNKS; ++i) {
+            const bool ok = k_ok && rows[i] != nullptr;
+            cp_async_16(base + p * PANEL_BYTES + swizzle(row + i * Tile::kRowStep, chunk),
+                        ok ? rows[i] + kp : safe, ok);
         }
     }
+}
+
+template <class Tile>
+__device__ __forceinline__ void mma_load_a(const elem_t* const (&a_rows)[Tile::kAChunks], int k, int k_end,
+                                           const elem_t* safe, unsigned stage, int chunk, int row)
+{
+    mma_load_rows<Tile, Tile::kAChunks, Tile::kAPanelBytes>(a_rows, k, k_end, safe, stage, chunk, row);
+}
+
+template <class Tile>
+__device__ __forceinline__ void mma_load_b(const elem_t* const (&b_rows)[Tile::kBChunks], int k, int k_end,
+                                           const elem_t* safe, unsigned stage, int chunk, int row)
+{
+    mma_load_rows<Tile, Tile::kBChunks, Tile::kBPanelBytes>(b_rows, k, k_end, safe, stage + Tile::kABytes,
+                                                            chunk, row);
+}
+
+// Both operands' k tile into the stage at base.
+template <class Tile>
+__device__ __forceinline__ void mma_load_tile(const elem_t* const (&a_rows)[Tile::kAChunks],
+                                              const elem_t* const (&b_rows)[Tile::kBChunks],
+                                              int k, int k_end, const elem_t* safe, unsigned base,
+                                              int chunk, int row)
+{
+    mma_load_a<Tile>(a_rows, k, k_end, safe, base, chunk, row);
+    mma_load_b<Tile>(b_rows, k, k_end, safe, base, chunk, row);
 }
 
 // acc += A[BM, k_begin:k_end] · B[BN, k_begin:k_end]ᵀ.  a_rows[i] / b_rows[j]: start of the
 // global row of this thread's i-th A chunk / j-th B chunk, nullptr for a zero row; k_begin and
 // k_end are multiples of 8 (16-byte chunks).  `safe` is any valid global address (the source of
-// zero-fill copies, never read).
-template <class Tile>
+// zero-fill copies, never read).  WEIGHTS_FIRST (B is weights, A the previous kernel's output):
+// the prologue's B tiles are issued before pdl_wait(), so they stream in while the previous
+// kernel finishes (programmatic dependent launch, see pdl_wait in _common), and A's after it;
+// the caller has not waited yet and must not have read the previous kernel's output.
+template <class Tile, bool WEIGHTS_FIRST = false>
 __device__ __forceinline__ void mma_mainloop(float (&acc)[Tile::kMI][Tile::kNI][4],
                                              const elem_t* const (&a_rows)[Tile::kAChunks],
                                              const elem_t* const (&b_rows)[Tile::kBChunks],
@@ -1087,11 +1146,26 @@ __device__ __forceinline__ void mma_mainloop(float (&acc)[Tile::kMI][Tile::kNI][
 
     // Prologue: STAGES-1 tiles in flight before the first use.  Every iteration commits one
     // group (possibly empty) so wait_group counts stay in step with tile indices.
+    // With WEIGHTS_FIRST the first group holds every prologue B tile; waiting for it at k tile
+    // 0 waits for them all, which were issued first anyway.
+    if (WEIGHTS_FIRST) {
+#pragma unroll
+        for (int s = 0; s < Tile::kStages - 1; ++s)
+            if (s < k_tiles)
+                mma_load_b<Tile>(b_rows, k_first + s * Tile::kBK, k_end, safe,
+                                 smem + s * Tile::kStageBytes, chunk, row);
+        pdl_enter();
+    }
 #pragma unroll
     for (int s = 0; s < Tile::kStages - 1; ++s) {
-        if (s < k_tiles)
-            mma_load_tile<Tile>(a_rows, b_rows, k_first + s * Tile::kBK, k_end, safe,
-                                smem + s * Tile::kStageBytes, chunk, row);
+        if (s < k_tiles) {
+            if (WEIGHTS_FIRST)
+                mma_load_a<Tile>(a_rows, k_first + s * Tile::kBK, k_end, safe,
+                                 smem + s * Tile::kStageBytes, chunk, row);
+            else
+                mma_load_tile<Tile>(a_rows, b_rows, k_first + s * Tile::kBK, k_end, safe,
+                                    smem + s * Tile::kStageBytes, chunk, row);
+        }
         cp_async_commit();
     }
     for (int kt = 0; kt < k_tiles; ++kt) {
@@ -1290,7 +1364,12 @@ __device__ __forceinline__ void ffn2_mma(const elem_t* __restrict__ h, const ele
     using Tile = MmaTile<BM, BN, WM, WN, STAGES, BK>;
     int tile, n_tile;
     raster<kGroupM>((kHidden + BN - 1) / BN, tile, n_tile);
-    if (tile >= *num_tiles) return;
+    // Until the main loop's pdl_wait() this reads only the group stage's outputs and w2 (see
+    // mma_mainloop's WEIGHTS_FIRST).
+    if (tile >= *num_tiles) {
+        pdl_wait();
+        return;
+    }
     const int e = tile_expert[tile], row0 = tile_row0[tile];
     const int n0 = n_tile * BN, split = blockIdx.z;
     int k_begin, k_end;
@@ -1306,7 +1385,7 @@ __device__ __forceinline__ void ffn2_mma(const elem_t* __restrict__ h, const ele
         for (int ni = 0; ni < Tile::kNI; ++ni)
 #pragma unroll
             for (int c = 0; c < 4; ++c) acc[mi][ni][c] = 0.0f;
-    mma_mainloop<Tile>(acc, a_rows, b_rows, k_begin, k_end, w2, smem_addr(ffn_smem));
+    mma_mainloop<Tile, true>(acc, a_rows, b_rows, k_begin, k_end, w2, smem_addr(ffn_smem));
 
     const int warp = threadIdx.x >> 5, wm = warp / WN, wn = warp % WN;
 #pragma unroll
@@ -1323,6 +1402,7 @@ moe_ffn1_mma_bm16_bn64_bk128_w1x4_s3(const elem_t* __restrict__ x, const elem_t*
     const int* __restrict__ sorted_rows, const int* __restrict__ tile_expert,
     const int* __restrict__ tile_row0, const int* __restrict__ num_tiles, elem_t* __restrict__ h)
 {
+    pdl_enter();
     moe_ffn::ffn1_mma<16, 64, 1, 4, 3, 128>(
         x, w, sorted_rows, tile_expert, tile_row0, num_tiles, h);
 }
@@ -1333,6 +1413,7 @@ moe_ffn2_mma_bm16_bn64_bk128_w1x4_s3_k3(const elem_t* __restrict__ h, const elem
     const int* __restrict__ tile_row0, const int* __restrict__ num_tiles,
     const float* __restrict__ topk_weights, int slot_count, elem_t* __restrict__ y_slot)
 {
+    // pdl_wait() in the main loop, once the first w2 tiles are on their way
     moe_ffn::ffn2_mma<16, 64, 1, 4, 3, 3, 128>(
         h, w, sorted_rows, tile_expert, tile_row0, num_tiles, topk_weights, slot_count, y_slot);
 }
@@ -1342,6 +1423,7 @@ moe_ffn1_mma_bm32_bn128_bk128_w1x4_s2(const elem_t* __restrict__ x, const elem_t
     const int* __restrict__ sorted_rows, const int* __restrict__ tile_expert,
     const int* __restrict__ tile_row0, const int* __restrict__ num_tiles, elem_t* __restrict__ h)
 {
+    pdl_enter();
     moe_ffn::ffn1_mma<32, 128, 1, 4, 2, 128>(
         x, w, sorted_rows, tile_expert, tile_row0, num_tiles, h);
 }
@@ -1352,6 +1434,7 @@ moe_ffn2_mma_bm32_bn128_bk128_w1x4_s2_k2(const elem_t* __restrict__ h, const ele
     const int* __restrict__ tile_row0, const int* __restrict__ num_tiles,
     const float* __restrict__ topk_weights, int slot_count, elem_t* __restrict__ y_slot)
 {
+    // pdl_wait() in the main loop, once the first w2 tiles are on their way
     moe_ffn::ffn2_mma<32, 128, 1, 4, 2, 2, 128>(
         h, w, sorted_rows, tile_expert, tile_row0, num_tiles, topk_weights, slot_count, y_slot);
 }
@@ -1361,6 +1444,7 @@ moe_ffn1_mma_bm64_bn128_bk128_w2x4_s2(const elem_t* __restrict__ x, const elem_t
     const int* __restrict__ sorted_rows, const int* __restrict__ tile_expert,
     const int* __restrict__ tile_row0, const int* __restrict__ num_tiles, elem_t* __restrict__ h)
 {
+    pdl_enter();
     moe_ffn::ffn1_mma<64, 128, 2, 4, 2, 128>(
         x, w, sorted_rows, tile_expert, tile_row0, num_tiles, h);
 }
@@ -1371,6 +1455,7 @@ moe_ffn2_mma_bm64_bn128_bk128_w2x4_s2_k2(const elem_t* __restrict__ h, const ele
     const int* __restrict__ tile_row0, const int* __restrict__ num_tiles,
     const float* __restrict__ topk_weights, int slot_count, elem_t* __restrict__ y_slot)
 {
+    // pdl_wait() in the main loop, once the first w2 tiles are on their way
     moe_ffn::ffn2_mma<64, 128, 2, 4, 2, 2, 128>(
         h, w, sorted_rows, tile_expert, tile_row0, num_tiles, topk_weights, slot_count, y_slot);
 }
@@ -1380,6 +1465,7 @@ moe_ffn1_mma_bm128_bn256_bk64_w2x4_s4(const elem_t* __restrict__ x, const elem_t
     const int* __restrict__ sorted_rows, const int* __restrict__ tile_expert,
     const int* __restrict__ tile_row0, const int* __restrict__ num_tiles, elem_t* __restrict__ h)
 {
+    pdl_enter();
     moe_ffn::ffn1_mma<128, 256, 2, 4, 4, 64>(
         x, w, sorted_rows, tile_expert, tile_row0, num_tiles, h);
 }
@@ -1390,6 +1476,7 @@ moe_ffn2_mma_bm128_bn256_bk64_w2x4_s4_k1(const elem_t* __restrict__ h, const ele
     const int* __restrict__ tile_row0, const int* __restrict__ num_tiles,
     const float* __restrict__ topk_weights, int slot_count, elem_t* __restrict__ y_slot)
 {
+    // pdl_wait() in the main loop, once the first w2 tiles are on their way
     moe_ffn::ffn2_mma<128, 256, 2, 4, 4, 1, 64>(
         h, w, sorted_rows, tile_expert, tile_row0, num_tiles, topk_weights, slot_count, y_slot);
 }
@@ -1410,6 +1497,7 @@ extern "C" __global__ void __launch_bounds__(RouteTile::kThreads)
 moe_route_logits_mma(const elem_t* __restrict__ x, const elem_t* __restrict__ wr,
                      float* __restrict__ logits, int tokens, int k_chunk)
 {
+    pdl_enter();
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int wm = warp / RouteTile::kWN, wn = warp % RouteTile::kWN;
     const int m0 = blockIdx.x * kRouteBM, n0 = blockIdx.y * kRouteBN;
@@ -1505,6 +1593,7 @@ __device__ __forceinline__ void combine_vec(const elem_t* __restrict__ y_slot, e
 extern "C" __global__ void __launch_bounds__(kCombineThreads)
 moe_combine(const elem_t* __restrict__ y_slot, elem_t* __restrict__ out, int tokens, int splits)
 {
+    pdl_enter();
     const long long chunk = (long long)blockIdx.x * kCombineThreads + threadIdx.x;
     if (chunk >= (long long)tokens * kHiddenVecs) return;
     const long long t = chunk / kHiddenVecs;

@@ -114,6 +114,34 @@ __device__ __forceinline__ unsigned long long warp_max_u64(unsigned long long v)
 
 __device__ __forceinline__ int lane_id() { return threadIdx.x & 31; }
 
+// Programmatic dependent launch (sm_90 and newer; no-ops below, and when a launch did not ask
+// for it).  The host launches every kernel of a call after the first with the programmatic
+// stream serialisation attribute (moegen/backends/cuda_launch.py), so a kernel's CTAs may start
+// while the kernel before it in the stream still runs.  The rule every kernel keeps:
+// pdl_wait() on every path before it reads or writes anything but weights and the group stage's
+// tile list, and before it exits.  pdl_wait() returns once the previous kernel has completed and
+// its writes are visible; as every kernel waited before it completed, that includes every
+// earlier kernel.  pdl_trigger() lets the next kernel's CTAs start (once every CTA of this one
+// triggered or exited): called right after the wait, so the next kernel's CTAs take SM slots
+// only in this kernel's last wave, and may load their weights while this one finishes.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+// The start of a kernel with nothing to do before its inputs are ready.
+__device__ __forceinline__ void pdl_enter() {
+    pdl_wait();
+    pdl_trigger();
+}
+
 // ==== route: router logits, scores, top-k ===================================================
 // Two launches: logits (a GEMV for a few tokens, a tiled SIMT GEMM otherwise), then one warp
 // per token turns its kExperts logits into kTopK expert ids and weights.  The router weight is [kExperts, kHidden]
@@ -154,6 +182,7 @@ extern "C" __global__ void __launch_bounds__(kGemvThreads)
 moe_route_logits_gemv(const elem_t* __restrict__ x, const router_t* __restrict__ wr,
                       float* __restrict__ logits, int tokens)
 {
+    pdl_enter();
     __shared__ float partial[kGemvTokens][kGemvWarps];
     const int lane = lane_id(), warp = threadIdx.x >> 5;
     const int e = blockIdx.x;
@@ -205,6 +234,7 @@ extern "C" __global__ void __launch_bounds__(kRouteThreads)
 moe_route_logits_tiled(const elem_t* __restrict__ x, const router_t* __restrict__ wr,
                        float* __restrict__ logits, int tokens, int k_chunk)
 {
+    pdl_enter();
     // Stored k-major so the inner loop reads 4 consecutive tokens / experts as one float4;
     // +4 keeps rows 16-byte aligned while shifting banks between rows.
     __shared__ __align__(16) float xs[kRouteBK][kRouteBM + 4];
@@ -406,6 +436,7 @@ moe_route_select(const float* __restrict__ logits, int splits, const float* __re
                  int* __restrict__ topk_ids, float* __restrict__ topk_weights,
                  float* __restrict__ router_sums, int tokens, int want_stats)
 {
+    pdl_enter();
     __shared__ float s_sums[kExperts + 1];
     float* cs = nullptr;
     float psum[kExpertsPerLane];
@@ -613,6 +644,7 @@ moe_group_single(const int* __restrict__ ids, int tokens, int bm,
                  int* __restrict__ sorted_rows, int* __restrict__ tile_expert,
                  int* __restrict__ tile_row0, int* __restrict__ num_tiles)
 {
+    pdl_enter();
     __shared__ int s_rows[kGroupWarps][kExpertsTotal];
     __shared__ int s_count[kExpertsTotal], s_pad_off[kExpertsTotal], s_tile_off[kExpertsTotal];
     group_block<kGroupWarps>(ids, nullptr, tokens, bm, counts, offsets, sorted_rows, tile_expert, tile_row0,
@@ -634,6 +666,7 @@ moe_route_select_group(const float* __restrict__ logits, int splits, const float
                        int* __restrict__ sorted_rows, int* __restrict__ tile_expert,
                        int* __restrict__ tile_row0, int* __restrict__ num_tiles)
 {
+    pdl_enter();
     __shared__ int s_rows[kFusedWarps][kExpertsTotal];      // route: each warp's scratch; group: counts
     __shared__ int s_count[kExpertsTotal], s_pad_off[kExpertsTotal], s_tile_off[kExpertsTotal];
     __shared__ float s_sums[kExperts + 1];
@@ -674,6 +707,7 @@ __device__ __forceinline__ void group_count(const int* __restrict__ ids,
 extern "C" __global__ void __launch_bounds__(kBlockUnits * 32)
 moe_group_count(const int* __restrict__ ids, int tokens, int* __restrict__ hist)
 {
+    pdl_enter();
     group_count<false>(ids, nullptr, tokens, hist);
 }
 
@@ -687,6 +721,7 @@ moe_group_scan(int tokens, int bm, int* __restrict__ hist, int* __restrict__ pad
                int* __restrict__ sorted_rows, int* __restrict__ tile_expert,
                int* __restrict__ tile_row0, int* __restrict__ num_tiles)
 {
+    pdl_enter();
     __shared__ int s_count[kExpertsTotal], s_pad_off[kExpertsTotal], s_tile_off[kExpertsTotal];
     const int units = (tokens * kSlots + kUnitSlots - 1) / kUnitSlots;
     for (int e = threadIdx.x; e < kExpertsTotal; e += blockDim.x) {
@@ -734,6 +769,7 @@ extern "C" __global__ void __launch_bounds__(kBlockUnits * 32)
 moe_group_scatter(const int* __restrict__ ids, int tokens, const int* __restrict__ hist,
                   const int* __restrict__ pad_off, int* __restrict__ sorted_rows)
 {
+    pdl_enter();
     group_scatter<false>(ids, nullptr, tokens, hist, pad_off, sorted_rows);
 }
 
@@ -741,6 +777,7 @@ moe_group_scatter(const int* __restrict__ ids, int tokens, const int* __restrict
 extern "C" __global__ void moe_count_bad_ids(const int* __restrict__ ids, int n,
                                              int* __restrict__ bad)
 {
+    pdl_enter();
     int mine = 0;
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
         mine += (ids[i] < 0 || ids[i] >= kExperts) ? 1 : 0;
@@ -948,6 +985,7 @@ moe_ffn1_simt_bm16_bn64_bk16_w1x1_s1(const elem_t* __restrict__ x, const elem_t*
     const int* __restrict__ sorted_rows, const int* __restrict__ tile_expert,
     const int* __restrict__ tile_row0, const int* __restrict__ num_tiles, elem_t* __restrict__ h)
 {
+    pdl_enter();
     moe_ffn::ffn1_simt<16, 64, 16>(
         x, w, sorted_rows, tile_expert, tile_row0, num_tiles, h);
 }
@@ -958,6 +996,7 @@ moe_ffn2_simt_bm16_bn64_bk16_w1x1_s1_k16(const elem_t* __restrict__ h, const ele
     const int* __restrict__ tile_row0, const int* __restrict__ num_tiles,
     const float* __restrict__ topk_weights, int slot_count, elem_t* __restrict__ y_slot)
 {
+    pdl_enter();
     moe_ffn::ffn2_simt<16, 64, 16, 16>(
         h, w, sorted_rows, tile_expert, tile_row0, num_tiles, topk_weights, slot_count, y_slot);
 }
@@ -967,6 +1006,7 @@ moe_ffn1_simt_bm64_bn64_bk16_w1x1_s1(const elem_t* __restrict__ x, const elem_t*
     const int* __restrict__ sorted_rows, const int* __restrict__ tile_expert,
     const int* __restrict__ tile_row0, const int* __restrict__ num_tiles, elem_t* __restrict__ h)
 {
+    pdl_enter();
     moe_ffn::ffn1_simt<64, 64, 16>(
         x, w, sorted_rows, tile_expert, tile_row0, num_tiles, h);
 }
@@ -977,6 +1017,7 @@ moe_ffn2_simt_bm64_bn64_bk16_w1x1_s1_k1(const elem_t* __restrict__ h, const elem
     const int* __restrict__ tile_row0, const int* __restrict__ num_tiles,
     const float* __restrict__ topk_weights, int slot_count, elem_t* __restrict__ y_slot)
 {
+    pdl_enter();
     moe_ffn::ffn2_simt<64, 64, 16, 1>(
         h, w, sorted_rows, tile_expert, tile_row0, num_tiles, topk_weights, slot_count, y_slot);
 }
@@ -1035,6 +1076,7 @@ __device__ __forceinline__ void combine_vec(const elem_t* __restrict__ y_slot, e
 extern "C" __global__ void __launch_bounds__(kCombineThreads)
 moe_combine(const elem_t* __restrict__ y_slot, elem_t* __restrict__ out, int tokens, int splits)
 {
+    pdl_enter();
     const long long chunk = (long long)blockIdx.x * kCombineThreads + threadIdx.x;
     if (chunk >= (long long)tokens * kHiddenVecs) return;
     const long long t = chunk / kHiddenVecs;

@@ -232,11 +232,20 @@ class CudaModule:
         self._get_device = cupy.cuda.runtime.getDevice
         self._cupy_stream = cupy.cuda.get_current_stream
         self._torch_stream = None
-        self._launchers = (cupy.cuda.driver.launchKernel, cupy.cuda.runtime.memsetAsync)
+        self._launchers = (cupy.cuda.driver.launchKernel, cupy.cuda.runtime.memsetAsync,
+                           self._pdl_launcher())
         self._storage_names = arrays.storage_dtypes(self.spec.dtype, self.device_kind)
         dt = self.spec.dt
         self._activation_align = max(vec_width(self.spec.hidden_dim, dt.itemsize) * dt.itemsize,
                                      cuda_tiles.x_alignment(self.spec))
+
+    def _pdl_launcher(self):
+        """The programmatic dependent launcher of `cuda_launch.Program` (every kernel of this
+        cubin waits for its predecessor in the kernel: pdl_wait), or None: below sm_90, with
+        MOEGEN_CUDA_PDL=0, or where the driver lacks cuLaunchKernelEx."""
+        if int(self.device.compute_capability) < 90 or not settings.cuda_pdl():
+            return None
+        return cuda_launch.driver_launch_ex()
 
     def kernel_names(self) -> list[str]:
         return list(self.plan.kernels)

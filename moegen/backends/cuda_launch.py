@@ -186,18 +186,84 @@ class RecordingKernel:
         self.raw.max_dynamic_shared_size_bytes = value
 
 
+# cuLaunchKernelEx's configuration (cuda.h, CUDA 12 and 13): CUlaunchConfig is grid x/y/z,
+# block x/y/z, sharedMemBytes (7 x uint32), then the stream, the attribute array and their count
+# at byte offsets 32, 40 and 48 (56 bytes); a CUlaunchAttribute is a 4-byte id, 4 bytes of
+# padding and a 64-byte value union (72 bytes).
+CONFIG_BYTES, ATTR_BYTES = 56, 72
+CONFIG_STREAM, CONFIG_ATTRS, CONFIG_NUM_ATTRS = 32, 40, 48
+ATTR_PROGRAMMATIC_STREAM_SERIALIZATION = 6   # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+
+
+def pdl_config(step) -> np.ndarray:
+    """The CUlaunchConfig bytes (followed by its one attribute) of a launch step tuple
+    ``(func, gx, gy, gz, bx, by, bz, smem, params)`` with programmatic stream serialisation
+    allowed; the stream is written per call (`Program.run`).  The attribute sits inside the
+    same array, so its address is fixed once the array is."""
+    buf = np.zeros(CONFIG_BYTES + ATTR_BYTES, np.uint8)
+    u32 = buf[:28].view(np.uint32)
+    u32[:] = step[1:8]
+    attr = buf[CONFIG_BYTES:]
+    attr[:4].view(np.uint32)[0] = ATTR_PROGRAMMATIC_STREAM_SERIALIZATION
+    attr[8:12].view(np.int32)[0] = 1
+    buf[CONFIG_ATTRS:CONFIG_ATTRS + 8].view(np.uint64)[0] = attr.ctypes.data
+    buf[CONFIG_NUM_ATTRS:CONFIG_NUM_ATTRS + 4].view(np.uint32)[0] = 1
+    return buf
+
+
+class DriverLaunchEx:
+    """``cuLaunchKernelEx`` of the driver library through ctypes (CuPy does not expose it):
+    ``launch(config_address, function, params_address)``; a CUDA error raises RuntimeError
+    naming it."""
+
+    def __init__(self, lib=None):
+        import ctypes
+        if lib is None:
+            lib = ctypes.CDLL("libcuda.so.1")
+        fn = lib.cuLaunchKernelEx
+        fn.restype = ctypes.c_int
+        fn.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p)
+        self._fn, self._lib = fn, lib
+
+    def __call__(self, config: int, func: int, params: int) -> None:
+        rc = self._fn(config, func, params, None)
+        if rc:
+            import ctypes
+            name = ctypes.c_char_p()
+            self._lib.cuGetErrorName(rc, ctypes.byref(name))
+            raise RuntimeError(f"cuLaunchKernelEx failed: {(name.value or b'?').decode()} ({rc})")
+
+
+def driver_launch_ex():
+    """A `DriverLaunchEx`, or None where the driver library or its cuLaunchKernelEx is missing
+    (the launches then go through cuLaunchKernel without the attribute)."""
+    try:
+        return DriverLaunchEx()
+    except (OSError, AttributeError):
+        return None
+
+
 class Program:
     """The launches of one call shape, packed once, replayed by `run`.
 
     All launches' parameter bytes live in one 64-byte aligned buffer, followed by the arrays of
     parameter pointers ``cuLaunchKernel`` takes; both stay alive (and unmoved) with the program.
+
+    With ``launch_pdl`` (a `DriverLaunchEx`), every kernel launch that directly follows another
+    kernel launch of the program goes through it with programmatic stream serialisation
+    (programmatic dependent launch, sm_90+): its CTAs may start while the previous kernel runs,
+    and wait for it in the kernel (pdl_wait in templates/cuda/_common.cuh.jinja).  The first
+    launch, and one after a memset, are ordinary launches: they start after everything before
+    them, so work the caller enqueued earlier (a weight update, say) is complete before any
+    kernel of the call reads weights.
     """
 
-    def __init__(self, steps, kinds_of, launch, memset):
+    def __init__(self, steps, kinds_of, launch, memset, launch_pdl=None):
         """``steps``: `Launch` and `Memset` in order; ``kinds_of(name)``: a kernel's parameter
         kinds (see `signatures`); ``launch`` / ``memset``: ``cupy.cuda.driver.launchKernel``
-        and ``cupy.cuda.runtime.memsetAsync`` (or stand-ins with their signatures)."""
-        self._launch, self._memset = launch, memset
+        and ``cupy.cuda.runtime.memsetAsync`` (or stand-ins with their signatures);
+        ``launch_pdl``: None, or the launcher of programmatic dependent launches."""
+        self._launch, self._memset, self._launch_pdl = launch, memset, launch_pdl
         blocks, places, at = [], [], 0
         for s in steps:
             if isinstance(s, Launch):
@@ -216,18 +282,34 @@ class Program:
         self._places = tuple(places)
         run, p = [], 0
         blk = iter(blocks)
+        self._configs = []                    # CUlaunchConfig of each programmatic launch
+        after_kernel = False
         for s in steps:
             if isinstance(s, Launch):
                 start, raw, offsets = next(blk)
                 self.values[start:start + len(raw)] = np.frombuffer(raw, np.uint8)
                 for i, off in enumerate(offsets):
                     self.pointers[p + i] = base + start + off
-                run.append((s.func, *s.grid, *s.block, s.smem, self.pointers.ctypes.data + 8 * p))
+                step = (s.func, *s.grid, *s.block, s.smem, self.pointers.ctypes.data + 8 * p)
+                if launch_pdl is not None and after_kernel:
+                    cfg = pdl_config(step)
+                    self._configs.append(cfg)
+                    step = (s.func, cfg.ctypes.data, step[8])
+                run.append(step)
                 p += len(offsets)
+                after_kernel = True
             else:
                 run.append((None, s.ptr, s.nbytes))
+                after_kernel = False
         self.steps = tuple(run)
+        self._streams = tuple(c[CONFIG_STREAM:CONFIG_STREAM + 8].view(np.uint64) for c in self._configs)
+        self._stream = None
         self._last = None
+
+    @property
+    def programmatic(self) -> int:
+        """How many of the program's launches are programmatic dependent launches."""
+        return len(self._configs)
 
     def patch(self, ptrs) -> None:
         """Write the call's pointers (a tuple in `SLOTS` order) into their recorded places."""
@@ -240,9 +322,15 @@ class Program:
     def run(self, stream: int, ptrs) -> None:
         """Enqueue every step on ``stream`` (a raw handle) for the call's pointers ``ptrs``."""
         self.patch(ptrs)
-        launch, memset = self._launch, self._memset
+        if stream != self._stream:
+            for v in self._streams:
+                v[0] = stream
+            self._stream = stream
+        launch, memset, launch_pdl = self._launch, self._memset, self._launch_pdl
         for s in self.steps:
             if s[0] is None:
                 memset(s[1], 0, s[2], stream)
+            elif len(s) == 3:
+                launch_pdl(s[1], s[0], s[2])
             else:
                 launch(s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], stream, s[8], 0)
