@@ -63,6 +63,35 @@ __device__ __forceinline__ float to_f32(elem_t v) { return ld_f32(v); }
 __device__ __forceinline__ elem_t from_f32(float f) { return st_f32(f); }
 
 
+// ---- programmatic dependent launch (sm_90 and newer) -----------------------------------------
+// The host launches every kernel of a call after the first with the programmatic stream
+// serialisation attribute (moegen/backends/cuda_launch.py), so a kernel's CTAs may start while
+// the kernel before it in the stream still runs.  The rule every kernel keeps: pdl_wait() on
+// every path before it reads or writes anything but weights and the group stage's outputs, and
+// before it exits.  pdl_wait() returns once the previous kernel has completed and its writes are
+// visible; as every kernel waited before it completed, that includes every earlier kernel.
+// pdl_trigger() lets the next kernel's CTAs start (once every CTA of this one triggered or
+// exited): called right after the wait, so the next kernel's CTAs take SM slots only in this
+// kernel's last wave, and may load their weights while this one finishes.  Both are no-ops below
+// sm_90 and in a launch that did not ask for programmatic serialisation.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+// The start of a kernel with nothing to do before its inputs are ready.
+__device__ __forceinline__ void pdl_enter() {
+    pdl_wait();
+    pdl_trigger();
+}
+
 // ---- shared device helpers ---------------------------------------------------------------
 // A register type of exactly BYTES bytes, so N storage elements move in one access.
 template <int BYTES> struct RawBits;
@@ -113,34 +142,6 @@ __device__ __forceinline__ unsigned long long warp_max_u64(unsigned long long v)
 }
 
 __device__ __forceinline__ int lane_id() { return threadIdx.x & 31; }
-
-// Programmatic dependent launch (sm_90 and newer; no-ops below, and when a launch did not ask
-// for it).  The host launches every kernel of a call after the first with the programmatic
-// stream serialisation attribute (moegen/backends/cuda_launch.py), so a kernel's CTAs may start
-// while the kernel before it in the stream still runs.  The rule every kernel keeps:
-// pdl_wait() on every path before it reads or writes anything but weights and the group stage's
-// tile list, and before it exits.  pdl_wait() returns once the previous kernel has completed and
-// its writes are visible; as every kernel waited before it completed, that includes every
-// earlier kernel.  pdl_trigger() lets the next kernel's CTAs start (once every CTA of this one
-// triggered or exited): called right after the wait, so the next kernel's CTAs take SM slots
-// only in this kernel's last wave, and may load their weights while this one finishes.
-__device__ __forceinline__ void pdl_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
-}
-
-__device__ __forceinline__ void pdl_trigger() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-#endif
-}
-
-// The start of a kernel with nothing to do before its inputs are ready.
-__device__ __forceinline__ void pdl_enter() {
-    pdl_wait();
-    pdl_trigger();
-}
 
 // ==== route: router logits, scores, top-k ===================================================
 // Two launches: logits (a GEMV for a few tokens, a tiled SIMT GEMM otherwise), then one warp

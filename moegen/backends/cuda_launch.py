@@ -252,7 +252,7 @@ class Program:
     With ``launch_pdl`` (a `DriverLaunchEx`), every kernel launch that directly follows another
     kernel launch of the program goes through it with programmatic stream serialisation
     (programmatic dependent launch, sm_90+): its CTAs may start while the previous kernel runs,
-    and wait for it in the kernel (pdl_wait in templates/cuda/_common.cuh.jinja).  The first
+    and wait for it in the kernel (pdl_wait in templates/cuda/_pdl.cuh.jinja).  The first
     launch, and one after a memset, are ordinary launches: they start after everything before
     them, so work the caller enqueued earlier (a weight update, say) is complete before any
     kernel of the call reads weights.
