@@ -1,6 +1,7 @@
 """The CUDA backward's generated kernels, run on the CPU (tests/cuda_emulator.py), against the
 float64 reference backward: fp32 specs (the SIMT GEMM tile) and bf16 specs (the tensor-core
-tile, its ldmatrix/mma.sync emulated) of every routing, gated and ungated activations, biases,
+tiles, their ldmatrix / ldmatrix .trans / mma.sync / cp.async emulated: the cp.async pipeline
+bwd_pipe_tile where H and F are multiples of 8, else bwd_mma_tile) of every routing, gated and ungated activations, biases,
 shared experts, capacity with and without renormalisation, several k steps and output tiles.
 
 `CudaBackward.backward` runs as it does on a GPU (the same launches, grids and argument
@@ -41,10 +42,14 @@ SPECS = {
         16, 4, 32, 16, dtype="float32", activation="geglu", routing="sigmoid_topk", n_group=4,
         topk_group=2, routed_scaling_factor=2.5, num_shared_experts=1, bias=True),
 }
-# bf16: the tensor-core tile (128 x 128 x 64): H = 136 and 2F = 144 make several k steps and
-# output tiles, T = 150 several k steps of the weight gradients; H = 60, F = 36 rows that are
-# not 16-byte multiples (no vector reads for them).
+# bf16: the tensor-core tiles (128 x 128 outputs, 64 k a step): H = 136 and 2F = 144 make
+# several k steps and output tiles, T = 150 several k steps of the weight gradients; H = 60,
+# F = 36 rows that are not 16-byte multiples (bwd_mma_tile, no vector reads for them); the
+# others take bwd_pipe_tile.  e2-k2 at T = 200: every token in both experts, so the weight
+# gradients' k (200 rows an expert) and the gate/up and dh GEMMs' k (H = 264) run past the
+# 3-stage ring (it wraps), with a partial last step and partial output tiles (H = 264, F = 40).
 TC_SPECS = {
+    "e2-k2-h264-f40-bf16-swiglu": MoESpec(2, 2, 264, 40, dtype="bfloat16"),
     "e4-k2-h136-f72-bf16-swiglu": MoESpec(4, 2, 136, 72, dtype="bfloat16"),
     "e6-k2-h24-f40-bf16-gelu-bias-cap1-sh1": MoESpec(
         6, 2, 24, 40, dtype="bfloat16", activation="gelu", bias=True, capacity_factor=1.0,
@@ -163,6 +168,7 @@ def check(emulated, spec, name, T):
         assert err < tol, f"{k}: relative error {err:.2e}"
     assert ref.rel_error(np.sort(g["topk_weights"].numpy(), 1), np.sort(r["topk_weights"], 1)) < tol
     assert abs(float(g["balance_coeff"]) - r["balance_coeff"]) < 1e-6
+    assert emu.ldmatrix_conflicts() == 0          # the swizzles keep ldmatrix conflict-free
 
 
 def host_tensor(a: np.ndarray):
@@ -180,11 +186,14 @@ def test_emulated_simt_kernels_match_the_float64_reference(emulated, name, T):
 
 
 @pytest.mark.parametrize("name, T", [("e4-k2-h136-f72-bf16-swiglu", 1), ("e4-k2-h136-f72-bf16-swiglu", 150),
+                                     ("e2-k2-h264-f40-bf16-swiglu", 200),
                                      ("e6-k2-h24-f40-bf16-gelu-bias-cap1-sh1", 37),
                                      ("e4-k2-h60-f36-bf16-swiglu", 37),
                                      ("e16-k4-h32-f16-bf16-relu-sigmoid-g4-tg2", 37)])
 def test_emulated_tensor_core_kernels_match_the_float64_reference(emulated, name, T):
-    check(emulated, TC_SPECS[name], name, T)
+    spec = TC_SPECS[name]
+    assert emulated(name)[0].plan.pipelined is (spec.hidden_dim % 8 == 0 and spec.ffn_dim % 8 == 0)
+    check(emulated, spec, name, T)
 
 
 @pytest.mark.parametrize("adaptive", [True, False])
