@@ -334,7 +334,7 @@ class CudaBackward:
               (P(dlogits), P(router), np.int32(T), P(dxr)))
             L("bwd_combine", (_cdiv(T * H, ITEM_THREADS),), ITEM_THREADS,
               (P(dxs), P(dxr), P(pos), np.int32(T), P(o["x"])))
-            L("bwd_dw13", (_cdiv(G, BM), _cdiv(H, BN), n), TH,
+            L("bwd_dw13", (_cdiv(H, BN), _cdiv(G, BM), n), TH,
               (P(dgu), P(x), P(row_tok), P(seg[0]), P(seg[1]), P(o["w1"]), P(o["w3"])), SM)
             L("bwd_dw2", (_cdiv(H, BM), _cdiv(F, BN), n), TH,
               (P(dy), P(row_tok), P(h), P(seg[0]), P(seg[1]), P(o["w2"])), SM)
