@@ -122,25 +122,30 @@ class FakeForward:
 def emulated():
     made = {}
 
-    def get(name):
-        if name not in made:
+    def get(name, pipe_warps=cb.PIPE_WARPS):
+        if (name, pipe_warps) not in made:
             spec = {**SPECS, **TC_SPECS}[name]
-            plan = cb.backward_plan(spec.replace(backend="cuda", arch="sm_90"))
+            default = cb.PIPE_WARPS
+            cb.PIPE_WARPS = pipe_warps
+            try:
+                plan = cb.backward_plan(spec.replace(backend="cuda", arch="sm_90"))
+            finally:
+                cb.PIPE_WARPS = default
             assert plan.tensor_cores is (name in TC_SPECS)
             emu = cuda_emulator.Emulator(cb.render_backward(plan).text, cb.KERNELS)
             bwd = cb.CudaBackward.__new__(cb.CudaBackward)
             bwd.plan, bwd.spec = plan, plan.spec
             bwd._launch = emu.launch
             bwd._stream = lambda device: contextlib.nullcontext()
-            made[name] = (bwd, emu)
-        return made[name]
+            made[(name, pipe_warps)] = (bwd, emu)
+        return made[(name, pipe_warps)]
     yield get
     for _, emu in made.values():
         emu.close()
 
 
-def check(emulated, spec, name, T):
-    bwd, emu = emulated(name)
+def check(emulated, spec, name, T, **variant):
+    bwd, emu = emulated(name, **variant)
     x, w = ref.random_problem(spec, T, seed=T)
     rng = np.random.default_rng(T + 1)
     bias = (rng.standard_normal(spec.num_experts) * 0.1).astype(spec.dt.numpy).astype(np.float32)
@@ -194,6 +199,15 @@ def test_emulated_tensor_core_kernels_match_the_float64_reference(emulated, name
     spec = TC_SPECS[name]
     assert emulated(name)[0].plan.pipelined is (spec.hidden_dim % 8 == 0 and spec.ffn_dim % 8 == 0)
     check(emulated, spec, name, T)
+
+
+def test_emulated_pipelined_tile_with_four_warps(emulated):
+    """bwd_pipe_tile's other warp layout (2 x 2 warps of 64 x 64, 128 threads: 8 copies a
+    thread per operand and stage), over a ring that wraps and partial tiles."""
+    name = "e2-k2-h264-f40-bf16-swiglu"
+    bwd, _ = emulated(name, pipe_warps=(2, 2))
+    assert bwd.plan.pipelined and bwd.plan.pipe_threads == 128
+    check(emulated, TC_SPECS[name], name, 200, pipe_warps=(2, 2))
 
 
 @pytest.mark.parametrize("adaptive", [True, False])

@@ -52,6 +52,9 @@ MMA_TILE = (128, 128, 64, 256)
 # cp.async copies in flight (dynamic shared memory: PIPE_STAGES · 2 operands · 128 · PIPE_BK · 2 B).
 PIPE_BK = 64
 PIPE_STAGES = 3
+# bwd_pipe_tile's warps (along M, along N): 2 x 4 warps of 64 x 32 outputs; (2, 2) is 4 warps of
+# 64 x 64 (half the ldmatrix traffic per mma, twice the accumulators a thread).
+PIPE_WARPS = (2, 4)
 # Elements of a 16-byte chunk (16-bit types): H and F must be multiples of it for the pipeline.
 CHUNK_ELEMS = 8
 # The GEMM kernels that take bwd_pipe_tile when the plan is pipelined.
@@ -83,6 +86,12 @@ class CudaBackwardPlan:
     pipelined: bool = False
     pipe_bk: int = PIPE_BK
     pipe_stages: int = PIPE_STAGES
+    pipe_warps: tuple = PIPE_WARPS
+
+    @property
+    def pipe_threads(self) -> int:
+        """Threads of a PIPE_KERNELS block (the plan's ``threads`` when not pipelined)."""
+        return 32 * self.pipe_warps[0] * self.pipe_warps[1] if self.pipelined else self.threads
 
     @property
     def pipe_smem(self) -> int:
@@ -115,7 +124,8 @@ def backward_plan(spec: MoESpec) -> CudaBackwardPlan:
     tc = uses_tensor_cores(fwd.spec, fwd.target)
     bm, bn, bk, threads = MMA_TILE if tc else SIMT_TILE
     pipelined = tc and fwd.spec.hidden_dim % CHUNK_ELEMS == 0 and fwd.spec.ffn_dim % CHUNK_ELEMS == 0
-    return CudaBackwardPlan(fwd, tc, bm, bn, bk, threads, pipelined=pipelined)
+    return CudaBackwardPlan(fwd, tc, bm, bn, bk, threads, pipelined=pipelined,
+                            pipe_warps=tuple(PIPE_WARPS))
 
 
 def uses_tensor_cores(spec: MoESpec, target: str) -> bool:
@@ -294,7 +304,7 @@ class CudaBackward:
         final_w = ws.cap_weights if ws.cap_weights is not None else ws.topk_weights
         grouped = (ws.tile_expert, ws.tile_row0, ws.num_tiles, np.int32(bm))
         BM, BN, TH = self.plan.bm, self.plan.bn, self.plan.threads
-        SM = self.plan.pipe_smem            # the PIPE_KERNELS' dynamic shared memory
+        SM, PT = self.plan.pipe_smem, self.plan.pipe_threads    # the PIPE_KERNELS' launches
         nsub = _cdiv(bm, BM)
         gu, dhu = torch.empty((R, G), **f32), torch.empty((R, F), **f32)
         # h and dgu: bf16 on the tensor-core path (its GEMMs read them as bf16), else fp32
@@ -312,15 +322,15 @@ class CudaBackward:
             P = _ptr
             L("bwd_segments", (_cdiv(tiles, ITEM_THREADS),), ITEM_THREADS,
               (*grouped, P(seg[0]), P(seg[1])))
-            L("bwd_gateup", (tiles * nsub, _cdiv(G, BN)), TH,
+            L("bwd_gateup", (tiles * nsub, _cdiv(G, BN)), PT,
               (P(x), P(w1), P(w3), P(b1), P(b3), ws.sorted_rows, *grouped, P(gu)), SM)
-            L("bwd_dhidden", (tiles * nsub, _cdiv(F, BN)), TH,
+            L("bwd_dhidden", (tiles * nsub, _cdiv(F, BN)), PT,
               (P(dy), P(w2), ws.sorted_rows, *grouped, P(dhu)), SM)
             L("bwd_rows", (R,), ROW_THREADS,
               (P(gu), P(dhu), P(dy), P(b2), final_w, ws.sorted_rows, ws.tile_expert,
                ws.num_tiles, np.int32(bm), np.int32(R), P(h), P(dgu), P(o["topk_weights"]), P(row_w),
                P(row_tok), P(pos)))
-            L("bwd_dx_rows", (tiles * nsub, _cdiv(H, BN)), TH,
+            L("bwd_dx_rows", (tiles * nsub, _cdiv(H, BN)), PT,
               (P(dgu), P(w1), P(w3), *grouped, P(dxs)), SM)
             L("bwd_logits", (_cdiv(T, BM), _cdiv(E, BN)), TH,
               (P(x), P(router), P(router_bias), np.int32(T), P(logits)))
@@ -334,9 +344,9 @@ class CudaBackward:
               (P(dlogits), P(router), np.int32(T), P(dxr)))
             L("bwd_combine", (_cdiv(T * H, ITEM_THREADS),), ITEM_THREADS,
               (P(dxs), P(dxr), P(pos), np.int32(T), P(o["x"])))
-            L("bwd_dw13", (_cdiv(H, BN), _cdiv(G, BM), n), TH,
+            L("bwd_dw13", (_cdiv(H, BN), _cdiv(G, BM), n), PT,
               (P(dgu), P(x), P(row_tok), P(seg[0]), P(seg[1]), P(o["w1"]), P(o["w3"])), SM)
-            L("bwd_dw2", (_cdiv(H, BM), _cdiv(F, BN), n), TH,
+            L("bwd_dw2", (_cdiv(H, BM), _cdiv(F, BN), n), PT,
               (P(dy), P(row_tok), P(h), P(seg[0]), P(seg[1]), P(o["w2"])), SM)
             L("bwd_drouter", (_cdiv(E, BM), _cdiv(H, BN)), TH,
               (P(dlogits), P(x), np.int32(T), P(o["router"])))
