@@ -225,3 +225,84 @@ def test_emulated_aux_loss_value_matches_the_layer_statistics(emulated, adaptive
         d = LayerStats(spec, T, counts, sums).as_dict()
         want = balance_coefficient(d["usage"], 0.05, adaptive) * d["aux_loss"] + 0.01 * d["z_loss"]
         assert abs(float(aux[0]) - want) <= 1e-5 * max(1.0, abs(want))
+
+
+# The emulated PTX helpers alone, in the forms the emulator replaces (their bodies are dropped).
+PTX_PROBE = r'''
+__device__ __forceinline__ unsigned smem_addr(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
+__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], unsigned addr)
+{
+    asm volatile("ldmatrix");
+}
+__device__ __forceinline__ void bwd_ldmatrix_x4_trans(unsigned (&r)[4], unsigned addr)
+{
+    asm volatile("ldmatrix.trans");
+}
+__device__ __forceinline__ void cp_async_16(unsigned dst, const void* src, bool full)
+{
+    asm volatile("cp.async");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" :: "n"(N)); }
+
+// One warp: four 8 x 8 matrices of 16-bit values from src, lane l addressing row l % 8 of
+// matrix l / 8; out[4 l + j] = register j of lane l.
+extern "C" __global__ void probe_ldmatrix(const unsigned short* src, int trans, unsigned* out) {
+    __shared__ __align__(16) unsigned short tile[4][8][8];
+    const int lane = threadIdx.x;
+    for (int i = 0; i < 8; ++i) (&tile[0][0][0])[lane * 8 + i] = src[lane * 8 + i];
+    __syncthreads();
+    unsigned r[4];
+    const unsigned addr = smem_addr(&tile[lane / 8][lane % 8][0]);
+    if (trans) bwd_ldmatrix_x4_trans(r, addr); else ldmatrix_x4(r, addr);
+    for (int j = 0; j < 4; ++j) out[4 * lane + j] = r[j];
+}
+
+// One thread: two commit groups (a 16-byte copy, then a zero fill) over a buffer of 7s, the
+// buffer read before any wait, after wait_group 1 and after wait_group 0.
+extern "C" __global__ void probe_cp_async(const unsigned* src, unsigned* out) {
+    __shared__ __align__(16) unsigned buf[8];
+    for (int i = 0; i < 8; ++i) buf[i] = 7;
+    cp_async_16(smem_addr(buf), src, true);
+    cp_async_commit();
+    cp_async_16(smem_addr(buf + 4), src, false);
+    cp_async_commit();
+    for (int i = 0; i < 8; ++i) out[i] = buf[i];
+    cp_async_wait<1>();
+    for (int i = 0; i < 8; ++i) out[8 + i] = buf[i];
+    cp_async_wait<0>();
+    for (int i = 0; i < 8; ++i) out[16 + i] = buf[i];
+}
+'''
+
+
+@pytest.fixture(scope="module")
+def probe():
+    emu = cuda_emulator.Emulator(PTX_PROBE, ["probe_ldmatrix", "probe_cp_async"])
+    yield emu
+    emu.close()
+
+
+@pytest.mark.parametrize("trans", [0, 1])
+def test_emulated_ldmatrix_gives_the_ptx_fragments(probe, trans):
+    """PTX ISA, ldmatrix .m8n8 .b16: lane l holds, of each matrix, row l/4's elements 2(l%4) and
+    2(l%4)+1; with .trans the matrix is read column-major: column l/4's elements 2(l%4), +1."""
+    src = np.random.default_rng(3).integers(0, 1 << 16, 256).astype(np.uint16)
+    out = np.zeros(128, np.uint32)
+    probe.launch("probe_ldmatrix", (1,), 32, (src, np.int32(trans), out))
+    tile = src.reshape(4, 8, 8).astype(np.uint32)
+    for lane in range(32):
+        g, t = lane // 4, lane % 4
+        for j in range(4):
+            lo, hi = (tile[j, 2 * t, g], tile[j, 2 * t + 1, g]) if trans else (tile[j, g, 2 * t], tile[j, g, 2 * t + 1])
+            assert out[4 * lane + j] == lo | hi << 16, (lane, j)
+
+
+def test_emulated_cp_async_lands_only_at_its_wait_group(probe):
+    src = np.arange(100, 104, dtype=np.uint32)
+    out = np.zeros(24, np.uint32)
+    probe.launch("probe_cp_async", (1,), 1, (src, out))
+    assert list(out[:8]) == [7] * 8                              # nothing before a wait
+    assert list(out[8:16]) == [100, 101, 102, 103, 7, 7, 7, 7]   # the older group retired
+    assert list(out[16:]) == [100, 101, 102, 103, 0, 0, 0, 0]    # src-size 0: zeros
