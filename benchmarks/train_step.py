@@ -23,6 +23,9 @@ A shape that does not fit in memory is reported as skipped.
 
 ``--kernels`` also profiles one moegen step per point (torch.profiler, CUDA activity) and
 prints its GPU kernels by total time (the JSON rows get them as ``moegen_kernels``).
+``--pipe-warps MxN`` builds the CUDA backward's pipelined GEMM tile with M x N warps instead of
+`moegen.backends.cuda_backward.PIPE_WARPS` (2x4: 8 warps of 64 x 32 outputs; 2x2: 4 warps of
+64 x 64), to compare the two (the JSON records the choice).
 """
 
 from __future__ import annotations
@@ -38,6 +41,9 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from moegen.bench.shapes import SHAPES, shape_fields  # noqa: E402
+
+# The warp layouts of the backward's pipelined tile that --pipe-warps offers (128 x 128 outputs).
+PIPE_WARP_CHOICES = ("2x4", "2x2")
 from moegen.spec import MoESpec  # noqa: E402
 
 TOKENS = (4096, 16384)
@@ -190,7 +196,12 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--kernels", action="store_true",
                     help="also list the GPU kernels of one moegen step by time")
+    ap.add_argument("--pipe-warps", default=None, choices=PIPE_WARP_CHOICES,
+                    help="warps (along M x along N) of the backward's pipelined GEMM tile")
     args = ap.parse_args(argv)
+    from moegen.backends import cuda_backward  # the backward whose tile the flag picks
+    if args.pipe_warps:
+        cuda_backward.PIPE_WARPS = tuple(int(v) for v in args.pipe_warps.split("x"))
     shapes = [s for s in args.shapes.split(",") if s]
     for s in shapes:
         if s not in SHAPES:
@@ -224,6 +235,7 @@ def main(argv=None) -> int:
                 print(f"    {ms:>9.3f} ms  x{calls:<3} {kname}")
     out = {"benchmark": "train_step", "commit": commit(), "device": torch.cuda.get_device_name(),
            "torch": torch.__version__, "ceiling_tflops": round(ceiling, 1), "reps": args.reps,
+           "pipe_warps": "x".join(map(str, cuda_backward.PIPE_WARPS)),
            "rows": rows}
     if args.json:
         with open(args.json, "w") as fh:

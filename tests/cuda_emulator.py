@@ -3,12 +3,19 @@
 The kernel source is compiled by the host C++ compiler with a small shim: ``__global__`` and
 friends vanish, ``__shared__`` becomes ``static`` (one block runs at a time), every thread of a
 block is an OS thread, ``__syncthreads`` a ``std::barrier`` of the block, and blockIdx /
-threadIdx are thread-locals.  Inline PTX (``asm``) compiles to nothing, except the tensor-core
-helpers of templates/cuda/_mma.cuh.jinja, ``ldmatrix_x4`` and ``mma_16816`` (bf16), which are
-replaced by emulations of their PTX semantics (the warp's lanes exchange their registers
-through memory between two barriers of the warp).  Kernels whose executed paths use other PTX
-(fp16 conversions, cp.async, wgmma) cannot be emulated.  A launch takes the same
-argument tuple a ``cupy.RawKernel`` call gets, with host memory (CPU torch tensors, NumPy
+threadIdx are thread-locals.  Dynamic shared memory (``extern __shared__``) is one static
+buffer of which a launch may use ``shared_mem`` bytes.  Inline PTX (``asm``) compiles to
+nothing, except these tensor-core helpers, which are replaced by emulations of their PTX
+semantics (the warp's lanes exchange their registers through memory between two barriers of the
+warp): ``ldmatrix_x4``, ``mma_16816`` (bf16), ``cp_async_16`` / ``cp_async_commit`` /
+``cp_async_wait`` of templates/cuda/_mma.cuh.jinja and ``bwd_ldmatrix_x4_trans`` of
+backward.cu.jinja.  cp.async is as asynchronous as PTX allows: a thread's copies wait in their
+commit group and are done only when a wait_group retires the group (a read before the wait sees
+stale shared memory); src-size 0 zero-fills.  Misaligned addresses, copies past the launch's
+dynamic shared memory and copies still pending when a thread exits abort.  ldmatrix checks
+that its row addresses are 16-byte aligned and counts the phases whose 8 rows share a bank
+group (`Emulator.ldmatrix_conflicts`).  Kernels whose executed paths use other PTX (fp16
+conversions, wgmma) cannot be emulated.  A launch takes the same argument tuple a ``cupy.RawKernel`` call gets, with host memory (CPU torch tensors, NumPy
 arrays) where the GPU would have device memory.
 """
 
@@ -26,12 +33,14 @@ import numpy as np
 
 SHIM = r"""
 #include <algorithm>
+#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstring>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <deque>
 #include <functional>
 #include <map>
 #include <memory>
@@ -81,17 +90,90 @@ static unsigned g_lane_a[32][32][4], g_lane_b[32][32][2];
 static inline void warp_sync() { g_warp_barrier[threadIdx.x >> 5]->arrive_and_wait(); }
 static inline float bf16_at(unsigned word, int half) { return __uint_as_float(((word >> (16 * half)) & 0xffffu) << 16); }
 
+static inline char* shared_ptr(unsigned addr) { return &g_anchor + (int)addr; }
+[[noreturn]] static void emu_fail(const char* what, const void* p) {
+    std::fprintf(stderr, "emulator: %s at %p\n", what, p);
+    std::abort();
+}
+
+// Dynamic shared memory: one buffer, of which the launch gives the block g_dyn_bytes.
+constexpr std::size_t EMU_DYN_SMEM = 232448;            // 227 KB, the most an sm_90 block has
+alignas(1024) static unsigned char g_dyn_smem[EMU_DYN_SMEM];
+static std::size_t g_dyn_bytes;
+
+// ldmatrix phases (one 8 x 8 matrix: 8 rows of 16 bytes) whose rows are not in 8 different
+// 16-byte bank groups (the GPU serialises those), counted by lane 0 of the warp.
+static std::atomic<long> g_ldmatrix_conflicts{0};
+static void ldmatrix_rows_check(const unsigned (&rows)[32]) {
+    for (int j = 0; j < 4; ++j) {
+        unsigned groups = 0;
+        for (int i = 0; i < 8; ++i) {
+            const unsigned a = rows[8 * j + i];
+            if (a % 16 != 0) emu_fail("ldmatrix row address not 16-byte aligned", shared_ptr(a));
+            groups |= 1u << ((a >> 4) & 7);
+        }
+        if (groups != 0xffu) ++g_ldmatrix_conflicts;
+    }
+}
+
 // ldmatrix.sync.aligned.m8n8.x4.shared.b16: lanes 8j..8j+7 give the row addresses of matrix j;
 // each lane gets, of every matrix j, the 32-bit pair at row lane/4, columns 2(lane%4), +1.
 static void emu_ldmatrix_x4(unsigned (&r)[4], unsigned addr) {
     const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
     g_lane_addr[w][lane] = addr;
     warp_sync();
+    if (lane == 0) ldmatrix_rows_check(g_lane_addr[w]);
     for (int j = 0; j < 4; ++j) {
-        const char* row = &g_anchor + (int)g_lane_addr[w][8 * j + (lane >> 2)];
+        const char* row = shared_ptr(g_lane_addr[w][8 * j + (lane >> 2)]);
         std::memcpy(&r[j], row + (lane & 3) * 4, 4);
     }
     warp_sync();
+}
+
+// ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16: the same row addresses; each lane gets, of
+// every matrix j, the 16-bit elements (row 2(lane%4), column lane/4) in the low half and (row
+// 2(lane%4)+1, column lane/4) in the high half: the transposed matrix's pair.
+static void emu_ldmatrix_x4_trans(unsigned (&r)[4], unsigned addr) {
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    g_lane_addr[w][lane] = addr;
+    warp_sync();
+    if (lane == 0) ldmatrix_rows_check(g_lane_addr[w]);
+    for (int j = 0; j < 4; ++j) {
+        std::uint16_t lo, hi;
+        std::memcpy(&lo, shared_ptr(g_lane_addr[w][8 * j + 2 * (lane & 3)]) + 2 * (lane >> 2), 2);
+        std::memcpy(&hi, shared_ptr(g_lane_addr[w][8 * j + 2 * (lane & 3) + 1]) + 2 * (lane >> 2), 2);
+        r[j] = lo | (unsigned)hi << 16;
+    }
+    warp_sync();
+}
+
+// cp.async.cg.shared.global [dst], [src], 16, src-size (16, or 0: zero fill), commit_group and
+// wait_group N: a thread's copies wait in their commit group until a wait_group retires it.
+struct EmuCopy { char* dst; const char* src; int bytes; };
+static thread_local std::vector<EmuCopy> t_open;                  // not yet committed
+static thread_local std::deque<std::vector<EmuCopy>> t_groups;    // committed, in flight
+static void emu_cp_async_16(unsigned dst, const void* src, bool full) {
+    char* d = shared_ptr(dst);
+    const unsigned char* u = reinterpret_cast<const unsigned char*>(d);
+    if (dst % 16 != 0) emu_fail("cp.async shared destination not 16-byte aligned", d);
+    if (full && reinterpret_cast<std::uintptr_t>(src) % 16 != 0)
+        emu_fail("cp.async global source not 16-byte aligned", src);
+    if (u + 16 > g_dyn_smem && u < g_dyn_smem + EMU_DYN_SMEM && u + 16 > g_dyn_smem + g_dyn_bytes)
+        emu_fail("cp.async past the launch's dynamic shared memory", d);
+    t_open.push_back({d, static_cast<const char*>(src), full ? 16 : 0});
+}
+static void emu_cp_async_commit() { t_groups.push_back(std::move(t_open)); t_open.clear(); }
+static void emu_cp_async_wait(int n) {
+    while ((int)t_groups.size() > n) {
+        for (const EmuCopy& c : t_groups.front()) {
+            std::memcpy(c.dst, c.src, c.bytes);
+            std::memset(c.dst + c.bytes, 0, 16 - c.bytes);
+        }
+        t_groups.pop_front();
+    }
+}
+static void emu_cp_async_exit_check() {
+    if (!t_open.empty() || !t_groups.empty()) emu_fail("a thread exits with cp.async copies not waited for", nullptr);
 }
 
 // mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32: the PTX fragment layouts of A (16 x 16),
@@ -118,14 +200,29 @@ static void emu_mma_16816(float (&c)[4], const unsigned (&a)[4], unsigned b0, un
 }
 """
 
-# The tensor-core helpers of _mma.cuh.jinja and their emulations.
+# The tensor-core helpers (of _mma.cuh.jinja, and backward.cu.jinja's ldmatrix .trans) and their
+# emulations: name -> (its definition, the emulated definition).  A source that calls one of
+# these names but defines it in another form is refused (its PTX would reach g++).
 MMA_HELPERS = {
-    r"void ldmatrix_x4\(unsigned \(&r\)\[4\], unsigned addr\)\n\{.*?\n\}":
-        "void ldmatrix_x4(unsigned (&r)[4], unsigned addr)\n{ emu_ldmatrix_x4(r, addr); }",
-    r"void mma_16816\(float \(&c\)\[4\], const unsigned \(&a\)\[4\], unsigned b0, unsigned b1\)\n\{.*?\n\}":
+    "ldmatrix_x4": (r"void ldmatrix_x4\(unsigned \(&r\)\[4\], unsigned addr\)\n\{.*?\n\}",
+                    "void ldmatrix_x4(unsigned (&r)[4], unsigned addr)\n{ emu_ldmatrix_x4(r, addr); }"),
+    "bwd_ldmatrix_x4_trans": (
+        r"void bwd_ldmatrix_x4_trans\(unsigned \(&r\)\[4\], unsigned addr\)\n\{.*?\n\}",
+        "void bwd_ldmatrix_x4_trans(unsigned (&r)[4], unsigned addr)\n{ emu_ldmatrix_x4_trans(r, addr); }"),
+    "mma_16816": (
+        r"void mma_16816\(float \(&c\)\[4\], const unsigned \(&a\)\[4\], unsigned b0, unsigned b1\)\n\{.*?\n\}",
         "void mma_16816(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1)\n"
-        "{ emu_mma_16816(c, a, b0, b1); }",
+        "{ emu_mma_16816(c, a, b0, b1); }"),
+    "cp_async_16": (r"void cp_async_16\(unsigned dst, const void\* src, bool full\)\n\{.*?\n\}",
+                    "void cp_async_16(unsigned dst, const void* src, bool full)\n"
+                    "{ emu_cp_async_16(dst, src, full); }"),
+    "cp_async_commit": (r"void cp_async_commit\(\) \{[^\n]*\}",
+                        "void cp_async_commit() { emu_cp_async_commit(); }"),
+    "cp_async_wait": (r"void cp_async_wait\(\) \{[^\n]*\}", "void cp_async_wait() { emu_cp_async_wait(N); }"),
 }
+# Dynamic shared memory (extern __shared__ unsigned char name[]) -> the emulator's buffer.
+DYNAMIC_SHARED = (r"extern __shared__ (?:__align__\(\d+\) )?unsigned char (\w+)\[\];",
+                  r"unsigned char* const \1 = g_dyn_smem;")
 
 LAUNCHER = r"""
 template <class... A, std::size_t... I>
@@ -152,14 +249,18 @@ static void launch(void (*k)(A...), dim3 g, dim3 b, void** a) {
                         blockIdx = dim3{x, y, z};
                         threadIdx = dim3{t % b.x, (t / b.x) % b.y, t / (b.x * b.y)};
                         call_with(k, a, std::index_sequence_for<A...>{});
+                        emu_cp_async_exit_check();
                         bar.arrive_and_drop();
                         warps[t / 32]->arrive_and_drop();
                     });
                 for (auto& th : ts) th.join();
             }
 }
+extern "C" long emu_ldmatrix_conflicts() { return g_ldmatrix_conflicts.load(); }
 extern "C" int emu_launch(const char* name, unsigned gx, unsigned gy, unsigned gz, unsigned bx,
-                          void** args) {
+                          unsigned long shared_mem, void** args) {
+    if (shared_mem > EMU_DYN_SMEM) return 2;
+    g_dyn_bytes = shared_mem;
     static const std::map<std::string, std::function<void(dim3, dim3, void**)>> table = {
 %s
     };
@@ -182,8 +283,11 @@ class Emulator:
     def __init__(self, source: str, names):
         entries = ",\n".join(f'        {{"{n}", [](dim3 g, dim3 b, void** a) {{ launch({n}, g, b, a); }}}}'
                              for n in names)
-        for pattern, emulated in MMA_HELPERS.items():
-            source = re.sub(pattern, emulated.replace("\\", "\\\\"), source, flags=re.S)
+        for name, (pattern, emulated) in MMA_HELPERS.items():
+            source, n = re.subn(pattern, emulated.replace("\\", "\\\\"), source, flags=re.S)
+            if not n and re.search(rf"\b{name}\s*[<(]", source):
+                raise RuntimeError(f"emulator: {name} is in the source but not in the form emulated")
+        source = re.sub(DYNAMIC_SHARED[0], DYNAMIC_SHARED[1], source)
         text = SHIM + source + LAUNCHER.replace("%s", entries)
         digest = hashlib.sha256(text.encode()).hexdigest()[:16]
         self._dir = tempfile.mkdtemp(prefix="moegen-emu-")
@@ -197,8 +301,9 @@ class Emulator:
             raise RuntimeError(f"emulator compile failed:\n{r.stderr[-4000:]}")
         self._lib = ctypes.CDLL(lib)
         self._lib.emu_launch.argtypes = (ctypes.c_char_p, ctypes.c_uint, ctypes.c_uint,
-                                         ctypes.c_uint, ctypes.c_uint,
+                                         ctypes.c_uint, ctypes.c_uint, ctypes.c_ulong,
                                          ctypes.POINTER(ctypes.c_void_p))
+        self._lib.emu_ldmatrix_conflicts.restype = ctypes.c_long
         self.launches: list[str] = []
 
     def close(self) -> None:
@@ -219,11 +324,17 @@ class Emulator:
             return ctypes.c_uint64(a.ctypes.data)
         raise TypeError(f"kernel argument of type {type(a).__name__}")
 
-    def launch(self, name: str, grid: tuple, block: int, args: tuple) -> None:
+    def ldmatrix_conflicts(self) -> int:
+        """The ldmatrix phases so far whose 8 rows were not in 8 different bank groups."""
+        return int(self._lib.emu_ldmatrix_conflicts())
+
+    def launch(self, name: str, grid: tuple, block: int, args: tuple, shared_mem: int = 0) -> None:
         vals = [self._value(a) for a in args]
         ptrs = (ctypes.c_void_p * len(vals))(*[ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in vals])
         g = tuple(grid) + (1,) * (3 - len(grid))
-        rc = self._lib.emu_launch(name.encode(), g[0], g[1], g[2], block, ptrs)
+        rc = self._lib.emu_launch(name.encode(), g[0], g[1], g[2], block, shared_mem, ptrs)
+        if rc == 2:
+            raise ValueError(f"shared_mem {shared_mem} is more than an emulated block has")
         if rc:
             raise KeyError(f"no kernel {name!r} in the emulated source")
         self.launches.append(name)

@@ -62,7 +62,40 @@ def test_bf16_takes_tensor_cores_and_the_rest_simt(name):
         assert ("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32" in src) is tc
         assert "#define BWD_TILE " + ("bwd_mma_tile" if tc else "bwd_gemm_tile") in src
         assert (plan.bm, plan.bn, plan.bk) == ((128, 128, 64) if tc else (64, 64, 16))
+        # the five big GEMMs take the cp.async pipeline where every row is whole 16-byte chunks
+        pipe = tc and spec.hidden_dim % 8 == 0 and spec.ffn_dim % 8 == 0
+        assert plan.pipelined is pipe
+        assert ("#define BWD_BIG_TILE bwd_pipe_tile" in src) is pipe
+        assert ("#define BWD_BIG_TILE BWD_TILE" in src) is not pipe
+        assert plan.pipe_smem == (3 * 2 * 128 * 64 * 2 if pipe else 0)
     assert not _plan(spec, "sm_75").tensor_cores
+    assert not _plan(spec, "sm_75").pipelined
+
+
+@pytest.mark.nvrtc
+@pytest.mark.parametrize("warps", [(2, 4), (2, 2)])
+@pytest.mark.parametrize("arch", ["sm_90", "sm_90a"])
+def test_pipelined_gemms_compile_without_spills_two_blocks_per_sm(arch, warps, monkeypatch):
+    """The five kernels on bwd_pipe_tile (mixtral-8x7b's shape), in both warp layouts: no
+    spills, and two blocks fit an H100/H200 SM: registers (64K a SM) and twice the dynamic
+    shared memory plus the 1 KB a block reserves (228 KB a SM)."""
+    _need_nvrtc()
+    from cupy_backends.cuda.libs import nvrtc   # optional heavy package: NVRTC tests only
+    monkeypatch.setattr(cb, "PIPE_WARPS", warps)
+    spec = MoESpec(8, 2, 4096, 14336, dtype="bfloat16").replace(backend="cuda", arch=arch)
+    plan = cb.backward_plan(spec)
+    assert plan.pipelined and plan.pipe_warps == warps and plan.pipe_threads == 32 * warps[0] * warps[1]
+    assert 2 * (plan.pipe_smem + 1024) <= 228 * 1024
+    prog = nvrtc.createProgram(cb.render_backward(plan).text, "backward.cu", [], [])
+    nvrtc.compileProgram(prog, CudaBackend().options(spec, arch) + ["--ptxas-options=-v"])
+    log = nvrtc.getProgramLog(prog)
+    log = log if isinstance(log, str) else log.decode()
+    props = dict(re.findall(r"Function properties for (\w+)\n((?:[^\n]*\n){2})", log))
+    for name in cb.PIPE_KERNELS:
+        spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", props[name])
+        regs = re.search(r"Used (\d+) registers", props[name])
+        assert spills.groups() == ("0", "0"), (name, props[name])
+        assert 2 * int(regs.group(1)) * plan.pipe_threads <= 64 * 1024, (name, props[name])
 
 
 def test_render_is_pure_and_follows_the_plan():

@@ -1,6 +1,7 @@
 """The CUDA backward's generated kernels, run on the CPU (tests/cuda_emulator.py), against the
 float64 reference backward: fp32 specs (the SIMT GEMM tile) and bf16 specs (the tensor-core
-tile, its ldmatrix/mma.sync emulated) of every routing, gated and ungated activations, biases,
+tiles, their ldmatrix / ldmatrix .trans / mma.sync / cp.async emulated: the cp.async pipeline
+bwd_pipe_tile where H and F are multiples of 8, else bwd_mma_tile) of every routing, gated and ungated activations, biases,
 shared experts, capacity with and without renormalisation, several k steps and output tiles.
 
 `CudaBackward.backward` runs as it does on a GPU (the same launches, grids and argument
@@ -41,10 +42,14 @@ SPECS = {
         16, 4, 32, 16, dtype="float32", activation="geglu", routing="sigmoid_topk", n_group=4,
         topk_group=2, routed_scaling_factor=2.5, num_shared_experts=1, bias=True),
 }
-# bf16: the tensor-core tile (128 x 128 x 64): H = 136 and 2F = 144 make several k steps and
-# output tiles, T = 150 several k steps of the weight gradients; H = 60, F = 36 rows that are
-# not 16-byte multiples (no vector reads for them).
+# bf16: the tensor-core tiles (128 x 128 outputs, 64 k a step): H = 136 and 2F = 144 make
+# several k steps and output tiles, T = 150 several k steps of the weight gradients; H = 60,
+# F = 36 rows that are not 16-byte multiples (bwd_mma_tile, no vector reads for them); the
+# others take bwd_pipe_tile.  e2-k2 at T = 200: every token in both experts, so the weight
+# gradients' k (200 rows an expert) and the gate/up and dh GEMMs' k (H = 264) run past the
+# 3-stage ring (it wraps), with a partial last step and partial output tiles (H = 264, F = 40).
 TC_SPECS = {
+    "e2-k2-h264-f40-bf16-swiglu": MoESpec(2, 2, 264, 40, dtype="bfloat16"),
     "e4-k2-h136-f72-bf16-swiglu": MoESpec(4, 2, 136, 72, dtype="bfloat16"),
     "e6-k2-h24-f40-bf16-gelu-bias-cap1-sh1": MoESpec(
         6, 2, 24, 40, dtype="bfloat16", activation="gelu", bias=True, capacity_factor=1.0,
@@ -117,25 +122,30 @@ class FakeForward:
 def emulated():
     made = {}
 
-    def get(name):
-        if name not in made:
+    def get(name, pipe_warps=cb.PIPE_WARPS):
+        if (name, pipe_warps) not in made:
             spec = {**SPECS, **TC_SPECS}[name]
-            plan = cb.backward_plan(spec.replace(backend="cuda", arch="sm_90"))
+            default = cb.PIPE_WARPS
+            cb.PIPE_WARPS = pipe_warps
+            try:
+                plan = cb.backward_plan(spec.replace(backend="cuda", arch="sm_90"))
+            finally:
+                cb.PIPE_WARPS = default
             assert plan.tensor_cores is (name in TC_SPECS)
             emu = cuda_emulator.Emulator(cb.render_backward(plan).text, cb.KERNELS)
             bwd = cb.CudaBackward.__new__(cb.CudaBackward)
             bwd.plan, bwd.spec = plan, plan.spec
             bwd._launch = emu.launch
             bwd._stream = lambda device: contextlib.nullcontext()
-            made[name] = (bwd, emu)
-        return made[name]
+            made[(name, pipe_warps)] = (bwd, emu)
+        return made[(name, pipe_warps)]
     yield get
     for _, emu in made.values():
         emu.close()
 
 
-def check(emulated, spec, name, T):
-    bwd, emu = emulated(name)
+def check(emulated, spec, name, T, **variant):
+    bwd, emu = emulated(name, **variant)
     x, w = ref.random_problem(spec, T, seed=T)
     rng = np.random.default_rng(T + 1)
     bias = (rng.standard_normal(spec.num_experts) * 0.1).astype(spec.dt.numpy).astype(np.float32)
@@ -163,6 +173,7 @@ def check(emulated, spec, name, T):
         assert err < tol, f"{k}: relative error {err:.2e}"
     assert ref.rel_error(np.sort(g["topk_weights"].numpy(), 1), np.sort(r["topk_weights"], 1)) < tol
     assert abs(float(g["balance_coeff"]) - r["balance_coeff"]) < 1e-6
+    assert emu.ldmatrix_conflicts() == 0          # the swizzles keep ldmatrix conflict-free
 
 
 def host_tensor(a: np.ndarray):
@@ -180,11 +191,23 @@ def test_emulated_simt_kernels_match_the_float64_reference(emulated, name, T):
 
 
 @pytest.mark.parametrize("name, T", [("e4-k2-h136-f72-bf16-swiglu", 1), ("e4-k2-h136-f72-bf16-swiglu", 150),
+                                     ("e2-k2-h264-f40-bf16-swiglu", 200),
                                      ("e6-k2-h24-f40-bf16-gelu-bias-cap1-sh1", 37),
                                      ("e4-k2-h60-f36-bf16-swiglu", 37),
                                      ("e16-k4-h32-f16-bf16-relu-sigmoid-g4-tg2", 37)])
 def test_emulated_tensor_core_kernels_match_the_float64_reference(emulated, name, T):
-    check(emulated, TC_SPECS[name], name, T)
+    spec = TC_SPECS[name]
+    assert emulated(name)[0].plan.pipelined is (spec.hidden_dim % 8 == 0 and spec.ffn_dim % 8 == 0)
+    check(emulated, spec, name, T)
+
+
+def test_emulated_pipelined_tile_with_four_warps(emulated):
+    """bwd_pipe_tile's other warp layout (2 x 2 warps of 64 x 64, 128 threads: 8 copies a
+    thread per operand and stage), over a ring that wraps and partial tiles."""
+    name = "e2-k2-h264-f40-bf16-swiglu"
+    bwd, _ = emulated(name, pipe_warps=(2, 2))
+    assert bwd.plan.pipelined and bwd.plan.pipe_threads == 128
+    check(emulated, TC_SPECS[name], name, 200, pipe_warps=(2, 2))
 
 
 @pytest.mark.parametrize("adaptive", [True, False])
@@ -202,3 +225,84 @@ def test_emulated_aux_loss_value_matches_the_layer_statistics(emulated, adaptive
         d = LayerStats(spec, T, counts, sums).as_dict()
         want = balance_coefficient(d["usage"], 0.05, adaptive) * d["aux_loss"] + 0.01 * d["z_loss"]
         assert abs(float(aux[0]) - want) <= 1e-5 * max(1.0, abs(want))
+
+
+# The emulated PTX helpers alone, in the forms the emulator replaces (their bodies are dropped).
+PTX_PROBE = r'''
+__device__ __forceinline__ unsigned smem_addr(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
+__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], unsigned addr)
+{
+    asm volatile("ldmatrix");
+}
+__device__ __forceinline__ void bwd_ldmatrix_x4_trans(unsigned (&r)[4], unsigned addr)
+{
+    asm volatile("ldmatrix.trans");
+}
+__device__ __forceinline__ void cp_async_16(unsigned dst, const void* src, bool full)
+{
+    asm volatile("cp.async");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" :: "n"(N)); }
+
+// One warp: four 8 x 8 matrices of 16-bit values from src, lane l addressing row l % 8 of
+// matrix l / 8; out[4 l + j] = register j of lane l.
+extern "C" __global__ void probe_ldmatrix(const unsigned short* src, int trans, unsigned* out) {
+    __shared__ __align__(16) unsigned short tile[4][8][8];
+    const int lane = threadIdx.x;
+    for (int i = 0; i < 8; ++i) (&tile[0][0][0])[lane * 8 + i] = src[lane * 8 + i];
+    __syncthreads();
+    unsigned r[4];
+    const unsigned addr = smem_addr(&tile[lane / 8][lane % 8][0]);
+    if (trans) bwd_ldmatrix_x4_trans(r, addr); else ldmatrix_x4(r, addr);
+    for (int j = 0; j < 4; ++j) out[4 * lane + j] = r[j];
+}
+
+// One thread: two commit groups (a 16-byte copy, then a zero fill) over a buffer of 7s, the
+// buffer read before any wait, after wait_group 1 and after wait_group 0.
+extern "C" __global__ void probe_cp_async(const unsigned* src, unsigned* out) {
+    __shared__ __align__(16) unsigned buf[8];
+    for (int i = 0; i < 8; ++i) buf[i] = 7;
+    cp_async_16(smem_addr(buf), src, true);
+    cp_async_commit();
+    cp_async_16(smem_addr(buf + 4), src, false);
+    cp_async_commit();
+    for (int i = 0; i < 8; ++i) out[i] = buf[i];
+    cp_async_wait<1>();
+    for (int i = 0; i < 8; ++i) out[8 + i] = buf[i];
+    cp_async_wait<0>();
+    for (int i = 0; i < 8; ++i) out[16 + i] = buf[i];
+}
+'''
+
+
+@pytest.fixture(scope="module")
+def probe():
+    emu = cuda_emulator.Emulator(PTX_PROBE, ["probe_ldmatrix", "probe_cp_async"])
+    yield emu
+    emu.close()
+
+
+@pytest.mark.parametrize("trans", [0, 1])
+def test_emulated_ldmatrix_gives_the_ptx_fragments(probe, trans):
+    """PTX ISA, ldmatrix .m8n8 .b16: lane l holds, of each matrix, row l/4's elements 2(l%4) and
+    2(l%4)+1; with .trans the matrix is read column-major: column l/4's elements 2(l%4), +1."""
+    src = np.random.default_rng(3).integers(0, 1 << 16, 256).astype(np.uint16)
+    out = np.zeros(128, np.uint32)
+    probe.launch("probe_ldmatrix", (1,), 32, (src, np.int32(trans), out))
+    tile = src.reshape(4, 8, 8).astype(np.uint32)
+    for lane in range(32):
+        g, t = lane // 4, lane % 4
+        for j in range(4):
+            lo, hi = (tile[j, 2 * t, g], tile[j, 2 * t + 1, g]) if trans else (tile[j, g, 2 * t], tile[j, g, 2 * t + 1])
+            assert out[4 * lane + j] == lo | hi << 16, (lane, j)
+
+
+def test_emulated_cp_async_lands_only_at_its_wait_group(probe):
+    src = np.arange(100, 104, dtype=np.uint32)
+    out = np.zeros(24, np.uint32)
+    probe.launch("probe_cp_async", (1,), 1, (src, out))
+    assert list(out[:8]) == [7] * 8                              # nothing before a wait
+    assert list(out[8:16]) == [100, 101, 102, 103, 7, 7, 7, 7]   # the older group retired
+    assert list(out[16:]) == [100, 101, 102, 103, 0, 0, 0, 0]    # src-size 0: zeros

@@ -35,6 +35,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs torch with a CUDA device", allow_module_level=True)
 pytest.importorskip("cupy")
 
+from moegen.backends import cuda_backward  # noqa: E402
 from moegen.backends.cuda_backward import CudaBackward  # noqa: E402
 from moegen.torch.autograd import moe_train, param_names  # noqa: E402
 
@@ -48,8 +49,8 @@ BOUNDARY_SPECS = ("e8-k2-h100-f100-fp32-gelu-bias-cap", "e16-k2-h64-f64-fp16-sig
 COEFFS = dict(balance_coeff=0.05, z_coeff=0.01)
 DAUX = 0.5              # exact in every dtype (the aux loss's gradient travels in x's dtype)
 # fp32 gradients against float64: SIMT GEMMs (fp32, fp16) accumulate in fp32 from exact
-# operands; the bf16 tensor-core GEMMs also round their fp32 intermediate operands (dgu, h,
-# weighted dy, dlogits) to bf16.
+# operands; the bf16 tensor-core GEMMs also round their fp32 intermediate operands (dgu, the
+# row-weighted h, dlogits) to bf16.
 TOL = {"float32": 1e-3, "float16": 2e-3, "bfloat16": 1e-2}
 TOL_ROUNDED = 1.5e-2    # gradients returned in fp16/bf16 by the training op
 GRADS = ("x", "router", "router_bias", "w1", "w3", "w2", "b1", "b3", "b2")
@@ -137,9 +138,11 @@ def poisoned_out(spec: MoESpec, T: int, has_bias_grad: bool) -> dict:
     return {k: torch.full(s, float("nan"), dtype=torch.float32, device="cuda") for k, s in shapes.items()}
 
 
-def run_backward(name: str, x, w, bias, dy):
+def run_backward(name: str, x, w, bias, dy, bwd=None):
+    """The gradients of the spec's layer (its CudaBackward, or ``bwd``) into poisoned outputs."""
     spec = SPECS[name]
-    kernel, bwd = layer(name)
+    kernel, default = layer(name)
+    bwd = bwd or default
     params = {k: cuda(w[k]) for k in param_names(spec)}
     has_bias_grad = spec.routing != "sigmoid_topk"
     out = poisoned_out(spec, len(x), has_bias_grad)
@@ -299,3 +302,24 @@ def test_a_training_step_captures_in_a_cuda_graph_and_replays_bitwise():
     torch.cuda.synchronize()
     for e, c in zip(eager, captured):
         assert torch.equal(e, c)
+
+
+def test_the_pipelined_tile_gives_the_same_bits_in_both_warp_layouts(monkeypatch):
+    """bwd_pipe_tile with 2 x 2 warps (64 x 64 each) against the default 2 x 4 (64 x 32): every
+    output element sums the same k16 products in the same order, so the gradients are bitwise
+    equal, and right."""
+    name = "e8-k2-h512-f2048-bf16-swiglu"
+    spec = SPECS[name]
+    kernel, bwd = layer(name)
+    assert bwd.plan.pipelined and bwd.plan.pipe_warps == (2, 4)
+    monkeypatch.setattr(cuda_backward, "PIPE_WARPS", (2, 2))
+    other = CudaBackward(kernel.spec)
+    assert other.plan.pipe_threads == 128
+    x, w, bias, dy = stable_problem(spec, 333, seed=11)
+    a = run_backward(name, x, w, bias, dy)
+    b = run_backward(name, x, w, bias, dy, bwd=other)
+    for k in GRADS + ("topk_weights",):
+        if a[k] is not None:
+            assert torch.equal(a[k], b[k]), k
+    r = moe_backward(spec, x, w, dy, bias, daux=DAUX, **COEFFS)
+    check_against_reference(spec, b, r, TOL[spec.dtype], f"{name} 2x2 warps")

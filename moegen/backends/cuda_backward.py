@@ -16,7 +16,9 @@ The gate/up pre-activations are always recomputed (``save_activations`` is not b
 Deterministic: no atomics; every output element is summed by one thread in a fixed order.
 The GEMMs are one tile routine over operand accessors: on tensor cores (mma.sync, bf16 on
 sm_80+; fp32 intermediates are rounded to bf16 as they are staged) or SIMT (fp32 and fp16), fp32
-accumulation, any shape.  Launches go to torch's current stream and nothing synchronises.
+accumulation, any shape.  The five big GEMMs (gate/up recompute, dh, dx, dW13, dW2) take a
+pipelined tensor-core tile instead (cp.async ring in dynamic shared memory, ldmatrix / ldmatrix
+.trans) where H and F are multiples of 8 (every row a whole number of 16-byte chunks).  Launches go to torch's current stream and nothing synchronises.
 """
 
 from __future__ import annotations
@@ -45,6 +47,18 @@ SOURCE_NAME = "backward.cu"
 # these) and bwd_mma_tile (tensor cores: 8 warps of 64 x 32 over the forward's 64-wide k tile).
 SIMT_TILE = (64, 64, 16, 256)
 MMA_TILE = (128, 128, 64, 256)
+# bwd_pipe_tile (the big GEMMs on tensor cores when rows are whole 16-byte chunks): the same
+# 128 x 128 outputs and 8 warps as MMA_TILE, PIPE_BK k per stage, PIPE_STAGES stages of
+# cp.async copies in flight (dynamic shared memory: PIPE_STAGES · 2 operands · 128 · PIPE_BK · 2 B).
+PIPE_BK = 64
+PIPE_STAGES = 3
+# bwd_pipe_tile's warps (along M, along N): 2 x 4 warps of 64 x 32 outputs; (2, 2) is 4 warps of
+# 64 x 64 (half the ldmatrix traffic per mma, twice the accumulators a thread).
+PIPE_WARPS = (2, 4)
+# Elements of a 16-byte chunk (16-bit types): H and F must be multiples of it for the pipeline.
+CHUNK_ELEMS = 8
+# The GEMM kernels that take bwd_pipe_tile when the plan is pipelined.
+PIPE_KERNELS = ("bwd_gateup", "bwd_dhidden", "bwd_dx_rows", "bwd_dw13", "bwd_dw2")
 # The first arch with bf16 mma.sync.
 MMA_MIN_ARCH = 80
 # Threads of one padded row in bwd_rows (a power of two: its reduction is a halving tree).
@@ -69,6 +83,20 @@ class CudaBackwardPlan:
     bk: int
     threads: int
     row_threads: int = ROW_THREADS
+    pipelined: bool = False
+    pipe_bk: int = PIPE_BK
+    pipe_stages: int = PIPE_STAGES
+    pipe_warps: tuple = PIPE_WARPS
+
+    @property
+    def pipe_threads(self) -> int:
+        """Threads of a PIPE_KERNELS block (the plan's ``threads`` when not pipelined)."""
+        return 32 * self.pipe_warps[0] * self.pipe_warps[1] if self.pipelined else self.threads
+
+    @property
+    def pipe_smem(self) -> int:
+        """Dynamic shared memory of a PIPE_KERNELS launch in bytes (0 when not pipelined)."""
+        return self.pipe_stages * 2 * self.bm * self.pipe_bk * 2 if self.pipelined else 0
 
     @property
     def spec(self) -> MoESpec:
@@ -95,7 +123,9 @@ def backward_plan(spec: MoESpec) -> CudaBackwardPlan:
     fwd = jit.plan_for(spec)
     tc = uses_tensor_cores(fwd.spec, fwd.target)
     bm, bn, bk, threads = MMA_TILE if tc else SIMT_TILE
-    return CudaBackwardPlan(fwd, tc, bm, bn, bk, threads)
+    pipelined = tc and fwd.spec.hidden_dim % CHUNK_ELEMS == 0 and fwd.spec.ffn_dim % CHUNK_ELEMS == 0
+    return CudaBackwardPlan(fwd, tc, bm, bn, bk, threads, pipelined=pipelined,
+                            pipe_warps=tuple(PIPE_WARPS))
 
 
 def uses_tensor_cores(spec: MoESpec, target: str) -> bool:
@@ -174,9 +204,14 @@ class CudaBackward:
         self.spec = self.plan.spec
         self._raw = _load_raw_module(load_backward_cubin(self.plan))
         self._fn = {name: self._raw.get_function(name) for name in KERNELS}
+        smem = self.plan.pipe_smem
+        if smem > 48 * 1024:
+            # above 48 KB a kernel opts in to dynamic shared memory, once per function
+            for name in PIPE_KERNELS:
+                self._fn[name].max_dynamic_shared_size_bytes = smem
 
-    def _launch(self, name: str, grid: tuple, block: int, args: tuple) -> None:
-        self._fn[name](grid, (block,), args)
+    def _launch(self, name: str, grid: tuple, block: int, args: tuple, shared_mem: int = 0) -> None:
+        self._fn[name](grid, (block,), args, shared_mem=shared_mem)
 
     def _stream(self, device):
         """Context making torch's current stream of ``device`` CuPy's current one."""
@@ -269,6 +304,7 @@ class CudaBackward:
         final_w = ws.cap_weights if ws.cap_weights is not None else ws.topk_weights
         grouped = (ws.tile_expert, ws.tile_row0, ws.num_tiles, np.int32(bm))
         BM, BN, TH = self.plan.bm, self.plan.bn, self.plan.threads
+        SM, PT = self.plan.pipe_smem, self.plan.pipe_threads    # the PIPE_KERNELS' launches
         nsub = _cdiv(bm, BM)
         gu, dhu = torch.empty((R, G), **f32), torch.empty((R, F), **f32)
         # h and dgu: bf16 on the tensor-core path (its GEMMs read them as bf16), else fp32
@@ -286,16 +322,16 @@ class CudaBackward:
             P = _ptr
             L("bwd_segments", (_cdiv(tiles, ITEM_THREADS),), ITEM_THREADS,
               (*grouped, P(seg[0]), P(seg[1])))
-            L("bwd_gateup", (tiles * nsub, _cdiv(G, BN)), TH,
-              (P(x), P(w1), P(w3), P(b1), P(b3), ws.sorted_rows, *grouped, P(gu)))
-            L("bwd_dhidden", (tiles * nsub, _cdiv(F, BN)), TH,
-              (P(dy), P(w2), ws.sorted_rows, *grouped, P(dhu)))
+            L("bwd_gateup", (tiles * nsub, _cdiv(G, BN)), PT,
+              (P(x), P(w1), P(w3), P(b1), P(b3), ws.sorted_rows, *grouped, P(gu)), SM)
+            L("bwd_dhidden", (tiles * nsub, _cdiv(F, BN)), PT,
+              (P(dy), P(w2), ws.sorted_rows, *grouped, P(dhu)), SM)
             L("bwd_rows", (R,), ROW_THREADS,
               (P(gu), P(dhu), P(dy), P(b2), final_w, ws.sorted_rows, ws.tile_expert,
                ws.num_tiles, np.int32(bm), np.int32(R), P(h), P(dgu), P(o["topk_weights"]), P(row_w),
                P(row_tok), P(pos)))
-            L("bwd_dx_rows", (tiles * nsub, _cdiv(H, BN)), TH,
-              (P(dgu), P(w1), P(w3), *grouped, P(dxs)))
+            L("bwd_dx_rows", (tiles * nsub, _cdiv(H, BN)), PT,
+              (P(dgu), P(w1), P(w3), *grouped, P(dxs)), SM)
             L("bwd_logits", (_cdiv(T, BM), _cdiv(E, BN)), TH,
               (P(x), P(router), P(router_bias), np.int32(T), P(logits)))
             L("bwd_usage", (1,), 1,
@@ -308,10 +344,10 @@ class CudaBackward:
               (P(dlogits), P(router), np.int32(T), P(dxr)))
             L("bwd_combine", (_cdiv(T * H, ITEM_THREADS),), ITEM_THREADS,
               (P(dxs), P(dxr), P(pos), np.int32(T), P(o["x"])))
-            L("bwd_dw13", (_cdiv(G, BM), _cdiv(H, BN), n), TH,
-              (P(dgu), P(x), P(row_tok), P(seg[0]), P(seg[1]), P(o["w1"]), P(o["w3"])))
-            L("bwd_dw2", (_cdiv(H, BM), _cdiv(F, BN), n), TH,
-              (P(dy), P(row_w), P(row_tok), P(h), P(seg[0]), P(seg[1]), P(o["w2"])))
+            L("bwd_dw13", (_cdiv(H, BN), _cdiv(G, BM), n), PT,
+              (P(dgu), P(x), P(row_tok), P(seg[0]), P(seg[1]), P(o["w1"]), P(o["w3"])), SM)
+            L("bwd_dw2", (_cdiv(H, BM), _cdiv(F, BN), n), PT,
+              (P(dy), P(row_tok), P(h), P(seg[0]), P(seg[1]), P(o["w2"])), SM)
             L("bwd_drouter", (_cdiv(E, BM), _cdiv(H, BN)), TH,
               (P(dlogits), P(x), np.int32(T), P(o["router"])))
             if spec.bias:
