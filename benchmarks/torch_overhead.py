@@ -2,17 +2,23 @@
 
 Times, for a tiny spec at T=1 (so the kernel itself costs next to nothing), the median host time
 of many calls of: the raw `MoEKernel` call on the backend's native arrays (NumPy / CuPy), the
-``torch.ops.moegen.moe`` custom op on torch tensors, and a `moegen.torch.MoEBlock` forward.  On
-the GPU the calls are launches (no synchronisation inside the timed loop, one at the end), so
-the figure is the host time per call.
+``torch.ops.moegen.moe`` custom op on torch tensors, the op's body without the dispatcher
+(`moegen.torch.ops.run_moe`), and a `moegen.torch.MoEBlock` forward.  Every call gets its
+arguments from local variables, as the raw call does; the row "op, args read off the block"
+passes ``block.packed`` and ``block.router`` as the rows before 2026-12-01 11:00 did: two
+``nn.Module.__getattr__`` lookups, 1.5 to 2.5 µs on the CPU dev box, which are not the op's.
+On the GPU the calls are launches (no synchronisation inside the timed loop, one at the end),
+so the figure is the host time per call.
 
-The calls are timed interleaved (each round times every row once, in batches of ``--batch``
-calls), so a load change on a shared machine hits every row alike; each row's figure is the
-median over ``--rounds`` rounds, and the overhead is the median of the per-round differences
-to the raw call, with its spread (the rounds' 25th and 75th percentiles).  ``--parts`` also
-times the host-side pieces of a call (describe, output allocation, weights lookup, workspace;
-on c the NumPy view, on cuda the alignment check, torch's stream and the replay of the
-recorded launches).  Prints a table and writes JSON.
+Each round times every row once, in batches of ``--batch`` calls and in a new random order
+(a fixed order moved a row by up to 1 µs depending on the row before it), so a load change on a
+shared machine hits every row alike; each row's figure is the median over ``--rounds`` rounds,
+and the overhead is the median of the per-round differences to the raw call, with its spread
+(the rounds' 25th and 75th percentiles).  ``--parts`` also times the host-side pieces of a call
+(describe, output allocation, weights lookup, workspace; on c the NumPy view, on cuda the
+alignment check, torch's stream and the replay of the recorded launches) and the dispatcher
+alone: an op of ``moe``'s schema whose body returns a tensor it keeps, and one whose body
+returns a new ``torch.empty_like(x)``.  Prints a table and writes JSON.
 
     python benchmarks/torch_overhead.py [--backend c|cuda] [--rounds 60] [--batch 200]
                                         [--parts] [--json out.json]
@@ -24,6 +30,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import statistics
 import subprocess
 import time
@@ -51,39 +58,69 @@ def _percentile(v: list[float], q: float) -> float:
 
 
 def interleaved(rows: dict, rounds: int, batch: int, sync) -> dict[str, list[float]]:
-    """Per-round µs/call of every row, the rows timed one after another within each round."""
+    """Per-round µs/call of every row, the rows timed one after another within each round, in
+    a new (seeded) random order each round."""
     for fn in rows.values():            # warm up: workspaces, memo tables, lazy imports
         for _ in range(200):
             fn()
     sync()
     times = {name: [] for name in rows}
+    order = list(rows.items())
+    rng = random.Random(0)
     for _ in range(rounds):
-        for name, fn in rows.items():
+        rng.shuffle(order)
+        for name, fn in order:
             times[name].append(_batch_us(fn, batch))
             sync()
     return times
 
 
+_libraries = []      # the empty ops' Library objects: deleting one removes its ops
+
+
+def _empty_ops(x):
+    """Two ops of ``moegen::moe``'s schema, registered as moegen's are (body on the CPU and CUDA
+    keys, Autograd a fallthrough), whose bodies do nothing: ``kept`` returns a tensor it keeps,
+    ``fresh`` a new ``torch.empty_like(x)``.  Their calls are the dispatcher's share of the op."""
+    kept_out = torch.empty_like(x)
+    lib = torch.library.Library("moegen_overhead_bench", "DEF")
+    schema = "(Tensor x, Tensor buffer, Tensor router, Tensor? router_bias, str kernel) -> Tensor"
+    bodies = {"kept": lambda x, *_: kept_out, "fresh": lambda x, *_: torch.empty_like(x)}
+    for name, body in bodies.items():
+        lib.define(name + schema)
+        lib.impl(name, body, "CPU")
+        lib.impl(name, body, "CUDA")
+        lib.impl(name, torch.library.fallthrough_kernel, "Autograd")
+    _libraries.append(lib)
+    ns = torch.ops.moegen_overhead_bench
+    return ns.kept, ns.fresh
+
+
 def _parts(kernel, block, x):
     """The host-side pieces of one torch call on their own: on the c backend the native
     (NumPy) view the stages take; on cuda the alignment check, torch's stream and the replay
-    of the recorded launches (`CudaModule.enqueue`: the launches' host time alone)."""
+    of the recorded launches (`CudaModule.enqueue`: the launches' host time alone); on both the
+    dispatcher with empty bodies (`_empty_ops`)."""
     from moegen import arrays
     from moegen.torch.ops import kernel_for, packed_weights
     mod, handle = kernel.module, block.handle
+    packed, router = block.packed, block.router
     info = arrays.describe(x, "x")
+    kept, fresh = _empty_ops(x)
     parts = {
+        "part: empty op, kept output": lambda: kept(x, packed, router, None, handle),
+        "part: empty op, new output": lambda: fresh(x, packed, router, None, handle),
+        "part: torch.empty_like(x)": lambda: torch.empty_like(x),
         "part: describe(x)": lambda: arrays.describe(x, "x"),
         "part: module.empty_like(x)": lambda: mod.empty_like(info),
         "part: kernel_for(handle)": lambda: kernel_for(handle),
-        "part: packed_weights lookup": lambda: packed_weights(kernel, handle, block.packed,
-                                                              block.router),
+        "part: packed_weights lookup": lambda: packed_weights(kernel, handle, packed, router),
         "part: module.workspace(1)": lambda: mod.workspace(1),
     }
     if kernel.backend != "cuda":
         return {**parts, "part: module.native(x)": lambda: mod.native(info)}
     out = torch.empty_like(x)
-    checked = kernel._check_weights(packed_weights(kernel, handle, block.packed, block.router))
+    checked = kernel._check_weights(packed_weights(kernel, handle, packed, router))
     ptrs = (x.data_ptr(), out.data_ptr(), *checked.ptrs, None, None, None)
     ws = mod.workspace(1)
     return {**parts,
@@ -122,10 +159,14 @@ def main() -> None:
         def sync():
             pass
 
+    from moegen.torch.ops import run_moe
     op = torch.ops.moegen.moe
+    packed, router, handle = block.packed, block.router, block.handle
     rows = {
         "raw MoEKernel": lambda: kernel(raw_x, raw_w),
-        "torch.ops.moegen.moe": lambda: op(x, block.packed, block.router, None, block.handle),
+        "torch.ops.moegen.moe": lambda: op(x, packed, router, None, handle),
+        "op, args read off the block": lambda: op(x, block.packed, block.router, None, block.handle),
+        "op body, no dispatcher": lambda: run_moe(x, packed, router, None, handle),
         "MoEBlock forward": lambda: block(x),
     }
     if args.parts:
