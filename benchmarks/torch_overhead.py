@@ -5,8 +5,8 @@ of many calls of: the raw `MoEKernel` call on the backend's native arrays (NumPy
 ``torch.ops.moegen.moe`` custom op on torch tensors, the op's body without the dispatcher
 (`moegen.torch.ops.run_moe`), and a `moegen.torch.MoEBlock` forward.  Every call gets its
 arguments from local variables, as the raw call does; the row "op, args read off the block"
-passes ``block.packed`` and ``block.router`` as the rows before 2026-12-01 11:00 did: two
-``nn.Module.__getattr__`` lookups, 1.5 to 2.5 µs on the CPU dev box, which are not the op's.
+passes ``block.packed`` and ``block.router`` as the op row did before commit 9b2f385: two
+``nn.Module.__getattr__`` lookups, ~2.8 µs on the CPU dev box, which are not the op's.
 On the GPU the calls are launches (no synchronisation inside the timed loop, one at the end),
 so the figure is the host time per call.
 
