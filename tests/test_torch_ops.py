@@ -125,6 +125,33 @@ def test_handle_names_the_spec_and_compiles_in_a_fresh_registry():
         ops._kernels.update(saved)
 
 
+def test_a_saved_graph_runs_in_a_process_that_never_built_the_block(tmp_path):
+    """A graph holds the kernel as its handle, the spec's JSON: a fresh process that loads the
+    saved graph (torch.export) finds the right kernel from the graph alone (compiled, or loaded
+    from the disk cache) and gives the same bits.  A process-local id or a digest known only to
+    the process that made it would fail here."""
+    spec = SPECS[1]                          # bf16, geglu, bias, a shared expert: not a default
+    block, _, _ = _block(spec)
+    x = _x(spec, 5)
+    with torch.no_grad():
+        y = block(x)
+        program = torch.export.export(block.eval(), (x,))
+    assert block.handle in program.graph_module.code
+    torch.export.save(program, tmp_path / "moe.pt2")
+    torch.save({"x": x, "y": y}, tmp_path / "io.pt")
+    code = ("import sys, torch\n"
+            "from moegen.torch import ops\n"
+            "program = torch.export.load(sys.argv[1])\n"
+            "io = torch.load(sys.argv[2])\n"
+            "assert not ops._kernels, list(ops._kernels)\n"
+            "with torch.no_grad():\n"
+            "    y = program.module()(io['x'])\n"
+            "assert torch.equal(y, io['y']), (y - io['y']).abs().max()\n"
+            "assert list(ops._kernels) == [sys.argv[3]]\n")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "moe.pt2"), str(tmp_path / "io.pt"),
+                    block.handle], check=True)
+
+
 def test_import_moegen_does_not_import_torch():
     code = "import sys, moegen; moegen.MoESpec(8, 2, 32); assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

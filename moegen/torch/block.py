@@ -171,7 +171,8 @@ class MoEBlock(nn.Module):
         if self.trainable:
             raise ValueError("MoEBlock.route is for inference blocks (trainable=False): the "
                              "trainable block has no packed weights")
-        return torch.ops.moegen.route(x.contiguous(), self.packed, self.router, self.router_bias,
+        b = self._buffers           # as in forward: no nn.Module.__getattr__ per buffer
+        return torch.ops.moegen.route(x.contiguous(), b["packed"], b["router"], b["router_bias"],
                                       self.handle)
 
     def extra_repr(self) -> str:

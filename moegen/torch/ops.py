@@ -12,9 +12,14 @@ into a graph; a loaded kernel is none of these.  So every op takes
 * the kernel as a *handle*: the canonical JSON of its resolved `MoESpec` (a ``str``).
 
 `kernel_handle(kernel)` registers a kernel under its handle; `kernel_for(handle)` finds it, and
-when this process has not registered it (a graph that torch's compile cache stored in another
-process) compiles it through `moegen.compile` (disk cache, per-process memo).  The handle names
-the layer, never a process-local id or address, so a cached graph cannot call the wrong kernel.
+when this process has not registered it (a graph that torch's compile cache stored, or one saved
+with ``torch.export``, loaded in another process) compiles it through `moegen.compile` (disk
+cache, per-process memo).  The handle names the layer, never a process-local id or address, so
+a saved graph cannot call the wrong kernel, and it needs nothing beside the graph: a short
+digest would need a table that a process on another machine, or after the cache was pruned,
+does not have.  Its length costs nothing measurable per call: the op under a 32-character
+handle of the same kernel measured as under the ~440-character JSON (docs/PERF.md, "where the
+torch op's time goes"); the dispatcher's fixed cost of a Python-bodied op is the op's share.
 
 Tensors are used zero-copy: CPU tensors are viewed as NumPy arrays (c backend); CUDA tensors'
 data pointers go to the cuda backend's launches as they are, after the same checks (cuda
@@ -137,8 +142,11 @@ def _experts(x, buffer, router, topk_ids, topk_weights, kernel):
 
 # The ops are defined with the low-level `torch.library.Library` API, their bodies registered
 # straight to the CPU and CUDA dispatch keys and their autograd key a fallthrough: a call then
-# costs ~2 µs of dispatch where ``torch.library.custom_op``'s Python autograd wrapper, aliasing
-# check and dynamo guard cost ~9 µs (benchmarks/torch_overhead.py).  The ops are
+# costs ~2.4 µs of dispatch (CPU dev box; ~2.8 µs handing back a new tensor) where
+# ``torch.library.custom_op``'s Python autograd wrapper, aliasing check and dynamo guard cost
+# ~9 µs (benchmarks/torch_overhead.py --parts --dispatch).  That floor is torch's: a handle of
+# 32 characters or an int moves it by under 0.05 µs, one argument fewer by 0.1 to 0.3 µs, and
+# the schema is what saved graphs call, so it stays.  The ops are
 # non-differentiable, as argmax is: their outputs never require grad (`MoEBlock` refuses a
 # backward through itself with one line; moegen.torch.autograd has the differentiable layer).
 _lib = torch.library.Library("moegen", "DEF")
