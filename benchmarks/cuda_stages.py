@@ -28,17 +28,18 @@ REPS = 20
 
 
 def build(spec):
+    """A freshly compiled cuda MoEKernel of ``spec`` (no cache) and its compile seconds."""
     from moegen.backends import get_backend
-    from moegen.backends.base import Artifact
     from moegen.kernel import MoEKernel
+    from moegen.plan import make_plan
     from moegen.render import render
     be = get_backend("cuda")
     spec = spec.replace(backend="cuda", arch=spec.arch or be.target(spec))
+    plan = make_plan(spec, spec.arch, {})
     t0 = time.perf_counter()
-    art = be.compile(render(spec, be), spec, spec.arch, "bench")
+    art = be.compile(render(plan), spec, spec.arch, "bench")
     secs = time.perf_counter() - t0
-    module = be.load(Artifact(art.binary, art.meta), spec)
-    return MoEKernel(spec, module, art.meta), secs
+    return MoEKernel(plan.spec, be.load(art, plan), art.meta), secs
 
 
 def device_weights(kernel, seed=0):
