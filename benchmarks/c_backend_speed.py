@@ -31,10 +31,13 @@ def make_kernel(spec):
     """Compile and load directly through the backend (no cache involved)."""
     from moegen.backends.c import CBackend
     from moegen.kernel import MoEKernel
+    from moegen.plan import make_plan
     from moegen.render import render
     be = CBackend()
-    art = be.compile(render(spec, be), spec, be.target(spec), "bench")
-    return MoEKernel(spec, be.load(art, spec), art.meta)
+    spec = spec.replace(backend="c")
+    plan = make_plan(spec, be.target(spec), {})
+    art = be.compile(render(plan), plan.spec, plan.target, "bench")
+    return MoEKernel(plan.spec, be.load(art, plan), art.meta)
 
 
 def torch_loop(torch, x, wr, w1, w3, w2, k):
