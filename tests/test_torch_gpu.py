@@ -175,3 +175,39 @@ def test_call_with_another_device_current_runs_on_the_kernels_device():
         y = block(xt)
     torch.cuda.synchronize()
     assert torch.equal(y, want)
+
+
+def test_trainable_block_on_cuda_trains_with_the_training_ops_gradients():
+    """MoEBlock(trainable=True) on the cuda backend: bf16 parameters on the GPU, the same
+    output, aux loss and gradients (bitwise) as moegen.torch.autograd.moe_train on the same
+    tensors, and a few SGD steps lower the loss."""
+    from moegen.torch.autograd import moe_train
+    spec = MoESpec(8, 2, 256, 128, dtype="bfloat16", backend="cuda")
+    _, kw = _cuda_weights(spec, seed=4)
+    block = MoEBlock(spec, kw, trainable=True)
+    params = list(block.parameters())
+    assert all(p.is_cuda and p.dtype == torch.bfloat16 for p in params)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(40, 256, device="cuda", generator=g).to(torch.bfloat16).requires_grad_()
+    dy = torch.randn(40, 256, device="cuda", generator=g)
+    y = block(x)
+    (y.float() * dy).sum().add(0.5 * block.aux_loss.float()).backward()
+    x2 = x.detach().clone().requires_grad_()
+    p2 = [p.detach().clone().requires_grad_() for p in params]
+    y2, aux2 = moe_train(block.spec, x2, p2)
+    (y2.float() * dy).sum().add(0.5 * aux2.float()).backward()
+    assert torch.equal(y, y2) and torch.equal(block.aux_loss, aux2)
+    assert torch.equal(x.grad, x2.grad)
+    for (name, p), q in zip(block.named_parameters(), p2):
+        assert p.grad is not None and torch.equal(p.grad, q.grad), name
+    target = torch.randn(64, 256, device="cuda", generator=g).to(torch.bfloat16) * 0.1
+    xs = torch.randn(64, 256, device="cuda", generator=g).to(torch.bfloat16)
+    opt = torch.optim.SGD(block.parameters(), lr=0.5)
+    losses = []
+    for _ in range(5):
+        opt.zero_grad()
+        loss = ((block(xs).float() - target.float()) ** 2).mean() + block.aux_loss.float()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0], losses

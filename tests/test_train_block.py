@@ -65,9 +65,9 @@ def test_frozen_block_needs_no_graph():
 
 
 def test_trainable_refusals_are_one_line():
-    with pytest.raises(ValueError, match="the trainable block runs on the CPU only yet"):
-        MoEBlock(SPEC.replace(backend="cuda", arch="sm_90"), trainable=True)
-    with pytest.raises(ValueError, match="needs spec.dtype 'float32'"):
+    with pytest.raises(ValueError, match="save_activations=True is not built on CUDA"):
+        MoEBlock(SPEC.replace(backend="cuda", arch="sm_90", save_activations=True), trainable=True)
+    with pytest.raises(ValueError, match="on the c backend needs spec.dtype 'float32'"):
         MoEBlock(SPEC.replace(dtype="bfloat16"), trainable=True)
     with pytest.raises(TypeError, match="trainable must be True or False"):
         MoEBlock(SPEC, trainable="yes")

@@ -7,8 +7,9 @@ block runs eagerly, under ``torch.compile(fullgraph=True)`` and inside CUDA grap
 ``MoEBlock(spec, weights, trainable=True)`` holds the logical weights as parameters instead and
 runs the training op (`moegen.torch.autograd.moe_train`: the forward kernel, the generated
 backward kernels), so ``loss.backward()`` reaches them; the auxiliary loss of the last call is
-``block.aux_loss``.  Training runs on the CPU (c backend, float32): the CUDA backward is not
-built yet.
+``block.aux_loss``.  Training runs on the CPU (c backend, float32) and on a GPU (cuda backend,
+bfloat16, float16 or float32: the generated CUDA backward), the parameters on the kernel's device
+in the spec's dtype.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from ..layout import weight_shapes
 from ..kernel import MoEKernel
 from ..layout import logical_weights
 from ..spec import MoESpec
-from .autograd import CUDA_MISSING, moe_train, param_names
+from .autograd import CUDA_SAVE_ACTIVATIONS, moe_train, param_names
 from .ops import kernel_handle, run_moe
 
 
@@ -76,8 +77,8 @@ class MoEBlock(nn.Module):
     `from_config` builds one from a transformers config, `moegen.torch.from_hf` from a
     transformers block.
 
-    ``trainable=True`` (c backend, float32): the weights become parameters in logical
-    orientation (``router`` [E, H], ``w1``/``w3`` [E+S, F, H], ``w2`` [E+S, H, F], biases),
+    ``trainable=True`` (c backend float32, or cuda backend bfloat16/float16/float32): the weights
+    become parameters, in the spec's dtype on the kernel's device, in logical orientation (``router`` [E, H], ``w1``/``w3`` [E+S, F, H], ``w2`` [E+S, H, F], biases),
     ``forward`` runs the training op and sets ``aux_loss`` (``balance_coeff``, ``z_coeff``,
     ``adaptive``: the auxiliary loss, see `moegen.torch.autograd`).
     """
@@ -90,13 +91,15 @@ class MoEBlock(nn.Module):
             raise TypeError(f"trainable must be True or False, got {trainable!r}")
         if trainable:
             s = spec.spec if isinstance(spec, MoEKernel) else spec
-            if s.backend == "cuda" or (isinstance(spec, MoEKernel) and spec.backend != "c"):
-                raise ValueError(f"MoEBlock(trainable=True): {CUDA_MISSING}")
-            if s.dtype != "float32":
-                raise ValueError(f"MoEBlock(trainable=True) needs spec.dtype 'float32' (the c "
-                                 f"backend's training kernels), got {s.dtype!r}")
+            on_cuda = (spec.backend if isinstance(spec, MoEKernel) else s.backend) == "cuda"
+            if on_cuda and s.save_activations:
+                raise ValueError(f"MoEBlock(trainable=True): {CUDA_SAVE_ACTIVATIONS}")
+            if not on_cuda and s.dtype != "float32":
+                raise ValueError(f"MoEBlock(trainable=True) on the c backend needs spec.dtype "
+                                 f"'float32' (its training kernels; bfloat16 and float16 train "
+                                 f"on the cuda backend), got {s.dtype!r}")
             check_trainable(s)
-            if not isinstance(spec, MoEKernel):
+            if not isinstance(spec, MoEKernel) and not on_cuda:
                 spec = spec.replace(backend="c")
         kernel = spec if isinstance(spec, MoEKernel) else compile_kernel(spec)
         self.kernel = kernel
@@ -111,11 +114,14 @@ class MoEBlock(nn.Module):
         self.register_buffer("router_bias", router_bias)
         if trainable:
             self._aux_args = (float(balance_coeff), float(z_coeff), bool(adaptive))
-            logical = logical_weights(self.spec, **weights) if weights is not None else {}
+            # GPU tensors stay where they are (device=True); the rest comes as NumPy
+            logical = logical_weights(self.spec, device=True, **weights) if weights is not None else {}
             for name, shape in weight_shapes(self.spec).items():
                 value = logical.get(name)
-                value = torch.zeros(shape) if value is None else torch.as_tensor(np.asarray(value))
-                self.register_parameter(name, nn.Parameter(value.to(torch.float32).reshape(shape).clone()))
+                value = (torch.zeros(shape) if value is None else
+                         value if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value)))
+                value = value.detach().to(device=device, dtype=tdt).reshape(shape).clone()
+                self.register_parameter(name, nn.Parameter(value))
             return
         if weights is None:
             lay = kernel.layout
