@@ -538,18 +538,19 @@ __device__ __forceinline__ void unit_scatter(const int* ids, const unsigned char
         load_batches<MASKED>(ids, kept, b, end, e);
         #pragma unroll
         for (int q = 0; q < kUnitBatches; ++q) {
-            if (b + q * 32 >= end) break;     // the rest of this step is past the end
-            int below, total;
-            warp_peers(e[q], below, total);
-            const bool real = e[q] < kExpertsTotal;
-            int base = 0;
-            if (real) {
-                base = cursor[e[q]];
-                sorted_rows[base + below] = b + q * 32 + lane;
+            if (b + q * 32 < end) {           // (the same in every lane) skip batches past the end
+                int below, total;
+                warp_peers(e[q], below, total);
+                const bool real = e[q] < kExpertsTotal;
+                int base = 0;
+                if (real) {
+                    base = cursor[e[q]];
+                    sorted_rows[base + below] = b + q * 32 + lane;
+                }
+                __syncwarp();                 // every peer read cursor[e] before it moves
+                if (real && below == 0) cursor[e[q]] = base + total;
+                __syncwarp();
             }
-            __syncwarp();                     // every peer read cursor[e] before it moves
-            if (real && below == 0) cursor[e[q]] = base + total;
-            __syncwarp();
         }
     }
 }
