@@ -105,8 +105,9 @@ PACK_DEVICE_SPECS = [MoESpec(4, 2, 12, 8, dtype="bfloat16", bias=True, num_share
 
 def _device_source(spec, lib: str) -> dict:
     """`logical_weights`' dict of a random problem as ``lib`` arrays (float32, so packing casts):
-    numpy / torch stacked [n, ...] arrays; torch-list per-expert lists; torch-views strided
-    views (W1 and W3 halves of one [n, 2F, H] tensor, b1 / b3 of one [n, 2F], w2 a transpose)."""
+    numpy / torch stacked [n, ...] arrays; torch-same the same in the spec dtype (no cast: the
+    word copies); torch-list per-expert lists; torch-views strided views (W1 and W3 halves of
+    one [n, 2F, H] tensor, b1 / b3 of one [n, 2F], w2 a transpose)."""
     _, w = R.random_problem(spec, 0, seed=3)
     logical = logical_weights(spec, **R.weight_kwargs(spec, w))
     src = {k: (v if k == "expert_ids" or v is None else np.asarray(v, np.float32))
@@ -116,7 +117,10 @@ def _device_source(spec, lib: str) -> dict:
     torch = pytest.importorskip("torch")
     t = {k: (v if k == "expert_ids" or v is None else torch.from_numpy(v)) for k, v in src.items()}
     per_expert = ("w1", "w3", "w2", "b1", "b3", "b2")
-    if lib == "torch-list":
+    if lib == "torch-same":
+        t = {k: (v if k == "expert_ids" or v is None else v.to(getattr(torch, spec.dtype)))
+             for k, v in t.items()}
+    elif lib == "torch-list":
         t.update({k: list(t[k]) for k in per_expert if t[k] is not None})
     elif lib == "torch-views":
         if spec.gated:
@@ -133,7 +137,7 @@ def _device_source(spec, lib: str) -> dict:
 @pytest.mark.parametrize("orders", [("nk", "nk", 0, "eh"), ("kn", "kn", 0, "he"),
                                     ("nk", "kn", 2, "eh"), ("kn", "nk", 2, "he")])
 @pytest.mark.parametrize("spec", PACK_DEVICE_SPECS, ids=lambda s: s.name)
-@pytest.mark.parametrize("lib", ["numpy", "torch", "torch-list", "torch-views"])
+@pytest.mark.parametrize("lib", ["numpy", "torch", "torch-same", "torch-list", "torch-views"])
 def test_pack_device_writes_the_bytes_of_pack_host(spec, orders, lib):
     """The library-neutral packer (the cuda path runs it on torch CUDA / CuPy arrays) writes
     exactly pack_host's bytes; run here on NumPy and on torch CPU tensors (stacked, per-expert
@@ -155,11 +159,13 @@ def test_pack_device_writes_the_bytes_of_pack_host(spec, orders, lib):
     np.testing.assert_array_equal(np.asarray(r, np.float64), R.f64(want_router))
 
 
+@pytest.mark.parametrize("same_dtype", [False, True])
 @pytest.mark.parametrize("experts", [4, 64])
-def test_pack_device_copies_stacked_weights_in_a_few_copies_whatever_the_experts(experts):
+def test_pack_device_copies_stacked_weights_in_a_few_copies_whatever_the_experts(experts, same_dtype):
     """Stacked weights take a fixed number of tensor copies (the GPU's kernel launches), not a
     few per expert: one per W1 / W3 / W2 / bias part and the router, here 7 (w1, w3, w2, b1,
-    b3, b2, router) for 4 and for 64 experts."""
+    b3, b2, router) for 4 and for 64 experts.  Sources already in the buffer's dtype move as
+    8-byte words where their rows allow: all but b1 / b3 (rows of 2 interleaved elements)."""
     torch = pytest.importorskip("torch")
     from torch.utils._python_dispatch import TorchDispatchMode
     from moegen.layout import pack_device
@@ -167,19 +173,23 @@ def test_pack_device_copies_stacked_weights_in_a_few_copies_whatever_the_experts
     class CountCopies(TorchDispatchMode):
         def __init__(self):
             super().__init__()
-            self.copies = 0
+            self.copies = self.words = 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             if func.overloadpacket is torch.ops.aten.copy_:
                 self.copies += 1
+                self.words += args[0].dtype == torch.int64
             return func(*args, **(kwargs or {}))
 
     spec = MoESpec(experts, 2, 16, 8, dtype="bfloat16", bias=True)
-    lay = PackedLayout(spec, "kn", "nk", 2, "he")
-    src = _device_source(spec, "torch")
+    lay = PackedLayout(spec, "nk", "nk", 2, "eh")
+    src = _device_source(spec, "torch-same" if same_dtype else "torch")
     with CountCopies() as mode:
-        pack_device(lay, src, lambda shape: torch.zeros(shape, dtype=torch.bfloat16))
-    assert mode.copies == 7
+        buf, _ = pack_device(lay, src, lambda shape: torch.zeros(shape, dtype=torch.bfloat16))
+    assert mode.copies == 7 and mode.words == (5 if same_dtype else 0)
+    assert torch.equal(buf.view(torch.int16), torch.from_numpy(
+        pack_host(lay, logical_weights(spec, **R.weight_kwargs(spec, R.random_problem(spec, 0, seed=3)[1])))[0]
+        .view(np.int16)))
 
 
 def test_shard_takes_its_experts_from_whole_or_sliced_weights():
