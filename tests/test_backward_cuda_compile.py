@@ -161,3 +161,18 @@ def test_gradient_outputs_of_the_wrong_dtype_are_refused_in_one_line():
     with pytest.raises(ValueError, match=r"out\['w1'\] must be a contiguous torch.bfloat16 tensor "
                                          rf"of shape \({E}, {F}, {H}\), got torch.float32"):
         bwd.backward(None, x, params, x, None, None, out={"w1": torch.zeros((E, F, H))})
+
+
+def test_gradient_outputs_off_a_16_byte_boundary_are_refused_in_one_line():
+    """The pipelined tile stores two adjacent gradients at once: an offset view is refused."""
+    torch = pytest.importorskip("torch")
+    spec = GRID["e8-k2-h512-f2048-bf16-swiglu"]
+    bwd = cb.CudaBackward.__new__(cb.CudaBackward)
+    bwd.plan = _plan(spec, "sm_90")
+    bwd.spec = bwd.plan.spec
+    H, E = spec.hidden_dim, spec.num_experts
+    x = torch.zeros((0, H), dtype=torch.bfloat16)
+    router = torch.zeros(E * H + 1, dtype=torch.bfloat16)[1:].view(E, H)
+    with pytest.raises(ValueError, match=r"out\['router'\] must start on a 16-byte boundary, got "
+                                         r"an address 2 bytes past one"):
+        bwd.backward(None, x, {"router": router}, x, None, None, out={"router": router})

@@ -261,7 +261,8 @@ class CudaBackward:
         tensor of one element.  ``packed``: ``kernel.pack`` of the same params (the forward
         pass's), else they are packed here.  ``out``: tensors to write the gradients into, by
         gradient name (x, router, router_bias, w1, w3, w2, b1, b3, b2), contiguous, of the
-        dtypes above; every element of each is written.  Missing ones are allocated."""
+        dtypes above, starting on a `VECTOR_ALIGN`-byte boundary; every element of each is
+        written.  Missing ones are allocated."""
         import torch  # the training op's tensors
         spec = self.spec
         E, S, K, H, F = (spec.num_experts, spec.num_shared_experts, spec.top_k, spec.hidden_dim,
@@ -285,6 +286,10 @@ class CudaBackward:
             elif tuple(a.shape) != shape or a.dtype != want or not a.is_contiguous():
                 raise ValueError(f"out[{name!r}] must be a contiguous {want} tensor of shape "
                                  f"{shape}, got {a.dtype} of shape {tuple(a.shape)}")
+            elif a.data_ptr() % VECTOR_ALIGN:
+                # the pipelined tile stores two adjacent outputs at once
+                raise ValueError(f"out[{name!r}] must start on a {VECTOR_ALIGN}-byte boundary, got "
+                                 f"an address {a.data_ptr() % VECTOR_ALIGN} bytes past one")
             elif not T:
                 a.zero_()
         # the tensor-core tile reads 16-byte vectors of x, dy and the weights: a tensor that
