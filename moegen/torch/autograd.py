@@ -31,8 +31,9 @@ forward is the compiled cuda kernel of the spec (``backend='cuda'``, the device'
 backward the generated CUDA backward kernels (`moegen.backends.cuda_backward.CudaBackward`),
 which rebuild the forward's routing with the kernel's own route and group stages.  Gradients are
 accumulated in fp32 and stored by the kernels in the tensors' dtype (rounded once, no
-conversion pass); only the router bias's (E values, fp32 in the kernels) is converted.  ``save_activations`` is refused on CUDA
-(the CUDA backward always recomputes the gate/up pre-activations).
+conversion pass); only the router bias's (E values, fp32 in the kernels) is converted.
+``save_activations`` is refused on CUDA (the CUDA backward always recomputes the gate/up
+pre-activations).
 """
 
 from __future__ import annotations
@@ -247,9 +248,9 @@ def _cuda_backward(dy, daux, x, params, router_bias, handle, balance_coeff, z_co
     g = bwd.backward(kernel, x, dict(zip(param_names(s), params)), dy.to(x.dtype).contiguous(),
                      bias, daux, balance_coeff=balance_coeff, z_coeff=z_coeff, adaptive=adaptive,
                      packed=packed)
-    dt = x.dtype
-    dx = g.pop("x").to(dt)                          # .to: no copy when the dtype matches
-    dparams = [g.pop(n).to(dt) for n in param_names(s)]
+    dt = x.dtype                                    # the spec's (checked): the kernels' output
+    dx = g.pop("x")
+    dparams = [g.pop(n) for n in param_names(s)]
     dbias = g.pop("router_bias")
     dbias = (torch.zeros(s.num_experts, dtype=dt, device=x.device) if dbias is None
              else dbias.to(dt))
