@@ -406,45 +406,90 @@ def pack_device(layout: PackedLayout, logical: dict, zeros, router_zeros=None) -
     with bf16 as uint16 bits); assignment casts to it (a CuPy source for a bf16 layout must
     already be bf16 bits, see `cupy_bf16_bits`).  ``router_zeros(shape)`` allocates the router
     in ``spec.router_dt`` (float32 beside 16-bit experts with ``router_dtype``); None: ``zeros``.
-    Writes, one expert at a time (so the
-    temporaries stay one expert large), the same bytes as `pack_host`.  Returns (buffer
-    [layout.total], router in ``layout.router_order``, or None for a shard).
+    Stacked weights ([n, F, H] arrays, as `logical_weights` gives) are written by a few strided
+    copies over all experts at once (one per weight part, each a view of the buffer: no
+    temporaries); per-expert lists one expert at a time.  Either way the bytes are
+    `pack_host`'s.  Returns (buffer [layout.total], router in ``layout.router_order``, or None
+    for a shard).
     """
     spec = layout.spec
-    n, H, F = layout.num_slots_experts, spec.hidden_dim, spec.ffn_dim
-    g = layout.gate_up_interleave or F        # gate/up row block: blocks of g gate rows then g up
-    parts = 2 if spec.gated else 1
-    off = layout.offsets
+    n, H = layout.num_slots_experts, spec.hidden_dim
     buf = zeros((n, layout.expert_stride))
-    for e in range(n):
-        row = buf[e]
-        seg = row[off["w13"]:off["w13"] + layout.w13_size]
-        halves = [logical["w1"][e]] + ([logical["w3"][e]] if spec.gated else [])
-        for j, w in enumerate(halves):                       # w [F, H]
-            if layout.w13_order == "nk":                     # seg [G, H]
-                seg.reshape(F // g, parts, g, H)[:, j] = w.reshape(F // g, g, H)
-            else:                                            # seg [H, G]
-                seg.reshape(H, F // g, parts, g)[:, :, j] = w.T.reshape(H, F // g, g)
-        w2 = logical["w2"][e]                                # [H, F]
-        w2seg = row[off["w2"]:off["w2"] + layout.w2_size]
-        if layout.w2_order == "nk":
-            w2seg.reshape(H, F)[...] = w2
-        else:
-            w2seg.reshape(F, H)[...] = w2.T
-        if spec.bias:
-            b13 = row[off["b13"]:off["b13"] + layout.gate_rows].reshape(F // g, parts, g)
-            b13[:, 0] = logical["b1"][e].reshape(F // g, g)
-            if spec.gated:
-                b13[:, 1] = logical["b3"][e].reshape(F // g, g)
-            row[off["b2"]:off["b2"] + H] = logical["b2"][e]
-        if spec.shared_expert_gate and e >= spec.num_experts:
-            row[off["gate"]:off["gate"] + H] = logical["shared_gate"]
+    if isinstance(logical["w1"], (list, tuple)):
+        for e in range(n):
+            _pack_experts(layout, buf[e:e + 1], {k: (v if v is None or k in ("expert_ids", "router",
+                                                                              "shared_gate")
+                                                     else v[e][None]) for k, v in logical.items()},
+                          e)
+    else:
+        _pack_experts(layout, buf, logical, 0)
     r = logical["router"]
     if r is None:
         return buf.reshape(-1), None
     router = (router_zeros or zeros)(tuple(r.shape) if layout.router_order == "eh" else (H, r.shape[0]))
-    router[...] = r if layout.router_order == "eh" else r.T
+    _assign(router, r if layout.router_order == "eh" else _permute(r, (1, 0)))
     return buf.reshape(-1), router
+
+
+# Bytes of the word a same-dtype torch copy moves per element when rows allow (see `_assign`).
+COPY_WORD_BYTES = 8
+
+
+def _assign(dst, src) -> None:
+    """``dst[...] = src``.  Torch tensors of one dtype whose last dimension is contiguous in
+    both (and whose other strides and offsets are whole words) are copied as int64 words:
+    torch's strided copy moves one element per thread step, so 2-byte elements would copy at
+    a fraction of the memory bandwidth.  The bytes are the same either way."""
+    if type(dst).__module__.startswith("torch") and type(src) is type(dst) and src.dtype == dst.dtype:
+        import torch  # torch tensors: their word view
+        w = COPY_WORD_BYTES // dst.element_size()
+        src = src.expand(dst.shape)
+        if w > 1 and all(t.stride(-1) == 1 and t.shape[-1] % w == 0 and t.storage_offset() % w == 0
+                         and all(st % w == 0 for st in t.stride()[:-1]) for t in (dst, src)):
+            dst.view(torch.int64).copy_(src.view(torch.int64))
+            return
+    dst[...] = src
+
+
+def _permute(a, axes: tuple):
+    """A view of ``a`` with its axes in the order ``axes`` (torch, NumPy or CuPy)."""
+    return a.permute(*axes) if hasattr(a, "permute") else a.transpose(axes)
+
+
+def _pack_experts(layout: PackedLayout, buf, w: dict, e0: int) -> None:
+    """Write experts e0 .. e0 + m - 1 into ``buf`` [m, expert_stride] (rows of the packed
+    buffer) from ``w``'s stacked weights [m, ...]; shared_gate [H] goes to the shared experts'
+    rows.  Every write is a copy into a view of ``buf``."""
+    spec = layout.spec
+    m, H, F = buf.shape[0], spec.hidden_dim, spec.ffn_dim
+    g = layout.gate_up_interleave or F        # gate/up row block: blocks of g gate rows then g up
+    parts = 2 if spec.gated else 1
+    off = layout.offsets
+
+    def seg(name: str, size: int, shape: tuple):
+        return buf[:, off[name]:off[name] + size].reshape(m, *shape)
+
+    halves = [w["w1"]] + ([w["w3"]] if spec.gated else [])
+    for j, h in enumerate(halves):                            # h [m, F, H]
+        blocks = h.reshape(m, F // g, g, H)
+        if layout.w13_order == "nk":                          # [m, G, H]
+            _assign(seg("w13", layout.w13_size, (F // g, parts, g, H))[:, :, j], blocks)
+        else:                                                 # [m, H, G]
+            _assign(seg("w13", layout.w13_size, (H, F // g, parts, g))[:, :, :, j],
+                    _permute(blocks, (0, 3, 1, 2)))
+    if layout.w2_order == "nk":                               # [m, H, F]
+        _assign(seg("w2", layout.w2_size, (H, F)), w["w2"])
+    else:                                                     # [m, F, H]
+        _assign(seg("w2", layout.w2_size, (F, H)), _permute(w["w2"], (0, 2, 1)))
+    if spec.bias:
+        b13 = seg("b13", layout.gate_rows, (F // g, parts, g))
+        _assign(b13[:, :, 0], w["b1"].reshape(m, F // g, g))
+        if spec.gated:
+            _assign(b13[:, :, 1], w["b3"].reshape(m, F // g, g))
+        _assign(seg("b2", H, (H,)), w["b2"])
+    first_shared = max(spec.num_experts - e0, 0)
+    if spec.shared_expert_gate and first_shared < m:
+        _assign(buf[first_shared:, off["gate"]:off["gate"] + H], w["shared_gate"])
 
 
 def cupy_bf16_bits(a):

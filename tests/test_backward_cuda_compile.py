@@ -126,3 +126,53 @@ def test_tensors_off_a_16_byte_boundary_are_copied_before_vector_reads():
     assert fixed.data_ptr() % cb.VECTOR_ALIGN == 0 and torch.equal(fixed, view)
     aligned = base[8:40]
     assert cb._aligned(aligned) is aligned and cb._aligned(None) is None
+
+
+@pytest.mark.nvrtc
+@pytest.mark.parametrize("name", ["e8-k2-h512-f2048-bf16-swiglu", "e16-k2-h64-f64-fp16-sigmoid-sh2",
+                                  "e8-k2-h100-f100-fp32-gelu-bias-cap"])
+def test_gradients_are_stored_in_the_parameter_dtype_unless_fp32_is_asked(name):
+    """The gradient outputs (grad_t) are the storage type, fp32 for fp32 layers; the
+    fp32_grads build (the reference of the bitwise rounding tests) also compiles."""
+    _need_nvrtc()
+    import dataclasses
+    plan = _plan(GRID[name], "sm_90")
+    assert plan.grad_dtype == GRID[name].dtype and not plan.fp32_grads
+    src = cb.render_backward(plan).text
+    assert "typedef elem_t grad_t;" in src and "typedef float grad_t;" not in src
+    wide = dataclasses.replace(plan, fp32_grads=True)
+    assert wide.grad_dtype == "float32" and wide.own() != plan.own()
+    wsrc = cb.render_backward(wide).text
+    assert "typedef float grad_t;" in wsrc and "typedef elem_t grad_t;" not in wsrc
+    art = cb.compile_backward(wide)
+    for kernel in cb.KERNELS:
+        assert kernel.encode() in art.binary, kernel
+
+
+def test_gradient_outputs_of_the_wrong_dtype_are_refused_in_one_line():
+    torch = pytest.importorskip("torch")
+    spec = GRID["e8-k2-h512-f2048-bf16-swiglu"]
+    bwd = cb.CudaBackward.__new__(cb.CudaBackward)          # no GPU: the checks run first
+    bwd.plan = _plan(spec, "sm_90")
+    bwd.spec = bwd.plan.spec
+    H, F, E = spec.hidden_dim, spec.ffn_dim, spec.num_experts
+    x = torch.zeros((0, H), dtype=torch.bfloat16)
+    params = {"router": torch.zeros((E, H), dtype=torch.bfloat16)}
+    with pytest.raises(ValueError, match=r"out\['w1'\] must be a contiguous torch.bfloat16 tensor "
+                                         rf"of shape \({E}, {F}, {H}\), got torch.float32"):
+        bwd.backward(None, x, params, x, None, None, out={"w1": torch.zeros((E, F, H))})
+
+
+def test_gradient_outputs_off_a_16_byte_boundary_are_refused_in_one_line():
+    """The pipelined tile stores two adjacent gradients at once: an offset view is refused."""
+    torch = pytest.importorskip("torch")
+    spec = GRID["e8-k2-h512-f2048-bf16-swiglu"]
+    bwd = cb.CudaBackward.__new__(cb.CudaBackward)
+    bwd.plan = _plan(spec, "sm_90")
+    bwd.spec = bwd.plan.spec
+    H, E = spec.hidden_dim, spec.num_experts
+    x = torch.zeros((0, H), dtype=torch.bfloat16)
+    router = torch.zeros(E * H + 1, dtype=torch.bfloat16)[1:].view(E, H)
+    with pytest.raises(ValueError, match=r"out\['router'\] must start on a 16-byte boundary, got "
+                                         r"an address 2 bytes past one"):
+        bwd.backward(None, x, {"router": router}, x, None, None, out={"router": router})

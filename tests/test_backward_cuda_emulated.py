@@ -14,6 +14,7 @@ must ignore).  The GPU tests (test_backward_cuda_gpu.py) run the real thing.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from types import SimpleNamespace
 
 import numpy as np
@@ -122,8 +123,8 @@ class FakeForward:
 def emulated():
     made = {}
 
-    def get(name, pipe_warps=cb.PIPE_WARPS):
-        if (name, pipe_warps) not in made:
+    def get(name, pipe_warps=cb.PIPE_WARPS, fp32_grads=False):
+        if (name, pipe_warps, fp32_grads) not in made:
             spec = {**SPECS, **TC_SPECS}[name]
             default = cb.PIPE_WARPS
             cb.PIPE_WARPS = pipe_warps
@@ -131,20 +132,23 @@ def emulated():
                 plan = cb.backward_plan(spec.replace(backend="cuda", arch="sm_90"))
             finally:
                 cb.PIPE_WARPS = default
+            plan = dataclasses.replace(plan, fp32_grads=fp32_grads)
             assert plan.tensor_cores is (name in TC_SPECS)
             emu = cuda_emulator.Emulator(cb.render_backward(plan).text, cb.KERNELS)
             bwd = cb.CudaBackward.__new__(cb.CudaBackward)
             bwd.plan, bwd.spec = plan, plan.spec
             bwd._launch = emu.launch
             bwd._stream = lambda device: contextlib.nullcontext()
-            made[(name, pipe_warps)] = (bwd, emu)
-        return made[(name, pipe_warps)]
+            made[(name, pipe_warps, fp32_grads)] = (bwd, emu)
+        return made[(name, pipe_warps, fp32_grads)]
     yield get
     for _, emu in made.values():
         emu.close()
 
 
-def check(emulated, spec, name, T, **variant):
+def run(emulated, spec, name, T, **variant):
+    """The emulated backward of ``name`` on a fresh problem of T tokens: (gradients, the
+    problem (x, w, dy, bias)); every output starts as NaN, in the plan's gradient dtype."""
     bwd, emu = emulated(name, **variant)
     x, w = ref.random_problem(spec, T, seed=T)
     rng = np.random.default_rng(T + 1)
@@ -152,8 +156,9 @@ def check(emulated, spec, name, T, **variant):
     dy = rng.standard_normal((T, spec.hidden_dim)).astype(np.float32).astype(spec.dt.numpy)
     fwd = FakeForward(spec, x, w, bias)
     params = {k: host_tensor(w[k]) for k in weight_shapes(spec)}
-    out = {k: torch.full(tuple(p.shape), float("nan")) for k, p in params.items()}
-    out["x"] = torch.full((T, spec.hidden_dim), float("nan"))
+    gdt = getattr(torch, bwd.plan.grad_dtype)
+    out = {k: torch.full(tuple(p.shape), float("nan"), dtype=gdt) for k, p in params.items()}
+    out["x"] = torch.full((T, spec.hidden_dim), float("nan"), dtype=gdt)
     has_bias_grad = spec.routing != "sigmoid_topk"
     if has_bias_grad:
         out["router_bias"] = torch.full((spec.num_experts,), float("nan"))
@@ -162,14 +167,21 @@ def check(emulated, spec, name, T, **variant):
                      torch.tensor([DAUX]), packed=object(), out=out, **COEFFS)
     assert fwd.stages_run == ("route", "group")
     assert emu.launches[0] == "bwd_segments" and len(emu.launches) >= 13
+    for k, a in out.items():
+        assert g[k] is a and a.dtype == (torch.float32 if k == "router_bias" else gdt), k
+    return g, (x, w, dy, bias)
+
+
+def check(emulated, spec, name, T, **variant):
+    g, (x, w, dy, bias) = run(emulated, spec, name, T, **variant)
+    _, emu = emulated(name, **variant)
     r = moe_backward(spec, x, w, dy, bias, daux=DAUX, **COEFFS)
     tol = TOL[spec.dtype]
     for k in ("x", "router", "router_bias", "w1", "w3", "w2", "b1", "b3", "b2"):
         if r[k] is None:
             assert g[k] is None, k
             continue
-        assert g[k] is out[k], k
-        err = ref.rel_error(g[k].numpy(), r[k])
+        err = ref.rel_error(g[k].float().numpy(), r[k])
         assert err < tol, f"{k}: relative error {err:.2e}"
     assert ref.rel_error(np.sort(g["topk_weights"].numpy(), 1), np.sort(r["topk_weights"], 1)) < tol
     assert abs(float(g["balance_coeff"]) - r["balance_coeff"]) < 1e-6
@@ -208,6 +220,24 @@ def test_emulated_pipelined_tile_with_four_warps(emulated):
     bwd, _ = emulated(name, pipe_warps=(2, 2))
     assert bwd.plan.pipelined and bwd.plan.pipe_threads == 128
     check(emulated, TC_SPECS[name], name, 200, pipe_warps=(2, 2))
+
+
+@pytest.mark.parametrize("name, T", [("e6-k2-h24-f40-bf16-gelu-bias-cap1-sh1", 37),
+                                     ("e4-k2-h136-f72-bf16-swiglu", 150),
+                                     ("e4-k2-h60-f36-bf16-swiglu", 37)])
+def test_emulated_bf16_gradients_are_the_fp32_gradients_rounded(emulated, name, T):
+    """The bf16 gradient stores (one rounding in each epilogue) give bit for bit what the
+    fp32-output build gives converted by torch's round to nearest even; the router bias's
+    gradient is fp32 in both."""
+    spec = TC_SPECS[name]
+    g16, _ = run(emulated, spec, name, T)
+    g32, _ = run(emulated, spec, name, T, fp32_grads=True)
+    names = [k for k in ("x", "router", "w1", "w3", "w2", "b1", "b3", "b2") if g16[k] is not None]
+    assert {"x", "router", "w1", "w2"} <= set(names) and (not spec.bias or "b2" in names)
+    for k in names:
+        assert g16[k].dtype == torch.bfloat16 and g32[k].dtype == torch.float32, k
+        assert torch.equal(g16[k].view(torch.int16), g32[k].to(torch.bfloat16).view(torch.int16)), k
+    assert torch.equal(g16["router_bias"], g32["router_bias"])
 
 
 @pytest.mark.parametrize("adaptive", [True, False])

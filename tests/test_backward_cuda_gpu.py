@@ -130,12 +130,16 @@ def host(t) -> np.ndarray:
     return t.detach().float().cpu().numpy()
 
 
-def poisoned_out(spec: MoESpec, T: int, has_bias_grad: bool) -> dict:
-    """NaN-filled fp32 gradient outputs of every gradient the layer has."""
+def poisoned_out(bwd: CudaBackward, T: int, has_bias_grad: bool) -> dict:
+    """NaN-filled outputs of every gradient the layer has, in the dtypes ``bwd`` writes (its
+    plan's gradient dtype; float32 for the router bias)."""
+    spec = bwd.spec
     shapes = {"x": (T, spec.hidden_dim), **weight_shapes(spec)}
     if has_bias_grad:
         shapes["router_bias"] = (spec.num_experts,)
-    return {k: torch.full(s, float("nan"), dtype=torch.float32, device="cuda") for k, s in shapes.items()}
+    gdt = getattr(torch, bwd.plan.grad_dtype)
+    return {k: torch.full(s, float("nan"), dtype=torch.float32 if k == "router_bias" else gdt,
+                          device="cuda") for k, s in shapes.items()}
 
 
 def run_backward(name: str, x, w, bias, dy, bwd=None):
@@ -145,7 +149,7 @@ def run_backward(name: str, x, w, bias, dy, bwd=None):
     bwd = bwd or default
     params = {k: cuda(w[k]) for k in param_names(spec)}
     has_bias_grad = spec.routing != "sigmoid_topk"
-    out = poisoned_out(spec, len(x), has_bias_grad)
+    out = poisoned_out(bwd, len(x), has_bias_grad)
     g = bwd.backward(kernel, cuda(x), params, cuda(dy), cuda(bias), torch.tensor([DAUX], device="cuda"),
                      out=out, **COEFFS)
     torch.cuda.synchronize()
@@ -302,6 +306,29 @@ def test_a_training_step_captures_in_a_cuda_graph_and_replays_bitwise():
     torch.cuda.synchronize()
     for e, c in zip(eager, captured):
         assert torch.equal(e, c)
+
+
+@pytest.mark.parametrize("name", ["e8-k2-h512-f2048-bf16-swiglu", "e16-k2-h64-f64-fp16-sigmoid-sh2",
+                                  "e64-k6-h1000-f1408-fp16-geglu-topksm-bias"])
+def test_16_bit_gradients_are_the_fp32_gradients_rounded(name):
+    """The gradients stored in the parameter dtype (one rounding in each kernel's epilogue) are
+    bit for bit the fp32-output build's gradients converted by torch (round to nearest even)."""
+    spec = SPECS[name]
+    kernel, bwd = layer(name)
+    assert bwd.plan.grad_dtype == spec.dtype != "float32"
+    wide = CudaBackward(kernel.spec, fp32_grads=True)
+    x, w, bias, dy = stable_problem(spec, 257, seed=13)
+    a = run_backward(name, x, w, bias, dy)
+    b = run_backward(name, x, w, bias, dy, bwd=wide)
+    dt = getattr(torch, spec.dtype)
+    for k in GRADS:
+        if a[k] is None:
+            continue
+        if k == "router_bias":
+            assert a[k].dtype == b[k].dtype == torch.float32 and torch.equal(a[k], b[k])
+            continue
+        assert a[k].dtype == dt and b[k].dtype == torch.float32, k
+        assert torch.equal(a[k].view(torch.int16), b[k].to(dt).view(torch.int16)), k
 
 
 def test_the_pipelined_tile_gives_the_same_bits_in_both_warp_layouts(monkeypatch):

@@ -96,34 +96,100 @@ def test_square_router_needs_explicit_layout():
 
 
 # -- packing on the device, expert-parallel shards (issue 12 item 2) -----------------------------
+PACK_DEVICE_SPECS = [MoESpec(4, 2, 12, 8, dtype="bfloat16", bias=True, num_shared_experts=1),
+                     MoESpec(3, 1, 10, 6, activation="relu", bias=True),
+                     MoESpec(5, 2, 7, 6, dtype="float16", activation="geglu"),
+                     MoESpec(4, 2, 8, 6, dtype="bfloat16", num_shared_experts=2,
+                             shared_expert_gate=True)]
+
+
+def _device_source(spec, lib: str) -> dict:
+    """`logical_weights`' dict of a random problem as ``lib`` arrays (float32, so packing casts):
+    numpy / torch stacked [n, ...] arrays; torch-same the same in the spec dtype (no cast: the
+    word copies); torch-list per-expert lists; torch-views strided views (W1 and W3 halves of
+    one [n, 2F, H] tensor, b1 / b3 of one [n, 2F], w2 a transpose)."""
+    _, w = R.random_problem(spec, 0, seed=3)
+    logical = logical_weights(spec, **R.weight_kwargs(spec, w))
+    src = {k: (v if k == "expert_ids" or v is None else np.asarray(v, np.float32))
+           for k, v in logical.items()}
+    if lib == "numpy":
+        return src
+    torch = pytest.importorskip("torch")
+    t = {k: (v if k == "expert_ids" or v is None else torch.from_numpy(v)) for k, v in src.items()}
+    per_expert = ("w1", "w3", "w2", "b1", "b3", "b2")
+    if lib == "torch-same":
+        t = {k: (v if k == "expert_ids" or v is None else v.to(getattr(torch, spec.dtype)))
+             for k, v in t.items()}
+    elif lib == "torch-list":
+        t.update({k: list(t[k]) for k in per_expert if t[k] is not None})
+    elif lib == "torch-views":
+        if spec.gated:
+            w13 = torch.cat([t["w1"], t["w3"]], 1)
+            t["w1"], t["w3"] = w13[:, :spec.ffn_dim], w13[:, spec.ffn_dim:]
+            if spec.bias:
+                b13 = torch.cat([t["b1"], t["b3"]], 1)
+                t["b1"], t["b3"] = b13[:, :spec.ffn_dim], b13[:, spec.ffn_dim:]
+        t["w2"] = t["w2"].transpose(1, 2).contiguous().transpose(1, 2)
+        assert not t["w2"].is_contiguous()
+    return t
+
+
 @pytest.mark.parametrize("orders", [("nk", "nk", 0, "eh"), ("kn", "kn", 0, "he"),
                                     ("nk", "kn", 2, "eh"), ("kn", "nk", 2, "he")])
-@pytest.mark.parametrize("spec", [MoESpec(4, 2, 12, 8, dtype="bfloat16", bias=True, num_shared_experts=1),
-                                  MoESpec(3, 1, 10, 6, activation="relu", bias=True),
-                                  MoESpec(5, 2, 7, 6, dtype="float16", activation="geglu")],
-                         ids=lambda s: s.name)
-@pytest.mark.parametrize("lib", ["numpy", "torch"])
+@pytest.mark.parametrize("spec", PACK_DEVICE_SPECS, ids=lambda s: s.name)
+@pytest.mark.parametrize("lib", ["numpy", "torch", "torch-same", "torch-list", "torch-views"])
 def test_pack_device_writes_the_bytes_of_pack_host(spec, orders, lib):
     """The library-neutral packer (the cuda path runs it on torch CUDA / CuPy arrays) writes
-    exactly pack_host's bytes; run here on NumPy and on torch CPU tensors, with a dtype cast."""
+    exactly pack_host's bytes; run here on NumPy and on torch CPU tensors (stacked, per-expert
+    lists, strided views), with a dtype cast."""
     from moegen.layout import pack_device
     w13, w2, inter, router = orders
     lay = PackedLayout(spec, w13, w2, inter if spec.gated else 0, router)
     _, w = R.random_problem(spec, 0, seed=3)
-    logical = logical_weights(spec, **R.weight_kwargs(spec, w))
-    want_buf, want_router = pack_host(lay, logical)
-    src = {k: (v if k == "expert_ids" or v is None else np.asarray(v, np.float32))
-           for k, v in logical.items()}
-    if lib == "torch":
-        torch = pytest.importorskip("torch")
+    want_buf, want_router = pack_host(lay, logical_weights(spec, **R.weight_kwargs(spec, w)))
+    src = _device_source(spec, lib)
+    if lib.startswith("torch"):
+        import torch
         tdt = getattr(torch, spec.dtype)
-        src = {k: (v if k == "expert_ids" or v is None else torch.from_numpy(v)) for k, v in src.items()}
         buf, r = pack_device(lay, src, lambda shape: torch.zeros(shape, dtype=tdt))
         buf, r = R.f64(buf.float().numpy()), R.f64(r.float().numpy())
     else:
         buf, r = pack_device(lay, src, lambda shape: np.zeros(shape, dtype=spec.dt.numpy))
     np.testing.assert_array_equal(np.asarray(buf, np.float64), R.f64(want_buf))
     np.testing.assert_array_equal(np.asarray(r, np.float64), R.f64(want_router))
+
+
+@pytest.mark.parametrize("same_dtype", [False, True])
+@pytest.mark.parametrize("experts", [4, 64])
+def test_pack_device_copies_stacked_weights_in_a_few_copies_whatever_the_experts(experts, same_dtype):
+    """Stacked weights take a fixed number of tensor copies (the GPU's kernel launches), not a
+    few per expert: one per W1 / W3 / W2 / bias part and the router, here 7 (w1, w3, w2, b1,
+    b3, b2, router) for 4 and for 64 experts.  Sources already in the buffer's dtype move as
+    8-byte words where their rows allow: all but b1 / b3 (rows of 2 interleaved elements)."""
+    torch = pytest.importorskip("torch")
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from moegen.layout import pack_device
+
+    class CountCopies(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.copies = self.words = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket is torch.ops.aten.copy_:
+                self.copies += 1
+                self.words += args[0].dtype == torch.int64
+            return func(*args, **(kwargs or {}))
+
+    spec = MoESpec(experts, 2, 16, 8, dtype="bfloat16", bias=True)
+    lay = PackedLayout(spec, "nk", "nk", 2, "eh")
+    src = _device_source(spec, "torch-same" if same_dtype else "torch")
+    with CountCopies() as mode:
+        buf, _ = pack_device(lay, src, lambda shape: torch.zeros(shape, dtype=torch.bfloat16))
+    assert mode.copies == 7 and mode.words == (5 if same_dtype else 0)
+    assert torch.equal(buf.view(torch.int16), torch.from_numpy(
+        pack_host(lay, logical_weights(spec, **R.weight_kwargs(spec, R.random_problem(spec, 0, seed=3)[1])))[0]
+        .view(np.int16)))
 
 
 def test_shard_takes_its_experts_from_whole_or_sliced_weights():

@@ -2,7 +2,7 @@
 
     bwd = CudaBackward(spec)                       # the backward cubin, from the kernel cache
     g = bwd.backward(kernel, x, params, dy, router_bias, daux, balance_coeff=..., z_coeff=...)
-    g["x"], g["w1"], g["router"], ...              # fp32 torch tensors, logical orientation
+    g["x"], g["w1"], g["router"], ...              # torch tensors of the spec dtype, logical orientation
 
 ``kernel`` is the layer's forward `MoEKernel` (cuda): its own route and group stages rebuild the
 forward's routing (bitwise the same top-k, capacity and grouped layout), and the backward
@@ -12,6 +12,13 @@ workspace.  ``params`` are the logical weights as torch CUDA tensors in the spec
 device scalar (never read back on the host).  The loss differentiated is
 `moegen.reference_backward`'s, exactly as the c backward (`moegen.backward`) computes it.
 The gate/up pre-activations are always recomputed (``save_activations`` is not built on CUDA).
+
+Gradients come out in the parameter dtype (bf16, fp16 or fp32): each is accumulated in fp32
+and rounded once, to nearest even, where its last kernel stores it (dx from its fp32 expert
+and router parts), so the bits are those of the fp32 gradient converted afterwards, without
+an fp32 gradient buffer or a conversion pass.  The router bias's gradient (E values) is fp32.
+``CudaBackward(spec, fp32_grads=True)`` keeps fp32 outputs instead (the tests compare the two
+bitwise).
 
 Deterministic: no atomics; every output element is summed by one thread in a fixed order.
 The GEMMs are one tile routine over operand accessors: on tensor cores (mma.sync, bf16 on
@@ -87,6 +94,13 @@ class CudaBackwardPlan:
     pipe_bk: int = PIPE_BK
     pipe_stages: int = PIPE_STAGES
     pipe_warps: tuple = PIPE_WARPS
+    fp32_grads: bool = False
+
+    @property
+    def grad_dtype(self) -> str:
+        """The dtype of the gradients `CudaBackward.backward` returns (the router bias's
+        is float32 always): the spec dtype, or float32 with ``fp32_grads``."""
+        return "float32" if self.fp32_grads else self.spec.dtype
 
     @property
     def pipe_threads(self) -> int:
@@ -197,10 +211,10 @@ def _ptr(a):
 class CudaBackward:
     """The backward kernels of one cuda spec (see the module docstring)."""
 
-    def __init__(self, spec: MoESpec):
+    def __init__(self, spec: MoESpec, *, fp32_grads: bool = False):
         if not isinstance(spec, MoESpec):
             raise TypeError(f"spec must be a MoESpec, got {type(spec).__name__}")
-        self.plan = backward_plan(spec)
+        self.plan = dataclasses.replace(backward_plan(spec), fp32_grads=bool(fp32_grads))
         self.spec = self.plan.spec
         self._raw = _load_raw_module(load_backward_cubin(self.plan))
         self._fn = {name: self._raw.get_function(name) for name in KERNELS}
@@ -238,15 +252,17 @@ class CudaBackward:
     def backward(self, kernel, x, params: dict, dy, router_bias, daux, *,
                  balance_coeff: float = 0.0, z_coeff: float = 0.0, adaptive: bool = True,
                  packed=None, out: dict | None = None) -> dict:
-        """Gradients of ``<dy, y> + daux · aux`` as fp32 torch tensors: x, router, router_bias
-        (None for sigmoid_topk or no bias), w1, w3, w2, b1, b3, b2 (None where absent),
-        topk_weights [T, k] (0 for dropped slots) and balance_coeff (a device scalar).
+        """Gradients of ``<dy, y> + daux · aux`` as torch tensors: x, router, w1, w3, w2, b1,
+        b3, b2 (None where absent) in ``plan.grad_dtype`` (the spec dtype), router_bias float32
+        (None for sigmoid_topk or no bias), topk_weights [T, k] float32 (0 for dropped slots)
+        and balance_coeff (a float32 device scalar).
         ``x``, ``dy`` [T, H] and ``params`` (name -> tensor) are CUDA tensors of the spec
         dtype, contiguous; ``router_bias`` float32 [E] or None; ``daux`` a float32 device
         tensor of one element.  ``packed``: ``kernel.pack`` of the same params (the forward
-        pass's), else they are packed here.  ``out``: fp32 tensors to write the gradients
-        into, by gradient name (x, router, router_bias, w1, w3, w2, b1, b3, b2); every element
-        of each is written.  Missing ones are allocated."""
+        pass's), else they are packed here.  ``out``: tensors to write the gradients into, by
+        gradient name (x, router, router_bias, w1, w3, w2, b1, b3, b2), contiguous, of the
+        dtypes above, starting on a `VECTOR_ALIGN`-byte boundary; every element of each is
+        written.  Missing ones are allocated."""
         import torch  # the training op's tensors
         spec = self.spec
         E, S, K, H, F = (spec.num_experts, spec.num_shared_experts, spec.top_k, spec.hidden_dim,
@@ -259,16 +275,21 @@ class CudaBackward:
                   "b3": (n, F) if spec.bias and spec.gated else None,
                   "b2": (n, H) if spec.bias else None}
         o = dict(out or {})
+        gdt = getattr(torch, self.plan.grad_dtype)
         for name, shape in shapes.items():
             a = o.get(name)
+            want = torch.float32 if name == "router_bias" else gdt
             if shape is None:
                 o[name] = None
             elif a is None:
-                o[name] = (torch.empty if T else torch.zeros)(shape, dtype=torch.float32,
-                                                             device=x.device)
-            elif tuple(a.shape) != shape or a.dtype != torch.float32 or not a.is_contiguous():
-                raise ValueError(f"out[{name!r}] must be a contiguous float32 tensor of shape "
+                o[name] = (torch.empty if T else torch.zeros)(shape, dtype=want, device=x.device)
+            elif tuple(a.shape) != shape or a.dtype != want or not a.is_contiguous():
+                raise ValueError(f"out[{name!r}] must be a contiguous {want} tensor of shape "
                                  f"{shape}, got {a.dtype} of shape {tuple(a.shape)}")
+            elif a.data_ptr() % VECTOR_ALIGN:
+                # the pipelined tile stores two adjacent outputs at once
+                raise ValueError(f"out[{name!r}] must start on a {VECTOR_ALIGN}-byte boundary, got "
+                                 f"an address {a.data_ptr() % VECTOR_ALIGN} bytes past one")
             elif not T:
                 a.zero_()
         # the tensor-core tile reads 16-byte vectors of x, dy and the weights: a tensor that

@@ -30,8 +30,10 @@ CUDA tensors (of the spec's dtype: float32, float16 or bfloat16) run the cuda ba
 forward is the compiled cuda kernel of the spec (``backend='cuda'``, the device's arch) and the
 backward the generated CUDA backward kernels (`moegen.backends.cuda_backward.CudaBackward`),
 which rebuild the forward's routing with the kernel's own route and group stages.  Gradients are
-computed in fp32 and returned in the tensors' dtype.  ``save_activations`` is refused on CUDA
-(the CUDA backward always recomputes the gate/up pre-activations).
+accumulated in fp32 and stored by the kernels in the tensors' dtype (rounded once, no
+conversion pass); only the router bias's (E values, fp32 in the kernels) is converted.
+``save_activations`` is refused on CUDA (the CUDA backward always recomputes the gate/up
+pre-activations).
 """
 
 from __future__ import annotations
@@ -237,8 +239,8 @@ def _cuda_forward(x, params, router_bias, handle, balance_coeff, z_coeff, adapti
 
 
 def _cuda_backward(dy, daux, x, params, router_bias, handle, balance_coeff, z_coeff, adaptive):
-    """The backward on CUDA tensors: the generated CUDA backward kernels (fp32 gradients,
-    each converted to x's dtype and dropped in turn, so at most one extra copy is alive)."""
+    """The backward on CUDA tensors: the generated CUDA backward kernels, which write the
+    gradients in x's dtype (the router bias's, fp32 in the kernels, is converted here)."""
     kernel, bwd = _cuda_layer(handle)
     s = bwd.spec
     bias = None if router_bias is None else router_bias.float().contiguous()
@@ -246,9 +248,9 @@ def _cuda_backward(dy, daux, x, params, router_bias, handle, balance_coeff, z_co
     g = bwd.backward(kernel, x, dict(zip(param_names(s), params)), dy.to(x.dtype).contiguous(),
                      bias, daux, balance_coeff=balance_coeff, z_coeff=z_coeff, adaptive=adaptive,
                      packed=packed)
-    dt = x.dtype
-    dx = g.pop("x").to(dt)
-    dparams = [g.pop(n).to(dt) for n in param_names(s)]
+    dt = x.dtype                                    # the spec's (checked): the kernels' output
+    dx = g.pop("x")
+    dparams = [g.pop(n) for n in param_names(s)]
     dbias = g.pop("router_bias")
     dbias = (torch.zeros(s.num_experts, dtype=dt, device=x.device) if dbias is None
              else dbias.to(dt))
