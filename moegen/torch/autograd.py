@@ -56,9 +56,6 @@ from .ops import kernel_for
 CUDA_SAVE_ACTIVATIONS = ("moegen training op: save_activations=True is not built on CUDA yet (the "
                          "CUDA backward recomputes the gate/up pre-activations); use "
                          "save_activations=False")
-# MoEBlock's refusal of trainable=True on CUDA (the block is not wired to the CUDA path yet).
-CUDA_MISSING = ("the trainable block runs on the CPU only yet (c backend, float32); on CUDA call "
-                "moegen.torch.autograd.moe_train with CUDA tensors")
 
 # torch dtype of each spec dtype the cuda training path takes
 _CUDA_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
