@@ -417,10 +417,7 @@ def pack_device(layout: PackedLayout, logical: dict, zeros, router_zeros=None) -
     buf = zeros((n, layout.expert_stride))
     if isinstance(logical["w1"], (list, tuple)):
         for e in range(n):
-            _pack_experts(layout, buf[e:e + 1], {k: (v if v is None or k in ("expert_ids", "router",
-                                                                              "shared_gate")
-                                                     else v[e][None]) for k, v in logical.items()},
-                          e)
+            _pack_experts(layout, buf[e:e + 1], _one_expert(logical, e), e)
     else:
         _pack_experts(layout, buf, logical, 0)
     r = logical["router"]
@@ -449,6 +446,13 @@ def _assign(dst, src) -> None:
             dst.view(torch.int64).copy_(src.view(torch.int64))
             return
     dst[...] = src
+
+
+def _one_expert(logical: dict, e: int) -> dict:
+    """Expert e's weights of per-expert lists, each as a stack of one ([1, ...]); the router,
+    expert ids and shared gate as they are."""
+    whole = ("expert_ids", "router", "shared_gate")
+    return {k: v if v is None or k in whole else v[e][None] for k, v in logical.items()}
 
 
 def _permute(a, axes: tuple):

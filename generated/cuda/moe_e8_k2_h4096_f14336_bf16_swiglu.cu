@@ -498,8 +498,8 @@ __device__ __forceinline__ void load_batches(const int* ids, const unsigned char
     }
 }
 
-// row[e] += number of slots of expert e in [begin, end), for one warp; row is in shared memory.
-// Batches wholly past end are skipped (the warp agrees: b and end are the same in every lane).
+// row[e] += number of slots of expert e in [begin, end), for one warp; row is in shared memory
+// (atomic adds: counts need no order).  Slots past end hold fake experts and are not counted.
 template <bool MASKED>
 __device__ __forceinline__ void unit_count(const int* ids, const unsigned char* kept, int begin,
                                            int end, int* row) {

@@ -78,9 +78,10 @@ class MoEBlock(nn.Module):
     transformers block.
 
     ``trainable=True`` (c backend float32, or cuda backend bfloat16/float16/float32): the weights
-    become parameters, in the spec's dtype on the kernel's device, in logical orientation (``router`` [E, H], ``w1``/``w3`` [E+S, F, H], ``w2`` [E+S, H, F], biases),
-    ``forward`` runs the training op and sets ``aux_loss`` (``balance_coeff``, ``z_coeff``,
-    ``adaptive``: the auxiliary loss, see `moegen.torch.autograd`).
+    become parameters, in the spec's dtype on the kernel's device, in logical orientation
+    (``router`` [E, H], ``w1``/``w3`` [E+S, F, H], ``w2`` [E+S, H, F], biases), ``forward`` runs
+    the training op and sets ``aux_loss`` (``balance_coeff``, ``z_coeff``, ``adaptive``: the
+    auxiliary loss, see `moegen.torch.autograd`).
     """
 
     def __init__(self, spec: MoESpec | MoEKernel, weights: dict | None = None, *, router_bias=None,
