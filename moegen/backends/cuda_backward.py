@@ -2,7 +2,7 @@
 
     bwd = CudaBackward(spec)                       # the backward cubin, from the kernel cache
     g = bwd.backward(kernel, x, params, dy, router_bias, daux, balance_coeff=..., z_coeff=...)
-    g["x"], g["w1"], g["router"], ...              # torch tensors of the spec dtype, logical orientation
+    g["x"], g["w1"], g["router"], ...              # spec-dtype torch tensors, logical orientation
 
 ``kernel`` is the layer's forward `MoEKernel` (cuda): its own route and group stages rebuild the
 forward's routing (bitwise the same top-k, capacity and grouped layout), and the backward
@@ -25,7 +25,8 @@ The GEMMs are one tile routine over operand accessors: on tensor cores (mma.sync
 sm_80+; fp32 intermediates are rounded to bf16 as they are staged) or SIMT (fp32 and fp16), fp32
 accumulation, any shape.  The five big GEMMs (gate/up recompute, dh, dx, dW13, dW2) take a
 pipelined tensor-core tile instead (cp.async ring in dynamic shared memory, ldmatrix / ldmatrix
-.trans) where H and F are multiples of 8 (every row a whole number of 16-byte chunks).  Launches go to torch's current stream and nothing synchronises.
+.trans) where H and F are multiples of 8 (every row a whole number of 16-byte chunks).  Launches
+go to torch's current stream and nothing synchronises.
 """
 
 from __future__ import annotations
